@@ -1,0 +1,102 @@
+//! The agent's configuration file, written by the operator into a ConfigMap and read by
+//! `parallax-agent serve --config`. Derived from the pool spec by [`AgentConfig::for_pool`].
+
+use crate::inference_pool::{BatchingSpec, InferencePoolSpec, KvCacheSpec, ModelFormat};
+use serde::{Deserialize, Serialize};
+
+/// Port the agent serves the OpenAI-compatible API, health and metrics on.
+pub const AGENT_HTTP_PORT: u16 = 8000;
+
+/// File name of the configuration inside the ConfigMap and the mounted folder.
+pub const AGENT_CONFIG_FILE: &str = "agent.json";
+
+/// Everything an agent needs beyond its rank, which comes from the environment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    pub model: AgentModel,
+    pub tensor_parallel_size: u32,
+    pub port: u16,
+    pub batching: BatchingSpec,
+    pub kv_cache: KvCacheSpec,
+}
+
+/// The model as the agent loads and names it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentModel {
+    pub source: String,
+    pub format: ModelFormat,
+    pub served_name: String,
+}
+
+impl AgentConfig {
+    /// The configuration of every agent of a pool whose groups are `tensor_parallel_size` wide.
+    pub fn for_pool(spec: &InferencePoolSpec, tensor_parallel_size: u32) -> Self {
+        Self {
+            model: AgentModel {
+                source: spec.model.source.clone(),
+                format: spec.model.format,
+                served_name: spec.model.served_name(),
+            },
+            tensor_parallel_size,
+            port: AGENT_HTTP_PORT,
+            batching: spec.batching.clone(),
+            kv_cache: spec.kv_cache.clone(),
+        }
+    }
+}
+
+impl crate::inference_pool::ModelSpec {
+    /// `servedName`, or the last path segment of the source without a `.gguf` extension.
+    pub fn served_name(&self) -> String {
+        if let Some(name) = &self.served_name {
+            return name.clone();
+        }
+        let last = self
+            .source
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.source);
+        last.strip_suffix(".gguf").unwrap_or(last).to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference_pool::ModelSpec;
+
+    fn model(source: &str) -> ModelSpec {
+        ModelSpec {
+            source: source.to_owned(),
+            format: ModelFormat::Auto,
+            served_name: None,
+            shape: None,
+        }
+    }
+
+    #[test]
+    fn served_name_defaults_to_the_last_segment() {
+        assert_eq!(model("hf://meta-llama/Llama-3.1-8B").served_name(), "Llama-3.1-8B");
+        assert_eq!(model("/models/smollm2.gguf").served_name(), "smollm2");
+        assert_eq!(model("/models/llama/").served_name(), "llama");
+        let mut named = model("/models/x.gguf");
+        named.served_name = Some("chat".into());
+        assert_eq!(named.served_name(), "chat");
+    }
+
+    #[test]
+    fn round_trips_through_json_and_rejects_unknown_fields() {
+        let spec: InferencePoolSpec =
+            serde_json::from_value(serde_json::json!({"model": {"source": "/m/a.gguf"}})).unwrap();
+        let config = AgentConfig::for_pool(&spec, 2);
+        let text = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<AgentConfig>(&text).unwrap(), config);
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["bogus"] = 1.into();
+        let err = serde_json::from_value::<AgentConfig>(value).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,504 @@
+//! The `InferencePool` custom resource (`parallax.dev/v1alpha1`).
+//!
+//! Every default lives here, once, as a serde default: the generated CRD schema carries it so the
+//! API server fills it in, and Rust code that deserializes a partial object gets the same value.
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A pool of tensor-parallel model-server groups behind one OpenAI-compatible endpoint.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "parallax.dev",
+    version = "v1alpha1",
+    kind = "InferencePool",
+    plural = "inferencepools",
+    singular = "inferencepool",
+    shortname = "ipool",
+    category = "parallax",
+    namespaced,
+    status = "InferencePoolStatus",
+    derive = "PartialEq",
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Ready Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"TP","type":"integer","jsonPath":".status.tensorParallelSize"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model.source"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas").field_path(".minReplicas"),
+    validation = Rule::new("self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas").message("replicas must lie between minReplicas and maxReplicas").field_path(".replicas"),
+    validation = Rule::new("self.tensorParallelSize != 'auto' || has(self.model.shape)").message("tensorParallelSize auto needs model.shape (a preset or weightBytes, layers and hiddenSize) to size the group").field_path(".model")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePoolSpec {
+    /// The model every group serves.
+    pub model: ModelSpec,
+
+    /// What each pod asks of its node: the GPU resource, placement and host resources.
+    #[serde(default)]
+    pub resources: GpuResources,
+
+    /// GPUs that shard one copy of the model: a power of two, or `auto` to pick the smallest one
+    /// whose GPUs hold the weights and the KV cache.
+    #[serde(default = "default_tensor_parallel_size")]
+    #[schemars(schema_with = "tensor_parallel_size_schema")]
+    pub tensor_parallel_size: IntOrString,
+
+    /// How `auto` picks: `throughput` takes the fewest GPUs that fit (more groups per node),
+    /// `latency` takes every GPU of a node.
+    #[serde(default)]
+    pub parallelism_preference: ParallelismPreference,
+
+    /// Desired number of groups (model copies). The scale subresource writes this field.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+
+    /// Lower bound on `replicas`.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+
+    /// Upper bound on `replicas`.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 0))]
+    pub max_replicas: i32,
+
+    /// Continuous batching and the execution-time bins of the agent's scheduler.
+    #[serde(default)]
+    pub batching: BatchingSpec,
+
+    /// The paged KV cache.
+    #[serde(default)]
+    pub kv_cache: KvCacheSpec,
+
+    /// The agent container.
+    #[serde(default)]
+    pub agent: AgentSpec,
+}
+
+/// Where the weights come from and what the model is called on the API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// A GGUF file path or http(s) URL, a safetensors directory, or a Hugging Face repo id
+    /// (`org/name`, optionally prefixed with `hf://`).
+    #[x_kube(validation = Rule::new("self.size() > 0").message("model.source must name a file, directory, URL or Hugging Face repo"))]
+    pub source: String,
+
+    /// Weight format; `auto` infers it from the source.
+    #[serde(default)]
+    pub format: ModelFormat,
+
+    /// Name clients pass as `model`; defaults to the last path segment of `source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_name: Option<String>,
+
+    /// Size of the model, used to choose `tensorParallelSize: auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<ModelShape>,
+}
+
+/// Weight format of a model source.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// Inferred from the source: `.gguf` files are GGUF, anything else safetensors.
+    #[default]
+    Auto,
+    /// A single GGUF file.
+    Gguf,
+    /// A Hugging Face layout: config.json, safetensors and tokenizer files.
+    Safetensors,
+}
+
+/// The numbers that size a model's memory: either a known preset or explicit values.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.preset) || (has(self.weightBytes) && has(self.layers) && has(self.hiddenSize))").message("model.shape needs a preset, or weightBytes, layers and hiddenSize"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelShape {
+    /// A known architecture; explicit fields below override its values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<ShapePreset>,
+
+    /// Bytes of weights in the format served (e.g. `16Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_bytes: Option<Quantity>,
+
+    /// Transformer layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub layers: Option<i64>,
+
+    /// Hidden size (model dimension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub hidden_size: Option<i64>,
+
+    /// Width of the keys (and of the values) one layer caches per token: KV heads × head
+    /// dimension. Defaults to `hiddenSize`, which overestimates grouped-query-attention models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub kv_hidden_size: Option<i64>,
+
+    /// Longest sequence (prompt plus output) the KV cache is sized for (presets: 8192).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub context_length: Option<i64>,
+}
+
+/// Architectures whose sizes Parallax knows.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShapePreset {
+    #[serde(rename = "smollm2-135m")]
+    Smollm2_135m,
+    #[serde(rename = "llama-3.2-1b")]
+    Llama3_2_1b,
+    #[serde(rename = "llama-3.1-8b")]
+    Llama3_1_8b,
+    #[serde(rename = "llama-3.1-70b")]
+    Llama3_1_70b,
+    #[serde(rename = "llama-3.1-405b")]
+    Llama3_1_405b,
+}
+
+/// How `tensorParallelSize: auto` trades GPUs per group against groups per node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ParallelismPreference {
+    /// The fewest GPUs that hold the model: more copies, more aggregate throughput.
+    #[default]
+    Throughput,
+    /// Every GPU of a node: more memory bandwidth per token.
+    Latency,
+}
+
+/// What each pod of a group asks of its node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuResources {
+    /// Extended resource that counts GPUs on a node.
+    #[serde(default = "default_gpu_resource")]
+    pub gpu_resource_name: String,
+
+    /// Nodes a group may run on (all must match).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations for tainted GPU nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// CPU requested by each pod (e.g. `4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+
+    /// Memory requested by each pod (e.g. `32Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+impl Default for GpuResources {
+    fn default() -> Self {
+        Self {
+            gpu_resource_name: default_gpu_resource(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            cpu: None,
+            memory: None,
+        }
+    }
+}
+
+/// Continuous batching limits and the scheduler's execution-time bins.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.bins.fast.maxExecutionTimeMs < self.bins.medium.maxExecutionTimeMs").message("bins must be ordered: fast.maxExecutionTimeMs must be below medium.maxExecutionTimeMs").field_path(".bins"))]
+#[serde(rename_all = "camelCase")]
+pub struct BatchingSpec {
+    /// Most sequences in one forward step.
+    #[serde(default = "default_max_batch_size")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_batch_size: i32,
+
+    /// Longest a request is held to form a fuller batch, in milliseconds.
+    #[serde(default = "default_batch_timeout_ms")]
+    #[schemars(range(min = 0, max = 60000))]
+    pub batch_timeout_ms: i32,
+
+    /// Execution-time bins: fast, medium and slow.
+    #[serde(default)]
+    pub bins: Bins,
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self {
+            max_batch_size: default_max_batch_size(),
+            batch_timeout_ms: default_batch_timeout_ms(),
+            bins: Bins::default(),
+        }
+    }
+}
+
+/// The three bins. A request whose predicted execution time is below `fast.maxExecutionTimeMs`
+/// is fast, below `medium.maxExecutionTimeMs` medium, otherwise slow.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Bins {
+    #[serde(default = "Bin::default_fast")]
+    pub fast: Bin,
+    #[serde(default = "Bin::default_medium")]
+    pub medium: Bin,
+    #[serde(default = "Bin::default_slow")]
+    pub slow: SlowBin,
+}
+
+impl Default for Bins {
+    fn default() -> Self {
+        Self {
+            fast: Bin::default_fast(),
+            medium: Bin::default_medium(),
+            slow: Bin::default_slow(),
+        }
+    }
+}
+
+/// A bounded bin: its upper execution-time bound, its share of the running batch and its weight.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.minBatchSize <= self.maxBatchSize").message("a bin's minBatchSize must not exceed its maxBatchSize"))]
+#[serde(rename_all = "camelCase")]
+pub struct Bin {
+    /// Upper bound of predicted execution time, in milliseconds.
+    #[schemars(range(min = 1))]
+    pub max_execution_time_ms: i32,
+    /// Sequences of this bin the scheduler keeps running when it has them.
+    #[schemars(range(min = 0))]
+    pub min_batch_size: i32,
+    /// Most sequences of this bin in the running batch.
+    #[schemars(range(min = 1))]
+    pub max_batch_size: i32,
+    /// Relative weight in the admission order.
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: i32,
+}
+
+/// The open-ended slow bin: everything above the medium bound.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.minBatchSize <= self.maxBatchSize").message("a bin's minBatchSize must not exceed its maxBatchSize"))]
+#[serde(rename_all = "camelCase")]
+pub struct SlowBin {
+    #[schemars(range(min = 0))]
+    pub min_batch_size: i32,
+    #[schemars(range(min = 1))]
+    pub max_batch_size: i32,
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: i32,
+}
+
+impl Bin {
+    fn default_fast() -> Self {
+        Self {
+            max_execution_time_ms: 100,
+            min_batch_size: 32,
+            max_batch_size: 64,
+            weight: 3,
+        }
+    }
+    fn default_medium() -> Self {
+        Self {
+            max_execution_time_ms: 500,
+            min_batch_size: 16,
+            max_batch_size: 32,
+            weight: 2,
+        }
+    }
+    fn default_slow() -> SlowBin {
+        SlowBin {
+            min_batch_size: 4,
+            max_batch_size: 16,
+            weight: 1,
+        }
+    }
+}
+
+/// The paged KV cache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KvCacheSpec {
+    /// Fraction of each GPU's memory the agent may use for weights, activations and KV cache.
+    #[serde(default = "default_memory_fraction")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("kvCache.gpuMemoryFraction must be in (0, 1]"))]
+    pub gpu_memory_fraction: f64,
+
+    /// Tokens per KV block.
+    #[serde(default = "default_block_size")]
+    #[x_kube(validation = Rule::new("self in [8, 16, 32, 64, 128]").message("kvCache.blockSize must be one of 8, 16, 32, 64, 128"))]
+    pub block_size: i32,
+
+    /// Share KV blocks between requests with a common prompt prefix.
+    #[serde(default = "default_true")]
+    pub prefix_caching: bool,
+
+    /// Element type of cached keys and values.
+    #[serde(default)]
+    pub dtype: KvCacheDtype,
+}
+
+impl Default for KvCacheSpec {
+    fn default() -> Self {
+        Self {
+            gpu_memory_fraction: default_memory_fraction(),
+            block_size: default_block_size(),
+            prefix_caching: true,
+            dtype: KvCacheDtype::default(),
+        }
+    }
+}
+
+/// Element type of the KV cache.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// The model's activation type (16-bit on GPUs).
+    #[default]
+    Auto,
+    F16,
+    Bf16,
+    /// 8-bit with per-block scales: half the bytes of f16.
+    Int8,
+}
+
+impl KvCacheDtype {
+    /// Bytes one cached element takes.
+    pub fn bytes_per_element(self) -> u64 {
+        match self {
+            Self::Auto | Self::F16 | Self::Bf16 => 2,
+            Self::Int8 => 1,
+        }
+    }
+}
+
+/// The agent container of every pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// Container image of `parallax-agent`.
+    #[serde(default = "default_agent_image")]
+    pub image: String,
+
+    /// Image pull policy (`Always`, `IfNotPresent`, `Never`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+
+    /// Extra command-line arguments appended to `parallax-agent serve`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self {
+            image: default_agent_image(),
+            image_pull_policy: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// What the operator observed and decided, written only by the operator.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePoolStatus {
+    /// `Ready`, `Progressing` and `Degraded`, following Kubernetes API conventions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Groups that exist (any template).
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Groups whose every pod is ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Groups running the current template.
+    #[serde(default)]
+    pub updated_replicas: i32,
+
+    /// Resolved GPUs per group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel_size: Option<i32>,
+
+    /// Pods per group (1 unless a group spans nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_per_group: Option<i32>,
+
+    /// Why this tensor-parallel size was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel_reason: Option<String>,
+
+    /// Label selector of the pool's pods, for the scale subresource (HPA, KEDA, `kubectl scale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// In-cluster URL of the OpenAI-compatible endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+fn tensor_parallel_size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "default": "auto",
+        "description": "GPUs that shard one copy of the model: a power of two, or `auto`.",
+        "x-kubernetes-validations": [{
+            "rule": "self == 'auto' || self in [1, 2, 4, 8, 16, 32, 64]",
+            "message": "tensorParallelSize must be auto or a power of two from 1 to 64"
+        }]
+    })
+}
+
+fn default_tensor_parallel_size() -> IntOrString {
+    IntOrString::String("auto".to_owned())
+}
+fn default_one() -> i32 {
+    1
+}
+fn default_max_replicas() -> i32 {
+    10
+}
+fn default_gpu_resource() -> String {
+    "nvidia.com/gpu".to_owned()
+}
+fn default_max_batch_size() -> i32 {
+    64
+}
+fn default_batch_timeout_ms() -> i32 {
+    50
+}
+fn default_memory_fraction() -> f64 {
+    0.9
+}
+fn default_block_size() -> i32 {
+    16
+}
+fn default_true() -> bool {
+    true
+}
+fn default_agent_image() -> String {
+    format!("ghcr.io/parallax-dev/parallax-agent:{}", env!("CARGO_PKG_VERSION"))
+}

@@ -1,0 +1,131 @@
+//! The committed CRD matches the types, and its CEL rules accept and refuse what they should,
+//! evaluated by kube's client-side CEL validator against the generated schema.
+
+use kube::core::cel::validate_cel;
+use parallax_crds::{CRD_PATH, InferencePool, crd_yaml};
+use serde_json::{Value, json};
+
+#[test]
+fn committed_crd_matches_the_types() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(CRD_PATH);
+    let committed = std::fs::read_to_string(&path).expect("the CRD file is committed");
+    assert!(
+        committed == crd_yaml(),
+        "{CRD_PATH} is stale: run `cargo run -p parallax-crds --bin crdgen` and commit the result"
+    );
+}
+
+fn pool(spec: Value) -> InferencePool {
+    serde_json::from_value(json!({
+        "apiVersion": "parallax.dev/v1alpha1",
+        "kind": "InferencePool",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": spec,
+    }))
+    .expect("spec deserializes")
+}
+
+fn errors(spec: Value) -> Vec<String> {
+    match validate_cel(&pool(spec)) {
+        Ok(()) => Vec::new(),
+        Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn assert_refused(spec: Value, message: &str) {
+    let errors = errors(spec.clone());
+    assert!(
+        errors.iter().any(|e| e.contains(message)),
+        "expected an error containing {message:?} for {spec}, got {errors:?}"
+    );
+}
+
+fn shaped() -> Value {
+    json!({"source": "hf://meta-llama/Llama-3.1-8B-Instruct", "shape": {"preset": "llama-3.1-8b"}})
+}
+
+#[test]
+fn a_minimal_pool_with_defaults_is_accepted() {
+    assert_eq!(errors(json!({"model": shaped()})), Vec::<String>::new());
+    assert_eq!(
+        errors(json!({"model": {"source": "/models/m.gguf"}, "tensorParallelSize": 4})),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn replica_bounds_are_enforced() {
+    assert_refused(
+        json!({"model": shaped(), "minReplicas": 3, "maxReplicas": 2, "replicas": 2}),
+        "minReplicas must not exceed maxReplicas",
+    );
+    assert_refused(
+        json!({"model": shaped(), "minReplicas": 1, "maxReplicas": 4, "replicas": 5}),
+        "replicas must lie between minReplicas and maxReplicas",
+    );
+    assert_refused(
+        json!({"model": shaped(), "minReplicas": 2, "maxReplicas": 4, "replicas": 1}),
+        "replicas must lie between minReplicas and maxReplicas",
+    );
+}
+
+#[test]
+fn tensor_parallel_size_is_a_power_of_two_or_auto() {
+    for ok in [json!(1), json!(8), json!("auto")] {
+        assert_eq!(
+            errors(json!({"model": shaped(), "tensorParallelSize": ok})),
+            Vec::<String>::new(),
+            "{ok} was refused"
+        );
+    }
+    for bad in [json!(3), json!(0), json!(128), json!("max")] {
+        assert_refused(
+            json!({"model": shaped(), "tensorParallelSize": bad}),
+            "tensorParallelSize must be auto or a power of two",
+        );
+    }
+}
+
+#[test]
+fn auto_tensor_parallelism_needs_a_model_shape() {
+    assert_refused(
+        json!({"model": {"source": "/models/m.gguf"}}),
+        "tensorParallelSize auto needs model.shape",
+    );
+    assert_refused(
+        json!({"model": {"source": "/m.gguf", "shape": {"layers": 2}}, "tensorParallelSize": 1}),
+        "model.shape needs a preset, or weightBytes, layers and hiddenSize",
+    );
+}
+
+#[test]
+fn bins_must_be_ordered_and_batch_ranges_consistent() {
+    let bins = |fast: i32, medium: i32| {
+        json!({"fast": {"maxExecutionTimeMs": fast, "minBatchSize": 1, "maxBatchSize": 8, "weight": 3},
+               "medium": {"maxExecutionTimeMs": medium, "minBatchSize": 1, "maxBatchSize": 8, "weight": 2},
+               "slow": {"minBatchSize": 9, "maxBatchSize": 8, "weight": 1}})
+    };
+    let errs = errors(json!({"model": shaped(), "batching": {"bins": bins(600, 500)}}));
+    assert!(errs.iter().any(|e| e.contains("bins must be ordered")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("minBatchSize must not exceed")), "{errs:?}");
+}
+
+#[test]
+fn memory_fraction_and_block_size_are_bounded() {
+    for bad in [0.0, 1.5, -0.1] {
+        assert_refused(
+            json!({"model": shaped(), "kvCache": {"gpuMemoryFraction": bad}}),
+            "gpuMemoryFraction must be in (0, 1]",
+        );
+    }
+    assert_eq!(
+        errors(json!({"model": shaped(), "kvCache": {"gpuMemoryFraction": 1.0}})),
+        Vec::<String>::new()
+    );
+    assert_refused(
+        json!({"model": shaped(), "kvCache": {"blockSize": 12}}),
+        "blockSize must be one of",
+    );
+}
