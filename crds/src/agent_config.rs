@@ -79,7 +79,10 @@ mod tests {
 
     #[test]
     fn served_name_defaults_to_the_last_segment() {
-        assert_eq!(model("hf://meta-llama/Llama-3.1-8B").served_name(), "Llama-3.1-8B");
+        assert_eq!(
+            model("hf://meta-llama/Llama-3.1-8B").served_name(),
+            "Llama-3.1-8B"
+        );
         assert_eq!(model("/models/smollm2.gguf").served_name(), "smollm2");
         assert_eq!(model("/models/llama/").served_name(), "llama");
         let mut named = model("/models/x.gguf");

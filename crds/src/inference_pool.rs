@@ -500,5 +500,8 @@ fn default_true() -> bool {
     true
 }
 fn default_agent_image() -> String {
-    format!("ghcr.io/parallax-dev/parallax-agent:{}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "ghcr.io/parallax-dev/parallax-agent:{}",
+        env!("CARGO_PKG_VERSION")
+    )
 }

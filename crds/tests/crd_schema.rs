@@ -108,8 +108,15 @@ fn bins_must_be_ordered_and_batch_ranges_consistent() {
                "slow": {"minBatchSize": 9, "maxBatchSize": 8, "weight": 1}})
     };
     let errs = errors(json!({"model": shaped(), "batching": {"bins": bins(600, 500)}}));
-    assert!(errs.iter().any(|e| e.contains("bins must be ordered")), "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("minBatchSize must not exceed")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("bins must be ordered")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("minBatchSize must not exceed")),
+        "{errs:?}"
+    );
 }
 
 #[test]

@@ -1,0 +1,577 @@
+//! Desired child objects of a pool: pure functions of the pool and its group layout.
+//! Nothing here talks to the API server; `reconcile` applies what these return.
+
+use crate::tp::GroupLayout;
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use parallax_crds::{AGENT_CONFIG_FILE, AGENT_HTTP_PORT, AgentConfig, InferencePool};
+use std::collections::BTreeMap;
+
+pub const POOL_LABEL: &str = "parallax.dev/pool";
+pub const GROUP_LABEL: &str = "parallax.dev/group";
+pub const RANK_LABEL: &str = "parallax.dev/rank";
+pub const TEMPLATE_HASH_ANNOTATION: &str = "parallax.dev/template-hash";
+const CONFIG_DIR: &str = "/etc/parallax";
+
+/// Names of a pool's children.
+pub fn service_name(pool: &str) -> String {
+    pool.to_owned()
+}
+pub fn headless_service_name(pool: &str) -> String {
+    format!("{pool}-pods")
+}
+pub fn config_map_name(pool: &str) -> String {
+    format!("{pool}-agent")
+}
+pub fn pdb_name(pool: &str) -> String {
+    pool.to_owned()
+}
+pub fn pod_name(pool: &str, group: u32, rank: u32) -> String {
+    format!("{pool}-{group}-{rank}")
+}
+
+/// Labels every child carries.
+pub fn pool_labels(pool: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "parallax-agent"),
+        ("app.kubernetes.io/instance", pool),
+        ("app.kubernetes.io/managed-by", "parallax-operator"),
+        (POOL_LABEL, pool),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Selector of every pod of a pool.
+pub fn pool_selector(pool: &str) -> String {
+    format!("{POOL_LABEL}={pool}")
+}
+
+/// Selector of the pool's group leaders: one pod per group, so HPA and KEDA count groups.
+pub fn leader_selector(pool: &str) -> String {
+    format!("{POOL_LABEL}={pool},{RANK_LABEL}=0")
+}
+
+/// Everything the pool owns except its pods.
+#[derive(Debug, Clone)]
+pub struct PoolChildren {
+    pub config_map: ConfigMap,
+    pub service: Service,
+    pub headless_service: Service,
+    pub pdb: PodDisruptionBudget,
+}
+
+/// Builds the children of `pool` for `layout`. Every child is owned by the pool.
+#[derive(Debug)]
+pub struct ChildBuilder<'a> {
+    pool: &'a InferencePool,
+    layout: &'a GroupLayout,
+    name: String,
+    namespace: String,
+    config: String,
+    template_hash: String,
+}
+
+impl<'a> ChildBuilder<'a> {
+    pub fn new(pool: &'a InferencePool, layout: &'a GroupLayout) -> Self {
+        let config = AgentConfig::for_pool(&pool.spec, layout.tensor_parallel_size);
+        let config = serde_json::to_string_pretty(&config).expect("agent config serializes");
+        let template_hash = template_hash(pool, layout, &config);
+        Self {
+            pool,
+            layout,
+            name: pool.name_any(),
+            namespace: pool.namespace().unwrap_or_default(),
+            config,
+            template_hash,
+        }
+    }
+
+    /// Changes whenever a pod built now would differ from one built before.
+    pub fn template_hash(&self) -> &str {
+        &self.template_hash
+    }
+
+    fn meta(&self, name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(pool_labels(&self.name)),
+            owner_references: self.pool.controller_owner_ref(&()).map(|r| vec![r]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    pub fn children(&self) -> PoolChildren {
+        PoolChildren {
+            config_map: self.config_map(),
+            service: self.service(),
+            headless_service: self.headless_service(),
+            pdb: self.pdb(),
+        }
+    }
+
+    fn config_map(&self) -> ConfigMap {
+        ConfigMap {
+            metadata: self.meta(config_map_name(&self.name)),
+            data: Some([(AGENT_CONFIG_FILE.to_owned(), self.config.clone())].into()),
+            ..ConfigMap::default()
+        }
+    }
+
+    fn http_port() -> ServicePort {
+        ServicePort {
+            name: Some("http".into()),
+            port: i32::from(AGENT_HTTP_PORT),
+            target_port: Some(IntOrString::String("http".into())),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        }
+    }
+
+    /// The OpenAI endpoint: group leaders only, the pods that serve HTTP for their group.
+    fn service(&self) -> Service {
+        let mut selector = BTreeMap::from([(POOL_LABEL.to_owned(), self.name.clone())]);
+        selector.insert(RANK_LABEL.into(), "0".into());
+        Service {
+            metadata: self.meta(service_name(&self.name)),
+            spec: Some(ServiceSpec {
+                selector: Some(selector),
+                ports: Some(vec![Self::http_port()]),
+                type_: Some("ClusterIP".into()),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// Stable DNS for every pod (`<pod>.<pool>-pods`), ready or not, so workers find their leader
+    /// while the group starts.
+    fn headless_service(&self) -> Service {
+        Service {
+            metadata: self.meta(headless_service_name(&self.name)),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                publish_not_ready_addresses: Some(true),
+                selector: Some(BTreeMap::from([(POOL_LABEL.to_owned(), self.name.clone())])),
+                ports: Some(vec![Self::http_port()]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// At most one group's worth of pods disrupted at a time.
+    fn pdb(&self) -> PodDisruptionBudget {
+        PodDisruptionBudget {
+            metadata: self.meta(pdb_name(&self.name)),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(self.layout.pods_per_group as i32)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([(
+                        POOL_LABEL.to_owned(),
+                        self.name.clone(),
+                    )])),
+                    ..LabelSelector::default()
+                }),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            ..PodDisruptionBudget::default()
+        }
+    }
+
+    /// The pod of `rank` in `group`.
+    pub fn pod(&self, group: u32, rank: u32) -> Pod {
+        let spec = &self.pool.spec;
+        let name = pod_name(&self.name, group, rank);
+        let mut meta = self.meta(name.clone());
+        let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+        labels.insert(GROUP_LABEL.into(), group.to_string());
+        labels.insert(RANK_LABEL.into(), rank.to_string());
+        meta.annotations = Some(BTreeMap::from([(
+            TEMPLATE_HASH_ANNOTATION.to_owned(),
+            self.template_hash.clone(),
+        )]));
+
+        let leader = format!(
+            "{}.{}.{}.svc",
+            pod_name(&self.name, group, 0),
+            headless_service_name(&self.name),
+            self.namespace
+        );
+        let env = [
+            ("PARALLAX_POOL", self.name.clone()),
+            ("PARALLAX_GROUP", group.to_string()),
+            ("PARALLAX_RANK", rank.to_string()),
+            (
+                "PARALLAX_WORLD_SIZE",
+                self.layout.pods_per_group.to_string(),
+            ),
+            (
+                "PARALLAX_TENSOR_PARALLEL_SIZE",
+                self.layout.tensor_parallel_size.to_string(),
+            ),
+            ("PARALLAX_LEADER_ADDRESS", leader),
+        ]
+        .into_iter()
+        .map(|(k, v)| EnvVar {
+            name: k.into(),
+            value: Some(v),
+            ..EnvVar::default()
+        })
+        .chain(
+            ["metadata.name", "metadata.namespace"]
+                .into_iter()
+                .map(|path| EnvVar {
+                    name: if path == "metadata.name" {
+                        "POD_NAME"
+                    } else {
+                        "POD_NAMESPACE"
+                    }
+                    .into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: path.into(),
+                            ..ObjectFieldSelector::default()
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                }),
+        )
+        .collect();
+
+        let mut args = vec![
+            "serve".to_owned(),
+            "--config".to_owned(),
+            format!("{CONFIG_DIR}/{AGENT_CONFIG_FILE}"),
+        ];
+        args.extend(spec.agent.extra_args.iter().cloned());
+
+        let gpus = Quantity(self.layout.gpus_per_pod.to_string());
+        let mut limits = BTreeMap::from([(spec.resources.gpu_resource_name.clone(), gpus)]);
+        let mut requests = BTreeMap::new();
+        for (key, value) in [
+            ("cpu", &spec.resources.cpu),
+            ("memory", &spec.resources.memory),
+        ] {
+            if let Some(q) = value {
+                requests.insert(key.to_owned(), q.clone());
+            }
+        }
+        if let Some(memory) = &spec.resources.memory {
+            limits.insert("memory".into(), memory.clone());
+        }
+
+        let probe = |path: &str, period: i32, failures: i32| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(path.into()),
+                port: IntOrString::String("http".into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(period),
+            failure_threshold: Some(failures),
+            ..Probe::default()
+        };
+
+        let container = Container {
+            name: "agent".into(),
+            image: Some(spec.agent.image.clone()),
+            image_pull_policy: spec.agent.image_pull_policy.clone(),
+            args: Some(args),
+            env: Some(env),
+            ports: Some(vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: i32::from(AGENT_HTTP_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]),
+            resources: Some(ResourceRequirements {
+                limits: Some(limits),
+                requests: (!requests.is_empty()).then_some(requests),
+                ..ResourceRequirements::default()
+            }),
+            readiness_probe: Some(probe("/ready", 5, 3)),
+            liveness_probe: Some(probe("/health", 10, 6)),
+            // Model loading can take minutes: liveness waits for the first success here.
+            startup_probe: Some(probe("/health", 10, 90)),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Capabilities::default()
+                }),
+                ..SecurityContext::default()
+            }),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: "config".into(),
+                    mount_path: CONFIG_DIR.into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: "cache".into(),
+                    mount_path: "/var/cache/parallax".into(),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: "dshm".into(),
+                    mount_path: "/dev/shm".into(),
+                    ..VolumeMount::default()
+                },
+            ]),
+            ..Container::default()
+        };
+
+        // Members of a multi-node group must land on different nodes.
+        let affinity = (self.layout.pods_per_group > 1).then(|| Affinity {
+            pod_anti_affinity: Some(PodAntiAffinity {
+                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                    topology_key: "kubernetes.io/hostname".into(),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([
+                            (POOL_LABEL.to_owned(), self.name.clone()),
+                            (GROUP_LABEL.to_owned(), group.to_string()),
+                        ])),
+                        ..LabelSelector::default()
+                    }),
+                    ..PodAffinityTerm::default()
+                }]),
+                ..PodAntiAffinity::default()
+            }),
+            ..Affinity::default()
+        });
+
+        let empty_dir = |medium: Option<&str>| EmptyDirVolumeSource {
+            medium: medium.map(Into::into),
+            ..EmptyDirVolumeSource::default()
+        };
+        Pod {
+            metadata: meta,
+            spec: Some(PodSpec {
+                containers: vec![container],
+                hostname: Some(name),
+                subdomain: Some(headless_service_name(&self.name)),
+                restart_policy: Some("Always".into()),
+                node_selector: (!spec.resources.node_selector.is_empty())
+                    .then(|| spec.resources.node_selector.clone()),
+                tolerations: (!spec.resources.tolerations.is_empty())
+                    .then(|| spec.resources.tolerations.clone()),
+                affinity,
+                automount_service_account_token: Some(false),
+                enable_service_links: Some(false),
+                security_context: Some(PodSecurityContext {
+                    run_as_non_root: Some(true),
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".into(),
+                        ..SeccompProfile::default()
+                    }),
+                    ..PodSecurityContext::default()
+                }),
+                volumes: Some(vec![
+                    Volume {
+                        name: "config".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: config_map_name(&self.name),
+                            ..ConfigMapVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    },
+                    Volume {
+                        name: "cache".into(),
+                        empty_dir: Some(empty_dir(None)),
+                        ..Volume::default()
+                    },
+                    Volume {
+                        name: "dshm".into(),
+                        empty_dir: Some(empty_dir(Some("Memory"))),
+                        ..Volume::default()
+                    },
+                ]),
+                ..PodSpec::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+/// FNV-1a over everything a pod is built from: stable across operator restarts and versions.
+fn template_hash(pool: &InferencePool, layout: &GroupLayout, config: &str) -> String {
+    let inputs = serde_json::json!({
+        "agent": pool.spec.agent,
+        "resources": pool.spec.resources,
+        "layout": [layout.tensor_parallel_size, layout.pods_per_group, layout.gpus_per_pod],
+        "config": config,
+    });
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in inputs.to_string().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn pool(spec: serde_json::Value) -> InferencePool {
+        let mut pool = InferencePool::new("llama", serde_json::from_value(spec).unwrap());
+        pool.metadata.namespace = Some("ml".into());
+        pool.metadata.uid = Some("uid-1".into());
+        pool
+    }
+
+    fn layout(size: u32, pods: u32) -> GroupLayout {
+        GroupLayout {
+            tensor_parallel_size: size,
+            pods_per_group: pods,
+            gpus_per_pod: size / pods,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn children_are_owned_labelled_and_named() {
+        let pool = pool(json!({"model": {"source": "/m/llama.gguf"}, "tensorParallelSize": 2}));
+        let layout = layout(2, 1);
+        let children = ChildBuilder::new(&pool, &layout).children();
+        let owner = &children.service.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("InferencePool", "llama", Some(true))
+        );
+        assert_eq!(children.service.metadata.name.as_deref(), Some("llama"));
+        assert_eq!(
+            children.headless_service.metadata.name.as_deref(),
+            Some("llama-pods")
+        );
+        let headless = children.headless_service.spec.unwrap();
+        assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+        let selector = children.service.spec.unwrap().selector.unwrap();
+        assert_eq!(selector.get(RANK_LABEL).map(String::as_str), Some("0"));
+        assert_eq!(
+            children.pdb.spec.unwrap().max_unavailable,
+            Some(IntOrString::Int(1))
+        );
+    }
+
+    #[test]
+    fn config_map_carries_the_agent_config_derived_from_the_spec() {
+        let pool = pool(
+            json!({"model": {"source": "/m/llama.gguf"}, "tensorParallelSize": 4,
+            "batching": {"maxBatchSize": 32}, "kvCache": {"blockSize": 32}}),
+        );
+        let layout = layout(4, 1);
+        let cm = ChildBuilder::new(&pool, &layout).children().config_map;
+        let text = &cm.data.unwrap()[AGENT_CONFIG_FILE];
+        let config: AgentConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(config.tensor_parallel_size, 4);
+        assert_eq!(config.batching.max_batch_size, 32);
+        assert_eq!(config.kv_cache.block_size, 32);
+        assert_eq!(config.model.served_name, "llama");
+    }
+
+    #[test]
+    fn single_node_pod_requests_all_group_gpus_and_is_locked_down() {
+        let pool = pool(
+            json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 4,
+            "resources": {"cpu": "8", "memory": "64Gi", "nodeSelector": {"pool": "llm"}}}),
+        );
+        let layout = layout(4, 1);
+        let pod = ChildBuilder::new(&pool, &layout).pod(0, 0);
+        assert_eq!(pod.metadata.name.as_deref(), Some("llama-0-0"));
+        let spec = pod.spec.unwrap();
+        assert!(spec.affinity.is_none());
+        assert_eq!(spec.node_selector.unwrap()["pool"], "llm");
+        let c = &spec.containers[0];
+        let resources = c.resources.as_ref().unwrap();
+        assert_eq!(
+            resources.limits.as_ref().unwrap()["nvidia.com/gpu"],
+            Quantity("4".into())
+        );
+        assert_eq!(
+            resources.requests.as_ref().unwrap()["cpu"],
+            Quantity("8".into())
+        );
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(
+            (
+                sc.read_only_root_filesystem,
+                sc.run_as_non_root,
+                sc.allow_privilege_escalation
+            ),
+            (Some(true), Some(true), Some(false))
+        );
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+    }
+
+    #[test]
+    fn multi_node_group_members_know_their_rank_and_leader() {
+        let pool = pool(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 8}));
+        let layout = layout(8, 2);
+        let builder = ChildBuilder::new(&pool, &layout);
+        let worker = builder.pod(3, 1);
+        let spec = worker.spec.unwrap();
+        let env: BTreeMap<_, _> = spec.containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e.name.as_str(), e.value.clone()?)))
+            .collect();
+        assert_eq!(env["PARALLAX_RANK"], "1");
+        assert_eq!(env["PARALLAX_WORLD_SIZE"], "2");
+        assert_eq!(env["PARALLAX_TENSOR_PARALLEL_SIZE"], "8");
+        assert_eq!(
+            env["PARALLAX_LEADER_ADDRESS"],
+            "llama-3-0.llama-pods.ml.svc"
+        );
+        assert_eq!(
+            spec.containers[0]
+                .resources
+                .as_ref()
+                .unwrap()
+                .limits
+                .as_ref()
+                .unwrap()["nvidia.com/gpu"],
+            Quantity("4".into())
+        );
+        assert!(spec.affinity.unwrap().pod_anti_affinity.is_some());
+        assert_eq!(spec.subdomain.as_deref(), Some("llama-pods"));
+        assert_eq!(worker.metadata.labels.unwrap()[GROUP_LABEL], "3");
+    }
+
+    #[test]
+    fn template_hash_follows_what_pods_are_built_from() {
+        let a = pool(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 1}));
+        let mut b = a.clone();
+        b.spec.replicas = 5;
+        let l = layout(1, 1);
+        let hash = |p: &InferencePool| ChildBuilder::new(p, &l).template_hash().to_owned();
+        assert_eq!(hash(&a), hash(&b), "replicas do not change pods");
+        b.spec.batching.max_batch_size = 8;
+        assert_ne!(hash(&a), hash(&b), "the agent config does");
+        let mut c = a.clone();
+        c.spec.agent.image = "other:1".into();
+        assert_ne!(hash(&a), hash(&c), "the image does");
+    }
+}

@@ -1,0 +1,62 @@
+//! Wires the reconcile loop: the pool controller, the children it owns and the node inventory.
+
+use crate::children::POOL_LABEL;
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, error_policy, reconcile};
+use futures::{Future, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use parallax_crds::InferencePool;
+use std::sync::Arc;
+use tracing::{debug, info};
+
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (nodes, writer) = reflector::store();
+    let node_watch = reflector(
+        writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|_| futures::future::ready(()));
+    let node_task = tokio::spawn(node_watch);
+    if nodes.wait_until_ready().await.is_err() {
+        return;
+    }
+    info!(nodes = nodes.state().len(), "node inventory ready");
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        nodes,
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+    });
+    let children = watcher::Config::default().labels(POOL_LABEL);
+    Controller::new(
+        Api::<InferencePool>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(Api::<Pod>::all(client.clone()), children.clone())
+    .owns(Api::<Service>::all(client.clone()), children.clone())
+    .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
+    .owns(Api::<PodDisruptionBudget>::all(client.clone()), children)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((pool, _)) => debug!(pool = %pool.name, "reconciled"),
+            Err(error) => debug!(%error, "reconcile did not complete"),
+        }
+    })
+    .await;
+    node_task.abort();
+}

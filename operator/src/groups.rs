@@ -1,0 +1,292 @@
+//! Groups as they are (read from pods) and what to do about them: create missing members,
+//! recreate a group whose member failed, roll one group at a time to a new template, remove
+//! groups beyond `replicas`. Pure: `plan` returns actions, `reconcile` carries them out.
+
+use crate::children::{GROUP_LABEL, RANK_LABEL, TEMPLATE_HASH_ANNOTATION};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use std::collections::BTreeMap;
+
+/// One pod as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub hash: String,
+    pub ready: bool,
+    /// Phase `Failed`, or any container restarted (RecreateGroupOnPodRestart for groups of
+    /// several pods, whose peers cannot rejoin a collective on their own).
+    pub failed: bool,
+    pub terminating: bool,
+}
+
+/// One group: its members by rank.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Group {
+    pub members: BTreeMap<u32, Member>,
+}
+
+impl Group {
+    fn complete(&self, size: u32) -> bool {
+        (0..size).all(|r| self.members.contains_key(&r))
+    }
+    pub fn ready(&self, size: u32) -> bool {
+        self.complete(size) && self.members.values().all(|m| m.ready && !m.terminating)
+    }
+    fn current(&self, hash: &str) -> bool {
+        self.members.values().all(|m| m.hash == hash)
+    }
+    fn terminating(&self) -> bool {
+        self.members.values().any(|m| m.terminating)
+    }
+}
+
+/// The pool's groups by index.
+pub type Groups = BTreeMap<u32, Group>;
+
+/// Reads groups from the pool's pods; pods without group and rank labels are ignored.
+pub fn observe<'a>(pods: impl IntoIterator<Item = &'a Pod>, pods_per_group: u32) -> Groups {
+    let mut groups = Groups::new();
+    for pod in pods {
+        let labels = pod.labels();
+        let (Some(group), Some(rank)) = (
+            labels.get(GROUP_LABEL).and_then(|g| g.parse().ok()),
+            labels.get(RANK_LABEL).and_then(|r| r.parse().ok()),
+        ) else {
+            continue;
+        };
+        let status = pod.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let phase_failed = status.and_then(|s| s.phase.as_deref()) == Some("Failed");
+        let restarted = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.restart_count > 0));
+        groups.entry(group).or_default().members.insert(
+            rank,
+            Member {
+                name: pod.name_any(),
+                hash: pod
+                    .annotations()
+                    .get(TEMPLATE_HASH_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default(),
+                ready,
+                failed: phase_failed || (pods_per_group > 1 && restarted),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
+            },
+        );
+    }
+    groups
+}
+
+/// Why a group's pods are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// Index at or above `replicas`.
+    ScaledDown,
+    /// A member failed: the whole group starts again.
+    MemberFailed,
+    /// Built from an older template.
+    Outdated,
+}
+
+impl DeleteReason {
+    pub fn event_reason(self) -> &'static str {
+        match self {
+            Self::ScaledDown => "GroupRemoved",
+            Self::MemberFailed => "GroupRecreated",
+            Self::Outdated => "GroupUpdated",
+        }
+    }
+}
+
+/// What to do to the pool's groups now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupPlan {
+    /// (group, rank) of pods to create.
+    pub create: Vec<(u32, u32)>,
+    /// Groups whose pods to delete, and why.
+    pub delete: Vec<(u32, DeleteReason, Vec<String>)>,
+}
+
+/// Plans the groups for `replicas` groups of `size` pods built from template `hash`.
+pub fn plan(groups: &Groups, replicas: u32, size: u32, hash: &str) -> GroupPlan {
+    let mut plan = GroupPlan::default();
+    let mut delete = |index: u32, reason, group: &Group| {
+        let names = group
+            .members
+            .values()
+            .filter(|m| !m.terminating)
+            .map(|m| m.name.clone())
+            .collect::<Vec<_>>();
+        if !names.is_empty() {
+            plan.delete.push((index, reason, names));
+        }
+    };
+    for (&index, group) in groups.range(replicas..) {
+        delete(index, DeleteReason::ScaledDown, group);
+    }
+    // A rolling update replaces one ready group at a time, and only while every other wanted
+    // group is ready on the current template; groups that are not ready anyway go at once.
+    let wanted = |i: &u32| *i < replicas;
+    let settled = (0..replicas).all(|i| groups.get(&i).is_some_and(|g| g.ready(size)));
+    let mut rolling = groups.iter().any(|(i, g)| wanted(i) && g.terminating());
+    for (&index, group) in groups.iter().filter(|(i, _)| wanted(i)) {
+        if group.terminating() {
+            continue;
+        }
+        if group.members.values().any(|m| m.failed) {
+            delete(index, DeleteReason::MemberFailed, group);
+        } else if !group.current(hash) {
+            if !group.ready(size) {
+                delete(index, DeleteReason::Outdated, group);
+            } else if settled && !rolling {
+                delete(index, DeleteReason::Outdated, group);
+                rolling = true;
+            }
+        }
+    }
+    let deleted: Vec<u32> = plan.delete.iter().map(|(i, ..)| *i).collect();
+    for index in 0..replicas {
+        let group = groups.get(&index);
+        if deleted.contains(&index) || group.is_some_and(Group::terminating) {
+            continue;
+        }
+        for rank in 0..size {
+            if group.is_none_or(|g| !g.members.contains_key(&rank)) {
+                plan.create.push((index, rank));
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, hash: &str, ready: bool) -> Member {
+        Member {
+            name: name.into(),
+            hash: hash.into(),
+            ready,
+            failed: false,
+            terminating: false,
+        }
+    }
+
+    fn groups(spec: &[(u32, &[(u32, &str, bool)])]) -> Groups {
+        spec.iter()
+            .map(|(g, members)| {
+                let members = members
+                    .iter()
+                    .map(|(r, h, ready)| (*r, member(&format!("p-{g}-{r}"), h, *ready)))
+                    .collect();
+                (*g, Group { members })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_pool_creates_every_member_of_every_group() {
+        let plan = plan(&Groups::new(), 2, 2, "h");
+        assert_eq!(plan.create, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
+        assert!(plan.delete.is_empty());
+    }
+
+    #[test]
+    fn a_missing_member_is_created_alone() {
+        let g = groups(&[(0, &[(0, "h", true)])]);
+        assert_eq!(plan(&g, 1, 2, "h").create, vec![(0, 1)]);
+    }
+
+    #[test]
+    fn a_failed_member_recreates_its_whole_group() {
+        let mut g = groups(&[
+            (0, &[(0, "h", true), (1, "h", false)]),
+            (1, &[(0, "h", true), (1, "h", true)]),
+        ]);
+        g.get_mut(&0).unwrap().members.get_mut(&1).unwrap().failed = true;
+        let plan = plan(&g, 2, 2, "h");
+        assert_eq!(
+            plan.delete,
+            vec![(
+                0,
+                DeleteReason::MemberFailed,
+                vec!["p-0-0".into(), "p-0-1".into()]
+            )]
+        );
+        assert!(
+            plan.create.is_empty(),
+            "nothing is created until the old pods are gone"
+        );
+    }
+
+    #[test]
+    fn scale_down_removes_the_highest_groups() {
+        let g = groups(&[
+            (0, &[(0, "h", true)]),
+            (1, &[(0, "h", true)]),
+            (2, &[(0, "h", true)]),
+        ]);
+        let plan = plan(&g, 1, 1, "h");
+        let removed: Vec<_> = plan.delete.iter().map(|(i, r, _)| (*i, *r)).collect();
+        assert_eq!(
+            removed,
+            vec![(1, DeleteReason::ScaledDown), (2, DeleteReason::ScaledDown)]
+        );
+    }
+
+    #[test]
+    fn a_rolling_update_replaces_one_ready_group_at_a_time() {
+        let g = groups(&[
+            (0, &[(0, "old", true)]),
+            (1, &[(0, "old", true)]),
+            (2, &[(0, "old", true)]),
+        ]);
+        let first = plan(&g, 3, 1, "new");
+        assert_eq!(
+            first.delete,
+            vec![(0, DeleteReason::Outdated, vec!["p-0-0".into()])]
+        );
+
+        // Group 0 came back on the new template but is not ready yet: wait.
+        let g = groups(&[
+            (0, &[(0, "new", false)]),
+            (1, &[(0, "old", true)]),
+            (2, &[(0, "old", true)]),
+        ]);
+        assert_eq!(plan(&g, 3, 1, "new"), GroupPlan::default());
+
+        // Ready: the next one goes.
+        let g = groups(&[
+            (0, &[(0, "new", true)]),
+            (1, &[(0, "old", true)]),
+            (2, &[(0, "old", true)]),
+        ]);
+        assert_eq!(
+            plan(&g, 3, 1, "new").delete,
+            vec![(1, DeleteReason::Outdated, vec!["p-1-0".into()])]
+        );
+    }
+
+    #[test]
+    fn outdated_groups_that_are_not_ready_are_replaced_at_once() {
+        let g = groups(&[(0, &[(0, "old", false)]), (1, &[(0, "old", false)])]);
+        let plan = plan(&g, 2, 1, "new");
+        assert_eq!(plan.delete.len(), 2);
+    }
+
+    #[test]
+    fn terminating_groups_are_left_to_finish() {
+        let mut g = groups(&[(0, &[(0, "h", false)])]);
+        g.get_mut(&0)
+            .unwrap()
+            .members
+            .get_mut(&0)
+            .unwrap()
+            .terminating = true;
+        assert_eq!(plan(&g, 1, 1, "h"), GroupPlan::default());
+    }
+}

@@ -1,0 +1,18 @@
+//! The Parallax operator: `InferencePool` → tensor-parallel pod groups, Services and status.
+//!
+//! Pure modules decide (`inventory`, `tp`, `children`, `groups`, `status`, `leader::decide`);
+//! `reconcile` reads the cluster and applies their results; `controller` wires the watches.
+
+pub mod children;
+pub mod controller;
+pub mod error;
+pub mod groups;
+pub mod http;
+pub mod inventory;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+pub mod tp;
+
+pub use error::{Error, Result};

@@ -1,0 +1,327 @@
+//! The reconcile shell: finalizer dispatch to `apply` and `cleanup`. Everything decided here
+//! comes from the pure modules (`tp`, `children`, `groups`, `status`); this file only reads the
+//! cluster, applies their results with server-side apply and records events.
+
+use crate::children::{
+    ChildBuilder, config_map_name, headless_service_name, pdb_name, pool_selector, service_name,
+};
+use crate::error::{Error, Result};
+use crate::groups::{self, DeleteReason};
+use crate::inventory::GpuInventory;
+use crate::metrics::Metrics;
+use crate::status::compute_status;
+use crate::tp::{self, GroupLayout, LayoutError};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use parallax_crds::InferencePool;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{Span, field, info, instrument, warn};
+
+/// The one field manager every write of the operator uses.
+pub const FIELD_MANAGER: &str = "parallax-operator";
+/// Finalizer that lets the operator stop a pool's groups before the pool goes.
+pub const FINALIZER: &str = "parallax.dev/cleanup";
+
+/// How often a healthy pool is looked at again without any change.
+const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a pool that cannot be laid out is looked at again (nodes may have appeared).
+const RETRY_LAYOUT: Duration = Duration::from_secs(30);
+
+/// What every reconcile shares.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    /// Nodes, kept by a reflector: the GPU inventory.
+    pub nodes: Store<Node>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// Entry point for the controller: one pool, one pass.
+#[instrument(skip(pool, ctx), fields(pool = %pool.name_any(), namespace = field::Empty))]
+pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started();
+    let namespace = pool
+        .namespace()
+        .ok_or(Error::MissingField("InferencePool", "namespace"))?;
+    Span::current().record("namespace", namespace.as_str());
+    let pools: Api<InferencePool> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&pools, FINALIZER, pool, |event| async {
+        match event {
+            Finalizer::Apply(pool) => apply(&pool, &ctx).await,
+            Finalizer::Cleanup(pool) => cleanup(&pool, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Requeue policy after a failed reconcile; counts the failure by category.
+pub fn error_policy(pool: Arc<InferencePool>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(pool = %pool.name_any(), category = error.category(), %error, "reconcile failed");
+    ctx.metrics.reconcile_failed(error.category());
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
+    let namespace = pool
+        .namespace()
+        .ok_or(Error::MissingField("InferencePool", "namespace"))?;
+    let name = pool.name_any();
+    let client = &ctx.client;
+
+    let inventory = GpuInventory::from_nodes(
+        ctx.nodes.state().iter().map(|n| n.as_ref()),
+        &pool.spec.resources,
+    );
+    let layout = tp::resolve(&pool.spec, &inventory);
+
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pods = pod_api
+        .list(&ListParams::default().labels(&pool_selector(&name)))
+        .await?;
+    let pods_per_group = layout.as_ref().map_or(1, |l| l.pods_per_group);
+    let observed = groups::observe(&pods.items, pods_per_group);
+
+    let mut events = Vec::new();
+    let template_hash = match &layout {
+        Ok(layout) => {
+            let builder = ChildBuilder::new(pool, layout);
+            let children = builder.children();
+            server_side_apply(client, &namespace, &children.config_map).await?;
+            server_side_apply(client, &namespace, &children.service).await?;
+            server_side_apply(client, &namespace, &children.headless_service).await?;
+            server_side_apply(client, &namespace, &children.pdb).await?;
+
+            let replicas = pool.spec.replicas.max(0) as u32;
+            let plan = groups::plan(
+                &observed,
+                replicas,
+                layout.pods_per_group,
+                builder.template_hash(),
+            );
+            for (group, reason, pods) in &plan.delete {
+                for pod in pods {
+                    delete_ignoring_absent(&pod_api, pod).await?;
+                }
+                let note = match reason {
+                    DeleteReason::ScaledDown => {
+                        format!("removed group {group}: replicas is {replicas}")
+                    }
+                    DeleteReason::MemberFailed => format!(
+                        "group {group} had a failed member; recreating all {} pods",
+                        layout.pods_per_group
+                    ),
+                    DeleteReason::Outdated => {
+                        format!("replacing group {group} with the current template")
+                    }
+                };
+                let type_ = if *reason == DeleteReason::MemberFailed {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                };
+                events.push((type_, reason.event_reason(), note));
+            }
+            let mut created_groups = Vec::new();
+            for &(group, rank) in &plan.create {
+                server_side_apply(client, &namespace, &builder.pod(group, rank)).await?;
+                if !created_groups.contains(&group) {
+                    created_groups.push(group);
+                }
+            }
+            for group in created_groups {
+                events.push((
+                    EventType::Normal,
+                    "GroupCreated",
+                    format!(
+                        "created pods of group {group} ({} GPUs each)",
+                        layout.gpus_per_pod
+                    ),
+                ));
+            }
+            Some(builder.template_hash().to_owned())
+        }
+        Err(_) => None,
+    };
+
+    let status = compute_status(
+        pool,
+        layout.as_ref(),
+        &observed,
+        template_hash.as_deref(),
+        &Time(Timestamp::now()),
+    );
+    events.extend(decision_events(pool, &layout));
+    for (type_, reason, note) in events {
+        info!(reason, %note, "decision");
+        publish(ctx, pool, type_, reason, note).await;
+    }
+    if pool.status.as_ref() != Some(&status) {
+        let pools: Api<InferencePool> = Api::namespaced(client.clone(), &namespace);
+        let patch = serde_json::json!({ "status": status });
+        pools
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(Action::requeue(if layout.is_ok() {
+        RESYNC
+    } else {
+        RETRY_LAYOUT
+    }))
+}
+
+/// Events for layout decisions, emitted when the decision differs from what status says.
+fn decision_events(
+    pool: &InferencePool,
+    layout: &Result<GroupLayout, LayoutError>,
+) -> Vec<(EventType, &'static str, String)> {
+    let previous = pool.status.as_ref();
+    match layout {
+        Ok(l) => {
+            let changed = previous.and_then(|s| s.tensor_parallel_reason.as_deref())
+                != Some(l.reason.as_str());
+            changed
+                .then(|| {
+                    (
+                        EventType::Normal,
+                        "TensorParallelSizeResolved",
+                        l.reason.clone(),
+                    )
+                })
+                .into_iter()
+                .collect()
+        }
+        Err(e) => {
+            let ready_reason = previous
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.reason.as_str());
+            (ready_reason != Some(e.reason().as_str()))
+                .then(|| (EventType::Warning, e.reason().as_str(), e.to_string()))
+                .into_iter()
+                .collect()
+        }
+    }
+}
+
+/// Deletes the pool's pods first, so accelerators are freed before Services vanish, then every
+/// other child. Owner references would collect them too; doing it here makes deletion prompt
+/// and explicit, and works where garbage collection is slow.
+async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
+    let namespace = pool
+        .namespace()
+        .ok_or(Error::MissingField("InferencePool", "namespace"))?;
+    let name = pool.name_any();
+    let client = &ctx.client;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    for pod in pods
+        .list(&ListParams::default().labels(&pool_selector(&name)))
+        .await?
+    {
+        delete_ignoring_absent(&pods, &pod.name_any()).await?;
+    }
+    delete_ignoring_absent(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace),
+        &pdb_name(&name),
+    )
+    .await?;
+    delete_ignoring_absent(
+        &Api::<Service>::namespaced(client.clone(), &namespace),
+        &service_name(&name),
+    )
+    .await?;
+    delete_ignoring_absent(
+        &Api::<Service>::namespaced(client.clone(), &namespace),
+        &headless_service_name(&name),
+    )
+    .await?;
+    delete_ignoring_absent(
+        &Api::<ConfigMap>::namespaced(client.clone(), &namespace),
+        &config_map_name(&name),
+    )
+    .await?;
+    publish(
+        ctx,
+        pool,
+        EventType::Normal,
+        "Deleted",
+        "removed every group and child of the pool".into(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn server_side_apply<K>(client: &Client, namespace: &str, object: &K) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + Debug + Serialize + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = object
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("child", "name"))?;
+    // Apply bodies must name their type; typed objects leave it to the client.
+    let mut value =
+        serde_json::to_value(object).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+    value["apiVersion"] = K::api_version(&Default::default()).into();
+    value["kind"] = K::kind(&Default::default()).into();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&value),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn delete_ignoring_absent<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Events are best effort: a failure to record one is logged, never fails the reconcile.
+async fn publish(
+    ctx: &Context,
+    pool: &InferencePool,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+        warn!(%error, reason, "could not record event");
+    }
+}

@@ -1,0 +1,468 @@
+//! Status as a pure function of (pool, layout, observed groups), and typed conditions merged so
+//! that `lastTransitionTime` moves only when a condition's status does.
+
+use crate::children::{leader_selector, service_name};
+use crate::groups::Groups;
+use crate::tp::{GroupLayout, LayoutError};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use parallax_crds::{AGENT_HTTP_PORT as AGENT_PORT, InferencePool, InferencePoolStatus};
+
+/// Condition types of an InferencePool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionType {
+    /// Every wanted group serves.
+    Ready,
+    /// Groups are being created, updated or removed.
+    Progressing,
+    /// Something needs a person or will not heal by itself soon.
+    Degraded,
+}
+
+/// Status of a condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+}
+
+/// Every reason a condition can give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    GroupsReady,
+    GroupsNotReady,
+    ScaledToZero,
+    Creating,
+    RollingUpdate,
+    ScalingDown,
+    Stable,
+    GroupFailed,
+    AsExpected,
+    NoGpuNodes,
+    InsufficientGpuMemory,
+    NotEnoughNodes,
+    InvalidSpec,
+}
+
+impl ConditionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::Progressing => "Progressing",
+            Self::Degraded => "Degraded",
+        }
+    }
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+        }
+    }
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GroupsReady => "GroupsReady",
+            Self::GroupsNotReady => "GroupsNotReady",
+            Self::ScaledToZero => "ScaledToZero",
+            Self::Creating => "Creating",
+            Self::RollingUpdate => "RollingUpdate",
+            Self::ScalingDown => "ScalingDown",
+            Self::Stable => "Stable",
+            Self::GroupFailed => "GroupFailed",
+            Self::AsExpected => "AsExpected",
+            Self::NoGpuNodes => "NoGpuNodes",
+            Self::InsufficientGpuMemory => "InsufficientGpuMemory",
+            Self::NotEnoughNodes => "NotEnoughNodes",
+            Self::InvalidSpec => "InvalidSpec",
+        }
+    }
+}
+
+/// A condition as computed, before it is merged with what the status already says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredCondition {
+    pub type_: ConditionType,
+    pub status: ConditionStatus,
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl DesiredCondition {
+    fn new(
+        type_: ConditionType,
+        status: ConditionStatus,
+        reason: Reason,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Merges desired conditions into the existing ones: `lastTransitionTime` is kept unless the
+/// status changed; conditions of other types (written by someone else) are kept as they are.
+pub fn merge_conditions(
+    existing: &[Condition],
+    desired: &[DesiredCondition],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    let mut merged: Vec<Condition> = existing
+        .iter()
+        .filter(|c| !desired.iter().any(|d| d.type_.as_str() == c.type_))
+        .cloned()
+        .collect();
+    for d in desired {
+        let previous = existing.iter().find(|c| c.type_ == d.type_.as_str());
+        let last_transition_time = match previous {
+            Some(p) if p.status == d.status.as_str() => p.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+        merged.push(Condition {
+            type_: d.type_.as_str().to_owned(),
+            status: d.status.as_str().to_owned(),
+            reason: d.reason.as_str().to_owned(),
+            message: d.message.clone(),
+            observed_generation: generation,
+            last_transition_time,
+        });
+    }
+    merged.sort_by_key(|c| match c.type_.as_str() {
+        "Ready" => 0,
+        "Progressing" => 1,
+        "Degraded" => 2,
+        _ => 3,
+    });
+    merged
+}
+
+/// Computes the pool's status from its layout (or why there is none) and its groups.
+pub fn compute_status(
+    pool: &InferencePool,
+    layout: Result<&GroupLayout, &LayoutError>,
+    groups: &Groups,
+    template_hash: Option<&str>,
+    now: &Time,
+) -> InferencePoolStatus {
+    use ConditionStatus::{False, True};
+    use ConditionType::{Degraded, Progressing, Ready};
+    let previous = pool.status.clone().unwrap_or_default();
+    let wanted = pool.spec.replicas.max(0) as u32;
+    let name = pool.name_any();
+
+    let size = layout
+        .as_ref()
+        .map_or(previous.pods_per_group.unwrap_or(1).max(1) as u32, |l| {
+            l.pods_per_group
+        });
+    let live = groups
+        .values()
+        .filter(|g| g.members.values().any(|m| !m.terminating))
+        .count() as i32;
+    let ready = groups.values().filter(|g| g.ready(size)).count() as i32;
+    let updated = template_hash.map_or(0, |hash| {
+        groups
+            .values()
+            .filter(|g| {
+                g.members.len() as u32 == size
+                    && g.members.values().all(|m| m.hash == hash && !m.terminating)
+            })
+            .count() as i32
+    });
+    let failed = groups
+        .iter()
+        .filter(|(_, g)| g.members.values().any(|m| m.failed))
+        .map(|(i, _)| i.to_string())
+        .collect::<Vec<_>>();
+
+    let conditions = match layout {
+        Err(e) => {
+            let reason = e.reason();
+            vec![
+                DesiredCondition::new(Ready, False, reason, e.to_string()),
+                DesiredCondition::new(
+                    Progressing,
+                    False,
+                    reason,
+                    "groups cannot be laid out until this is resolved",
+                ),
+                DesiredCondition::new(Degraded, True, reason, e.to_string()),
+            ]
+        }
+        Ok(_) => {
+            let ready_condition = if wanted == 0 {
+                DesiredCondition::new(Ready, True, Reason::ScaledToZero, "replicas is 0")
+            } else if ready as u32 >= wanted {
+                DesiredCondition::new(
+                    Ready,
+                    True,
+                    Reason::GroupsReady,
+                    format!("{ready} of {wanted} groups ready"),
+                )
+            } else {
+                DesiredCondition::new(
+                    Ready,
+                    False,
+                    Reason::GroupsNotReady,
+                    format!("{ready} of {wanted} groups ready"),
+                )
+            };
+            let extra = groups.keys().filter(|i| **i >= wanted).count();
+            let progressing = if extra > 0 {
+                DesiredCondition::new(
+                    Progressing,
+                    True,
+                    Reason::ScalingDown,
+                    format!("removing {extra} groups"),
+                )
+            } else if (updated as u32) < wanted && live as u32 >= wanted {
+                DesiredCondition::new(
+                    Progressing,
+                    True,
+                    Reason::RollingUpdate,
+                    format!("{updated} of {wanted} groups on the current template"),
+                )
+            } else if (ready as u32) < wanted {
+                DesiredCondition::new(
+                    Progressing,
+                    True,
+                    Reason::Creating,
+                    format!("{ready} of {wanted} groups ready"),
+                )
+            } else {
+                DesiredCondition::new(
+                    Progressing,
+                    False,
+                    Reason::Stable,
+                    "every group is ready on the current template",
+                )
+            };
+            let degraded = if failed.is_empty() {
+                DesiredCondition::new(
+                    Degraded,
+                    False,
+                    Reason::AsExpected,
+                    "no group has a failed member",
+                )
+            } else {
+                DesiredCondition::new(
+                    Degraded,
+                    True,
+                    Reason::GroupFailed,
+                    format!(
+                        "groups {} have a failed member and are being recreated",
+                        failed.join(", ")
+                    ),
+                )
+            };
+            vec![ready_condition, progressing, degraded]
+        }
+    };
+
+    let generation = pool.metadata.generation;
+    InferencePoolStatus {
+        conditions: merge_conditions(&previous.conditions, &conditions, generation, now),
+        observed_generation: generation,
+        replicas: live,
+        ready_replicas: ready,
+        updated_replicas: updated,
+        tensor_parallel_size: layout.as_ref().map_or(previous.tensor_parallel_size, |l| {
+            Some(l.tensor_parallel_size as i32)
+        }),
+        pods_per_group: layout
+            .as_ref()
+            .map_or(previous.pods_per_group, |l| Some(l.pods_per_group as i32)),
+        tensor_parallel_reason: layout
+            .as_ref()
+            .map_or(previous.tensor_parallel_reason, |l| Some(l.reason.clone())),
+        selector: Some(leader_selector(&name)),
+        endpoint: Some(format!(
+            "http://{}.{}.svc:{AGENT_PORT}/v1",
+            service_name(&name),
+            pool.namespace().unwrap_or_default()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::{Group, Member};
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
+
+    fn time(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn pool(replicas: i32) -> InferencePool {
+        let mut pool: InferencePool = serde_json::from_value(json!({
+            "apiVersion": "parallax.dev/v1alpha1", "kind": "InferencePool",
+            "metadata": {"name": "llama", "namespace": "ml", "generation": 3},
+            "spec": {"model": {"source": "/m.gguf"}, "tensorParallelSize": 1, "replicas": replicas, "maxReplicas": 10}
+        })).unwrap();
+        pool.status = None;
+        pool
+    }
+
+    fn layout() -> GroupLayout {
+        GroupLayout {
+            tensor_parallel_size: 1,
+            pods_per_group: 1,
+            gpus_per_pod: 1,
+            reason: "r".into(),
+        }
+    }
+
+    fn groups(ready: &[bool], hash: &str) -> Groups {
+        ready
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let m = Member {
+                    name: format!("llama-{i}-0"),
+                    hash: hash.into(),
+                    ready: *r,
+                    failed: false,
+                    terminating: false,
+                };
+                (
+                    i as u32,
+                    Group {
+                        members: [(0, m)].into(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn condition<'a>(s: &'a InferencePoolStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn ready_when_every_wanted_group_is_ready() {
+        let p = pool(2);
+        let s = compute_status(
+            &p,
+            Ok(&layout()),
+            &groups(&[true, true], "h"),
+            Some("h"),
+            &time(10),
+        );
+        assert_eq!(
+            (s.replicas, s.ready_replicas, s.updated_replicas),
+            (2, 2, 2)
+        );
+        let ready = condition(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "GroupsReady")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+        assert_eq!(condition(&s, "Progressing").status, "False");
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(
+            s.selector.as_deref(),
+            Some("parallax.dev/pool=llama,parallax.dev/rank=0")
+        );
+        assert_eq!(s.endpoint.as_deref(), Some("http://llama.ml.svc:8000/v1"));
+    }
+
+    #[test]
+    fn not_ready_and_progressing_while_groups_start() {
+        let s = compute_status(
+            &pool(2),
+            Ok(&layout()),
+            &groups(&[true, false], "h"),
+            Some("h"),
+            &time(10),
+        );
+        let ready = condition(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.message.as_str()),
+            ("False", "1 of 2 groups ready")
+        );
+        assert_eq!(condition(&s, "Progressing").reason, "Creating");
+    }
+
+    #[test]
+    fn a_new_template_is_a_rolling_update() {
+        let s = compute_status(
+            &pool(2),
+            Ok(&layout()),
+            &groups(&[true, true], "old"),
+            Some("new"),
+            &time(10),
+        );
+        assert_eq!(s.updated_replicas, 0);
+        assert_eq!(condition(&s, "Progressing").reason, "RollingUpdate");
+    }
+
+    #[test]
+    fn a_layout_error_is_ready_false_with_its_reason() {
+        let err = LayoutError::NoGpuNodes {
+            resource: "nvidia.com/gpu".into(),
+            unknown_memory: vec![],
+        };
+        let s = compute_status(&pool(1), Err(&err), &Groups::new(), None, &time(10));
+        let ready = condition(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NoGpuNodes")
+        );
+        assert!(ready.message.contains("allocatable nvidia.com/gpu"));
+        assert_eq!(condition(&s, "Degraded").status, "True");
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_changes() {
+        let mut p = pool(1);
+        let first = compute_status(
+            &p,
+            Ok(&layout()),
+            &groups(&[false], "h"),
+            Some("h"),
+            &time(10),
+        );
+        p.status = Some(first);
+        // Same status, new message: the time stays.
+        let mut g = groups(&[false], "h");
+        g.insert(1, g[&0].clone());
+        let second = compute_status(&p, Ok(&layout()), &g, Some("h"), &time(20));
+        assert_eq!(condition(&second, "Ready").last_transition_time, time(10));
+        p.status = Some(second);
+        let third = compute_status(
+            &p,
+            Ok(&layout()),
+            &groups(&[true], "h"),
+            Some("h"),
+            &time(30),
+        );
+        assert_eq!(condition(&third, "Ready").last_transition_time, time(30));
+        assert_eq!(condition(&third, "Degraded").last_transition_time, time(10));
+    }
+
+    #[test]
+    fn foreign_conditions_survive_the_merge() {
+        let foreign = Condition {
+            type_: "Autoscaling".into(),
+            status: "True".into(),
+            reason: "X".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: time(1),
+        };
+        let merged = merge_conditions(&[foreign.clone()], &[], Some(1), &time(5));
+        assert_eq!(merged, vec![foreign]);
+    }
+}

@@ -1,0 +1,449 @@
+//! Tensor-parallel size: how many GPUs shard one copy of the model, and how a group of that size
+//! is laid over nodes. A pure function of the pool spec and the GPU inventory.
+
+use crate::inventory::GpuInventory;
+use crate::status::Reason;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use parallax_crds::shape::ShapeError;
+use parallax_crds::{InferencePoolSpec, ParallelismPreference};
+use std::fmt;
+
+/// The resolved layout of every group of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLayout {
+    /// GPUs per group.
+    pub tensor_parallel_size: u32,
+    /// Pods per group: 1 when one node holds the group, else one pod per node.
+    pub pods_per_group: u32,
+    /// GPUs each pod requests.
+    pub gpus_per_pod: u32,
+    /// Why, in a sentence for status and events.
+    pub reason: String,
+}
+
+/// Why no layout could be chosen. Each variant is a `Ready=False` reason.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayoutError {
+    /// No node admits the pool (selector, taints, GPU resource, known memory).
+    NoGpuNodes {
+        resource: String,
+        unknown_memory: Vec<String>,
+    },
+    /// `model.shape` cannot be read.
+    InvalidShape(ShapeError),
+    /// Even the largest possible group cannot hold the model.
+    InsufficientGpuMemory {
+        need: u64,
+        weights: u64,
+        kv: u64,
+        largest_group: u64,
+        largest_gpus: u32,
+    },
+    /// An explicit size spans more nodes than the cluster has.
+    NotEnoughNodes {
+        size: u32,
+        gpus_per_node: u32,
+        needed: u32,
+        found: u32,
+    },
+    /// `tensorParallelSize` is neither `auto` nor a positive power of two.
+    InvalidSize(String),
+}
+
+impl LayoutError {
+    /// The condition reason (CamelCase, stable).
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::NoGpuNodes { .. } => Reason::NoGpuNodes,
+            Self::InvalidShape(_) | Self::InvalidSize(_) => Reason::InvalidSpec,
+            Self::InsufficientGpuMemory { .. } => Reason::InsufficientGpuMemory,
+            Self::NotEnoughNodes { .. } => Reason::NotEnoughNodes,
+        }
+    }
+}
+
+impl fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoGpuNodes {
+                resource,
+                unknown_memory,
+            } => {
+                write!(
+                    f,
+                    "no schedulable Node matching the pool's nodeSelector and tolerations has allocatable {resource}"
+                )?;
+                if !unknown_memory.is_empty() {
+                    write!(
+                        f,
+                        " with a known GPU memory (label nvidia.com/gpu.memory missing on {})",
+                        unknown_memory.join(", ")
+                    )?;
+                }
+                Ok(())
+            }
+            Self::InvalidShape(e) => write!(f, "{e}"),
+            Self::InvalidSize(s) => write!(
+                f,
+                "tensorParallelSize {s:?} is neither auto nor a power of two"
+            ),
+            Self::InsufficientGpuMemory {
+                need,
+                weights,
+                kv,
+                largest_group,
+                largest_gpus,
+            } => write!(
+                f,
+                "the model needs {} (weights {} + KV cache {}) but the largest group the cluster offers, {largest_gpus} GPUs, holds {} at the configured memory fraction",
+                gib(*need),
+                gib(*weights),
+                gib(*kv),
+                gib(*largest_group)
+            ),
+            Self::NotEnoughNodes {
+                size,
+                gpus_per_node,
+                needed,
+                found,
+            } => write!(
+                f,
+                "tensorParallelSize {size} needs {needed} nodes with {gpus_per_node} free GPUs each; {found} found"
+            ),
+        }
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Largest power of two not above `n` (0 for 0).
+fn floor_pow2(n: u32) -> u32 {
+    if n == 0 {
+        0
+    } else {
+        1 << (31 - n.leading_zeros())
+    }
+}
+
+/// A way to lay out a group: `pods` pods of `gpus_per_pod` GPUs on nodes whose GPUs have
+/// `memory` bytes.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    size: u32,
+    pods: u32,
+    gpus_per_pod: u32,
+    memory: u64,
+}
+
+/// Chooses the group layout for `spec` on `inventory`.
+pub fn resolve(
+    spec: &InferencePoolSpec,
+    inventory: &GpuInventory,
+) -> Result<GroupLayout, LayoutError> {
+    match &spec.tensor_parallel_size {
+        IntOrString::Int(n) if *n > 0 && (*n as u32).is_power_of_two() => {
+            explicit(*n as u32, inventory)
+        }
+        IntOrString::String(s) if s == "auto" => auto(spec, inventory),
+        IntOrString::String(s) => match s.parse::<u32>() {
+            Ok(n) if n.is_power_of_two() => explicit(n, inventory),
+            _ => Err(LayoutError::InvalidSize(s.clone())),
+        },
+        IntOrString::Int(n) => Err(LayoutError::InvalidSize(n.to_string())),
+    }
+}
+
+fn explicit(size: u32, inventory: &GpuInventory) -> Result<GroupLayout, LayoutError> {
+    let per_node = floor_pow2(inventory.max_gpus_per_node());
+    if inventory.is_empty() || size <= per_node {
+        let reason = if inventory.is_empty() {
+            format!(
+                "tensorParallelSize {size} from the spec; no GPU node seen yet, so one pod requests all {size} GPUs"
+            )
+        } else {
+            format!("tensorParallelSize {size} from the spec fits one node")
+        };
+        return Ok(GroupLayout {
+            tensor_parallel_size: size,
+            pods_per_group: 1,
+            gpus_per_pod: size,
+            reason,
+        });
+    }
+    let needed = size / per_node;
+    let found = inventory
+        .nodes
+        .iter()
+        .filter(|n| n.gpus >= per_node)
+        .count() as u32;
+    if found < needed {
+        return Err(LayoutError::NotEnoughNodes {
+            size,
+            gpus_per_node: per_node,
+            needed,
+            found,
+        });
+    }
+    Ok(GroupLayout {
+        tensor_parallel_size: size,
+        pods_per_group: needed,
+        gpus_per_pod: per_node,
+        reason: format!(
+            "tensorParallelSize {size} from the spec spans {needed} nodes of {per_node} GPUs"
+        ),
+    })
+}
+
+fn auto(spec: &InferencePoolSpec, inventory: &GpuInventory) -> Result<GroupLayout, LayoutError> {
+    let shape = spec
+        .model
+        .shape
+        .as_ref()
+        .ok_or(LayoutError::InvalidShape(ShapeError::Missing("preset")))?
+        .resolve()
+        .map_err(LayoutError::InvalidShape)?;
+    if inventory.is_empty() {
+        return Err(LayoutError::NoGpuNodes {
+            resource: spec.resources.gpu_resource_name.clone(),
+            unknown_memory: inventory.unknown_memory.clone(),
+        });
+    }
+    let batch = spec.batching.max_batch_size.max(1) as u64;
+    let kv = shape.kv_cache_bytes(batch, spec.kv_cache.dtype.bytes_per_element());
+    let need = shape.weight_bytes.saturating_add(kv);
+    let fraction = spec
+        .kv_cache
+        .gpu_memory_fraction
+        .clamp(f64::MIN_POSITIVE, 1.0);
+    let usable = |c: &Candidate| (c.size as f64 * c.memory as f64 * fraction) as u64;
+
+    // Every layout the cluster offers: a power of two of one node's GPUs, or whole nodes of the
+    // same GPUs side by side (a power of two of them).
+    let mut candidates = Vec::new();
+    for node in &inventory.nodes {
+        let per_node = floor_pow2(node.gpus);
+        let mut size = 1;
+        while size <= per_node {
+            candidates.push(Candidate {
+                size,
+                pods: 1,
+                gpus_per_pod: size,
+                memory: node.memory_per_gpu,
+            });
+            size *= 2;
+        }
+        let peers = inventory
+            .nodes
+            .iter()
+            .filter(|n| n.gpus >= per_node && n.memory_per_gpu >= node.memory_per_gpu)
+            .count() as u32;
+        let mut pods = 2;
+        while pods <= peers {
+            candidates.push(Candidate {
+                size: pods * per_node,
+                pods,
+                gpus_per_pod: per_node,
+                memory: node.memory_per_gpu,
+            });
+            pods *= 2;
+        }
+    }
+    let latency = spec.parallelism_preference == ParallelismPreference::Latency;
+    let chosen = candidates
+        .iter()
+        .filter(|c| usable(c) >= need)
+        // Latency wants a whole node at least: drop single-node layouts smaller than the node.
+        .filter(|c| {
+            !latency
+                || c.pods > 1
+                || inventory
+                    .nodes
+                    .iter()
+                    .any(|n| floor_pow2(n.gpus) == c.size && n.memory_per_gpu == c.memory)
+        })
+        .min_by_key(|c| (c.size, c.pods, std::cmp::Reverse(c.memory)));
+    let Some(c) = chosen.copied() else {
+        let largest = candidates
+            .iter()
+            .max_by_key(|c| usable(c))
+            .copied()
+            .unwrap_or(Candidate {
+                size: 0,
+                pods: 0,
+                gpus_per_pod: 0,
+                memory: 0,
+            });
+        return Err(LayoutError::InsufficientGpuMemory {
+            need,
+            weights: shape.weight_bytes,
+            kv,
+            largest_group: usable(&largest),
+            largest_gpus: largest.size,
+        });
+    };
+    let placement = if c.pods == 1 {
+        "on one node".to_owned()
+    } else {
+        format!("across {} nodes of {} GPUs", c.pods, c.gpus_per_pod)
+    };
+    Ok(GroupLayout {
+        tensor_parallel_size: c.size,
+        pods_per_group: c.pods,
+        gpus_per_pod: c.gpus_per_pod,
+        reason: format!(
+            "auto ({}): {} × {} GPUs {placement} hold {} of {} needed (weights {} + KV cache {} for {batch} sequences × {} tokens) at memory fraction {fraction}",
+            if latency { "latency" } else { "throughput" },
+            c.size,
+            gib(c.memory),
+            gib(usable(&c)),
+            gib(need),
+            gib(shape.weight_bytes),
+            gib(kv),
+            shape.context_length,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::tests::gpu_node;
+    use serde_json::json;
+
+    const H100_MIB: u64 = 81559;
+
+    fn spec(value: serde_json::Value) -> InferencePoolSpec {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn inventory(nodes: &[(&str, u32, u64)]) -> GpuInventory {
+        let nodes: Vec<_> = nodes
+            .iter()
+            .map(|(n, g, m)| gpu_node(n, *g, Some(*m)))
+            .collect();
+        GpuInventory::from_nodes(&nodes, &Default::default())
+    }
+
+    fn preset(name: &str) -> serde_json::Value {
+        json!({"model": {"source": "hf://x/y", "shape": {"preset": name}}})
+    }
+
+    #[test]
+    fn a_small_model_takes_one_gpu() {
+        let layout = resolve(
+            &spec(preset("llama-3.2-1b")),
+            &inventory(&[("a", 8, H100_MIB)]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                layout.tensor_parallel_size,
+                layout.pods_per_group,
+                layout.gpus_per_pod
+            ),
+            (1, 1, 1)
+        );
+        assert!(
+            layout.reason.contains("auto (throughput)"),
+            "{}",
+            layout.reason
+        );
+    }
+
+    #[test]
+    fn an_8b_model_with_a_full_kv_cache_takes_two_h100s() {
+        // 16.1 GB weights + 64 × 8192 × 2 × 32 × 1024 × 2 B = 68.7 GB KV > 0.9 × 85.5 GB.
+        let layout = resolve(
+            &spec(preset("llama-3.1-8b")),
+            &inventory(&[("a", 8, H100_MIB)]),
+        )
+        .unwrap();
+        assert_eq!((layout.tensor_parallel_size, layout.pods_per_group), (2, 1));
+    }
+
+    #[test]
+    fn latency_preference_takes_the_whole_node() {
+        let mut s = spec(preset("llama-3.2-1b"));
+        s.parallelism_preference = ParallelismPreference::Latency;
+        let layout = resolve(&s, &inventory(&[("a", 8, H100_MIB)])).unwrap();
+        assert_eq!(
+            (
+                layout.tensor_parallel_size,
+                layout.pods_per_group,
+                layout.gpus_per_pod
+            ),
+            (8, 1, 8)
+        );
+    }
+
+    #[test]
+    fn a_405b_model_spans_two_eight_gpu_nodes() {
+        let inv = inventory(&[("a", 8, H100_MIB), ("b", 8, H100_MIB), ("c", 8, H100_MIB)]);
+        let layout = resolve(&spec(preset("llama-3.1-405b")), &inv).unwrap();
+        assert_eq!(
+            (
+                layout.tensor_parallel_size,
+                layout.pods_per_group,
+                layout.gpus_per_pod
+            ),
+            (16, 2, 8)
+        );
+        assert!(
+            layout.reason.contains("across 2 nodes of 8 GPUs"),
+            "{}",
+            layout.reason
+        );
+    }
+
+    #[test]
+    fn prefers_the_node_whose_gpus_need_fewer_of_them() {
+        // 70B needs ≈ 313 GB: 4 × 141 GB H200s beat 8 × 80 GB H100s.
+        let inv = inventory(&[("h100", 8, H100_MIB), ("h200", 8, 143_771)]);
+        let layout = resolve(&spec(preset("llama-3.1-70b")), &inv).unwrap();
+        assert_eq!(layout.tensor_parallel_size, 4);
+    }
+
+    #[test]
+    fn nothing_fits_says_how_much_is_missing() {
+        let inv = inventory(&[("a", 2, 24_576)]);
+        let err = resolve(&spec(preset("llama-3.1-70b")), &inv).unwrap_err();
+        assert_eq!(err.reason(), Reason::InsufficientGpuMemory);
+        let message = err.to_string();
+        assert!(
+            message.contains("largest group the cluster offers, 2 GPUs"),
+            "{message}"
+        );
+        assert!(message.contains("weights 131.4 GiB"), "{message}");
+    }
+
+    #[test]
+    fn no_gpu_nodes_is_reported_not_guessed() {
+        let err = resolve(&spec(preset("llama-3.2-1b")), &GpuInventory::default()).unwrap_err();
+        assert_eq!(err.reason(), Reason::NoGpuNodes);
+        assert!(err.to_string().contains("allocatable nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn explicit_size_beyond_a_node_spans_nodes_or_says_what_is_missing() {
+        let s = spec(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 8}));
+        let two = inventory(&[("a", 4, H100_MIB), ("b", 4, H100_MIB)]);
+        let layout = resolve(&s, &two).unwrap();
+        assert_eq!((layout.pods_per_group, layout.gpus_per_pod), (2, 4));
+        let one = inventory(&[("a", 4, H100_MIB)]);
+        let err = resolve(&s, &one).unwrap_err();
+        assert_eq!(
+            err,
+            LayoutError::NotEnoughNodes {
+                size: 8,
+                gpus_per_node: 4,
+                needed: 2,
+                found: 1
+            }
+        );
+        // Without inventory an explicit size is taken at its word.
+        let layout = resolve(&s, &GpuInventory::default()).unwrap();
+        assert_eq!((layout.pods_per_group, layout.gpus_per_pod), (1, 8));
+    }
+}
