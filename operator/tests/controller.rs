@@ -1,0 +1,370 @@
+//! The real kube-runtime `Controller` against the in-process fake API server: a pool's whole life.
+
+mod support;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::Reporter;
+use kube::{Client, ResourceExt};
+use parallax_crds::InferencePool;
+use parallax_operator::children::TEMPLATE_HASH_ANNOTATION;
+use parallax_operator::controller;
+use parallax_operator::metrics::Metrics;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use support::eventually;
+use support::fake_api::FakeApiServer;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn gpu_node(name: &str) -> Node {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}},
+        "spec": {},
+        "status": {"allocatable": {"nvidia.com/gpu": "8", "cpu": "192", "memory": "2Ti"}}
+    }))
+    .unwrap()
+}
+
+fn pool() -> InferencePool {
+    serde_json::from_value(json!({
+        "apiVersion": "parallax.dev/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": "llama", "namespace": "ml"},
+        "spec": {
+            "model": {"source": "hf://meta-llama/Llama-3.1-8B-Instruct", "shape": {"preset": "llama-3.1-8b"}},
+            "replicas": 2, "minReplicas": 1, "maxReplicas": 4
+        }
+    }))
+    .unwrap()
+}
+
+async fn pods(client: &Client) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+/// Plays the kubelet: every pod that is not ready yet becomes ready.
+async fn mark_pods_ready(client: &Client) {
+    let api = Api::<Pod>::namespaced(client.clone(), "ml");
+    for pod in pods(client).await {
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if !ready && pod.metadata.deletion_timestamp.is_none() {
+            let status = json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+            api.patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+            .unwrap();
+        }
+    }
+}
+
+async fn current_pool(client: &Client) -> Option<InferencePool> {
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .get_opt("llama")
+        .await
+        .unwrap()
+}
+
+fn condition(pool: &InferencePool, type_: &str) -> Option<(String, String)> {
+    let status = pool.status.as_ref()?;
+    let c = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+#[tokio::test]
+async fn a_pool_lives_and_dies_through_the_controller() {
+    support::init_logs();
+    let server = FakeApiServer::default();
+    let client = server.client();
+    let mut changes = server.changes();
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &gpu_node("gpu-a"))
+        .await
+        .unwrap();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let reporter = Reporter {
+        controller: "parallax-operator".into(),
+        instance: None,
+    };
+    let run = tokio::spawn(controller::run(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        reporter,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // Create: children appear, TP auto resolves to 2 H100s, Ready=False until pods are ready.
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    pools.create(&PostParams::default(), &pool()).await.unwrap();
+    eventually(
+        "two pods and every child exist",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            pods(&client).await.len() == 2
+                && Api::<Service>::namespaced(client.clone(), "ml")
+                    .get_opt("llama")
+                    .await
+                    .unwrap()
+                    .is_some()
+                && Api::<Service>::namespaced(client.clone(), "ml")
+                    .get_opt("llama-pods")
+                    .await
+                    .unwrap()
+                    .is_some()
+                && Api::<ConfigMap>::namespaced(client.clone(), "ml")
+                    .get_opt("llama-agent")
+                    .await
+                    .unwrap()
+                    .is_some()
+                && Api::<PodDisruptionBudget>::namespaced(client.clone(), "ml")
+                    .get_opt("llama")
+                    .await
+                    .unwrap()
+                    .is_some()
+        },
+    )
+    .await;
+    eventually(
+        "status reports TP 2 and Ready=False",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                p.status.as_ref().and_then(|s| s.tensor_parallel_size) == Some(2)
+                    && condition(&p, "Ready") == Some(("False".into(), "GroupsNotReady".into()))
+            })
+        },
+    )
+    .await;
+    let pod = pods(&client).await.remove(0);
+    let owner = &pod.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("InferencePool", "llama")
+    );
+    let gpus = &pod.spec.as_ref().unwrap().containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap()["nvidia.com/gpu"];
+    assert_eq!(gpus.0, "2");
+
+    // Pods ready → Ready=True with readyReplicas.
+    mark_pods_ready(&client).await;
+    eventually(
+        "Ready=True with 2 ready replicas",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let s = p.status.clone().unwrap_or_default();
+                s.ready_replicas == 2
+                    && s.observed_generation == p.metadata.generation
+                    && condition(&p, "Ready") == Some(("True".into(), "GroupsReady".into()))
+            })
+        },
+    )
+    .await;
+
+    // Spec change → configmap follows, pods roll one group at a time, observedGeneration moves.
+    let old_hash = pods(&client).await[0].annotations()[TEMPLATE_HASH_ANNOTATION].clone();
+    let patch = json!({"spec": {"batching": {"maxBatchSize": 32}}});
+    let patched = pools
+        .patch("llama", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let generation = patched.metadata.generation;
+    assert_eq!(generation, Some(2));
+    eventually(
+        "every pod runs the new template and the pool is ready again",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            mark_pods_ready(&client).await;
+            let pods = pods(&client).await;
+            let rolled = pods.len() == 2
+                && pods
+                    .iter()
+                    .all(|p| p.annotations()[TEMPLATE_HASH_ANNOTATION] != old_hash);
+            rolled
+                && current_pool(&client).await.is_some_and(|p| {
+                    let s = p.status.clone().unwrap_or_default();
+                    s.observed_generation == generation
+                        && s.updated_replicas == 2
+                        && s.ready_replicas == 2
+                })
+        },
+    )
+    .await;
+    let config = Api::<ConfigMap>::namespaced(client.clone(), "ml")
+        .get("llama-agent")
+        .await
+        .unwrap();
+    assert!(config.data.unwrap()["agent.json"].contains("\"maxBatchSize\": 32"));
+
+    // Drift: a deleted child comes back.
+    Api::<Service>::namespaced(client.clone(), "ml")
+        .delete("llama-pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the headless Service is recreated",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            Api::<Service>::namespaced(client.clone(), "ml")
+                .get_opt("llama-pods")
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+
+    // A failed pod: its group is recreated.
+    let failed = pods(&client)
+        .await
+        .into_iter()
+        .find(|p| p.labels()["parallax.dev/group"] == "1")
+        .unwrap();
+    let failed_uid = failed.uid().unwrap();
+    let phase = json!({"status": {"phase": "Failed"}});
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .patch_status(
+            &failed.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&phase),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the failed group is recreated",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            pods(&client)
+                .await
+                .iter()
+                .any(|p| p.name_any() == "llama-1-0" && p.uid() != Some(failed_uid.clone()))
+        },
+    )
+    .await;
+
+    // Scale through spec.replicas (what the scale subresource writes): group 1 goes.
+    pools
+        .patch(
+            "llama",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    eventually("one group remains", &mut changes, TIMEOUT, || async {
+        let pods = pods(&client).await;
+        pods.len() == 1 && pods[0].name_any() == "llama-0-0"
+    })
+    .await;
+
+    // Delete: the finalizer cleans every owned child, then the pool goes.
+    pools
+        .delete("llama", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the pool and every child are gone",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_none()
+                && pods(&client).await.is_empty()
+                && server.objects("api/v1/services").is_empty()
+                && server.objects("api/v1/configmaps").is_empty()
+                && server
+                    .objects("apis/policy/v1/poddisruptionbudgets")
+                    .is_empty()
+        },
+    )
+    .await;
+
+    // Events explain the decisions.
+    let reasons: Vec<String> = server
+        .objects("apis/events.k8s.io/v1/events")
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    for expected in [
+        "TensorParallelSizeResolved",
+        "GroupCreated",
+        "GroupUpdated",
+        "GroupRecreated",
+        "GroupRemoved",
+        "Deleted",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == expected),
+            "no {expected} event in {reasons:?}"
+        );
+    }
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, run).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
+    support::init_logs();
+    let server = FakeApiServer::default();
+    let client = server.client();
+    let mut changes = server.changes();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let reporter = Reporter {
+        controller: "parallax-operator".into(),
+        instance: None,
+    };
+    let run = tokio::spawn(controller::run(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        reporter,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &pool())
+        .await
+        .unwrap();
+    eventually(
+        "Ready=False with reason NoGpuNodes",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                condition(&p, "Ready") == Some(("False".into(), "NoGpuNodes".into()))
+            })
+        },
+    )
+    .await;
+    assert!(pods(&client).await.is_empty(), "no pods without a layout");
+    stop.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, run).await.unwrap().unwrap();
+}
