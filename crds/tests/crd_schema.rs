@@ -1,6 +1,8 @@
 //! The committed CRD matches the types, and its CEL rules accept and refuse what they should,
 //! evaluated by kube's client-side CEL validator against the generated schema.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kube::core::cel::validate_cel;
 use parallax_crds::{CRD_PATH, InferencePool, crd_yaml};
 use serde_json::{Value, json};
@@ -134,5 +136,27 @@ fn memory_fraction_and_block_size_are_bounded() {
     assert_refused(
         json!({"model": shaped(), "kvCache": {"blockSize": 12}}),
         "blockSize must be one of",
+    );
+}
+
+#[test]
+fn documented_examples_are_valid_pools() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("docs/examples exists") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let pool: InferencePool =
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if let Err(errors) = validate_cel(&pool) {
+                panic!("{} breaks CEL rules: {errors:?}", path.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 2,
+        "expected the two documented examples, found {seen}"
     );
 }

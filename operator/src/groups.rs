@@ -176,7 +176,10 @@ mod tests {
         }
     }
 
-    fn groups(spec: &[(u32, &[(u32, &str, bool)])]) -> Groups {
+    /// (rank, template hash, ready) of each member.
+    type Members<'a> = &'a [(u32, &'a str, bool)];
+
+    fn groups(spec: &[(u32, Members<'_>)]) -> Groups {
         spec.iter()
             .map(|(g, members)| {
                 let members = members

@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod render;
 pub mod status;
 pub mod tp;
 

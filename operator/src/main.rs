@@ -7,8 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+const USAGE: &str = "usage: parallax-operator [render POOL.yaml [--nodes N] [--gpus-per-node G] [--gpu-memory-mib M]]";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("render") => return render(&args[1..]),
+        Some(other) => anyhow::bail!("unknown command {other:?}\n{USAGE}"),
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
@@ -61,4 +69,37 @@ async fn main() -> anyhow::Result<()> {
         () = controller::run(client, health.metrics.clone(), reporter, shutdown) => Ok(()),
         lost = leader::hold(&leases, &settings) => Err(lost).context("stopping: leadership lost"),
     }
+}
+
+/// Prints the children of a pool file, sized against assumed nodes (default: 8 × 80 GB GPUs).
+fn render(args: &[String]) -> anyhow::Result<()> {
+    let mut nodes = parallax_operator::render::AssumedNodes {
+        count: 2,
+        gpus_per_node: 8,
+        gpu_memory_mib: 81559,
+    };
+    let mut file = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| {
+            args.next()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))?
+                .parse::<u64>()
+                .with_context(|| format!("{flag} needs a number"))
+        };
+        match arg.as_str() {
+            "--nodes" => nodes.count = value("--nodes")? as u32,
+            "--gpus-per-node" => nodes.gpus_per_node = value("--gpus-per-node")? as u32,
+            "--gpu-memory-mib" => nodes.gpu_memory_mib = value("--gpu-memory-mib")?,
+            path if file.is_none() && !path.starts_with("--") => file = Some(path.to_owned()),
+            other => anyhow::bail!("unexpected argument {other:?}\n{USAGE}"),
+        }
+    }
+    let file = file.context(USAGE)?;
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    print!(
+        "{}",
+        parallax_operator::render::render(&text, nodes).map_err(anyhow::Error::msg)?
+    );
+    Ok(())
 }

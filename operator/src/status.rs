@@ -462,7 +462,7 @@ mod tests {
             observed_generation: None,
             last_transition_time: time(1),
         };
-        let merged = merge_conditions(&[foreign.clone()], &[], Some(1), &time(5));
+        let merged = merge_conditions(std::slice::from_ref(&foreign), &[], Some(1), &time(5));
         assert_eq!(merged, vec![foreign]);
     }
 }

@@ -293,7 +293,7 @@ fn auto(spec: &InferencePoolSpec, inventory: &GpuInventory) -> Result<GroupLayou
         pods_per_group: c.pods,
         gpus_per_pod: c.gpus_per_pod,
         reason: format!(
-            "auto ({}): {} × {} GPUs {placement} hold {} of {} needed (weights {} + KV cache {} for {batch} sequences × {} tokens) at memory fraction {fraction}",
+            "auto ({}): {} GPU(s) of {} {placement} give {} at memory fraction {fraction} for the {} needed (weights {} + KV cache {} for {batch} sequences × {} tokens)",
             if latency { "latency" } else { "throughput" },
             c.size,
             gib(c.memory),

@@ -1,5 +1,7 @@
 //! The real kube-runtime `Controller` against the in-process fake API server: a pool's whole life.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};

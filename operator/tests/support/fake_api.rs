@@ -118,9 +118,9 @@ impl FakeApiServer {
             }
         };
         let mut state = self.state.lock().unwrap();
-        let response = match (&method, &route.name) {
+        match (&method, &route.name) {
             (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-                return self.watch(&mut state, &route, query);
+                self.watch(&mut state, &route, query)
             }
             (&Method::GET, None) => list(&state, &route, query),
             (&Method::GET, Some(name)) => match state.objects.get(&route.key(name)) {
@@ -254,8 +254,7 @@ impl FakeApiServer {
                 "MethodNotAllowed",
                 &format!("{method} {path}"),
             ),
-        };
-        response
+        }
     }
 
     /// Stores `object` as the new state of `name`, honouring the status subresource, generation
@@ -542,12 +541,11 @@ fn null_for_absent_tests(document: &mut Value, patch: &Value) {
         else {
             continue;
         };
-        if document.pointer(path).is_none() {
-            if let Some((parent, key)) = path.rsplit_once('/') {
-                if let Some(Value::Object(map)) = document.pointer_mut(parent) {
-                    map.insert(key.to_owned(), Value::Null);
-                }
-            }
+        if document.pointer(path).is_none()
+            && let Some((parent, key)) = path.rsplit_once('/')
+            && let Some(Value::Object(map)) = document.pointer_mut(parent)
+        {
+            map.insert(key.to_owned(), Value::Null);
         }
     }
 }
