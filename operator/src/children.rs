@@ -21,6 +21,8 @@ pub const POOL_LABEL: &str = "parallax.dev/pool";
 pub const GROUP_LABEL: &str = "parallax.dev/group";
 pub const RANK_LABEL: &str = "parallax.dev/rank";
 pub const TEMPLATE_HASH_ANNOTATION: &str = "parallax.dev/template-hash";
+/// Pods in the group a pod was built for: an outdated group is judged by its own size.
+pub const GROUP_SIZE_ANNOTATION: &str = "parallax.dev/group-size";
 const CONFIG_DIR: &str = "/etc/parallax";
 
 /// Names of a pool's children.
@@ -199,10 +201,16 @@ impl<'a> ChildBuilder<'a> {
         let labels = meta.labels.get_or_insert_with(BTreeMap::new);
         labels.insert(GROUP_LABEL.into(), group.to_string());
         labels.insert(RANK_LABEL.into(), rank.to_string());
-        meta.annotations = Some(BTreeMap::from([(
-            TEMPLATE_HASH_ANNOTATION.to_owned(),
-            self.template_hash.clone(),
-        )]));
+        meta.annotations = Some(BTreeMap::from([
+            (
+                TEMPLATE_HASH_ANNOTATION.to_owned(),
+                self.template_hash.clone(),
+            ),
+            (
+                GROUP_SIZE_ANNOTATION.to_owned(),
+                self.layout.pods_per_group.to_string(),
+            ),
+        ]));
 
         let leader = format!(
             "{}.{}.{}.svc",

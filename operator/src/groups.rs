@@ -2,7 +2,7 @@
 //! recreate a group whose member failed, roll one group at a time to a new template, remove
 //! groups beyond `replicas`. Pure: `plan` returns actions, `reconcile` carries them out.
 
-use crate::children::{GROUP_LABEL, RANK_LABEL, TEMPLATE_HASH_ANNOTATION};
+use crate::children::{GROUP_LABEL, GROUP_SIZE_ANNOTATION, RANK_LABEL, TEMPLATE_HASH_ANNOTATION};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -17,6 +17,8 @@ pub struct Member {
     /// several pods, whose peers cannot rejoin a collective on their own).
     pub failed: bool,
     pub terminating: bool,
+    /// Pods in the group this pod was built for, when it says.
+    pub group_size: Option<u32>,
 }
 
 /// One group: its members by rank.
@@ -26,7 +28,13 @@ pub struct Group {
 }
 
 impl Group {
+    /// A group is complete at the size its pods were built for; `size` when they do not say.
     fn complete(&self, size: u32) -> bool {
+        let size = self
+            .members
+            .values()
+            .find_map(|m| m.group_size)
+            .unwrap_or(size);
         (0..size).all(|r| self.members.contains_key(&r))
     }
     pub fn ready(&self, size: u32) -> bool {
@@ -74,6 +82,10 @@ pub fn observe<'a>(pods: impl IntoIterator<Item = &'a Pod>, pods_per_group: u32)
                 ready,
                 failed: phase_failed || (pods_per_group > 1 && restarted),
                 terminating: pod.metadata.deletion_timestamp.is_some(),
+                group_size: pod
+                    .annotations()
+                    .get(GROUP_SIZE_ANNOTATION)
+                    .and_then(|s| s.parse().ok()),
             },
         );
     }
@@ -150,7 +162,8 @@ pub fn plan(groups: &Groups, replicas: u32, size: u32, hash: &str) -> GroupPlan 
     let deleted: Vec<u32> = plan.delete.iter().map(|(i, ..)| *i).collect();
     for index in 0..replicas {
         let group = groups.get(&index);
-        if deleted.contains(&index) || group.is_some_and(Group::terminating) {
+        // Outdated groups are replaced whole, never topped up with members of a new template.
+        if deleted.contains(&index) || group.is_some_and(|g| g.terminating() || !g.current(hash)) {
             continue;
         }
         for rank in 0..size {
@@ -173,6 +186,7 @@ mod tests {
             ready,
             failed: false,
             terminating: false,
+            group_size: None,
         }
     }
 
@@ -279,6 +293,22 @@ mod tests {
         let g = groups(&[(0, &[(0, "old", false)]), (1, &[(0, "old", false)])]);
         let plan = plan(&g, 2, 1, "new");
         assert_eq!(plan.delete.len(), 2);
+    }
+
+    #[test]
+    fn an_outdated_group_is_not_topped_up_when_groups_grow() {
+        // TP grew from one pod per group to two: the old single-pod group is replaced, not
+        // joined by a new-template member.
+        let mut g = groups(&[(0, &[(0, "old", true)]), (1, &[(0, "old", true)])]);
+        for group in g.values_mut() {
+            group.members.get_mut(&0).unwrap().group_size = Some(1);
+        }
+        let plan = plan(&g, 2, 2, "new");
+        assert!(plan.create.is_empty(), "{plan:?}");
+        assert_eq!(
+            plan.delete,
+            vec![(0, DeleteReason::Outdated, vec!["p-0-0".into()])]
+        );
     }
 
     #[test]

@@ -334,6 +334,7 @@ mod tests {
                     ready: *r,
                     failed: false,
                     terminating: false,
+                    group_size: None,
                 };
                 (
                     i as u32,
