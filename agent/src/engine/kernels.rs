@@ -1,0 +1,537 @@
+//! CPU kernels of the forward pass: int8 block quantization, the int8 matrix product every linear
+//! layer uses, RMSNorm, rotary embeddings, SiLU. Safe Rust written so that LLVM vectorises it
+//! (the workspace builds for x86-64-v3); the hot loops are fixed-size so they unroll.
+//!
+//! Numerics do not depend on the batch: each output element is one row of weights dotted with
+//! one row of activations in a fixed order, whatever else is in the batch. That is what makes
+//! continuous batching give the same greedy tokens as running a request alone.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per quantization block.
+pub const BLOCK: usize = 32;
+
+/// A row-major matrix quantized to int8 in blocks of [`BLOCK`] along each row, one scale per
+/// block (GGML's Q8_0). Activations also keep each block's scaled sum (GGML's Q8_1 `s`), which
+/// the Q4_1 product needs. Scales are rounded to f16 as GGML stores them, so products equal
+/// GGML's and candle's.
+#[derive(Debug, Clone, Default)]
+pub struct Q8Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub quants: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub sums: Vec<f32>,
+}
+
+/// A row-major matrix in GGML's Q4_1: per block of 32, 4-bit values `q` (low nibbles hold
+/// elements 0–15, high nibbles 16–31) with `x = d·q + m`.
+#[derive(Debug, Clone, Default)]
+pub struct Q41Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub nibbles: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub mins: Vec<f32>,
+}
+
+impl Q41Matrix {
+    /// From GGML Q4_1 blocks (20 bytes: f16 d, f16 m, 16 bytes of nibbles).
+    pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let blocks = rows * cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != blocks * 20 {
+            return None;
+        }
+        let mut m = Self {
+            rows,
+            cols,
+            nibbles: Vec::with_capacity(blocks * 16),
+            scales: Vec::with_capacity(blocks),
+            mins: Vec::with_capacity(blocks),
+        };
+        for b in bytes.chunks_exact(20) {
+            m.scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.mins.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+            m.nibbles.extend_from_slice(&b[4..]);
+        }
+        Some(m)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.nibbles.len() + 8 * self.scales.len()
+    }
+}
+
+/// A weight matrix in whichever int8 or int4 layout its file had (others become Q8_0).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Q8(Q8Matrix),
+    Q41(Q41Matrix),
+}
+
+impl Linear {
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.rows,
+            Self::Q41(m) => m.rows,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.bytes(),
+            Self::Q41(m) => m.bytes(),
+        }
+    }
+}
+
+impl Q8Matrix {
+    /// Quantizes `data` (`rows × cols`, row-major); `cols` must be a multiple of [`BLOCK`].
+    pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
+        assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
+        let mut m = Self {
+            rows,
+            cols,
+            quants: vec![0; rows * cols],
+            scales: vec![0.0; rows * cols / BLOCK],
+            sums: Vec::new(),
+        };
+        let mut sums = vec![0.0; rows * cols / BLOCK];
+        m.quants
+            .par_chunks_mut(cols)
+            .zip(m.scales.par_chunks_mut(cols / BLOCK))
+            .zip(sums.par_chunks_mut(cols / BLOCK))
+            .zip(data.par_chunks(cols))
+            .for_each(|(((q, s), sum), x)| quantize_row(x, q, s, sum));
+        m
+    }
+
+    /// From GGML Q8_0 blocks (34 bytes: f16 d, 32 int8), exactly.
+    pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let blocks = rows * cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != blocks * 34 {
+            return None;
+        }
+        let mut m = Self {
+            rows,
+            cols,
+            quants: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(blocks),
+            sums: Vec::new(),
+        };
+        for b in bytes.chunks_exact(34) {
+            m.scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.quants.extend(b[2..].iter().map(|v| *v as i8));
+        }
+        Some(m)
+    }
+
+    /// Quantizes into existing buffers (activations, every step).
+    pub fn quantize_into(&mut self, data: &[f32], rows: usize, cols: usize) {
+        debug_assert_eq!(cols % BLOCK, 0);
+        self.rows = rows;
+        self.cols = cols;
+        self.quants.resize(rows * cols, 0);
+        self.scales.resize(rows * cols / BLOCK, 0.0);
+        self.sums.resize(rows * cols / BLOCK, 0.0);
+        if rows * cols >= 1 << 16 {
+            self.quants
+                .par_chunks_mut(cols)
+                .zip(self.scales.par_chunks_mut(cols / BLOCK))
+                .zip(self.sums.par_chunks_mut(cols / BLOCK))
+                .zip(data.par_chunks(cols))
+                .for_each(|(((q, s), sum), x)| quantize_row(x, q, s, sum));
+        } else {
+            for (((q, s), sum), x) in self
+                .quants
+                .chunks_mut(cols)
+                .zip(self.scales.chunks_mut(cols / BLOCK))
+                .zip(self.sums.chunks_mut(cols / BLOCK))
+                .zip(data.chunks(cols))
+            {
+                quantize_row(x, q, s, sum);
+            }
+        }
+    }
+
+    /// Row `r` back to f32.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let q = &self.quants[r * self.cols..(r + 1) * self.cols];
+        let s = &self.scales[r * self.cols / BLOCK..(r + 1) * self.cols / BLOCK];
+        for ((o, q), s) in out
+            .chunks_exact_mut(BLOCK)
+            .zip(q.chunks_exact(BLOCK))
+            .zip(s)
+        {
+            for (o, q) in o.iter_mut().zip(q) {
+                *o = f32::from(*q) * s;
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + self.scales.len() * 4
+    }
+}
+
+/// GGML's quantize_row_q8_1: `q = round(x / d)` with `d = max|x| / 127`, `d` stored as f16, and
+/// `s = f16(Σq) · d` in f16.
+fn quantize_row(x: &[f32], q: &mut [i8], s: &mut [f32], sums: &mut [f32]) {
+    for (((x, q), s), sum) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .zip(s.iter_mut())
+        .zip(sums.iter_mut())
+    {
+        let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max / 127.0;
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut total = 0i32;
+        for (q, x) in q.iter_mut().zip(x) {
+            *q = (x * inv).round() as i8;
+            total += i32::from(*q);
+        }
+        let d = f16::from_f32(d);
+        *s = d.to_f32();
+        *sum = (f16::from_f32(total as f32) * d).to_f32();
+    }
+}
+
+/// Q8_0 weights · Q8 activations, one row each, in the order of GGML's AVX2 vec_dot_q8_0_q8_0:
+/// eight lanes each summing four products per block, scaled by `dw·dx` and fused-multiply-added
+/// across blocks, then reduced pairwise.
+#[inline]
+fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for ((wb, xb), (dw, dx)) in wq
+        .chunks_exact(BLOCK)
+        .zip(xq.chunks_exact(BLOCK))
+        .zip(ws.iter().zip(xs))
+    {
+        let (wb, xb): (&[i8; BLOCK], &[i8; BLOCK]) =
+            (wb.try_into().expect("block"), xb.try_into().expect("block"));
+        let d = dw * dx;
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let mut sum = 0i32;
+            for i in 4 * l..4 * l + 4 {
+                sum += i32::from(wb[i]) * i32::from(xb[i]);
+            }
+            *lane = d.mul_add(sum as f32, *lane);
+        }
+    }
+    let quad = [
+        lanes[4] + lanes[0],
+        lanes[5] + lanes[1],
+        lanes[6] + lanes[2],
+        lanes[7] + lanes[3],
+    ];
+    let pair = [quad[0] + quad[2], quad[1] + quad[3]];
+    pair[0] + pair[1]
+}
+
+/// Q4_1 weights · Q8_1 activations (GGML's vec_dot_q4_1_q8_1): `Σ d·dx·Σq·qx + m·s`.
+#[inline]
+fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (((nb, xb), (dw, mw)), (dx, sx)) in nibbles
+        .chunks_exact(BLOCK / 2)
+        .zip(xq.chunks_exact(BLOCK))
+        .zip(d.iter().zip(m))
+        .zip(xs.iter().zip(xsum))
+    {
+        let nb: &[u8; BLOCK / 2] = nb.try_into().expect("block");
+        let xb: &[i8; BLOCK] = xb.try_into().expect("block");
+        let mut sum = 0i32;
+        for j in 0..BLOCK / 2 {
+            sum += i32::from(nb[j] & 0x0f) * i32::from(xb[j])
+                + i32::from(nb[j] >> 4) * i32::from(xb[j + BLOCK / 2]);
+        }
+        acc += sum as f32 * dw * dx + mw * sx;
+    }
+    acc
+}
+
+/// `out[m × n] = x[m × k] · wᵀ` with `w` of shape `n × k`. Rows of `w` are the outer loop so each
+/// weight row is read from memory once per call however many activation rows there are; the
+/// output rows are split between the worker threads.
+pub fn matmul(x: &Q8Matrix, w: &Linear, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+    match w {
+        Linear::Q8(w) => matmul_q8(x, w, out, scratch),
+        Linear::Q41(w) => {
+            let kb = w.cols / BLOCK;
+            assert_eq!(x.cols, w.cols, "inner dimensions differ");
+            matmul_rows(x, w.rows, out, scratch, |r, j| {
+                row_dot_q41(
+                    &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
+                    &w.scales[r * kb..(r + 1) * kb],
+                    &w.mins[r * kb..(r + 1) * kb],
+                    &x.quants[j * w.cols..(j + 1) * w.cols],
+                    &x.scales[j * kb..(j + 1) * kb],
+                    &x.sums[j * kb..(j + 1) * kb],
+                )
+            });
+        }
+    }
+}
+
+/// [`matmul`] for Q8_0 weights.
+pub fn matmul_q8(x: &Q8Matrix, w: &Q8Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+    let k = w.cols;
+    assert_eq!(x.cols, k, "inner dimensions differ");
+    let kb = k / BLOCK;
+    matmul_rows(x, w.rows, out, scratch, |r, j| {
+        row_dot_q8(
+            &w.quants[r * k..(r + 1) * k],
+            &w.scales[r * kb..(r + 1) * kb],
+            &x.quants[j * k..(j + 1) * k],
+            &x.scales[j * kb..(j + 1) * kb],
+        )
+    });
+}
+
+/// Runs `dot(weight row, activation row)` for every pair, weight rows outermost and split
+/// between threads, and writes `out[m × n]`.
+fn matmul_rows(
+    x: &Q8Matrix,
+    n: usize,
+    out: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    dot: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    let m = x.rows;
+    scratch.resize(n * m, 0.0);
+    // Enough rows per task to amortise scheduling, few enough to balance two or more threads.
+    let rows_per_task = (n / (rayon::current_num_threads() * 8)).max(16);
+    scratch
+        .par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * rows_per_task;
+            for (i, out_row) in chunk.chunks_exact_mut(m).enumerate() {
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    *o = dot(first + i, j);
+                }
+            }
+        });
+    out.resize(m * n, 0.0);
+    for (r, col) in scratch.chunks_exact(m).enumerate() {
+        for (j, v) in col.iter().enumerate() {
+            out[j * n + r] = *v;
+        }
+    }
+}
+
+/// RMSNorm of each row of `x` (`rows × weight.len()`) into `out`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let h = weight.len();
+    out.resize(x.len(), 0.0);
+    for (o, x) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+        let rms = (x.iter().map(|v| v * v).sum::<f32>() / h as f32 + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = x / rms * w;
+        }
+    }
+}
+
+/// How a model pairs the dimensions a rotary embedding rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// (0, 1), (2, 3), …: GGUF Llama files (llama.cpp permutes Q and K at conversion).
+    Interleaved,
+    /// (i, i + d/2): Hugging Face Llama checkpoints.
+    HalfSplit,
+}
+
+/// Precomputed cos and sin for every position and frequency.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub style: RopeStyle,
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(style: RopeStyle, head_dim: usize, max_positions: usize, theta: f32) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for i in 0..half {
+                let freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
+                let angle = p as f32 * freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self {
+            style,
+            half,
+            cos,
+            sin,
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates every head of one token's vector (`heads × head_dim`) to `position`.
+    pub fn apply(&self, x: &mut [f32], position: usize) {
+        let half = self.half;
+        let cos = &self.cos[position * half..(position + 1) * half];
+        let sin = &self.sin[position * half..(position + 1) * half];
+        for head in x.chunks_exact_mut(2 * half) {
+            match self.style {
+                RopeStyle::Interleaved => {
+                    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                        let (a, b) = (pair[0], pair[1]);
+                        pair[0] = a * cos[i] - b * sin[i];
+                        pair[1] = a * sin[i] + b * cos[i];
+                    }
+                }
+                RopeStyle::HalfSplit => {
+                    let (lo, hi) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = a * sin[i] + b * cos[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `gate_up` holds rows of `[gate | up]` (each `ffn` wide); writes `silu(gate) * up` rows.
+pub fn silu_mul(gate_up: &[f32], ffn: usize, out: &mut Vec<f32>) {
+    out.resize(gate_up.len() / 2, 0.0);
+    for (o, row) in out.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
+        let (gate, up) = row.split_at(ffn);
+        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+            }
+        }
+        out
+    }
+
+    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn int8_matmul_is_close_to_f32() {
+        let (m, n, k) = (5, 70, 96);
+        let x = pseudo_random(m * k, 1);
+        let w = pseudo_random(n * k, 2);
+        let (qx, qw) = (Q8Matrix::quantize(&x, m, k), Q8Matrix::quantize(&w, n, k));
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        matmul_q8(&qx, &qw, &mut out, &mut scratch);
+        let exact = reference(&x, &w, m, n, k);
+        for (a, b) in out.iter().zip(&exact) {
+            assert!((a - b).abs() < 0.03, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn q4_1_weights_multiply_like_their_dequantized_values() {
+        let (m, n, k) = (3, 8, 64);
+        // Random blocks: d, m as f16, 16 bytes of nibbles.
+        let mut bytes = Vec::new();
+        let raw = pseudo_random(n * k / BLOCK * 18, 5);
+        for block in raw.chunks_exact(18) {
+            bytes.extend_from_slice(&f16::from_f32(block[0].abs() / 8.0 + 0.01).to_le_bytes());
+            bytes.extend_from_slice(&f16::from_f32(block[1] / 4.0).to_le_bytes());
+            bytes.extend(block[2..].iter().map(|v| ((v + 0.5) * 255.0) as u8));
+        }
+        let w = Q41Matrix::from_ggml(&bytes, n, k).unwrap();
+        let mut dense = vec![0.0; n * k];
+        for (b, out) in dense.chunks_exact_mut(BLOCK).enumerate() {
+            for j in 0..BLOCK / 2 {
+                let byte = w.nibbles[b * 16 + j];
+                out[j] = w.scales[b] * f32::from(byte & 0x0f) + w.mins[b];
+                out[j + 16] = w.scales[b] * f32::from(byte >> 4) + w.mins[b];
+            }
+        }
+        let x = pseudo_random(m * k, 6);
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        matmul(
+            &Q8Matrix::quantize(&x, m, k),
+            &Linear::Q41(w),
+            &mut out,
+            &mut scratch,
+        );
+        for (a, b) in out.iter().zip(&reference(&x, &dense, m, n, k)) {
+            assert!((a - b).abs() < 0.05 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        let (n, k) = (40, 64);
+        let w = Q8Matrix::quantize(&pseudo_random(n * k, 3), n, k);
+        let rows = pseudo_random(7 * k, 4);
+        let (mut batch, mut alone, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        matmul_q8(
+            &Q8Matrix::quantize(&rows, 7, k),
+            &w,
+            &mut batch,
+            &mut scratch,
+        );
+        matmul_q8(
+            &Q8Matrix::quantize(&rows[3 * k..4 * k], 1, k),
+            &w,
+            &mut alone,
+            &mut scratch,
+        );
+        assert_eq!(&batch[3 * n..4 * n], &alone[..]);
+    }
+
+    #[test]
+    fn rope_styles_rotate_the_pairs_they_name() {
+        let rope = Rope::new(RopeStyle::Interleaved, 4, 8, 10_000.0);
+        let mut x = vec![1.0, 0.0, 1.0, 0.0];
+        rope.apply(&mut x, 0);
+        assert_eq!(x, vec![1.0, 0.0, 1.0, 0.0], "position 0 is the identity");
+        rope.apply(&mut x, 1);
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
+        let split = Rope::new(RopeStyle::HalfSplit, 4, 8, 10_000.0);
+        let mut y = vec![1.0, 1.0, 0.0, 0.0];
+        split.apply(&mut y, 1);
+        assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[2] - 1f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rms_norm_scales_rows_to_unit_rms() {
+        let mut out = Vec::new();
+        rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 1.0], 0.0, &mut out);
+        let rms = (12.5f32).sqrt();
+        assert_eq!(out[..2], [3.0 / rms, 4.0 / rms]);
+        assert_eq!(out[2..], [0.0, 0.0]);
+    }
+}

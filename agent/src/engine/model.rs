@@ -1,0 +1,240 @@
+//! The Llama architecture (RoPE, grouped-query attention, RMSNorm, SwiGLU) and its forward pass
+//! over a ragged batch: the tokens of every scheduled sequence — prefill chunks and single decode
+//! tokens alike — in one pass, keys and values written to and read from the paged cache through
+//! each sequence's block table, logits only for the sequences that sample.
+
+use super::kernels::{Linear, Q8Matrix, Rope, RopeStyle, matmul, matmul_q8, rms_norm, silu_mul};
+use super::kv_cache::{BlockId, KvStore};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Shape and constants of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    pub context_length: usize,
+}
+
+impl LlamaConfig {
+    /// Floats one token caches per layer for keys (and again for values).
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// One transformer block, with Q/K/V and gate/up fused into single matrices.
+#[derive(Debug)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    /// Rows: heads × head_dim queries, then keys, then values.
+    pub qkv: Linear,
+    pub out: Linear,
+    pub ffn_norm: Vec<f32>,
+    /// Rows: gate, then up.
+    pub gate_up: Linear,
+    pub down: Linear,
+}
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed: Arc<Q8Matrix>,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// The embedding itself when the model ties them.
+    pub lm_head: Arc<Q8Matrix>,
+    pub rope: Rope,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// Tokens to run now (a prefill chunk, or the one token to decode).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; earlier positions are already in the cache.
+    pub start: usize,
+    /// Blocks holding positions `0..start + tokens.len()`.
+    pub blocks: &'a [BlockId],
+    /// Whether to return logits for the last token.
+    pub logits: bool,
+}
+
+/// Buffers reused from step to step.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    hq: Q8Matrix,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl Llama {
+    pub fn weight_bytes(&self) -> usize {
+        let layer = |l: &Layer| {
+            l.qkv.bytes()
+                + l.out.bytes()
+                + l.gate_up.bytes()
+                + l.down.bytes()
+                + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+        };
+        let head = if Arc::ptr_eq(&self.embed, &self.lm_head) {
+            0
+        } else {
+            self.lm_head.bytes()
+        };
+        self.embed.bytes() + head + self.layers.iter().map(layer).sum::<usize>()
+    }
+
+    /// Runs one step; returns `vocab_size` logits for each sequence with `logits: true`, in order.
+    pub fn forward(
+        &self,
+        batch: &[SeqInput<'_>],
+        kv: &mut KvStore,
+        ws: &mut Workspace,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let q_width = c.heads * hd;
+        let kv_width = c.kv_width();
+        let qkv_width = q_width + 2 * kv_width;
+        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+
+        // Embeddings, and each token's (sequence, position).
+        ws.x.resize(tokens * h, 0.0);
+        let mut where_: Vec<(usize, usize)> = Vec::with_capacity(tokens);
+        for (s, seq) in batch.iter().enumerate() {
+            where_.extend((0..seq.tokens.len()).map(|i| (s, seq.start + i)));
+        }
+        for (row, &token) in
+            ws.x.chunks_exact_mut(h)
+                .zip(batch.iter().flat_map(|s| s.tokens))
+        {
+            self.embed.dequantize_row(token as usize, row);
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention.
+            rms_norm(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h);
+            ws.hq.quantize_into(&ws.h, tokens, h);
+            matmul(&ws.hq, &layer.qkv, &mut ws.qkv, &mut ws.scratch);
+            for (row, &(s, pos)) in ws.qkv.chunks_exact_mut(qkv_width).zip(&where_) {
+                let (q, rest) = row.split_at_mut(q_width);
+                let (k, v) = rest.split_at_mut(kv_width);
+                self.rope.apply(q, pos);
+                self.rope.apply(k, pos);
+                let at = kv.offset(batch[s].blocks, pos);
+                kv.keys[l][at..at + kv_width].copy_from_slice(k);
+                kv.values[l][at..at + kv_width].copy_from_slice(v);
+            }
+            self.attention(batch, &where_, kv, l, &ws.qkv, &mut ws.attn);
+            ws.hq.quantize_into(&ws.attn, tokens, q_width);
+            matmul(&ws.hq, &layer.out, &mut ws.proj, &mut ws.scratch);
+            add_into(&mut ws.x, &ws.proj);
+
+            // Feed-forward.
+            rms_norm(&ws.x, &layer.ffn_norm, c.rms_eps, &mut ws.h);
+            ws.hq.quantize_into(&ws.h, tokens, h);
+            matmul(&ws.hq, &layer.gate_up, &mut ws.gate_up, &mut ws.scratch);
+            silu_mul(&ws.gate_up, c.intermediate_size, &mut ws.act);
+            ws.hq.quantize_into(&ws.act, tokens, c.intermediate_size);
+            matmul(&ws.hq, &layer.down, &mut ws.proj, &mut ws.scratch);
+            add_into(&mut ws.x, &ws.proj);
+        }
+
+        // Logits for the last token of each sequence that samples.
+        let mut last = Vec::new();
+        let mut end = 0;
+        for seq in batch {
+            end += seq.tokens.len();
+            if seq.logits {
+                last.extend_from_slice(&ws.x[(end - 1) * h..end * h]);
+            }
+        }
+        let rows = last.len() / h;
+        if rows == 0 {
+            return Vec::new();
+        }
+        rms_norm(&last, &self.norm, c.rms_eps, &mut ws.h);
+        ws.hq.quantize_into(&ws.h, rows, h);
+        let mut logits = Vec::new();
+        matmul_q8(&ws.hq, &self.lm_head, &mut logits, &mut ws.scratch);
+        logits
+    }
+
+    /// Causal attention of every token over its own sequence's cached positions `0..=pos`.
+    fn attention(
+        &self,
+        batch: &[SeqInput<'_>],
+        where_: &[(usize, usize)],
+        kv: &KvStore,
+        layer: usize,
+        qkv: &[f32],
+        out: &mut Vec<f32>,
+    ) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let q_width = c.heads * hd;
+        let qkv_width = q_width + 2 * c.kv_width();
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
+        out.resize(where_.len() * q_width, 0.0);
+        let work = |(t, out_row): (usize, &mut [f32])| {
+            let (s, pos) = where_[t];
+            let blocks = batch[s].blocks;
+            let q_row = &qkv[t * qkv_width..t * qkv_width + q_width];
+            let mut scores = vec![0f32; pos + 1];
+            for (head, out_head) in out_row.chunks_exact_mut(hd).enumerate() {
+                let q = &q_row[head * hd..(head + 1) * hd];
+                let kv_off = (head / group) * hd;
+                let mut max = f32::NEG_INFINITY;
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let at = kv.offset(blocks, j) + kv_off;
+                    let k = &keys[at..at + hd];
+                    *score = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(*score);
+                }
+                let mut sum = 0.0;
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    sum += *score;
+                }
+                out_head.fill(0.0);
+                for (j, score) in scores.iter().enumerate() {
+                    let at = kv.offset(blocks, j) + kv_off;
+                    let w = score / sum;
+                    for (o, v) in out_head.iter_mut().zip(&values[at..at + hd]) {
+                        *o += w * v;
+                    }
+                }
+            }
+        };
+        let context: usize = where_.iter().map(|(_, p)| p + 1).sum();
+        if context * c.heads > 4096 {
+            out.par_chunks_exact_mut(q_width).enumerate().for_each(work);
+        } else {
+            out.chunks_exact_mut(q_width).enumerate().for_each(work);
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,506 @@
+//! The engine loop: one thread owns the model, the KV cache and the scheduler. Callers hold a
+//! cloneable [`EngineHandle`], submit token ids with sampling parameters and receive a stream of
+//! [`Event`]s; dropping the stream cancels the request, whose blocks are freed before the next
+//! step.
+
+use super::error::{EngineError, Result};
+use super::kv_cache::{BlockAllocator, BlockTable, KvStore};
+use super::model::{Llama, SeqInput, Workspace};
+use super::sampling::{Rng, SamplingParams, sample};
+use super::scheduler::{Schedulable, Scheduler, SchedulerConfig};
+use super::tokenizer::{IncrementalDecoder, TextCodec};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use tokio::sync::mpsc;
+
+/// How big the KV cache is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheSize {
+    /// Exactly this many blocks.
+    Blocks(usize),
+    /// This fraction of the memory available after the weights are loaded.
+    MemoryFraction(f64),
+}
+
+/// Engine limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineConfig {
+    pub max_num_seqs: usize,
+    pub max_batched_tokens: usize,
+    pub block_size: usize,
+    pub kv_cache: KvCacheSize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 64,
+            max_batched_tokens: 512,
+            block_size: 16,
+            kv_cache: KvCacheSize::MemoryFraction(0.1),
+        }
+    }
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens`, or the model's context.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completes (empty while a character is incomplete or a
+    /// possible stop string is held back).
+    Token {
+        id: u32,
+        text: String,
+        logprob: f32,
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    /// The last event: remaining text, why it ended and the token counts.
+    Finished {
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+}
+
+/// Live counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_peak: AtomicUsize,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+}
+
+impl EngineStats {
+    /// KV usage, 0.0–1.0.
+    pub fn kv_usage(&self) -> f64 {
+        let total = self.kv_blocks_total.load(Ordering::Relaxed);
+        if total == 0 {
+            0.0
+        } else {
+            self.kv_blocks_used.load(Ordering::Relaxed) as f64 / total as f64
+        }
+    }
+}
+
+/// Facts about the loaded engine that callers validate requests against.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub block_size: usize,
+    pub kv_blocks: usize,
+    pub weight_bytes: usize,
+}
+
+struct Submission {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// A request in flight. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct RequestStream {
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl RequestStream {
+    /// The next event, waiting for it (async).
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the thread (not for async code).
+    pub fn next_blocking(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    submissions: mpsc::UnboundedSender<Submission>,
+    pub info: Arc<EngineInfo>,
+    pub stats: Arc<EngineStats>,
+    pub codec: Arc<TextCodec>,
+}
+
+impl EngineHandle {
+    /// Validates and queues a request.
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream> {
+        params.validate().map_err(EngineError::InvalidRequest)?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "the prompt has no tokens".into(),
+            ));
+        }
+        if let Some(bad) = prompt.iter().find(|t| **t as usize >= self.info.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.info.vocab_size
+            )));
+        }
+        let info = &self.info;
+        if prompt.len() + params.max_tokens > info.context_length {
+            return Err(EngineError::ContextExceeded {
+                prompt: prompt.len(),
+                max_tokens: params.max_tokens,
+                context: info.context_length,
+            });
+        }
+        let needed = (prompt.len() + params.max_tokens).div_ceil(info.block_size);
+        if needed > info.kv_blocks {
+            return Err(EngineError::RequestTooLarge {
+                blocks: info.kv_blocks,
+                block_size: info.block_size,
+                needed,
+            });
+        }
+        let (events, receiver) = mpsc::unbounded_channel();
+        self.submissions
+            .send(Submission {
+                prompt,
+                params,
+                events,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(RequestStream { events: receiver })
+    }
+}
+
+/// Starts the engine thread.
+pub fn start(model: Llama, codec: TextCodec, config: EngineConfig) -> Result<EngineHandle> {
+    let c = &model.config;
+    let width = c.kv_width();
+    let per_block = KvStore::bytes_per_block(c.layers, config.block_size, width);
+    let most_useful = config.max_num_seqs.max(1) * c.context_length.div_ceil(config.block_size);
+    let blocks = match config.kv_cache {
+        KvCacheSize::Blocks(n) => n,
+        KvCacheSize::MemoryFraction(f) => {
+            ((available_memory() as f64 * f) as usize / per_block).min(most_useful)
+        }
+    };
+    if blocks == 0 {
+        return Err(EngineError::InvalidRequest(
+            "the KV cache would have no blocks; raise --kv-memory-fraction or set --kv-blocks"
+                .into(),
+        ));
+    }
+    let info = Arc::new(EngineInfo {
+        context_length: c.context_length,
+        vocab_size: c.vocab_size,
+        block_size: config.block_size,
+        kv_blocks: blocks,
+        weight_bytes: model.weight_bytes(),
+    });
+    let stats = Arc::new(EngineStats::default());
+    stats.kv_blocks_total.store(blocks, Ordering::Relaxed);
+    let codec = Arc::new(codec);
+    let (submissions, receiver) = mpsc::unbounded_channel();
+    let handle = EngineHandle {
+        submissions,
+        info,
+        stats: stats.clone(),
+        codec: codec.clone(),
+    };
+    std::thread::Builder::new()
+        .name("parallax-engine".into())
+        .spawn(move || {
+            let kv = KvStore::new(model.config.layers, blocks, config.block_size, width);
+            let allocator = BlockAllocator::new(blocks);
+            let scheduler = Scheduler::new(SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_batched_tokens: config.max_batched_tokens,
+            });
+            EngineLoop {
+                model,
+                codec,
+                kv,
+                allocator,
+                scheduler,
+                stats,
+                workspace: Workspace::default(),
+                block_size: config.block_size,
+                next_id: 0,
+            }
+            .run(receiver);
+        })
+        .map_err(|e| EngineError::Io {
+            path: "engine thread".into(),
+            source: e,
+        })?;
+    Ok(handle)
+}
+
+/// `MemAvailable` from /proc/meminfo, or 1 GiB where it cannot be read.
+fn available_memory() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        })
+        .map_or(1 << 30, |kib| kib * 1024)
+}
+
+struct Sequence {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    computed: usize,
+    table: BlockTable,
+    params: SamplingParams,
+    rng: Rng,
+    decoder: IncrementalDecoder,
+    /// Output text not yet sent (held back while it may begin a stop string).
+    pending: String,
+    events: mpsc::UnboundedSender<Event>,
+    finished: bool,
+}
+
+impl Schedulable for Sequence {
+    fn total_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+    fn computed(&self) -> usize {
+        self.computed
+    }
+    fn reset(&mut self) {
+        self.computed = 0;
+    }
+    fn table(&mut self) -> &mut BlockTable {
+        &mut self.table
+    }
+}
+
+struct EngineLoop {
+    model: Llama,
+    codec: Arc<TextCodec>,
+    kv: KvStore,
+    allocator: BlockAllocator,
+    scheduler: Scheduler<Sequence>,
+    stats: Arc<EngineStats>,
+    workspace: Workspace,
+    block_size: usize,
+    next_id: u64,
+}
+
+impl EngineLoop {
+    fn run(mut self, mut submissions: mpsc::UnboundedReceiver<Submission>) {
+        loop {
+            if self.scheduler.is_idle() {
+                match submissions.blocking_recv() {
+                    Some(s) => self.admit(s),
+                    None => return,
+                }
+            }
+            while let Ok(s) = submissions.try_recv() {
+                self.admit(s);
+            }
+            // Requests whose receiver went away are dropped before the step (their blocks too).
+            drop(self.scheduler.retain(|s| !s.events.is_closed()));
+            self.step();
+        }
+    }
+
+    fn admit(&mut self, s: Submission) {
+        self.next_id += 1;
+        let seed = s
+            .params
+            .seed
+            .unwrap_or(self.next_id.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        self.stats
+            .prompt_tokens
+            .fetch_add(s.prompt.len() as u64, Ordering::Relaxed);
+        self.scheduler.add(Sequence {
+            prompt_len: s.prompt.len(),
+            tokens: s.prompt,
+            computed: 0,
+            table: BlockTable::new(&self.allocator, self.block_size),
+            rng: Rng::new(seed),
+            params: s.params,
+            decoder: IncrementalDecoder::default(),
+            pending: String::new(),
+            events: s.events,
+            finished: false,
+        });
+    }
+
+    fn step(&mut self) {
+        let plan = self.scheduler.schedule();
+        if plan.is_empty() {
+            self.publish();
+            return;
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let running = self.scheduler.running();
+        let inputs: Vec<SeqInput<'_>> = plan
+            .iter()
+            .map(|p| {
+                let seq = &running[p.index];
+                SeqInput {
+                    tokens: &seq.tokens[seq.computed..seq.computed + p.tokens],
+                    start: seq.computed,
+                    blocks: seq.table.blocks(),
+                    logits: seq.computed + p.tokens == seq.tokens.len(),
+                }
+            })
+            .collect();
+        let samples: Vec<bool> = inputs.iter().map(|i| i.logits).collect();
+        let logits = self
+            .model
+            .forward(&inputs, &mut self.kv, &mut self.workspace);
+        let vocab = self.model.config.vocab_size;
+        let context = self.model.config.context_length;
+        let mut rows = logits.chunks_exact(vocab);
+        // Events go out after the step's bookkeeping, so whoever sees a request finish also sees
+        // the counters without it.
+        let mut outbox = Vec::new();
+        let running = self.scheduler.running_mut();
+        for (p, samples) in plan.iter().zip(samples) {
+            let seq = &mut running[p.index];
+            seq.computed += p.tokens;
+            if !samples {
+                continue;
+            }
+            let row = rows
+                .next()
+                .expect("one row of logits per sampling sequence");
+            let sampled = sample(row, &seq.params, &mut seq.rng);
+            seq.tokens.push(sampled.token);
+            self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+            let generated = seq.tokens.len() - seq.prompt_len;
+            let stop_token = seq.params.stop_token_ids.contains(&sampled.token)
+                || (!seq.params.ignore_eos && self.codec.eos.contains(&sampled.token));
+            let mut reason = if stop_token {
+                Some(FinishReason::Stop)
+            } else if generated >= seq.params.max_tokens || seq.tokens.len() >= context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            // Text: the stop token's own text is not part of the output.
+            let new_text = if stop_token {
+                String::new()
+            } else {
+                seq.decoder
+                    .step(&self.codec, &seq.tokens[seq.prompt_len..])
+                    .unwrap_or_default()
+            };
+            seq.pending.push_str(&new_text);
+            if let Some(cut) = find_stop(&seq.pending, &seq.params.stop) {
+                seq.pending.truncate(cut);
+                reason = Some(FinishReason::Stop);
+            }
+            let text = match reason {
+                Some(_) => String::new(),
+                None => take_safe_prefix(&mut seq.pending, &seq.params.stop),
+            };
+            outbox.push((
+                seq.events.clone(),
+                Event::Token {
+                    id: sampled.token,
+                    text,
+                    logprob: sampled.logprob,
+                    top_logprobs: sampled.top,
+                },
+            ));
+            if let Some(reason) = reason {
+                let text = std::mem::take(&mut seq.pending);
+                outbox.push((
+                    seq.events.clone(),
+                    Event::Finished {
+                        text,
+                        reason,
+                        prompt_tokens: seq.prompt_len,
+                        completion_tokens: generated,
+                    },
+                ));
+                seq.finished = true;
+            }
+        }
+        drop(self.scheduler.retain(|s| !s.finished));
+        self.publish();
+        for (events, event) in outbox {
+            let _ = events.send(event);
+        }
+    }
+
+    fn publish(&self) {
+        let used = self.allocator.used();
+        self.stats.kv_blocks_used.store(used, Ordering::Relaxed);
+        self.stats.kv_blocks_peak.fetch_max(used, Ordering::Relaxed);
+        self.stats
+            .running
+            .store(self.scheduler.running().len(), Ordering::Relaxed);
+        self.stats
+            .waiting
+            .store(self.scheduler.num_waiting(), Ordering::Relaxed);
+        self.stats
+            .preemptions
+            .store(self.scheduler.preemptions(), Ordering::Relaxed);
+    }
+}
+
+/// Byte offset of the earliest stop string in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Takes the part of `pending` that cannot be the beginning of a stop string.
+fn take_safe_prefix(pending: &mut String, stops: &[String]) -> String {
+    let mut keep_from = pending.len();
+    for stop in stops {
+        // The longest suffix of `pending` that is a proper prefix of `stop`.
+        for (i, _) in pending.char_indices() {
+            if stop.starts_with(&pending[i..]) {
+                keep_from = keep_from.min(i);
+                break;
+            }
+        }
+    }
+    let rest = pending.split_off(keep_from);
+    std::mem::replace(pending, rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_that_may_start_a_stop_string_is_held_back() {
+        let stops = vec!["###".to_owned()];
+        let mut pending = "hello #".to_owned();
+        assert_eq!(take_safe_prefix(&mut pending, &stops), "hello ");
+        assert_eq!(pending, "#");
+        pending.push_str("# x");
+        assert_eq!(take_safe_prefix(&mut pending, &stops), "## x");
+        assert_eq!(find_stop("ab###c", &stops), Some(2));
+        let mut none = "abc".to_owned();
+        assert_eq!(take_safe_prefix(&mut none, &[]), "abc");
+    }
+}

@@ -1,0 +1,202 @@
+//! The engine on the real test model: batching changes nothing of greedy output, preemption and
+//! cancellation lose nothing and leak no blocks, and outputs end as asked.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use parallax_agent::engine::{EngineError, Event, FinishReason, SamplingParams};
+use std::sync::atomic::Ordering;
+use support::{collect, config, greedy, prompts, start};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_and_chunked_greedy_output_equals_each_prompt_alone() {
+    // A 16-token budget forces the longer prompts to prefill in chunks, mixed with decodes.
+    let engine = start(config(16, 512));
+    let prompts = prompts(&engine);
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(collect(engine.submit(p.clone(), greedy(24)).unwrap()).await);
+    }
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(p.clone(), greedy(24)).unwrap())
+        .collect();
+    let mut together = Vec::new();
+    for s in streams {
+        together.push(collect(s).await);
+    }
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(
+            a.tokens, t.tokens,
+            "prompt {i}: batched output differs from the prompt alone"
+        );
+        assert_eq!(a.tokens.len(), 24);
+    }
+    assert!(engine.stats.steps.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_kv_pool_preempts_yet_every_request_completes_identically() {
+    let large = start(config(256, 512));
+    let prompts: Vec<Vec<u32>> = prompts(&large).into_iter().cycle().take(16).collect();
+    let mut expected = Vec::new();
+    for p in &prompts {
+        expected.push(collect(large.submit(p.clone(), greedy(20)).unwrap()).await);
+    }
+    drop(large);
+
+    // 12 blocks of 16 tokens hold about four of these requests at once.
+    let small = start(config(256, 12));
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| small.submit(p.clone(), greedy(20)).unwrap())
+        .collect();
+    let mut got = Vec::new();
+    for s in streams {
+        got.push(collect(s).await);
+    }
+    assert_eq!(got, expected);
+    assert!(
+        small.stats.preemptions.load(Ordering::Relaxed) > 0,
+        "the pool was meant to be too small"
+    );
+    assert_eq!(
+        small.stats.kv_blocks_used.load(Ordering::Relaxed),
+        0,
+        "every block is free afterwards"
+    );
+    assert!(small.stats.kv_blocks_peak.load(Ordering::Relaxed) <= 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_free_their_blocks() {
+    let engine = start(config(64, 64));
+    let prompts = prompts(&engine);
+    let keep = engine.submit(prompts[1].clone(), greedy(40)).unwrap();
+    let mut dropped: Vec<_> = prompts[2..5]
+        .iter()
+        .map(|p| engine.submit(p.clone(), greedy(40)).unwrap())
+        .collect();
+    // Wait until each dropped request has produced a token, so it holds blocks, then drop it.
+    for stream in dropped.iter_mut() {
+        assert!(matches!(stream.next().await, Some(Event::Token { .. })));
+    }
+    drop(dropped);
+    let out = collect(keep).await;
+    assert_eq!(out.completion_tokens, 40);
+    assert_eq!(engine.stats.kv_blocks_used.load(Ordering::Relaxed), 0);
+    assert_eq!(engine.stats.running.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_end_at_max_tokens_stop_strings_and_stop_ids() {
+    let engine = start(config(256, 256));
+    let prompt = engine.codec.encode("1, 2, 3, 4, 5,").unwrap();
+    let free = collect(engine.submit(prompt.clone(), greedy(12)).unwrap()).await;
+    assert_eq!(
+        (free.reason, free.completion_tokens),
+        (FinishReason::Length, 12)
+    );
+    assert_eq!(
+        free.text,
+        engine.codec.decode(&free.tokens).unwrap(),
+        "streamed text is the decoded tokens"
+    );
+
+    // Stop at the second token's text: the output is what came before it.
+    let second = engine.codec.decode(&free.tokens[..2]).unwrap();
+    let first = engine.codec.decode(&free.tokens[..1]).unwrap();
+    let stop = second[first.len()..].to_owned();
+    assert!(
+        !stop.is_empty() && !first.contains(&stop),
+        "the test needs a distinct second piece, got {first:?} / {stop:?}"
+    );
+    let stopped = collect(
+        engine
+            .submit(
+                prompt.clone(),
+                SamplingParams {
+                    stop: vec![stop.clone()],
+                    ..greedy(12)
+                },
+            )
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (stopped.reason, stopped.text.as_str()),
+        (FinishReason::Stop, first.as_str())
+    );
+
+    // A stop id ends the output at its first occurrence, the stop token included in the ids.
+    let stop_id = free.tokens[3];
+    let first_at = free.tokens.iter().position(|t| *t == stop_id).unwrap();
+    let by_id = collect(
+        engine
+            .submit(
+                prompt,
+                SamplingParams {
+                    stop_token_ids: vec![stop_id],
+                    ..greedy(12)
+                },
+            )
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(by_id.reason, FinishReason::Stop);
+    assert_eq!(by_id.tokens, free.tokens[..=first_at]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_sampling_is_reproducible_while_batched() {
+    let engine = start(config(256, 256));
+    let prompt = engine.codec.encode("Once upon a time").unwrap();
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 50,
+        seed: Some(42),
+        max_tokens: 16,
+        logprobs: 3,
+        ..SamplingParams::default()
+    };
+    let alone = collect(engine.submit(prompt.clone(), params.clone()).unwrap()).await;
+    let noise: Vec<_> = (0..3)
+        .map(|_| {
+            engine
+                .submit(engine.codec.encode("Hello there").unwrap(), greedy(16))
+                .unwrap()
+        })
+        .collect();
+    let again = collect(engine.submit(prompt, params).unwrap()).await;
+    drop(noise);
+    assert_eq!(alone.tokens, again.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_engine_cannot_serve_are_refused_up_front() {
+    let engine = start(config(256, 4));
+    let prompt = engine.codec.encode("Hello").unwrap();
+    let too_long = engine.submit(prompt.clone(), greedy(9000)).unwrap_err();
+    assert!(
+        matches!(too_long, EngineError::ContextExceeded { context: 8192, .. }),
+        "{too_long}"
+    );
+    let too_big = engine.submit(prompt.clone(), greedy(100)).unwrap_err();
+    assert!(
+        matches!(too_big, EngineError::RequestTooLarge { blocks: 4, .. }),
+        "{too_big}"
+    );
+    let bad = engine.submit(vec![u32::MAX], greedy(4)).unwrap_err();
+    assert!(bad.to_string().contains("outside the vocabulary"), "{bad}");
+    let bad = engine
+        .submit(
+            prompt,
+            SamplingParams {
+                top_p: 2.0,
+                ..greedy(4)
+            },
+        )
+        .unwrap_err();
+    assert!(bad.to_string().contains("top_p"), "{bad}");
+}

@@ -1,0 +1,213 @@
+//! The tokenizer and chat template of the test model, and clear errors for bad model files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use parallax_agent::engine::{self, EngineError, Message, ModelSource, TextCodec, loader};
+use std::path::PathBuf;
+use support::model_path;
+
+fn codec() -> TextCodec {
+    TextCodec::from_gguf(&loader::read_gguf(&model_path()).unwrap()).unwrap()
+}
+
+fn scratch_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("parallax-{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn text_round_trips_through_the_tokenizer() {
+    let codec = codec();
+    for text in [
+        "Hello, world!",
+        "  leading spaces and\ttabs\nnewlines",
+        "Zahlen 12345 und Ümlaute — ünïcödé 日本語 🙂",
+        "fn main() { println!(\"{}\", 1 + 2); }",
+    ] {
+        let ids = codec.encode(text).unwrap();
+        assert_eq!(codec.decode(&ids).unwrap(), text);
+    }
+    // Digits are split one by one, as llama.cpp's SmolLM pre-tokenizer does.
+    let digits = codec.encode("2024").unwrap();
+    assert_eq!(digits.len(), 4, "{digits:?}");
+    // Special tokens written in the text are single tokens; BOS is not added for this model.
+    let ids = codec.encode("<|im_start|>user").unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!((codec.bos, codec.eos.as_slice()), (Some(1), &[2][..]));
+}
+
+#[test]
+fn the_models_chat_template_renders_chatml_with_its_default_system_prompt() {
+    let codec = codec();
+    assert!(codec.has_chat_template());
+    let prompt = codec
+        .chat_prompt(&[Message {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }])
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let with_system = codec
+        .chat_prompt(&[
+            Message {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            Message {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
+        ])
+        .unwrap();
+    assert!(
+        with_system.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"),
+        "{with_system}"
+    );
+    // 37 prompt tokens, as llama.cpp counts for this prompt.
+    assert_eq!(codec.encode(&prompt).unwrap().len(), 37);
+}
+
+fn load_error(path: &std::path::Path) -> EngineError {
+    match engine::load(&ModelSource::Gguf(path.to_owned())) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_missing_file_names_the_path() {
+    let err = ModelSource::parse("/nonexistent/model.gguf").unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/model.gguf"), "{err}");
+}
+
+#[test]
+fn a_truncated_or_corrupt_gguf_is_an_error_not_a_panic() {
+    let real = std::fs::read(model_path()).unwrap();
+    let truncated = scratch_file("truncated.gguf", &real[..real.len() / 2]);
+    let err = load_error(&truncated);
+    assert!(matches!(err, EngineError::InvalidGguf { .. }), "{err}");
+    let header_only = scratch_file("header.gguf", &real[..64]);
+    assert!(matches!(
+        load_error(&header_only),
+        EngineError::InvalidGguf { .. }
+    ));
+    let garbage = scratch_file(
+        "garbage.gguf",
+        b"this is not a model file at all, just text",
+    );
+    let err = load_error(&garbage);
+    assert!(
+        err.to_string().contains("not a readable GGUF file"),
+        "{err}"
+    );
+    for p in [truncated, header_only, garbage] {
+        std::fs::remove_file(p).unwrap();
+    }
+}
+
+/// A tiny GGUF written with candle's writer.
+fn tiny_gguf(name: &str, architecture: &str, dtype: candle_core::quantized::GgmlDType) -> PathBuf {
+    use candle_core::quantized::{QTensor, gguf_file};
+    use candle_core::{Device, Tensor};
+    let path = std::env::temp_dir().join(format!("parallax-{}-{name}", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let arch = gguf_file::Value::String(architecture.into());
+    let layers = gguf_file::Value::U32(1);
+    let metadata = [
+        ("general.architecture", &arch),
+        ("llama.block_count", &layers),
+        ("llama.embedding_length", &gguf_file::Value::U32(32)),
+        ("llama.feed_forward_length", &gguf_file::Value::U32(64)),
+        ("llama.attention.head_count", &gguf_file::Value::U32(1)),
+        ("llama.context_length", &gguf_file::Value::U32(64)),
+    ];
+    let embed = QTensor::quantize(
+        &Tensor::zeros((256, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        dtype,
+    )
+    .unwrap();
+    gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &embed)]).unwrap();
+    path
+}
+
+#[test]
+fn an_unsupported_architecture_is_named() {
+    let path = tiny_gguf(
+        "mamba.gguf",
+        "mamba",
+        candle_core::quantized::GgmlDType::F32,
+    );
+    let err = load_error(&path);
+    assert!(
+        err.to_string()
+            .contains("architecture \"mamba\" is not supported"),
+        "{err}"
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn a_file_missing_a_tensor_names_it() {
+    let path = tiny_gguf(
+        "partial.gguf",
+        "llama",
+        candle_core::quantized::GgmlDType::Q8_0,
+    );
+    let err = load_error(&path);
+    assert!(err.to_string().contains("blk.0."), "{err}");
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn an_unknown_quantization_type_is_an_error() {
+    // A valid file whose only tensor claims GGML type 99.
+    let path = tiny_gguf(
+        "weird.gguf",
+        "llama",
+        candle_core::quantized::GgmlDType::F32,
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    // After the name: u32 dimension count, two u64 dimensions, then the u32 type.
+    let type_at = at + 4 + 16;
+    assert_eq!(
+        u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()),
+        0,
+        "F32 is type 0"
+    );
+    bytes[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = load_error(&path);
+    assert!(
+        err.to_string().contains("99") || err.to_string().to_lowercase().contains("dtype"),
+        "{err}"
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn dummy_shapes_load_and_unknown_ones_are_named() {
+    let err = engine::load(&ModelSource::Dummy("gpt-5".into()))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("unknown dummy shape \"gpt-5\""),
+        "{err}"
+    );
+    let (model, tokenizer) = engine::load(&ModelSource::Dummy("smollm2-135m".into())).unwrap();
+    assert!(tokenizer.is_none());
+    assert_eq!(
+        (
+            model.config.layers,
+            model.config.hidden_size,
+            model.config.kv_heads
+        ),
+        (30, 576, 3)
+    );
+}

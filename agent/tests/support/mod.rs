@@ -1,0 +1,100 @@
+//! Shared by the engine's integration tests: the test model and small helpers.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use parallax_agent::engine::{
+    self, EngineConfig, EngineHandle, Event, FinishReason, KvCacheSize, ModelSource, SamplingParams,
+};
+use std::path::PathBuf;
+
+/// The test model, fetched by `scripts/fetch-model` (which `scripts/test` runs first).
+pub fn model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("PARALLAX_TEST_MODEL") {
+        return PathBuf::from(path);
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "the test model is missing: run scripts/fetch-model (or set PARALLAX_TEST_MODEL)"
+    );
+    path
+}
+
+/// Starts an engine on the test model.
+pub fn start(config: EngineConfig) -> EngineHandle {
+    let (model, codec) = engine::load_with_tokenizer(&ModelSource::Gguf(model_path()), None)
+        .expect("the test model loads");
+    engine::start(model, codec, config).expect("the engine starts")
+}
+
+pub fn config(max_batched_tokens: usize, kv_blocks: usize) -> EngineConfig {
+    EngineConfig {
+        max_num_seqs: 64,
+        max_batched_tokens,
+        block_size: 16,
+        kv_cache: KvCacheSize::Blocks(kv_blocks),
+    }
+}
+
+pub fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+/// Everything one request produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub reason: FinishReason,
+    pub completion_tokens: usize,
+}
+
+/// Drains a stream to its end.
+pub async fn collect(mut stream: engine::RequestStream) -> Output {
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    loop {
+        match stream.next().await.expect("the stream ends with Finished") {
+            Event::Token {
+                id, text: piece, ..
+            } => {
+                tokens.push(id);
+                text.push_str(&piece);
+            }
+            Event::Finished {
+                text: rest,
+                reason,
+                completion_tokens,
+                ..
+            } => {
+                text.push_str(&rest);
+                return Output {
+                    tokens,
+                    text,
+                    reason,
+                    completion_tokens,
+                };
+            }
+        }
+    }
+}
+
+/// Prompts of different lengths, as token ids.
+pub fn prompts(engine: &EngineHandle) -> Vec<Vec<u32>> {
+    [
+        "The capital of France is",
+        "Once upon a time, in a land far away, there lived a dragon who",
+        "1, 2, 3, 4, 5,",
+        "def fibonacci(n):",
+        "Water boils at",
+        "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. Again:",
+        "Hello",
+        "List three colours:",
+    ]
+    .iter()
+    .map(|p| engine.codec.encode(p).unwrap())
+    .collect()
+}
