@@ -1,1 +1,75 @@
-fn main() {}
+//! One scheduling step — batch formation and block allocation, no model — with 256 running
+//! sequences decoding and a queue of waiting ones.
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use parallax_agent::engine::kv_cache::{BlockAllocator, BlockTable};
+use parallax_agent::engine::scheduler::{Schedulable, Scheduler, SchedulerConfig};
+use std::hint::black_box;
+
+struct Seq {
+    len: usize,
+    computed: usize,
+    table: BlockTable,
+}
+
+impl Schedulable for Seq {
+    fn total_tokens(&self) -> usize {
+        self.len
+    }
+    fn computed(&self) -> usize {
+        self.computed
+    }
+    fn reset(&mut self) {
+        self.computed = 0;
+    }
+    fn table(&mut self) -> &mut BlockTable {
+        &mut self.table
+    }
+}
+
+/// 256 sequences that have each just sampled a token (so each decodes one, and those at a block
+/// boundary need a new block), plus 44 waiting that do not fit the sequence cap.
+fn decoding_scheduler(allocator: &BlockAllocator) -> Scheduler<Seq> {
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 256,
+        max_batched_tokens: 8192,
+    });
+    for i in 0..300 {
+        scheduler.add(Seq {
+            len: 40 + i % 200,
+            computed: 0,
+            table: BlockTable::new(allocator, 16),
+        });
+    }
+    loop {
+        let plan = scheduler.schedule();
+        let running = scheduler.running_mut();
+        for p in &plan {
+            running[p.index].computed += p.tokens;
+        }
+        if running.len() == 256 && running.iter().all(|s| s.computed == s.len) {
+            break;
+        }
+    }
+    for seq in scheduler.running_mut() {
+        seq.len += 1;
+    }
+    scheduler
+}
+
+fn step(c: &mut Criterion) {
+    c.bench_function("schedule 256 decoding sequences", |b| {
+        b.iter_batched_ref(
+            || {
+                let allocator = BlockAllocator::new(256 * 64);
+                let scheduler = decoding_scheduler(&allocator);
+                (allocator, scheduler)
+            },
+            |(_, scheduler)| black_box(scheduler.schedule().len()),
+            BatchSize::LargeInput,
+        )
+    });
+}
+
+criterion_group!(benches, step);
+criterion_main!(benches);

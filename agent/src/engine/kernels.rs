@@ -100,13 +100,12 @@ impl Q8Matrix {
             cols,
             quants: vec![0; rows * cols],
             scales: vec![0.0; rows * cols / BLOCK],
-            sums: Vec::new(),
+            sums: vec![0.0; rows * cols / BLOCK],
         };
-        let mut sums = vec![0.0; rows * cols / BLOCK];
         m.quants
             .par_chunks_mut(cols)
             .zip(m.scales.par_chunks_mut(cols / BLOCK))
-            .zip(sums.par_chunks_mut(cols / BLOCK))
+            .zip(m.sums.par_chunks_mut(cols / BLOCK))
             .zip(data.par_chunks(cols))
             .for_each(|(((q, s), sum), x)| quantize_row(x, q, s, sum));
         m
@@ -205,37 +204,54 @@ fn quantize_row(x: &[f32], q: &mut [i8], s: &mut [f32], sums: &mut [f32]) {
 
 /// Q8_0 weights · Q8 activations, one row each, in the order of GGML's AVX2 vec_dot_q8_0_q8_0:
 /// eight lanes each summing four products per block, scaled by `dw·dx` and fused-multiply-added
-/// across blocks, then reduced pairwise.
+/// across blocks, then reduced pairwise. The AVX2 and portable versions give the same bits.
 #[inline]
 fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    for ((wb, xb), (dw, dx)) in wq
-        .chunks_exact(BLOCK)
-        .zip(xq.chunks_exact(BLOCK))
-        .zip(ws.iter().zip(xs))
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
     {
-        let (wb, xb): (&[i8; BLOCK], &[i8; BLOCK]) =
-            (wb.try_into().expect("block"), xb.try_into().expect("block"));
-        let d = dw * dx;
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            let mut sum = 0i32;
-            for i in 4 * l..4 * l + 4 {
-                sum += i32::from(wb[i]) * i32::from(xb[i]);
-            }
-            *lane = d.mul_add(sum as f32, *lane);
-        }
+        simd::row_dot_q8(wq, ws, xq, xs)
     }
-    let quad = [
-        lanes[4] + lanes[0],
-        lanes[5] + lanes[1],
-        lanes[6] + lanes[2],
-        lanes[7] + lanes[3],
-    ];
-    let pair = [quad[0] + quad[2], quad[1] + quad[3]];
-    pair[0] + pair[1]
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        let mut lanes = [0f32; 8];
+        for ((wb, xb), (dw, dx)) in wq
+            .chunks_exact(BLOCK)
+            .zip(xq.chunks_exact(BLOCK))
+            .zip(ws.iter().zip(xs))
+        {
+            let d = dw * dx;
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let mut sum = 0i32;
+                for i in 4 * l..4 * l + 4 {
+                    sum += i32::from(wb[i]) * i32::from(xb[i]);
+                }
+                *lane = d.mul_add(sum as f32, *lane);
+            }
+        }
+        let quad = [
+            lanes[4] + lanes[0],
+            lanes[5] + lanes[1],
+            lanes[6] + lanes[2],
+            lanes[7] + lanes[3],
+        ];
+        let pair = [quad[0] + quad[2], quad[1] + quad[3]];
+        pair[0] + pair[1]
+    }
 }
 
-/// Q4_1 weights · Q8_1 activations (GGML's vec_dot_q4_1_q8_1): `Σ d·dx·Σq·qx + m·s`.
+/// Q4_1 weights · Q8_1 activations (GGML's vec_dot_q4_1_q8_1): `Σ d·dx·Σq·qx + m·s`, blocks
+/// in order, the integer sums exact (with AVX2 where the build has it).
+// The portable definition: AVX2 builds compute the same bits in `simd::q41_row` and use this
+// in tests only.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
 #[inline]
 fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum: &[f32]) -> f32 {
     let mut acc = 0f32;
@@ -247,14 +263,228 @@ fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum
     {
         let nb: &[u8; BLOCK / 2] = nb.try_into().expect("block");
         let xb: &[i8; BLOCK] = xb.try_into().expect("block");
+        acc += q41_block_sum(nb, xb) as f32 * dw * dx + mw * sx;
+    }
+    acc
+}
+
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
+#[inline(always)]
+fn q41_block_sum(nb: &[u8; BLOCK / 2], xb: &[i8; BLOCK]) -> i32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    {
+        simd::q41_block_sum(nb, xb)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    {
         let mut sum = 0i32;
         for j in 0..BLOCK / 2 {
             sum += i32::from(nb[j] & 0x0f) * i32::from(xb[j])
                 + i32::from(nb[j] >> 4) * i32::from(xb[j + BLOCK / 2]);
         }
-        acc += sum as f32 * dw * dx + mw * sx;
+        sum
     }
-    acc
+}
+
+/// AVX2 versions of the block products, used when the build targets AVX2 and FMA (the
+/// workspace's x86-64-v3). They compute exactly what the portable loops compute.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[allow(unsafe_code)]
+mod simd {
+    use super::BLOCK;
+    use std::arch::x86_64::*;
+
+    /// Σ q·x of one Q4_1 block: nibbles widened to bytes, multiplied as unsigned × signed.
+    #[inline(always)]
+    pub fn q41_block_sum(nb: &[u8; BLOCK / 2], xb: &[i8; BLOCK]) -> i32 {
+        // SAFETY: this module is compiled only when the target has AVX2, and every load reads
+        // exactly the array it is given (16 and 32 bytes) with unaligned loads. Products are at
+        // most 15 · 127 · 2 per 16-bit lane, so `maddubs` cannot saturate.
+        unsafe {
+            let bytes = _mm_loadu_si128(nb.as_ptr().cast());
+            let mask = _mm_set1_epi8(0x0f);
+            let low = _mm_and_si128(bytes, mask);
+            let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+            let w = _mm256_set_m128i(high, low);
+            let x = _mm256_loadu_si256(xb.as_ptr().cast());
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+            let s = _mm_add_epi32(
+                _mm256_castsi256_si128(sums),
+                _mm256_extracti128_si256(sums, 1),
+            );
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            _mm_cvtsi128_si32(s)
+        }
+    }
+
+    /// The terms `sum·d·dx + m·s` of blocks 8g..8g+8 of activation row `j` (lane b = block),
+    /// the weight blocks widened in `w`.
+    #[inline(always)]
+    unsafe fn block_terms(
+        w: &[__m256i; 8],
+        dw: __m256,
+        mw: __m256,
+        x: &super::Q8Matrix,
+        j: usize,
+        g: usize,
+    ) -> __m256 {
+        let kb = x.cols / BLOCK;
+        // SAFETY: the caller (q41_row) checked that row j and group g lie inside `x`.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let xq = x.quants.as_ptr().add(j * x.cols + 8 * g * BLOCK);
+            let mut s = [_mm256_setzero_si256(); 8];
+            for (b, sb) in s.iter_mut().enumerate() {
+                let xv = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+                *sb = _mm256_madd_epi16(_mm256_maddubs_epi16(w[b], xv), ones);
+            }
+            let low =
+                _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+            let high =
+                _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+            let sums = _mm256_add_epi32(
+                _mm256_permute2x128_si256(low, high, 0x20),
+                _mm256_permute2x128_si256(low, high, 0x31),
+            );
+            let dx = _mm256_loadu_ps(x.scales.as_ptr().add(j * kb + 8 * g));
+            let sx = _mm256_loadu_ps(x.sums.as_ptr().add(j * kb + 8 * g));
+            _mm256_add_ps(
+                _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), dw), dx),
+                _mm256_mul_ps(mw, sx),
+            )
+        }
+    }
+
+    /// Transposes an 8×8 matrix of floats held as eight rows.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY: register-only AVX operations; the caller's build has AVX2.
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+            let u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+            let u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+            let u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+            let u4 = _mm256_shuffle_ps(t4, t6, 0x44);
+            let u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+            let u6 = _mm256_shuffle_ps(t5, t7, 0x44);
+            let u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+            [
+                _mm256_permute2f128_ps(u0, u4, 0x20),
+                _mm256_permute2f128_ps(u1, u5, 0x20),
+                _mm256_permute2f128_ps(u2, u6, 0x20),
+                _mm256_permute2f128_ps(u3, u7, 0x20),
+                _mm256_permute2f128_ps(u0, u4, 0x31),
+                _mm256_permute2f128_ps(u1, u5, 0x31),
+                _mm256_permute2f128_ps(u2, u6, 0x31),
+                _mm256_permute2f128_ps(u3, u7, 0x31),
+            ]
+        }
+    }
+
+    /// One Q4_1 weight row (`nibbles`, `d`, `m` for its blocks) against every activation row of
+    /// `x`, into `out[j]`. Eight blocks at a time: the weight blocks are widened once, the eight
+    /// exact block sums of each activation row are reduced together, and each block's
+    /// `sum·d·dx + m·s` is added to the row's total in block order.
+    pub fn q41_row(nibbles: &[u8], d: &[f32], m: &[f32], x: &super::Q8Matrix, out: &mut [f32]) {
+        let kb = d.len();
+        let k = kb * BLOCK;
+        let groups = kb / 8;
+        out.fill(0.0);
+        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() == x.rows);
+        assert!(
+            x.quants.len() >= x.rows * k
+                && x.scales.len() >= x.rows * kb
+                && x.sums.len() >= x.rows * kb
+        );
+        // SAFETY: AVX2 is enabled for this build. The assertions above bound every pointer:
+        // group `g` reads nibbles[(8g..8g+8)·16], d/m[8g..8g+8], and for row j quants
+        // [j·k + 256g ..+256] and scales/sums [j·kb + 8g ..+8], all inside the slices for
+        // g < kb / 8 and j < rows. Loads are unaligned.
+        unsafe {
+            let mask = _mm_set1_epi8(0x0f);
+            for g in 0..groups {
+                let mut w = [_mm256_setzero_si256(); 8];
+                for (b, wb) in w.iter_mut().enumerate() {
+                    let bytes = _mm_loadu_si128(nibbles.as_ptr().add((8 * g + b) * 16).cast());
+                    *wb = _mm256_set_m128i(
+                        _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+                        _mm_and_si128(bytes, mask),
+                    );
+                }
+                let dw = _mm256_loadu_ps(d.as_ptr().add(8 * g));
+                let mw = _mm256_loadu_ps(m.as_ptr().add(8 * g));
+                // Eight rows at a time: transpose so lane = row, then add block by block — each
+                // row's total still takes its terms in block order.
+                let mut j = 0;
+                while j + 8 <= out.len() {
+                    let mut t = [_mm256_setzero_ps(); 8];
+                    for (r, tr) in t.iter_mut().enumerate() {
+                        *tr = block_terms(&w, dw, mw, x, j + r, g);
+                    }
+                    let mut total = _mm256_loadu_ps(out.as_ptr().add(j));
+                    for column in transpose8(t) {
+                        total = _mm256_add_ps(total, column);
+                    }
+                    _mm256_storeu_ps(out.as_mut_ptr().add(j), total);
+                    j += 8;
+                }
+                for (j, total) in out.iter_mut().enumerate().skip(j) {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), block_terms(&w, dw, mw, x, j, g));
+                    for term in lanes {
+                        *total += term;
+                    }
+                }
+            }
+        }
+        for b in groups * 8..kb {
+            let nb: &[u8; BLOCK / 2] = nibbles[b * 16..(b + 1) * 16].try_into().expect("block");
+            for (j, total) in out.iter_mut().enumerate() {
+                let xb: &[i8; BLOCK] = x.quants[j * k + b * BLOCK..j * k + (b + 1) * BLOCK]
+                    .try_into()
+                    .expect("block");
+                *total += q41_block_sum(nb, xb) as f32 * d[b] * x.scales[j * kb + b]
+                    + m[b] * x.sums[j * kb + b];
+            }
+        }
+    }
+
+    /// Q8_0 · Q8 row product with eight float lanes, as the portable version lays them out.
+    #[cfg(target_feature = "fma")]
+    #[inline]
+    pub fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
+        // SAFETY: AVX2 and FMA are enabled for this build; each load reads one 32-byte block
+        // taken from a `chunks_exact(32)` slice. Weights and activations are quantized to
+        // [-127, 127], so `sign` gives exact magnitudes and `maddubs` cannot saturate
+        // (127 · 127 · 2 < 32768).
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let ones = _mm256_set1_epi16(1);
+            for ((wb, xb), (dw, dx)) in wq
+                .chunks_exact(BLOCK)
+                .zip(xq.chunks_exact(BLOCK))
+                .zip(ws.iter().zip(xs))
+            {
+                let w = _mm256_loadu_si256(wb.as_ptr().cast());
+                let x = _mm256_loadu_si256(xb.as_ptr().cast());
+                let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), lanes, acc);
+            }
+            let quad = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+        }
+    }
 }
 
 /// `out[m × n] = x[m × k] · wᵀ` with `w` of shape `n × k`. Rows of `w` are the outer loop so each
@@ -263,6 +493,12 @@ fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum
 pub fn matmul(x: &Q8Matrix, w: &Linear, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
     match w {
         Linear::Q8(w) => matmul_q8(x, w, out, scratch),
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+        Linear::Q41(w) => {
+            assert_eq!(x.cols, w.cols, "inner dimensions differ");
+            matmul_q41_avx2(x, w, out, scratch);
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
         Linear::Q41(w) => {
             let kb = w.cols / BLOCK;
             assert_eq!(x.cols, w.cols, "inner dimensions differ");
@@ -293,6 +529,37 @@ pub fn matmul_q8(x: &Q8Matrix, w: &Q8Matrix, out: &mut Vec<f32>, scratch: &mut V
             &x.scales[j * kb..(j + 1) * kb],
         )
     });
+}
+
+/// Q4_1 product with each weight row unpacked once per eight blocks and reused for every
+/// activation row; same arithmetic, same order, same bits as [`row_dot_q41`].
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+fn matmul_q41_avx2(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+    let (m, n) = (x.rows, w.rows);
+    let kb = w.cols / BLOCK;
+    scratch.resize(n * m, 0.0);
+    let rows_per_task = (n / (rayon::current_num_threads() * 8)).max(16);
+    scratch
+        .par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (i, out_row) in chunk.chunks_exact_mut(m).enumerate() {
+                let r = task * rows_per_task + i;
+                simd::q41_row(
+                    &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
+                    &w.scales[r * kb..(r + 1) * kb],
+                    &w.mins[r * kb..(r + 1) * kb],
+                    x,
+                    out_row,
+                );
+            }
+        });
+    out.resize(m * n, 0.0);
+    for (r, col) in scratch.chunks_exact(m).enumerate() {
+        for (j, v) in col.iter().enumerate() {
+            out[j * n + r] = *v;
+        }
+    }
 }
 
 /// Runs `dot(weight row, activation row)` for every pair, weight rows outermost and split
@@ -513,6 +780,80 @@ mod tests {
     }
 
     #[test]
+    fn the_vector_kernels_give_the_portable_bits() {
+        let x = Q8Matrix::quantize(&pseudo_random(4 * 96, 8), 4, 96);
+        let w = Q8Matrix::quantize(&pseudo_random(96, 9), 1, 96);
+        let fast = row_dot_q8(&w.quants, &w.scales, &x.quants[..96], &x.scales[..3]);
+        let mut lanes = [0f32; 8];
+        for b in 0..3 {
+            let d = w.scales[b] * x.scales[b];
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let sum: i32 = (4 * l..4 * l + 4)
+                    .map(|i| i32::from(w.quants[32 * b + i]) * i32::from(x.quants[32 * b + i]))
+                    .sum();
+                *lane = d.mul_add(sum as f32, *lane);
+            }
+        }
+        let quad = [
+            lanes[4] + lanes[0],
+            lanes[5] + lanes[1],
+            lanes[6] + lanes[2],
+            lanes[7] + lanes[3],
+        ];
+        assert_eq!(
+            fast.to_bits(),
+            ((quad[0] + quad[2]) + (quad[1] + quad[3])).to_bits()
+        );
+
+        let nibbles: Vec<u8> = (0..16).map(|i| (i * 37 + 11) as u8).collect();
+        let xb: [i8; 32] = std::array::from_fn(|i| (i as i8 - 16) * 7);
+        let expected: i32 = (0..16)
+            .map(|j| {
+                i32::from(nibbles[j] & 15) * i32::from(xb[j])
+                    + i32::from(nibbles[j] >> 4) * i32::from(xb[j + 16])
+            })
+            .sum();
+        assert_eq!(
+            q41_block_sum(nibbles.as_slice().try_into().unwrap(), &xb),
+            expected
+        );
+
+        // A whole Q4_1 product (19 blocks a row: two groups of eight and a tail) against the
+        // block-by-block dot product, bit for bit.
+        let (m, n, k) = (11, 5, 19 * BLOCK);
+        let raw: Vec<u8> = (0..n * k / BLOCK * 20)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect();
+        let mut bytes = raw.clone();
+        for block in bytes.chunks_exact_mut(20) {
+            block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+        }
+        let w = Q41Matrix::from_ggml(&bytes, n, k).unwrap();
+        let x = Q8Matrix::quantize(&pseudo_random(m * k, 10), m, k);
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        matmul(&x, &Linear::Q41(w.clone()), &mut out, &mut scratch);
+        let kb = k / BLOCK;
+        for r in 0..n {
+            for j in 0..m {
+                let expected = row_dot_q41(
+                    &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
+                    &w.scales[r * kb..(r + 1) * kb],
+                    &w.mins[r * kb..(r + 1) * kb],
+                    &x.quants[j * k..(j + 1) * k],
+                    &x.scales[j * kb..(j + 1) * kb],
+                    &x.sums[j * kb..(j + 1) * kb],
+                );
+                assert_eq!(
+                    out[j * n + r].to_bits(),
+                    expected.to_bits(),
+                    "row {r}, activation {j}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn rope_styles_rotate_the_pairs_they_name() {
         let rope = Rope::new(RopeStyle::Interleaved, 4, 8, 10_000.0);
         let mut x = vec![1.0, 0.0, 1.0, 0.0];
@@ -529,8 +870,8 @@ mod tests {
     #[test]
     fn rms_norm_scales_rows_to_unit_rms() {
         let mut out = Vec::new();
-        rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 1.0], 0.0, &mut out);
-        let rms = (12.5f32).sqrt();
+        rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 1.0], 1e-6, &mut out);
+        let rms = (12.5f32 + 1e-6).sqrt();
         assert_eq!(out[..2], [3.0 / rms, 4.0 / rms]);
         assert_eq!(out[2..], [0.0, 0.0]);
     }

@@ -303,8 +303,8 @@ mod tests {
         assert_eq!(s.waiting().next().map(|q| (q.id, q.computed)), Some((1, 0)));
         assert_eq!(
             allocator.free(),
-            1,
-            "the preempted sequence's blocks came back"
+            2,
+            "the preempted sequence's two blocks came back"
         );
     }
 
