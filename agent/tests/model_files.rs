@@ -211,3 +211,116 @@ fn dummy_shapes_load_and_unknown_ones_are_named() {
         (30, 576, 3)
     );
 }
+
+/// A tiny Llama in the Hugging Face layout: config.json, bf16 safetensors, tokenizer files.
+fn tiny_hf_model(dir: &std::path::Path) {
+    use candle_core::{DType, Device, Tensor};
+    std::fs::create_dir_all(dir).unwrap();
+    let (vocab, hidden, ffn, heads, kv_heads) = (300, 64, 128, 4, 2);
+    let hd = hidden / heads;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::json!({
+            "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": ffn,
+            "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": true
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut seed = 1u32;
+    let mut random = |rows: usize, cols: usize| {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.2
+            })
+            .collect();
+        Tensor::from_vec(data, (rows, cols), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert(
+        "model.embed_tokens.weight".to_owned(),
+        random(vocab, hidden),
+    );
+    tensors.insert(
+        "model.norm.weight".to_owned(),
+        Tensor::ones(hidden, DType::BF16, &Device::Cpu).unwrap(),
+    );
+    for i in 0..2 {
+        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+        tensors.insert(
+            p("input_layernorm"),
+            Tensor::ones(hidden, DType::BF16, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            p("post_attention_layernorm"),
+            Tensor::ones(hidden, DType::BF16, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(p("self_attn.q_proj"), random(heads * hd, hidden));
+        tensors.insert(p("self_attn.k_proj"), random(kv_heads * hd, hidden));
+        tensors.insert(p("self_attn.v_proj"), random(kv_heads * hd, hidden));
+        tensors.insert(p("self_attn.o_proj"), random(hidden, heads * hd));
+        tensors.insert(p("mlp.gate_proj"), random(ffn, hidden));
+        tensors.insert(p("mlp.up_proj"), random(ffn, hidden));
+        tensors.insert(p("mlp.down_proj"), random(hidden, ffn));
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    // A byte-level tokenizer whose 256 byte tokens need no merges.
+    let bytes = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet();
+    let mut alphabet: Vec<char> = bytes.into_iter().collect();
+    alphabet.sort();
+    let vocab_json: serde_json::Map<String, serde_json::Value> = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), serde_json::json!(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "normalizer": null, "post_processor": null,
+        "added_tokens": [{"id": 256, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab_json, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({"eos_token": "</s>", "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"}).to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hugging_face_directory_loads_and_generates() {
+    let dir = std::env::temp_dir().join(format!("parallax-{}-hf", std::process::id()));
+    tiny_hf_model(&dir);
+    let source = ModelSource::parse(dir.to_str().unwrap()).unwrap();
+    assert_eq!(source, ModelSource::HuggingFace(dir.clone()));
+    let (model, codec) = engine::load_with_tokenizer(&source, None).unwrap();
+    assert_eq!(
+        (
+            model.config.layers,
+            model.config.kv_heads,
+            model.config.context_length
+        ),
+        (2, 2, 256)
+    );
+    assert_eq!(codec.eos, vec![256]);
+    assert_eq!(
+        codec
+            .chat_prompt(&[Message {
+                role: "user".into(),
+                content: "hi".into()
+            }])
+            .unwrap(),
+        "<user>hi<assistant>"
+    );
+    let handle = engine::start(model, codec, support::config(64, 32)).unwrap();
+    let prompt = handle.codec.encode("héllo wörld").unwrap();
+    assert_eq!(handle.codec.decode(&prompt).unwrap(), "héllo wörld");
+    let a = support::collect(handle.submit(prompt.clone(), support::greedy(8)).unwrap()).await;
+    let b = support::collect(handle.submit(prompt, support::greedy(8)).unwrap()).await;
+    assert_eq!(a.completion_tokens, 8);
+    assert_eq!(a.tokens, b.tokens, "greedy decoding is deterministic");
+    std::fs::remove_dir_all(dir).unwrap();
+}

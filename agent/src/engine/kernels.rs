@@ -318,8 +318,23 @@ mod simd {
         }
     }
 
-    /// The terms `sum·d·dx + m·s` of blocks 8g..8g+8 of activation row `j` (lane b = block),
-    /// the weight blocks widened in `w`.
+    /// Eight values from `values[at..at + count]`, zero-padded.
+    #[inline(always)]
+    unsafe fn load8(values: &[f32], at: usize, count: usize) -> __m256 {
+        // SAFETY: a full load only when eight values exist at `at`; otherwise a padded copy.
+        unsafe {
+            if count == 8 {
+                _mm256_loadu_ps(values.as_ptr().add(at))
+            } else {
+                let mut padded = [0f32; 8];
+                padded[..count].copy_from_slice(&values[at..at + count]);
+                _mm256_loadu_ps(padded.as_ptr())
+            }
+        }
+    }
+
+    /// The terms `sum·d·dx + m·s` of the `count` blocks from 8g of activation row `j` (lane b =
+    /// block; lanes from `count` on are zero), the weight blocks widened in `w`.
     #[inline(always)]
     unsafe fn block_terms(
         w: &[__m256i; 8],
@@ -328,14 +343,16 @@ mod simd {
         x: &super::Q8Matrix,
         j: usize,
         g: usize,
+        count: usize,
     ) -> __m256 {
         let kb = x.cols / BLOCK;
-        // SAFETY: the caller (q41_row) checked that row j and group g lie inside `x`.
+        // SAFETY: the caller (q41_row) checked that row j and blocks 8g..8g+count lie inside `x`;
+        // no block at or past `count` is read.
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let xq = x.quants.as_ptr().add(j * x.cols + 8 * g * BLOCK);
             let mut s = [_mm256_setzero_si256(); 8];
-            for (b, sb) in s.iter_mut().enumerate() {
+            for (b, sb) in s.iter_mut().enumerate().take(count) {
                 let xv = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
                 *sb = _mm256_madd_epi16(_mm256_maddubs_epi16(w[b], xv), ones);
             }
@@ -347,8 +364,8 @@ mod simd {
                 _mm256_permute2x128_si256(low, high, 0x20),
                 _mm256_permute2x128_si256(low, high, 0x31),
             );
-            let dx = _mm256_loadu_ps(x.scales.as_ptr().add(j * kb + 8 * g));
-            let sx = _mm256_loadu_ps(x.sums.as_ptr().add(j * kb + 8 * g));
+            let dx = load8(&x.scales, j * kb + 8 * g, count);
+            let sx = load8(&x.sums, j * kb + 8 * g, count);
             _mm256_add_ps(
                 _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), dw), dx),
                 _mm256_mul_ps(mw, sx),
@@ -397,7 +414,7 @@ mod simd {
     pub fn q41_row(nibbles: &[u8], d: &[f32], m: &[f32], x: &super::Q8Matrix, out: &mut [f32]) {
         let kb = d.len();
         let k = kb * BLOCK;
-        let groups = kb / 8;
+        let groups = kb.div_ceil(8);
         out.fill(0.0);
         assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() == x.rows);
         assert!(
@@ -406,32 +423,34 @@ mod simd {
                 && x.sums.len() >= x.rows * kb
         );
         // SAFETY: AVX2 is enabled for this build. The assertions above bound every pointer:
-        // group `g` reads nibbles[(8g..8g+8)·16], d/m[8g..8g+8], and for row j quants
-        // [j·k + 256g ..+256] and scales/sums [j·kb + 8g ..+8], all inside the slices for
-        // g < kb / 8 and j < rows. Loads are unaligned.
+        // group `g` covers blocks 8g..8g+count (count = 8, or what is left in the last group)
+        // and reads nibbles[(8g..8g+count)·16], d/m[8g..8g+count], and for row j quants
+        // [j·k + 256g ..+32·count] and scales/sums [j·kb + 8g ..+count], all inside the slices
+        // for j < rows. Loads are unaligned.
         unsafe {
             let mask = _mm_set1_epi8(0x0f);
             for g in 0..groups {
+                let count = (kb - 8 * g).min(8);
                 let mut w = [_mm256_setzero_si256(); 8];
-                for (b, wb) in w.iter_mut().enumerate() {
+                for (b, wb) in w.iter_mut().enumerate().take(count) {
                     let bytes = _mm_loadu_si128(nibbles.as_ptr().add((8 * g + b) * 16).cast());
                     *wb = _mm256_set_m128i(
                         _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
                         _mm_and_si128(bytes, mask),
                     );
                 }
-                let dw = _mm256_loadu_ps(d.as_ptr().add(8 * g));
-                let mw = _mm256_loadu_ps(m.as_ptr().add(8 * g));
+                let dw = load8(d, 8 * g, count);
+                let mw = load8(m, 8 * g, count);
                 // Eight rows at a time: transpose so lane = row, then add block by block — each
                 // row's total still takes its terms in block order.
                 let mut j = 0;
                 while j + 8 <= out.len() {
                     let mut t = [_mm256_setzero_ps(); 8];
                     for (r, tr) in t.iter_mut().enumerate() {
-                        *tr = block_terms(&w, dw, mw, x, j + r, g);
+                        *tr = block_terms(&w, dw, mw, x, j + r, g, count);
                     }
                     let mut total = _mm256_loadu_ps(out.as_ptr().add(j));
-                    for column in transpose8(t) {
+                    for column in transpose8(t).into_iter().take(count) {
                         total = _mm256_add_ps(total, column);
                     }
                     _mm256_storeu_ps(out.as_mut_ptr().add(j), total);
@@ -439,21 +458,11 @@ mod simd {
                 }
                 for (j, total) in out.iter_mut().enumerate().skip(j) {
                     let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), block_terms(&w, dw, mw, x, j, g));
-                    for term in lanes {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), block_terms(&w, dw, mw, x, j, g, count));
+                    for term in lanes.into_iter().take(count) {
                         *total += term;
                     }
                 }
-            }
-        }
-        for b in groups * 8..kb {
-            let nb: &[u8; BLOCK / 2] = nibbles[b * 16..(b + 1) * 16].try_into().expect("block");
-            for (j, total) in out.iter_mut().enumerate() {
-                let xb: &[i8; BLOCK] = x.quants[j * k + b * BLOCK..j * k + (b + 1) * BLOCK]
-                    .try_into()
-                    .expect("block");
-                *total += q41_block_sum(nb, xb) as f32 * d[b] * x.scales[j * kb + b]
-                    + m[b] * x.sums[j * kb + b];
             }
         }
     }
