@@ -249,9 +249,6 @@ fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
 
 /// Q4_1 weights · Q8_1 activations (GGML's vec_dot_q4_1_q8_1): `Σ d·dx·Σq·qx + m·s`, blocks
 /// in order, the integer sums exact (with AVX2 where the build has it).
-// The portable definition: AVX2 builds compute the same bits in `simd::q41_row` and use this
-// in tests only.
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
 #[inline]
 fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum: &[f32]) -> f32 {
     let mut acc = 0f32;
@@ -268,7 +265,6 @@ fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum
     acc
 }
 
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
 #[inline(always)]
 fn q41_block_sum(nb: &[u8; BLOCK / 2], xb: &[i8; BLOCK]) -> i32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
@@ -351,15 +347,22 @@ mod simd {
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let xq = x.quants.as_ptr().add(j * x.cols + 8 * g * BLOCK);
-            let mut s = [_mm256_setzero_si256(); 8];
-            for (b, sb) in s.iter_mut().enumerate().take(count) {
-                let xv = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-                *sb = _mm256_madd_epi16(_mm256_maddubs_epi16(w[b], xv), ones);
-            }
-            let low =
-                _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-            let high =
-                _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+            // Block b's eight partial sums (zero past `count`), reduced pairwise as they come
+            // so few registers are live.
+            let block = |b: usize| {
+                if b < count {
+                    let xv = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(w[b], xv), ones)
+                } else {
+                    _mm256_setzero_si256()
+                }
+            };
+            let h01 = _mm256_hadd_epi32(block(0), block(1));
+            let h23 = _mm256_hadd_epi32(block(2), block(3));
+            let low = _mm256_hadd_epi32(h01, h23);
+            let h45 = _mm256_hadd_epi32(block(4), block(5));
+            let h67 = _mm256_hadd_epi32(block(6), block(7));
+            let high = _mm256_hadd_epi32(h45, h67);
             let sums = _mm256_add_epi32(
                 _mm256_permute2x128_si256(low, high, 0x20),
                 _mm256_permute2x128_si256(low, high, 0x31),
@@ -502,12 +505,13 @@ mod simd {
 pub fn matmul(x: &Q8Matrix, w: &Linear, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
     match w {
         Linear::Q8(w) => matmul_q8(x, w, out, scratch),
+        // Eight activation rows or more amortise widening the weights eight blocks at a time;
+        // fewer go block by block. Both give the same bits.
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-        Linear::Q41(w) => {
+        Linear::Q41(w) if x.rows >= 8 => {
             assert_eq!(x.cols, w.cols, "inner dimensions differ");
             matmul_q41_avx2(x, w, out, scratch);
         }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
         Linear::Q41(w) => {
             let kb = w.cols / BLOCK;
             assert_eq!(x.cols, w.cols, "inner dimensions differ");

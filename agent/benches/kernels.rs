@@ -1,0 +1,42 @@
+//! The int8 products at the shapes of SmolLM2-135M's largest layer (gate/up: 3072 × 576), for one
+//! activation row (decode) and 32 (a batch of decodes).
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use half::f16;
+use parallax_agent::engine::kernels::{Linear, Q8Matrix, Q41Matrix, matmul};
+use std::hint::black_box;
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn products(c: &mut Criterion) {
+    let (n, k) = (3072, 576);
+    let mut bytes = Vec::with_capacity(n * k / 32 * 20);
+    for (i, v) in values(n * k / 32, 1).iter().enumerate() {
+        bytes.extend_from_slice(&f16::from_f32(v.abs() / 8.0 + 0.01).to_le_bytes());
+        bytes.extend_from_slice(&f16::from_f32(-v.abs() / 16.0).to_le_bytes());
+        bytes.extend((0..16).map(|j| ((i * 31 + j * 17) % 256) as u8));
+    }
+    let q41 = Linear::Q41(Q41Matrix::from_ggml(&bytes, n, k).expect("valid blocks"));
+    let q8 = Linear::Q8(Q8Matrix::quantize(&values(n * k, 2), n, k));
+    for m in [1, 32] {
+        let x = Q8Matrix::quantize(&values(m * k, 3), m, k);
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        c.bench_function(&format!("q4_1 {n}x{k}, {m} rows"), |b| {
+            b.iter(|| matmul(black_box(&x), &q41, &mut out, &mut scratch))
+        });
+        c.bench_function(&format!("q8_0 {n}x{k}, {m} rows"), |b| {
+            b.iter(|| matmul(black_box(&x), &q8, &mut out, &mut scratch))
+        });
+    }
+}
+
+criterion_group!(benches, products);
+criterion_main!(benches);
