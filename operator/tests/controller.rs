@@ -43,6 +43,41 @@ fn pool() -> InferencePool {
     .unwrap()
 }
 
+/// The operator's controller running on a task until stopped.
+struct RunningController {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningController {
+    fn start(client: &Client) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let reporter = Reporter {
+            controller: "parallax-operator".into(),
+            instance: None,
+        };
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(controller::run(
+            client.clone(),
+            Arc::new(Metrics::default()),
+            reporter,
+            shutdown,
+        ));
+        Self { stop, task }
+    }
+
+    /// Stops the controller and waits for it to finish its in-flight work.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(TIMEOUT, self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 async fn pods(client: &Client) -> Vec<Pod> {
     Api::<Pod>::namespaced(client.clone(), "ml")
         .list(&ListParams::default())
@@ -97,19 +132,7 @@ async fn a_pool_lives_and_dies_through_the_controller() {
         .await
         .unwrap();
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let reporter = Reporter {
-        controller: "parallax-operator".into(),
-        instance: None,
-    };
-    let run = tokio::spawn(controller::run(
-        client.clone(),
-        Arc::new(Metrics::default()),
-        reporter,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = RunningController::start(&client);
 
     // Create: children appear, TP auto resolves to 2 H100s, Ready=False until pods are ready.
     let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
@@ -327,8 +350,7 @@ async fn a_pool_lives_and_dies_through_the_controller() {
         );
     }
 
-    stop.send(()).unwrap();
-    tokio::time::timeout(TIMEOUT, run).await.unwrap().unwrap();
+    controller.stop().await;
 }
 
 #[tokio::test]
@@ -337,19 +359,7 @@ async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
     let server = FakeApiServer::default();
     let client = server.client();
     let mut changes = server.changes();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let reporter = Reporter {
-        controller: "parallax-operator".into(),
-        instance: None,
-    };
-    let run = tokio::spawn(controller::run(
-        client.clone(),
-        Arc::new(Metrics::default()),
-        reporter,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = RunningController::start(&client);
 
     Api::<InferencePool>::namespaced(client.clone(), "ml")
         .create(&PostParams::default(), &pool())
@@ -367,6 +377,5 @@ async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
     )
     .await;
     assert!(pods(&client).await.is_empty(), "no pods without a layout");
-    stop.send(()).unwrap();
-    tokio::time::timeout(TIMEOUT, run).await.unwrap().unwrap();
+    controller.stop().await;
 }

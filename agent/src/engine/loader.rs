@@ -66,47 +66,42 @@ struct GgufReader {
     content: gguf_file::Content,
 }
 
-impl TensorReader for GgufReader {
-    fn read(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        if !self.has(name) {
+impl GgufReader {
+    /// The tensor as stored, read from the file.
+    fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        if !self.content.tensor_infos.contains_key(name) {
             return Err(EngineError::MissingTensor(name.to_owned()));
         }
-        let q = self
-            .content
+        self.content
             .tensor(&mut self.file, name, &Device::Cpu)
             .map_err(|e| EngineError::InvalidGguf {
                 path: self.path.clone(),
                 reason: format!("tensor {name}: {e}"),
-            })?;
-        let t = q
+            })
+    }
+}
+
+fn unsupported(name: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
+    move |e| EngineError::UnsupportedTensor {
+        tensor: name.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl TensorReader for GgufReader {
+    fn read(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let t = self
+            .tensor(name)?
             .dequantize(&Device::Cpu)
-            .map_err(|e| EngineError::UnsupportedTensor {
-                tensor: name.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(unsupported(name))?;
         to_vec(name, &t)
     }
     fn has(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
     fn read_raw(&mut self, name: &str) -> Result<Option<RawTensor>> {
-        if !self.has(name) {
-            return Err(EngineError::MissingTensor(name.to_owned()));
-        }
-        let q = self
-            .content
-            .tensor(&mut self.file, name, &Device::Cpu)
-            .map_err(|e| EngineError::InvalidGguf {
-                path: self.path.clone(),
-                reason: format!("tensor {name}: {e}"),
-            })?;
-        let bytes = q
-            .data()
-            .map_err(|e| EngineError::UnsupportedTensor {
-                tensor: name.to_owned(),
-                reason: e.to_string(),
-            })?
-            .into_owned();
+        let q = self.tensor(name)?;
+        let bytes = q.data().map_err(unsupported(name))?.into_owned();
         Ok(Some(RawTensor {
             dtype: q.dtype(),
             shape: q.shape().dims().to_vec(),
@@ -125,13 +120,10 @@ impl TensorReader for SafetensorsReader {
         if !self.has(name) {
             return Err(EngineError::MissingTensor(name.to_owned()));
         }
-        let t =
-            self.tensors
-                .load(name, &Device::Cpu)
-                .map_err(|e| EngineError::UnsupportedTensor {
-                    tensor: name.to_owned(),
-                    reason: e.to_string(),
-                })?;
+        let t = self
+            .tensors
+            .load(name, &Device::Cpu)
+            .map_err(unsupported(name))?;
         to_vec(name, &t)
     }
     fn has(&self, name: &str) -> bool {
@@ -140,18 +132,15 @@ impl TensorReader for SafetensorsReader {
 }
 
 fn to_vec(name: &str, t: &Tensor) -> Result<(Vec<f32>, Vec<usize>)> {
-    let err = |e: candle_core::Error| EngineError::UnsupportedTensor {
-        tensor: name.to_owned(),
-        reason: e.to_string(),
-    };
+    let err = unsupported(name);
     let shape = t.dims().to_vec();
     let data = t
         .to_dtype(DType::F32)
-        .map_err(err)?
+        .map_err(&err)?
         .flatten_all()
-        .map_err(err)?
+        .map_err(&err)?
         .to_vec1::<f32>()
-        .map_err(err)?;
+        .map_err(&err)?;
     Ok((data, shape))
 }
 
