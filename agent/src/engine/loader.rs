@@ -45,9 +45,22 @@ impl ModelSource {
 
 /// A tensor as stored: GGML type, shape (rows first) and bytes.
 struct RawTensor {
+    name: String,
     dtype: GgmlDType,
     shape: Vec<usize>,
     bytes: Vec<u8>,
+    /// The tensor as read, for dequantizing without reading it again.
+    tensor: candle_core::quantized::QTensor,
+}
+
+impl RawTensor {
+    fn dequantize(&self) -> Result<Vec<f32>> {
+        let t = self
+            .tensor
+            .dequantize(&Device::Cpu)
+            .map_err(unsupported(&self.name))?;
+        Ok(to_vec(&self.name, &t)?.0)
+    }
 }
 
 /// Reads named f32 tensors, whatever their stored type.
@@ -103,9 +116,11 @@ impl TensorReader for GgufReader {
         let q = self.tensor(name)?;
         let bytes = q.data().map_err(unsupported(name))?.into_owned();
         Ok(Some(RawTensor {
+            name: name.to_owned(),
             dtype: q.dtype(),
             shape: q.shape().dims().to_vec(),
             bytes,
+            tensor: q,
         }))
     }
 }
@@ -397,8 +412,15 @@ fn linear(reader: &mut dyn TensorReader, parts: &[(String, usize)], cols: usize)
         }
     }
     let mut data = Vec::with_capacity(rows * cols);
-    for (name, r) in parts {
-        data.extend(matrix(reader, name, *r, cols)?);
+    if raws.len() == parts.len() {
+        // Already read: dequantize what is in hand.
+        for raw in &raws {
+            data.extend(raw.dequantize()?);
+        }
+    } else {
+        for (name, r) in parts {
+            data.extend(matrix(reader, name, *r, cols)?);
+        }
     }
     Ok(Linear::Q8(Q8Matrix::quantize(&data, rows, cols)))
 }
