@@ -1,10 +1,13 @@
-//! The command line: `generate`, `bench` and `check-config`.
+//! The command line: `serve`, `generate`, `bench`, `bench-serve` and `check-config`.
 
 use crate::engine::{
-    self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, SamplingParams,
+    self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, NoObserver,
+    SamplingParams, StepObserver,
 };
+use crate::server::{self, Server, ServerConfig};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use parallax_crds::AgentConfig;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,10 +23,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-compatible API, health and metrics.
+    Serve(ServeArgs),
     /// Generate a completion for one prompt and print it.
     Generate(GenerateArgs),
     /// Run a fixed offline workload and report throughput and latency.
     Bench(BenchArgs),
+    /// Load a running server with Poisson arrivals and report latency and throughput.
+    BenchServe(crate::loadgen::LoadArgs),
     /// Validate an agent configuration file (the operator's ConfigMap key agent.json).
     CheckConfig { file: PathBuf },
 }
@@ -34,7 +41,7 @@ pub struct EngineArgs {
     /// A GGUF file, a Hugging Face directory, or `dummy:<shape>` (smollm2-135m, llama-3.2-1b,
     /// llama-3.1-8b) for random weights.
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// Where the tokenizer comes from when the model has none (dummy shapes).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -82,8 +89,20 @@ impl EngineArgs {
         })
     }
 
+    pub fn model(&self) -> anyhow::Result<&str> {
+        self.model
+            .as_deref()
+            .context("--model is required (a GGUF file, a Hugging Face directory or dummy:<shape>)")
+    }
+
     /// Loads the model and starts the engine.
     pub fn start(&self) -> anyhow::Result<EngineHandle> {
+        self.start_observed(Arc::new(NoObserver))
+    }
+
+    /// Loads the model and starts the engine, telling `observer` about every step.
+    pub fn start_observed(&self, observer: Arc<dyn StepObserver>) -> anyhow::Result<EngineHandle> {
+        let model = self.model()?;
         if let Some(threads) = self.threads {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -91,17 +110,19 @@ impl EngineArgs {
                 .context("setting the thread count")?;
         }
         let config = self.config()?;
-        let source = ModelSource::parse(&self.model)?;
+        let source = ModelSource::parse(model)?;
         let started = Instant::now();
-        let (model, codec) = engine::load_with_tokenizer(&source, self.tokenizer.as_deref())?;
-        let handle = engine::start(model, codec, config)?;
-        eprintln!(
-            "loaded {} in {:.1}s: {:.0} MiB of weights, {} KV blocks of {} tokens",
-            self.model,
-            started.elapsed().as_secs_f64(),
-            handle.info.weight_bytes as f64 / (1 << 20) as f64,
-            handle.info.kv_blocks,
-            handle.info.block_size
+        tracing::info!(model, "loading");
+        let (weights, codec) = engine::load_with_tokenizer(&source, self.tokenizer.as_deref())?;
+        let handle = engine::start_observed(weights, codec, config, observer)?;
+        tracing::info!(
+            model,
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            weights_mib = handle.info.weight_bytes >> 20,
+            kv_blocks = handle.info.kv_blocks,
+            block_size = handle.info.block_size,
+            context = handle.info.context_length,
+            "loaded"
         );
         Ok(handle)
     }
@@ -199,6 +220,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => {
                 writeln!(stdout, "{text}")?;
                 let decode = first.map_or(Duration::ZERO, |f| f.elapsed());
@@ -393,4 +415,189 @@ fn report(
         );
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// An agent configuration file (the operator mounts one): model, served name, port, batch
+    /// size and KV block size. --model, --port and --served-model-name override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (default 8000).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The model's name in the API (default: the model file's name without `.gguf`).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds requests in flight may run on after SIGTERM/SIGINT before they are ended.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+}
+
+/// The last path segment of a model source without `.gguf`.
+fn default_served_name(model: &str) -> String {
+    let last = model
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(model);
+    last.strip_suffix(".gguf").unwrap_or(last).to_owned()
+}
+
+impl ServeArgs {
+    /// The engine options, the served name and the port, with the configuration file applied.
+    fn resolve(&self) -> anyhow::Result<(EngineArgs, String, u16)> {
+        let mut engine = self.engine.clone();
+        let mut served = self.served_model_name.clone();
+        let mut port = self.port;
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let config: AgentConfig = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a valid agent configuration", path.display())
+            })?;
+            if config.tensor_parallel_size != 1 {
+                bail!(
+                    "{}: tensorParallelSize {} is not supported by this agent yet (only 1)",
+                    path.display(),
+                    config.tensor_parallel_size
+                );
+            }
+            engine.model.get_or_insert(config.model.source);
+            served.get_or_insert(config.model.served_name);
+            port.get_or_insert(config.port);
+            engine.max_num_seqs = usize::try_from(config.batching.max_batch_size)
+                .context("batching.maxBatchSize must be positive")?;
+            engine.block_size = usize::try_from(config.kv_cache.block_size)
+                .context("kvCache.blockSize must be positive")?;
+        }
+        let model = engine.model()?.to_owned();
+        engine.config()?;
+        if !(self.shutdown_timeout >= 0.0 && self.shutdown_timeout.is_finite()) {
+            bail!("--shutdown-timeout must be a number of seconds ≥ 0");
+        }
+        Ok((
+            engine,
+            served.unwrap_or_else(|| default_served_name(&model)),
+            port.unwrap_or(parallax_crds::agent_config::AGENT_HTTP_PORT),
+        ))
+    }
+}
+
+pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let (engine, served_name, port) = args.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{port}", args.host))?;
+        tracing::info!(address = %listener.local_addr()?, model = %served_name, "listening");
+        let server = Server::new(ServerConfig {
+            served_name,
+            max_body_bytes: args.max_body_bytes,
+            shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+        });
+        // The model loads while the server already answers /health (and /ready says 503).
+        let loading = {
+            let server = server.clone();
+            tokio::task::spawn_blocking(move || {
+                let handle = engine.start_observed(server.metrics())?;
+                server.attach(handle);
+                Ok::<_, anyhow::Error>(())
+            })
+        };
+        let serving = server.run(listener, server::termination());
+        tokio::pin!(serving);
+        tokio::select! {
+            served = &mut serving => served?,
+            loaded = loading => {
+                loaded.context("the loading thread failed")??;
+                serving.await?;
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["parallax-agent", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)
+            .expect("the arguments parse")
+            .command
+        {
+            Command::Serve(args) => args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn config_file(name: &str, tensor_parallel_size: u32) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("parallax-{name}-{}.json", std::process::id()));
+        let config = serde_json::json!({
+            "model": {"source": "dummy:smollm2-135m", "format": "auto", "servedName": "small"},
+            "tensorParallelSize": tensor_parallel_size,
+            "port": 8000,
+            "batching": {"maxBatchSize": 48},
+            "kvCache": {"blockSize": 32},
+        });
+        std::fs::write(&path, config.to_string()).expect("the temp folder is writable");
+        path
+    }
+
+    #[test]
+    fn the_configuration_file_sets_what_flags_do_not() {
+        let path = config_file("serve-config", 1);
+        let file = path.to_string_lossy().into_owned();
+        let (engine, served, port) = serve_args(&["--config", &file]).resolve().unwrap();
+        assert_eq!(engine.model.as_deref(), Some("dummy:smollm2-135m"));
+        assert_eq!((served.as_str(), port), ("small", 8000));
+        assert_eq!((engine.max_num_seqs, engine.block_size), (48, 32));
+        let (_, served, port) = serve_args(&[
+            "--config",
+            &file,
+            "--port",
+            "9000",
+            "--served-model-name",
+            "x",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!((served.as_str(), port), ("x", 9000));
+        std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn serve_refuses_what_it_cannot_do_by_name() {
+        let path = config_file("serve-tp", 2);
+        let file = path.to_string_lossy().into_owned();
+        let error = serve_args(&["--config", &file]).resolve().unwrap_err();
+        assert!(
+            error.to_string().contains("tensorParallelSize 2"),
+            "{error}"
+        );
+        std::fs::remove_file(path).ok();
+        let error = serve_args(&[]).resolve().unwrap_err();
+        assert!(error.to_string().contains("--model is required"), "{error}");
+        assert_eq!(
+            default_served_name("/models/SmolLM2.Q4_1.gguf"),
+            "SmolLM2.Q4_1"
+        );
+    }
 }

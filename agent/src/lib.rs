@@ -1,5 +1,8 @@
-//! Parallax node agent: the engine (model, paged KV cache, continuous batching) and its command
-//! line. The engine knows nothing of HTTP or Kubernetes.
+//! Parallax node agent: the engine (model, paged KV cache, continuous batching), the HTTP server
+//! in front of it, a load generator and the command line. The engine knows nothing of HTTP or
+//! Kubernetes; the server knows the engine only through its handle.
 
 pub mod cli;
 pub mod engine;
+pub mod loadgen;
+pub mod server;

@@ -1,13 +1,27 @@
-//! `parallax-agent`: generate, bench, check-config.
+//! `parallax-agent`: serve, generate, bench, bench-serve, check-config.
 
 use clap::Parser;
 use parallax_agent::cli::{self, Cli, Command};
+use parallax_agent::loadgen;
 use parallax_crds::AgentConfig;
 
 fn main() -> anyhow::Result<()> {
+    // Logs go to stderr; `RUST_LOG` filters them, PARALLAX_LOG_FORMAT=json makes them JSON.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("PARALLAX_LOG_FORMAT").as_deref() == Ok("json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match Cli::parse().command {
+        Command::Serve(args) => cli::serve(&args),
         Command::Generate(args) => cli::generate(&args),
         Command::Bench(args) => cli::bench(&args),
+        Command::BenchServe(args) => loadgen::run(&args),
         Command::CheckConfig { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;

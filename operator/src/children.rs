@@ -260,10 +260,13 @@ impl<'a> ChildBuilder<'a> {
         )
         .collect();
 
+        // The pod's address, not loopback: probes and the Services reach it from outside.
         let mut args = vec![
             "serve".to_owned(),
             "--config".to_owned(),
             format!("{CONFIG_DIR}/{AGENT_CONFIG_FILE}"),
+            "--host".to_owned(),
+            "0.0.0.0".to_owned(),
         ];
         args.extend(spec.agent.extra_args.iter().cloned());
 
@@ -548,6 +551,11 @@ mod tests {
             .collect();
         assert_eq!(env["PARALLAX_RANK"], "1");
         assert_eq!(env["PARALLAX_WORLD_SIZE"], "2");
+        // The agent listens on the pod's address so that probes and Services reach it.
+        assert_eq!(
+            spec.containers[0].args.as_deref().unwrap(),
+            ["serve", "--config", "/etc/parallax/agent.json", "--host", "0.0.0.0"]
+        );
         assert_eq!(env["PARALLAX_TENSOR_PARALLEL_SIZE"], "8");
         assert_eq!(
             env["PARALLAX_LEADER_ADDRESS"],

@@ -488,6 +488,10 @@ fn build(config: LlamaConfig, reader: &mut dyn TensorReader, names: &Names) -> R
     };
     let mut layers = Vec::with_capacity(c.layers);
     for i in 0..c.layers {
+        // Progress in tenths, so a large model shows it is moving and a small one stays quiet.
+        if i > 0 && (i * 10 / c.layers) != ((i - 1) * 10 / c.layers) {
+            tracing::info!(layer = i, layers = c.layers, "loading weights");
+        }
         let name = |part| (names.layer)(i, part);
         layers.push(Layer {
             attn_norm: vector(reader, &name("attn_norm"), h)?,

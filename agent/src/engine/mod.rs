@@ -14,7 +14,8 @@ pub mod tokenizer;
 pub use error::EngineError;
 pub use loader::{ModelSource, load};
 pub use runtime::{
-    EngineConfig, EngineHandle, Event, FinishReason, KvCacheSize, RequestStream, start,
+    EngineConfig, EngineHandle, Event, FinishReason, KvCacheSize, NoObserver, RequestStream,
+    StepObserver, StepReport, start, start_observed,
 };
 pub use sampling::SamplingParams;
 pub use tokenizer::{Message, TextCodec};

@@ -11,6 +11,7 @@ use super::scheduler::{Schedulable, Scheduler, SchedulerConfig};
 use super::tokenizer::{IncrementalDecoder, TextCodec};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// How big the KV cache is.
@@ -71,13 +72,41 @@ pub enum Event {
         logprob: f32,
         top_logprobs: Vec<(u32, f32)>,
     },
-    /// The last event: remaining text, why it ended and the token counts.
+    /// The last event: remaining text, why it ended, the token counts and how long the request
+    /// waited before its first step.
     Finished {
         text: String,
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        queue_time: Duration,
     },
+}
+
+/// What one forward step did, for whoever watches the engine (metrics).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Wall time of the forward pass and sampling.
+    pub duration: Duration,
+    /// Sequences in the step.
+    pub sequences: usize,
+    /// Tokens in the step: prefill chunks plus one per decoding sequence.
+    pub tokens: usize,
+    /// Of those sequences, how many sampled a token (the others were mid-prefill).
+    pub sampled: usize,
+}
+
+/// Told about every step, on the engine thread: keep it cheap.
+pub trait StepObserver: Send + Sync {
+    fn step(&self, report: &StepReport);
+}
+
+/// Watches nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl StepObserver for NoObserver {
+    fn step(&self, _: &StepReport) {}
 }
 
 /// Live counters, readable from any thread.
@@ -117,6 +146,7 @@ pub struct EngineInfo {
 }
 
 struct Submission {
+    arrived: Instant,
     prompt: Vec<u32>,
     params: SamplingParams,
     events: mpsc::UnboundedSender<Event>,
@@ -150,6 +180,11 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
+    /// False once the engine thread has ended (it stopped or panicked).
+    pub fn is_running(&self) -> bool {
+        !self.submissions.is_closed()
+    }
+
     /// Validates and queues a request.
     pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream> {
         params.validate().map_err(EngineError::InvalidRequest)?;
@@ -183,6 +218,7 @@ impl EngineHandle {
         let (events, receiver) = mpsc::unbounded_channel();
         self.submissions
             .send(Submission {
+                arrived: Instant::now(),
                 prompt,
                 params,
                 events,
@@ -194,6 +230,16 @@ impl EngineHandle {
 
 /// Starts the engine thread.
 pub fn start(model: Llama, codec: TextCodec, config: EngineConfig) -> Result<EngineHandle> {
+    start_observed(model, codec, config, Arc::new(NoObserver))
+}
+
+/// Starts the engine thread, telling `observer` about every step.
+pub fn start_observed(
+    model: Llama,
+    codec: TextCodec,
+    config: EngineConfig,
+    observer: Arc<dyn StepObserver>,
+) -> Result<EngineHandle> {
     let c = &model.config;
     let width = c.kv_width();
     let per_block = KvStore::bytes_per_block(c.layers, config.block_size, width);
@@ -243,6 +289,7 @@ pub fn start(model: Llama, codec: TextCodec, config: EngineConfig) -> Result<Eng
                 allocator,
                 scheduler,
                 stats,
+                observer,
                 workspace: Workspace::default(),
                 block_size: config.block_size,
                 next_id: 0,
@@ -269,6 +316,9 @@ fn available_memory() -> usize {
 }
 
 struct Sequence {
+    arrived: Instant,
+    /// When the sequence first ran (its queue time ends there).
+    started: Option<Instant>,
     tokens: Vec<u32>,
     prompt_len: usize,
     computed: usize,
@@ -304,6 +354,7 @@ struct EngineLoop {
     allocator: BlockAllocator,
     scheduler: Scheduler<Sequence>,
     stats: Arc<EngineStats>,
+    observer: Arc<dyn StepObserver>,
     workspace: Workspace,
     block_size: usize,
     next_id: u64,
@@ -337,6 +388,8 @@ impl EngineLoop {
             .prompt_tokens
             .fetch_add(s.prompt.len() as u64, Ordering::Relaxed);
         self.scheduler.add(Sequence {
+            arrived: s.arrived,
+            started: None,
             prompt_len: s.prompt.len(),
             tokens: s.prompt,
             computed: 0,
@@ -357,6 +410,7 @@ impl EngineLoop {
             return;
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let began = Instant::now();
         let running = self.scheduler.running();
         let inputs: Vec<SeqInput<'_>> = plan
             .iter()
@@ -371,6 +425,7 @@ impl EngineLoop {
             })
             .collect();
         let samples: Vec<bool> = inputs.iter().map(|i| i.logits).collect();
+        let sampled = samples.iter().filter(|s| **s).count();
         let logits = self
             .model
             .forward(&inputs, &mut self.kv, &mut self.workspace);
@@ -383,6 +438,7 @@ impl EngineLoop {
         let running = self.scheduler.running_mut();
         for (p, samples) in plan.iter().zip(samples) {
             let seq = &mut running[p.index];
+            seq.started.get_or_insert(began);
             seq.computed += p.tokens;
             if !samples {
                 continue;
@@ -438,12 +494,19 @@ impl EngineLoop {
                         reason,
                         prompt_tokens: seq.prompt_len,
                         completion_tokens: generated,
+                        queue_time: seq.started.unwrap_or(began) - seq.arrived,
                     },
                 ));
                 seq.finished = true;
             }
         }
         drop(self.scheduler.retain(|s| !s.finished));
+        self.observer.step(&StepReport {
+            duration: began.elapsed(),
+            sequences: plan.len(),
+            tokens: plan.iter().map(|p| p.tokens).sum(),
+            sampled,
+        });
         self.publish();
         for (events, event) in outbox {
             let _ = events.send(event);

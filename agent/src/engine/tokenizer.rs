@@ -173,6 +173,12 @@ impl TextCodec {
         self.tokenizer.decode(ids, true).map_err(tok_err)
     }
 
+    /// The text of one token, special tokens included (a piece of a multi-byte character shows
+    /// as U+FFFD).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.template.is_some()
     }

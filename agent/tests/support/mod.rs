@@ -98,3 +98,5 @@ pub fn prompts(engine: &EngineHandle) -> Vec<Vec<u32>> {
     .map(|p| engine.codec.encode(p).unwrap())
     .collect()
 }
+
+pub mod http;

@@ -1,0 +1,275 @@
+//! `bench-serve`: an HTTP load generator in the manner of vLLM's serving benchmark. Requests
+//! arrive as a Poisson process at `--rate` per second (or all at once), stream from
+//! `/v1/completions`, and the report gives request and token throughput with TTFT, TPOT, ITL and
+//! end-to-end latency percentiles. It talks to any OpenAI-compatible server.
+
+use crate::engine::sampling::Rng;
+use anyhow::{Context, bail};
+use clap::Args;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// The model name to send (default: the first of /v1/models).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Mean arrivals per second (Poisson); `inf` sends every request at once.
+    #[arg(long, default_value_t = f64::INFINITY)]
+    pub rate: f64,
+    /// Words per prompt (about one token each).
+    #[arg(long, default_value_t = 40)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Keep generating past the end-of-sequence token (vLLM's `ignore_eos`).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Seeds the arrival times and the prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Give up on a request after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Common words, most one token with their leading space in a Llama-family vocabulary.
+const WORDS: &[&str] = &[
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
+    "been", "if", "more", "when", "will", "would", "who", "so", "no", "time", "people", "water",
+    "city", "river", "light", "house", "world", "small", "long", "story", "night", "garden",
+    "music", "paper", "window",
+];
+
+/// What one request measured.
+#[derive(Debug, Clone, Default)]
+struct Measured {
+    ttft: f64,
+    e2e: f64,
+    /// Gaps between streamed chunks.
+    itl: Vec<f64>,
+    prompt_tokens: usize,
+    output_tokens: usize,
+}
+
+fn prompt(rng: &mut Rng, words: usize) -> String {
+    let mut text = String::from("Continue this text:");
+    for _ in 0..words {
+        text.push(' ');
+        text.push_str(WORDS[(rng.next_u64() % WORDS.len() as u64) as usize]);
+    }
+    text
+}
+
+async fn model_name(client: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    let models: Value = client
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?
+        .error_for_status()?
+        .json()
+        .await?;
+    models["data"][0]["id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("/v1/models lists no model")
+}
+
+async fn one(client: reqwest::Client, url: String, body: Value) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let response = client
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        let status = response.status();
+        bail!("{status}: {}", response.text().await.unwrap_or_default());
+    }
+    let mut measured = Measured::default();
+    let mut last: Option<Instant> = None;
+    let mut buffer = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        buffer.extend_from_slice(&chunk?);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buffer.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            let Some(data) = text.trim().strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                measured.e2e = started.elapsed().as_secs_f64();
+                return Ok(measured);
+            }
+            let value: Value = serde_json::from_str(data)?;
+            if let Some(error) = value.get("error") {
+                bail!("the server ended the stream: {error}");
+            }
+            if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
+                measured.prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                measured.output_tokens = usage["completion_tokens"].as_u64().unwrap_or(0) as usize;
+            }
+            let has_text = value["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty());
+            if has_text {
+                let now = Instant::now();
+                match last {
+                    None => measured.ttft = (now - started).as_secs_f64(),
+                    Some(before) => measured.itl.push((now - before).as_secs_f64()),
+                }
+                last = Some(now);
+            }
+        }
+    }
+    bail!("the stream ended without [DONE]")
+}
+
+fn percentiles(values: &mut [f64]) -> Value {
+    if values.is_empty() {
+        return json!({"mean": 0.0, "p50": 0.0, "p95": 0.0, "p99": 0.0});
+    }
+    values.sort_by(f64::total_cmp);
+    let at = |p: f64| values[((p / 100.0) * (values.len() - 1) as f64).round() as usize] * 1e3;
+    json!({
+        "mean": values.iter().sum::<f64>() / values.len() as f64 * 1e3,
+        "p50": at(50.0),
+        "p95": at(95.0),
+        "p99": at(99.0),
+    })
+}
+
+pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
+    if args.requests == 0 || args.max_tokens == 0 {
+        bail!("--requests and --max-tokens must be positive");
+    }
+    if args.rate.is_nan() || args.rate <= 0.0 {
+        bail!("--rate must be positive (or inf)");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let url = args.url.trim_end_matches('/').to_owned();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs_f64(args.timeout))
+            .pool_max_idle_per_host(args.requests)
+            .build()?;
+        let model = match &args.model {
+            Some(m) => m.clone(),
+            None => model_name(&client, &url).await?,
+        };
+        let mut rng = Rng::new(args.seed.wrapping_add(1));
+        let started = Instant::now();
+        let mut at = Duration::ZERO;
+        let mut tasks = Vec::with_capacity(args.requests);
+        for _ in 0..args.requests {
+            let body = json!({
+                "model": model,
+                "prompt": prompt(&mut rng, args.prompt_len),
+                "max_tokens": args.max_tokens,
+                "temperature": 0.0,
+                "ignore_eos": args.ignore_eos,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            });
+            let (client, url) = (client.clone(), url.clone());
+            let start_at = tokio::time::Instant::from_std(started + at);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(start_at).await;
+                one(client, url, body).await
+            }));
+            if args.rate.is_finite() {
+                // Exponential gaps: a Poisson process of the given rate.
+                let u = f64::from(rng.next_f32()).max(1e-9);
+                at += Duration::from_secs_f64(-u.ln() / args.rate);
+            }
+        }
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for task in tasks {
+            match task.await? {
+                Ok(m) => done.push(m),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        let wall = started.elapsed().as_secs_f64();
+        report(args, &done, &failures, wall);
+        Ok(())
+    })
+}
+
+fn report(args: &LoadArgs, done: &[Measured], failures: &[String], wall: f64) {
+    let output: usize = done.iter().map(|m| m.output_tokens).sum();
+    let prompt: usize = done.iter().map(|m| m.prompt_tokens).sum();
+    let mut ttft: Vec<f64> = done.iter().map(|m| m.ttft).collect();
+    let mut e2e: Vec<f64> = done.iter().map(|m| m.e2e).collect();
+    let mut tpot: Vec<f64> = done
+        .iter()
+        .filter(|m| m.output_tokens > 1)
+        .map(|m| (m.e2e - m.ttft) / (m.output_tokens - 1) as f64)
+        .collect();
+    let mut itl: Vec<f64> = done.iter().flat_map(|m| m.itl.iter().copied()).collect();
+    let summary = json!({
+        "url": args.url,
+        "rate": if args.rate.is_finite() { json!(args.rate) } else { json!("inf") },
+        "requests": args.requests,
+        "completed": done.len(),
+        "failed": failures.len(),
+        "prompt_words": args.prompt_len,
+        "max_tokens": args.max_tokens,
+        "duration_s": wall,
+        "request_throughput": done.len() as f64 / wall,
+        "output_tokens_per_s": output as f64 / wall,
+        "total_tokens_per_s": (output + prompt) as f64 / wall,
+        "prompt_tokens": prompt,
+        "output_tokens": output,
+        "ttft_ms": percentiles(&mut ttft),
+        "tpot_ms": percentiles(&mut tpot),
+        "itl_ms": percentiles(&mut itl),
+        "e2e_ms": percentiles(&mut e2e),
+        "first_failures": failures.iter().take(3).collect::<Vec<_>>(),
+    });
+    if args.json {
+        println!("{summary}");
+        return;
+    }
+    println!(
+        "{} of {} requests in {:.1} s at rate {}: {:.2} req/s, {:.1} output tok/s, {:.1} total tok/s",
+        done.len(),
+        args.requests,
+        wall,
+        summary["rate"],
+        summary["request_throughput"].as_f64().unwrap_or(0.0),
+        summary["output_tokens_per_s"].as_f64().unwrap_or(0.0),
+        summary["total_tokens_per_s"].as_f64().unwrap_or(0.0),
+    );
+    for name in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
+        let s = &summary[name];
+        println!(
+            "{name:<8} mean {:>8.1}  p50 {:>8.1}  p95 {:>8.1}  p99 {:>8.1}",
+            s["mean"].as_f64().unwrap_or(0.0),
+            s["p50"].as_f64().unwrap_or(0.0),
+            s["p95"].as_f64().unwrap_or(0.0),
+            s["p99"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for failure in failures.iter().take(3) {
+        println!("failed: {failure}");
+    }
+}

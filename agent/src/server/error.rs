@@ -1,0 +1,159 @@
+//! Why a request is refused or fails: one variant per rule, one mapping to an HTTP status and
+//! OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`).
+
+use super::protocol::{ErrorBody, ErrorResponse};
+use crate::engine::EngineError;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+
+    #[error("{param}: {message}")]
+    WrongType { param: String, message: String },
+
+    #[error("unrecognized request argument supplied: {0}")]
+    UnknownField(String),
+
+    #[error("{param}: {message}")]
+    OutOfRange {
+        param: &'static str,
+        message: String,
+    },
+
+    #[error("{param}: {message}")]
+    Unsupported { param: String, message: String },
+
+    #[error(
+        "this model's maximum context length is {context} tokens; the request has {prompt} prompt tokens and max_tokens {max_tokens} ({} in all)",
+        prompt + max_tokens
+    )]
+    ContextExceeded {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+
+    #[error("the model `{0}` does not exist")]
+    UnknownModel(String),
+
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+
+    #[error("the model is still loading")]
+    Loading,
+
+    #[error("the server is shutting down")]
+    ShuttingDown,
+
+    #[error("{0}")]
+    Engine(EngineError),
+
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_)
+            | Self::WrongType { .. }
+            | Self::UnknownField(_)
+            | Self::OutOfRange { .. }
+            | Self::Unsupported { .. }
+            | Self::ContextExceeded { .. } => StatusCode::BAD_REQUEST,
+            Self::UnknownModel(_) => StatusCode::NOT_FOUND,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Loading | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Engine(e) => match e {
+                EngineError::ContextExceeded { .. }
+                | EngineError::RequestTooLarge { .. }
+                | EngineError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+                EngineError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The request field at fault.
+    pub fn param(&self) -> Option<String> {
+        match self {
+            Self::WrongType { param, .. }
+            | Self::UnknownField(param)
+            | Self::Unsupported { param, .. } => Some(param.clone()),
+            Self::OutOfRange { param, .. } => Some((*param).to_owned()),
+            Self::ContextExceeded { .. } => Some("max_tokens".into()),
+            Self::UnknownModel(_) => Some("model".into()),
+            Self::Engine(
+                EngineError::ContextExceeded { .. } | EngineError::RequestTooLarge { .. },
+            ) => Some("max_tokens".into()),
+            _ => None,
+        }
+    }
+
+    /// A bounded label for logs and metrics, and the error's `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedJson(_) => "invalid_json",
+            Self::WrongType { .. } => "invalid_type",
+            Self::UnknownField(_) => "unknown_parameter",
+            Self::OutOfRange { .. } => "invalid_value",
+            Self::Unsupported { .. } => "unsupported_parameter",
+            Self::ContextExceeded { .. } => "context_length_exceeded",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::Loading => "model_loading",
+            Self::ShuttingDown => "server_shutting_down",
+            Self::Engine(e) => match e {
+                EngineError::ContextExceeded { .. } => "context_length_exceeded",
+                EngineError::RequestTooLarge { .. } => "kv_cache_too_small",
+                EngineError::InvalidRequest(_) => "invalid_value",
+                EngineError::Stopped => "engine_stopped",
+                _ => "engine_error",
+            },
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        let status = self.status();
+        let kind = if status.is_client_error() {
+            "invalid_request_error"
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            "service_unavailable"
+        } else {
+            "server_error"
+        };
+        ErrorResponse {
+            error: ErrorBody {
+                message: self.to_string(),
+                kind: kind.into(),
+                param: self.param(),
+                code: Some(self.code().into()),
+            },
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        Self::Engine(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if matches!(self, Self::Loading | Self::ShuttingDown) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,141 @@
+//! The endpoints. Each API handler reads the raw body (so that every refusal is in OpenAI's
+//! shape, 413 included), validates it into a [`ValidRequest`] and hands it to generation.
+
+use super::AppState;
+use super::error::ApiError;
+use super::generation;
+use super::openapi;
+use super::protocol::{ModelCard, ModelList};
+use super::validation::{self, ValidRequest};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+type Body = Result<Bytes, BytesRejection>;
+
+fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge {
+                limit: state.max_body_bytes,
+            }
+        } else {
+            ApiError::MalformedJson(rejection.body_text())
+        }
+    })
+}
+
+async fn answer(
+    state: Arc<AppState>,
+    body: Body,
+    arrived: Instant,
+    validate: fn(&[u8], &AppState, &crate::engine::EngineHandle) -> Result<ValidRequest, ApiError>,
+) -> Response {
+    let checked = body_bytes(&state, body).and_then(|bytes| {
+        let engine = state.engine()?;
+        Ok((engine.clone(), validate(&bytes, &state, engine)?))
+    });
+    match checked {
+        Ok((engine, request)) => generation::respond(state, engine, request, arrived).await,
+        Err(e) => state.refuse(e),
+    }
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
+    answer(state, body, Instant::now(), |bytes, state, engine| {
+        validation::completion(
+            &validation::parse(bytes)?,
+            &state.served_name,
+            &engine.codec,
+            AppState::limits(engine),
+        )
+    })
+    .await
+}
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
+    answer(state, body, Instant::now(), |bytes, state, engine| {
+        validation::chat(
+            &validation::parse(bytes)?,
+            &state.served_name,
+            &engine.codec,
+            AppState::limits(engine),
+        )
+    })
+    .await
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine() {
+        Ok(engine) => Json(ModelList {
+            object: "list",
+            data: vec![ModelCard {
+                id: state.served_name.clone(),
+                object: "model",
+                created: 0,
+                owned_by: "parallax",
+                max_model_len: engine.info.context_length,
+            }],
+        })
+        .into_response(),
+        Err(e) => state.refuse(e),
+    }
+}
+
+/// Liveness: the process answers, and its engine (once loaded) still runs.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.get() {
+        Some(engine) if !engine.is_running() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "the engine stopped"})),
+        )
+            .into_response(),
+        _ => Json(json!({"status": "ok"})).into_response(),
+    }
+}
+
+/// Readiness: loaded, running and not shutting down.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.readiness() {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": why})),
+        )
+            .into_response(),
+    }
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format otherwise.
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (text, content_type) = state.metrics.encode(openmetrics);
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+pub async fn openapi() -> Response {
+    Json(openapi::document()).into_response()
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {
+            "message": format!("no route {}", uri.path()),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "not_found",
+        }})),
+    )
+        .into_response()
+}

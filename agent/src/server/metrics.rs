@@ -1,0 +1,348 @@
+//! Prometheus metrics under vLLM's names and meanings (so vLLM dashboards, KEDA triggers and
+//! Gateway API Inference Extension endpoint pickers work unchanged), every one labelled with
+//! `model_name`, plus `parallax_*` for what vLLM does not have. Request metrics are recorded by
+//! the request's [`RequestTimer`]; engine gauges are read from its live counters at scrape time;
+//! step metrics come from the engine thread through [`StepObserver`].
+
+use crate::engine::runtime::{EngineInfo, EngineStats};
+use crate::engine::{FinishReason, StepObserver, StepReport};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+/// vLLM's buckets, so dashboards built for it read the same.
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+const REQUEST_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+const STEP_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// How a request ended, as vLLM labels it.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FinishedLabel {
+    finished_reason: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabel {
+    code: &'static str,
+}
+
+/// The engine as the metrics see it, once it is loaded.
+#[derive(Debug, Clone)]
+pub struct EngineView {
+    pub stats: Arc<EngineStats>,
+    pub info: Arc<EngineInfo>,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    ttft: Histogram,
+    inter_token: Histogram,
+    e2e: Histogram,
+    queue: Histogram,
+    success: Family<FinishedLabel, Counter>,
+    errors: Family<ErrorLabel, Counter>,
+    step_duration: Histogram,
+    batch_size: Histogram,
+    batch_tokens: Histogram,
+    engine: Arc<OnceLock<EngineView>>,
+}
+
+impl Metrics {
+    pub fn new(model_name: &str) -> Self {
+        let mut registry = Registry::with_labels(
+            [(
+                Cow::Borrowed("model_name"),
+                Cow::Owned(model_name.to_owned()),
+            )]
+            .into_iter(),
+        );
+        let histogram = |buckets: &[f64]| Histogram::new(buckets.iter().copied());
+        let metrics = Self {
+            ttft: histogram(TTFT_BUCKETS),
+            inter_token: histogram(ITL_BUCKETS),
+            e2e: histogram(REQUEST_BUCKETS),
+            queue: histogram(REQUEST_BUCKETS),
+            success: Family::default(),
+            errors: Family::default(),
+            step_duration: histogram(STEP_BUCKETS),
+            batch_size: histogram(BATCH_BUCKETS),
+            batch_tokens: histogram(BATCH_BUCKETS),
+            engine: Arc::new(OnceLock::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "vllm:time_to_first_token_seconds",
+            "Time from the request's arrival to its first token",
+            metrics.ttft.clone(),
+        );
+        registry.register(
+            "vllm:inter_token_latency_seconds",
+            "Time between consecutive output tokens of a request",
+            metrics.inter_token.clone(),
+        );
+        registry.register(
+            "vllm:e2e_request_latency_seconds",
+            "Time from a request's arrival to its last token",
+            metrics.e2e.clone(),
+        );
+        registry.register(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited before its first step",
+            metrics.queue.clone(),
+        );
+        registry.register(
+            "vllm:request_success",
+            "Requests finished, by why they finished (stop, length, abort)",
+            metrics.success.clone(),
+        );
+        registry.register(
+            "parallax_request_errors",
+            "Requests refused or failed, by error code",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "parallax_step_duration_seconds",
+            "Wall time of one engine step (forward pass and sampling)",
+            metrics.step_duration.clone(),
+        );
+        registry.register(
+            "parallax_batch_size",
+            "Sequences in one engine step",
+            metrics.batch_size.clone(),
+        );
+        registry.register(
+            "parallax_batch_tokens",
+            "Tokens in one engine step (prefill chunks and decode tokens)",
+            metrics.batch_tokens.clone(),
+        );
+        registry.register_collector(Box::new(EngineCollector {
+            engine: metrics.engine.clone(),
+        }));
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Connects the engine's live counters, once it is loaded.
+    pub fn attach(&self, view: EngineView) {
+        let _ = self.engine.set(view);
+    }
+
+    /// Every metric as OpenMetrics text, or else the Prometheus text format 0.0.4 that older
+    /// scrapers parse (Go's `expfmt`, as endpoint pickers and KEDA use); with its content type.
+    pub fn encode(&self, openmetrics: bool) -> (String, &'static str) {
+        use prometheus_client::encoding::{prometheus_text, text};
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        if openmetrics {
+            let _ = text::encode(&mut out, &self.registry);
+            (
+                out,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            let _ = prometheus_text::encode(&mut out, &self.registry);
+            (out, prometheus_text::CONTENT_TYPE)
+        }
+    }
+
+    pub fn record_error(&self, code: &'static str) {
+        self.errors.get_or_create(&ErrorLabel { code }).inc();
+    }
+
+    /// Starts timing a request that arrived at `arrived`.
+    pub fn timer(self: &Arc<Self>, arrived: Instant) -> RequestTimer {
+        RequestTimer {
+            metrics: self.clone(),
+            arrived,
+            last_token: None,
+            finished: false,
+        }
+    }
+}
+
+impl StepObserver for Metrics {
+    fn step(&self, report: &StepReport) {
+        self.step_duration.observe(report.duration.as_secs_f64());
+        self.batch_size.observe(report.sequences as f64);
+        self.batch_tokens.observe(report.tokens as f64);
+    }
+}
+
+/// Reads the engine's counters at scrape time.
+#[derive(Debug)]
+struct EngineCollector {
+    engine: Arc<OnceLock<EngineView>>,
+}
+
+fn gauge<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: ConstGauge<N>,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let metric = encoder.encode_descriptor(name, help, None, value.metric_type())?;
+    value.encode(metric)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let value = ConstCounter::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, value.metric_type())?;
+    value.encode(metric)
+}
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let view = self.engine.get();
+        let stat = |f: fn(&EngineStats) -> u64| view.map_or(0, |v| f(&v.stats));
+        gauge(
+            &mut encoder,
+            "vllm:num_requests_running",
+            "Requests in the running batch",
+            ConstGauge::new(stat(|s| s.running.load(Relaxed) as u64) as i64),
+        )?;
+        gauge(
+            &mut encoder,
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled",
+            ConstGauge::new(stat(|s| s.waiting.load(Relaxed) as u64) as i64),
+        )?;
+        gauge(
+            &mut encoder,
+            "vllm:kv_cache_usage_perc",
+            "KV cache usage, 1 means 100 percent",
+            ConstGauge::new(view.map_or(0.0, |v| v.stats.kv_usage())),
+        )?;
+        counter(
+            &mut encoder,
+            "vllm:prompt_tokens",
+            "Prompt tokens admitted",
+            stat(|s| s.prompt_tokens.load(Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "vllm:generation_tokens",
+            "Tokens generated",
+            stat(|s| s.generation_tokens.load(Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "vllm:num_preemptions",
+            "Sequences preempted (their KV freed, to be recomputed)",
+            stat(|s| s.preemptions.load(Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "parallax_engine_steps",
+            "Engine steps run",
+            stat(|s| s.steps.load(Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
+            "parallax_model_loaded",
+            "1 once the model is loaded and the engine runs",
+            ConstGauge::new(i64::from(view.is_some())),
+        )?;
+        if let Some(view) = view {
+            // vLLM's label names; on CPU the blocks are in host memory all the same.
+            let info = Info::new(vec![
+                ("block_size", view.info.block_size.to_string()),
+                ("num_gpu_blocks", view.info.kv_blocks.to_string()),
+                ("cache_dtype", "float32".to_owned()),
+                ("max_model_len", view.info.context_length.to_string()),
+            ]);
+            let metric = encoder.encode_descriptor(
+                "vllm:cache_config",
+                "The KV cache's configuration",
+                None,
+                info.metric_type(),
+            )?;
+            info.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// Times one request; records it as aborted if dropped before [`RequestTimer::finish`].
+#[derive(Debug)]
+pub struct RequestTimer {
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+    finished: bool,
+}
+
+impl RequestTimer {
+    /// A token arrived now.
+    pub fn token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => self
+                .metrics
+                .ttft
+                .observe((now - self.arrived).as_secs_f64()),
+            Some(last) => self.metrics.inter_token.observe((now - last).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+    }
+
+    pub fn finish(&mut self, reason: FinishReason, queue_time: std::time::Duration) {
+        self.finished = true;
+        self.metrics
+            .e2e
+            .observe(self.arrived.elapsed().as_secs_f64());
+        self.metrics.queue.observe(queue_time.as_secs_f64());
+        self.metrics
+            .success
+            .get_or_create(&FinishedLabel {
+                finished_reason: reason.as_str(),
+            })
+            .inc();
+    }
+}
+
+impl Drop for RequestTimer {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.metrics
+                .success
+                .get_or_create(&FinishedLabel {
+                    finished_reason: "abort",
+                })
+                .inc();
+        }
+    }
+}

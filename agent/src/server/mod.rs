@@ -1,0 +1,213 @@
+//! The agent's HTTP face: the OpenAI-compatible API, health, readiness, metrics and the OpenAPI
+//! document, on axum. The engine runs on its own thread; handlers hold its cloneable handle.
+//!
+//! Life of a server: it listens at once and answers `/health`, while `/ready` and the API say
+//! 503 until [`Server::attach`] hands it a loaded engine. On shutdown it stops accepting, turns
+//! `/ready` to 503 and lets requests in flight finish until the deadline, then ends them with an
+//! explicit `server_shutting_down` error.
+
+pub mod error;
+mod generation;
+mod handlers;
+pub mod metrics;
+pub mod openapi;
+pub mod protocol;
+pub mod validation;
+
+use crate::engine::EngineHandle;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use error::ApiError;
+use metrics::{EngineView, Metrics};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use validation::ModelLimits;
+
+/// How the server behaves, apart from the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// The name clients put in `model`.
+    pub served_name: String,
+    /// Larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// How long requests in flight may run on after shutdown begins.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            served_name: "model".into(),
+            max_body_bytes: 4 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub served_name: String,
+    pub metrics: Arc<Metrics>,
+    engine: OnceLock<EngineHandle>,
+    draining: AtomicBool,
+    /// Becomes true when the shutdown deadline passes: requests in flight end.
+    abort: watch::Sender<bool>,
+    max_body_bytes: usize,
+}
+
+impl AppState {
+    /// The engine, if requests may be taken now.
+    pub fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::ShuttingDown);
+        }
+        self.engine.get().ok_or(ApiError::Loading)
+    }
+
+    pub fn limits(engine: &EngineHandle) -> ModelLimits {
+        ModelLimits {
+            context_length: engine.info.context_length,
+            vocab_size: engine.info.vocab_size,
+            kv_tokens: engine.info.kv_blocks * engine.info.block_size,
+        }
+    }
+
+    /// Answers with an error, counting it.
+    pub fn refuse(&self, error: ApiError) -> axum::response::Response {
+        self.metrics.record_error(error.code());
+        if error.status().is_server_error() {
+            tracing::warn!(code = error.code(), "{error}");
+        } else {
+            tracing::debug!(code = error.code(), "{error}");
+        }
+        axum::response::IntoResponse::into_response(error)
+    }
+
+    pub fn abort_signal(&self) -> watch::Receiver<bool> {
+        self.abort.subscribe()
+    }
+
+    fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("shutting down");
+        }
+        match self.engine.get() {
+            None => Err("loading the model"),
+            Some(engine) if !engine.is_running() => Err("the engine stopped"),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// A server for one model.
+#[derive(Debug, Clone)]
+pub struct Server {
+    state: Arc<AppState>,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    pub fn new(config: ServerConfig) -> Self {
+        let (abort, _) = watch::channel(false);
+        Self {
+            state: Arc::new(AppState {
+                metrics: Arc::new(Metrics::new(&config.served_name)),
+                served_name: config.served_name,
+                engine: OnceLock::new(),
+                draining: AtomicBool::new(false),
+                abort,
+                max_body_bytes: config.max_body_bytes,
+            }),
+            shutdown_timeout: config.shutdown_timeout,
+        }
+    }
+
+    /// The metrics, which the engine should be started to report its steps to
+    /// ([`crate::engine::start_observed`]).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.state.metrics.clone()
+    }
+
+    /// Hands over the loaded engine: the server becomes ready.
+    pub fn attach(&self, engine: EngineHandle) {
+        self.state.metrics.attach(EngineView {
+            stats: engine.stats.clone(),
+            info: engine.info.clone(),
+        });
+        if self.state.engine.set(engine).is_ok() {
+            tracing::info!(model = %self.state.served_name, "ready");
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        use openapi::*;
+        Router::new()
+            .route(COMPLETIONS, post(handlers::completions))
+            .route(CHAT_COMPLETIONS, post(handlers::chat_completions))
+            .route(MODELS, get(handlers::models))
+            .route(HEALTH, get(handlers::health))
+            .route(READY, get(handlers::ready))
+            .route(METRICS, get(handlers::metrics))
+            .route(OPENAPI, get(handlers::openapi))
+            .fallback(handlers::not_found)
+            .layer(DefaultBodyLimit::max(self.state.max_body_bytes))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then drains (see the module docs).
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let deadline = self.shutdown_timeout;
+        let signal = async move {
+            shutdown.await;
+            state.draining.store(true, Ordering::Relaxed);
+            tracing::info!(
+                deadline_s = deadline.as_secs_f64(),
+                "shutting down: no new requests; requests in flight may finish until the deadline"
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(deadline).await;
+                if state.abort.send(true).is_ok() {
+                    tracing::warn!("shutdown deadline passed: ending the requests still in flight");
+                }
+            });
+        };
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(signal)
+            .await
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the server");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

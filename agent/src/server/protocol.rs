@@ -1,0 +1,300 @@
+//! The OpenAI wire types the server reads and writes. Requests take every field the OpenAI API
+//! defines for these endpoints (plus vLLM's `top_k` and `ignore_eos`), so that an option this
+//! server does not support is refused by name rather than silently dropped; unknown fields are
+//! refused too. The same types describe the API in `/openapi.json`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A prompt: text, or token ids; a list holding one of either is accepted too.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+/// One or more stop strings.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with the request's token counts.
+    #[serde(default)]
+    pub include_usage: bool,
+    /// Accepted for compatibility; usage is only sent in the last chunk.
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    /// Tokens to generate (default 16).
+    pub max_tokens: Option<i64>,
+    /// 0 (greedy) to 2; default 1.
+    pub temperature: Option<f64>,
+    /// In (0, 1]; default 1.
+    pub top_p: Option<f64>,
+    /// vLLM extension: keep the k most likely tokens (0 or -1: all).
+    pub top_k: Option<i64>,
+    /// Completions per prompt; only 1 is supported.
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// Log-probabilities of the sampled token and this many alternatives (0–20).
+    pub logprobs: Option<i64>,
+    /// Not supported: must be false.
+    pub echo: Option<bool>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    /// Not supported: must be 0.
+    pub presence_penalty: Option<f64>,
+    /// Not supported: must be 0.
+    pub frequency_penalty: Option<f64>,
+    /// Not supported: must be 1.
+    pub best_of: Option<i64>,
+    /// Not supported: must be empty.
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// Not supported.
+    pub suffix: Option<String>,
+    /// Recorded in nothing; accepted for compatibility.
+    pub user: Option<String>,
+    /// vLLM extension: keep generating past the end-of-sequence token.
+    pub ignore_eos: Option<bool>,
+}
+
+/// A chat message's content: text, or a list of text parts.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct ContentPart {
+    /// Only `text` is supported.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct ChatMessage {
+    /// system, developer, user or assistant.
+    pub role: String,
+    pub content: Option<Content>,
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    /// Tokens to generate (default: as many as the context and KV cache allow).
+    pub max_tokens: Option<i64>,
+    /// The newer name of `max_tokens`.
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// Return the sampled tokens' log-probabilities.
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (0–20); needs `logprobs`.
+    pub top_logprobs: Option<i64>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// Not supported.
+    pub tools: Option<serde_json::Value>,
+    /// Not supported.
+    pub tool_choice: Option<serde_json::Value>,
+    /// Not supported.
+    pub parallel_tool_calls: Option<bool>,
+    /// Only `{"type": "text"}` is supported.
+    pub response_format: Option<serde_json::Value>,
+    pub user: Option<String>,
+    pub ignore_eos: Option<bool>,
+}
+
+/// Token counts of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// Log-probabilities in the completions API's shape.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`; null until the last chunk of a stream.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A completion, or one chunk of a streamed one (`object` says which).
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct CompletionResponse {
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One alternative token.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// One sampled token's log-probability in the chat API's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct AssistantMessage {
+    /// `assistant`.
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: &'static str,
+}
+
+/// `chat.completion`.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+/// What a chunk adds to the message.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: Delta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `chat.completion.chunk`: one server-sent event of a streamed chat completion.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// With `stream_options.include_usage`: null in every chunk but the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// Longest prompt plus completion, in tokens.
+    pub max_model_len: usize,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+/// OpenAI's error body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}

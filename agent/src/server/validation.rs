@@ -1,0 +1,546 @@
+//! From a request body to a [`ValidRequest`]: parsed, checked rule by rule, the prompt tokenized
+//! and the context checked. Everything past this module can trust its input.
+
+use super::error::ApiError;
+use super::protocol::{ChatCompletionRequest, CompletionRequest, Content, Prompt, Stop};
+use crate::engine::{Message, SamplingParams, TextCodec};
+use serde::de::DeserializeOwned;
+
+/// Which API a request came through; it decides the response's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Completion,
+    Chat,
+}
+
+/// What the loaded model allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// Tokens the whole KV cache holds: no request can be longer.
+    pub kv_tokens: usize,
+}
+
+/// A request that passed every rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub api: Api,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Return log-probabilities, with this many alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+/// Parses a JSON body, naming the field at fault.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        // serde_json appends the position; the field is the useful part.
+        let message = message
+            .rfind(" at line ")
+            .map_or(message.as_str(), |at| &message[..at])
+            .to_owned();
+        if !inner.is_data() {
+            return ApiError::MalformedJson(message);
+        }
+        let quoted = || message.split('`').nth(1).unwrap_or_default().to_owned();
+        let under = |field: String| {
+            if path == "." || path.is_empty() {
+                field
+            } else {
+                format!("{path}.{field}")
+            }
+        };
+        if message.starts_with("unknown field") {
+            // The path already ends at the unknown field.
+            let field = quoted();
+            ApiError::UnknownField(if path.ends_with(&field) {
+                path
+            } else {
+                under(field)
+            })
+        } else if message.starts_with("missing field") {
+            ApiError::WrongType {
+                param: under(quoted()),
+                message: "is required".into(),
+            }
+        } else {
+            ApiError::WrongType {
+                param: path,
+                message,
+            }
+        }
+    })?;
+    // Trailing characters after the value are malformed JSON too.
+    deserializer
+        .end()
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(value)
+}
+
+/// The options both APIs share, checked.
+struct Common<'a> {
+    model: &'a str,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    n: Option<i64>,
+    stream: Option<bool>,
+    include_usage: Option<bool>,
+    stop: Option<&'a Stop>,
+    seed: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias_len: usize,
+    ignore_eos: Option<bool>,
+}
+
+fn out_of_range(param: &'static str, message: String) -> ApiError {
+    ApiError::OutOfRange { param, message }
+}
+
+fn unsupported(param: &str, message: &str) -> ApiError {
+    ApiError::Unsupported {
+        param: param.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+impl Common<'_> {
+    fn check(&self, served_name: &str) -> Result<(SamplingParams, bool, bool), ApiError> {
+        if self.model != served_name {
+            return Err(ApiError::UnknownModel(self.model.to_owned()));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(out_of_range(
+                "temperature",
+                format!("must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(out_of_range(
+                "top_p",
+                format!("must be in (0, 1], got {top_p}"),
+            ));
+        }
+        let top_k = self.top_k.unwrap_or(0);
+        if top_k < -1 {
+            return Err(out_of_range(
+                "top_k",
+                format!("must be -1, 0 (all tokens) or positive, got {top_k}"),
+            ));
+        }
+        match self.n {
+            None | Some(1) => {}
+            Some(n) if n < 1 => return Err(out_of_range("n", format!("must be 1, got {n}"))),
+            Some(_) => {
+                return Err(unsupported(
+                    "n",
+                    "only one choice per request is supported; send several requests",
+                ));
+            }
+        }
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 {
+            return Err(out_of_range(
+                "stop",
+                format!("at most 4 stop sequences, got {}", stop.len()),
+            ));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(out_of_range(
+                "stop",
+                "stop sequences must not be empty".into(),
+            ));
+        }
+        for (param, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(unsupported(
+                    param,
+                    "penalties are not supported; leave it at 0",
+                ));
+            }
+        }
+        if self.logit_bias_len > 0 {
+            return Err(unsupported("logit_bias", "logit_bias is not supported"));
+        }
+        let stream = self.stream.unwrap_or(false);
+        if self.include_usage.is_some() && !stream {
+            return Err(out_of_range(
+                "stream_options",
+                "stream_options is only allowed when stream is true".into(),
+            ));
+        }
+        let params = SamplingParams {
+            temperature: temperature as f32,
+            top_k: top_k.max(0) as usize,
+            top_p: top_p as f32,
+            // A negative seed is as good a seed as any: keep its bits.
+            seed: self.seed.map(|s| s as u64),
+            stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            ..SamplingParams::default()
+        };
+        Ok((params, stream, self.include_usage.unwrap_or(false)))
+    }
+}
+
+fn logprobs_count(param: &'static str, n: i64) -> Result<usize, ApiError> {
+    if (0..=20).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(out_of_range(
+            param,
+            format!("must be between 0 and 20, got {n}"),
+        ))
+    }
+}
+
+/// Checks `max_tokens` (or picks the default) against the context and the KV cache.
+fn max_tokens(
+    requested: Option<i64>,
+    default: Option<usize>,
+    prompt: usize,
+    limits: ModelLimits,
+) -> Result<usize, ApiError> {
+    let context = limits.context_length;
+    match requested {
+        Some(n) if n < 1 => Err(out_of_range(
+            "max_tokens",
+            format!("must be at least 1, got {n}"),
+        )),
+        Some(n) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if prompt.saturating_add(n) > context {
+                return Err(ApiError::ContextExceeded {
+                    prompt,
+                    max_tokens: n,
+                    context,
+                });
+            }
+            Ok(n)
+        }
+        None => {
+            if prompt >= context {
+                return Err(ApiError::ContextExceeded {
+                    prompt,
+                    max_tokens: 1,
+                    context,
+                });
+            }
+            let room = context.min(limits.kv_tokens).saturating_sub(prompt).max(1);
+            Ok(default.map_or(room, |d| d.min(context - prompt)))
+        }
+    }
+}
+
+/// `POST /v1/completions`.
+pub fn completion(
+    request: &CompletionRequest,
+    served_name: &str,
+    codec: &TextCodec,
+    limits: ModelLimits,
+) -> Result<ValidRequest, ApiError> {
+    let (mut params, stream, include_usage) = Common {
+        model: &request.model,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: request.top_k,
+        n: request.n,
+        stream: request.stream,
+        include_usage: request.stream_options.as_ref().map(|o| o.include_usage),
+        stop: request.stop.as_ref(),
+        seed: request.seed,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        logit_bias_len: request.logit_bias.as_ref().map_or(0, |b| b.len()),
+        ignore_eos: request.ignore_eos,
+    }
+    .check(served_name)?;
+    if request.echo == Some(true) {
+        return Err(unsupported("echo", "echo is not supported"));
+    }
+    if request.best_of.is_some_and(|b| b != 1) {
+        return Err(unsupported("best_of", "only best_of 1 is supported"));
+    }
+    if request.suffix.is_some() {
+        return Err(unsupported("suffix", "suffix is not supported"));
+    }
+    let logprobs = request
+        .logprobs
+        .map(|n| logprobs_count("logprobs", n))
+        .transpose()?;
+    let prompt = match &request.prompt {
+        Prompt::Text(text) => encode(codec, text)?,
+        Prompt::Texts(texts) if texts.len() == 1 => encode(codec, &texts[0])?,
+        Prompt::Tokens(ids) => token_ids(ids, limits.vocab_size)?,
+        Prompt::TokenLists(lists) if lists.len() == 1 => token_ids(&lists[0], limits.vocab_size)?,
+        Prompt::Texts(_) | Prompt::TokenLists(_) => {
+            return Err(unsupported(
+                "prompt",
+                "one prompt per request is supported; send one request per prompt",
+            ));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(out_of_range("prompt", "the prompt is empty".into()));
+    }
+    params.max_tokens = max_tokens(request.max_tokens, Some(16), prompt.len(), limits)?;
+    params.logprobs = logprobs.unwrap_or(0);
+    Ok(ValidRequest {
+        api: Api::Completion,
+        prompt,
+        params,
+        stream,
+        include_usage,
+        logprobs,
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub fn chat(
+    request: &ChatCompletionRequest,
+    served_name: &str,
+    codec: &TextCodec,
+    limits: ModelLimits,
+) -> Result<ValidRequest, ApiError> {
+    let (mut params, stream, include_usage) = Common {
+        model: &request.model,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: request.top_k,
+        n: request.n,
+        stream: request.stream,
+        include_usage: request.stream_options.as_ref().map(|o| o.include_usage),
+        stop: request.stop.as_ref(),
+        seed: request.seed,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        logit_bias_len: request.logit_bias.as_ref().map_or(0, |b| b.len()),
+        ignore_eos: request.ignore_eos,
+    }
+    .check(served_name)?;
+    if request
+        .tools
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(unsupported("tools", "tool calling is not supported"));
+    }
+    if request
+        .tool_choice
+        .as_ref()
+        .is_some_and(|c| !c.is_null() && c != "none")
+    {
+        return Err(unsupported("tool_choice", "tool calling is not supported"));
+    }
+    if let Some(format) = &request.response_format
+        && format["type"] != "text"
+    {
+        return Err(unsupported(
+            "response_format",
+            "only {\"type\": \"text\"} is supported",
+        ));
+    }
+    let top = request
+        .top_logprobs
+        .map(|n| logprobs_count("top_logprobs", n))
+        .transpose()?;
+    let logprobs = match (request.logprobs.unwrap_or(false), top) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, None | Some(0)) => None,
+        (false, Some(_)) => {
+            return Err(out_of_range(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true".into(),
+            ));
+        }
+    };
+    if request.messages.is_empty() {
+        return Err(out_of_range(
+            "messages",
+            "at least one message is needed".into(),
+        ));
+    }
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for (i, m) in request.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "user" | "assistant" => m.role.clone(),
+            // OpenAI's newer name for system instructions; models' templates know `system`.
+            "developer" => "system".to_owned(),
+            "tool" | "function" => {
+                return Err(unsupported(
+                    &format!("messages[{i}].role"),
+                    "tool messages are not supported",
+                ));
+            }
+            other => {
+                return Err(ApiError::WrongType {
+                    param: format!("messages[{i}].role"),
+                    message: format!(
+                        "unknown role {other:?} (system, developer, user or assistant)"
+                    ),
+                });
+            }
+        };
+        let content = match &m.content {
+            Some(Content::Text(text)) => text.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    match (part.kind.as_str(), &part.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        ("text", None) => {
+                            return Err(ApiError::WrongType {
+                                param: format!("messages[{i}].content[{j}].text"),
+                                message: "is required".into(),
+                            });
+                        }
+                        (other, _) => {
+                            return Err(unsupported(
+                                &format!("messages[{i}].content[{j}].type"),
+                                &format!("only text parts are supported, not {other:?}"),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+            None => {
+                return Err(ApiError::WrongType {
+                    param: format!("messages[{i}].content"),
+                    message: "is required".into(),
+                });
+            }
+        };
+        messages.push(Message { role, content });
+    }
+    let text = codec
+        .chat_prompt(&messages)
+        .map_err(|e| ApiError::WrongType {
+            param: "messages".into(),
+            message: e.to_string(),
+        })?;
+    let prompt = encode(codec, &text)?;
+    let requested = request.max_completion_tokens.or(request.max_tokens);
+    params.max_tokens = max_tokens(requested, None, prompt.len(), limits)?;
+    params.logprobs = logprobs.unwrap_or(0);
+    Ok(ValidRequest {
+        api: Api::Chat,
+        prompt,
+        params,
+        stream,
+        include_usage,
+        logprobs,
+    })
+}
+
+fn encode(codec: &TextCodec, text: &str) -> Result<Vec<u32>, ApiError> {
+    codec.encode(text).map_err(|e| ApiError::WrongType {
+        param: "prompt".into(),
+        message: e.to_string(),
+    })
+}
+
+fn token_ids(ids: &[i64], vocab: usize) -> Result<Vec<u32>, ApiError> {
+    ids.iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < vocab)
+                .ok_or_else(|| {
+                    out_of_range(
+                        "prompt",
+                        format!("token id {id} is outside the vocabulary of {vocab}"),
+                    )
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::protocol::CompletionRequest;
+
+    fn param_of(body: &str) -> Option<String> {
+        parse::<CompletionRequest>(body.as_bytes())
+            .err()
+            .and_then(|e| e.param())
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        assert_eq!(
+            param_of(r#"{"model":"m","prompt":"x","bogus":1}"#).as_deref(),
+            Some("bogus")
+        );
+        assert_eq!(param_of(r#"{"prompt":"x"}"#).as_deref(), Some("model"));
+        assert_eq!(
+            param_of(r#"{"model":"m","prompt":"x","max_tokens":"many"}"#).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param_of(r#"{"model":"m","prompt":"x","stream_options":{"x":1}}"#).as_deref(),
+            Some("stream_options.x")
+        );
+        let malformed = parse::<CompletionRequest>(b"{\"model\":").unwrap_err();
+        assert!(
+            matches!(malformed, ApiError::MalformedJson(_)),
+            "{malformed:?}"
+        );
+        let trailing = parse::<CompletionRequest>(br#"{"model":"m","prompt":"x"} x"#).unwrap_err();
+        assert!(
+            matches!(trailing, ApiError::MalformedJson(_)),
+            "{trailing:?}"
+        );
+    }
+
+    #[test]
+    fn max_tokens_is_checked_against_the_context_and_defaults_to_what_fits() {
+        let limits = ModelLimits {
+            context_length: 100,
+            vocab_size: 10,
+            kv_tokens: 64,
+        };
+        assert_eq!(max_tokens(Some(10), None, 20, limits).unwrap(), 10);
+        assert!(matches!(
+            max_tokens(Some(90), None, 20, limits),
+            Err(ApiError::ContextExceeded {
+                prompt: 20,
+                max_tokens: 90,
+                context: 100
+            })
+        ));
+        assert!(matches!(
+            max_tokens(Some(0), None, 20, limits),
+            Err(ApiError::OutOfRange { .. })
+        ));
+        // Chat's default fills what the KV cache can hold; completions' is 16.
+        assert_eq!(max_tokens(None, None, 20, limits).unwrap(), 44);
+        assert_eq!(max_tokens(None, Some(16), 20, limits).unwrap(), 16);
+        assert_eq!(max_tokens(None, Some(16), 95, limits).unwrap(), 5);
+    }
+
+    #[test]
+    fn token_prompts_must_be_in_the_vocabulary() {
+        assert_eq!(token_ids(&[1, 2], 10).unwrap(), vec![1, 2]);
+        assert!(token_ids(&[10], 10).is_err());
+        assert!(token_ids(&[-1], 10).is_err());
+    }
+}

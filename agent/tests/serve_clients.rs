@@ -1,0 +1,246 @@
+//! Real clients of the server, installed by `scripts/install-tools`: the official `openai`
+//! Python client, `openapi-spec-validator` on `/openapi.json`, and Debian's Prometheus scraping
+//! `/metrics` and answering PromQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use support::http::{MODEL, TestServer, eventually};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The test virtualenv's Python, which must have the test requirements.
+fn python() -> PathBuf {
+    let python = root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/install-tools",
+        python.display()
+    );
+    python
+}
+
+/// Runs a command to its end (bounded), returning its output, failing with what it printed.
+async fn run(mut command: Command, limit: Duration) -> String {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = tokio::time::timeout(
+        limit,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the command finishes in time")
+    .unwrap()
+    .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{command:?} failed:\n{printed}");
+    printed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_chats_streaming_and_not() {
+    let (server, _engine) = TestServer::start().await;
+    let mut command = Command::new(python());
+    command
+        .arg(root().join("agent/tests/clients/openai_client.py"))
+        .arg(&server.base)
+        .arg(MODEL);
+    let printed = run(command, Duration::from_secs(300)).await;
+    assert!(printed.contains("ok"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_valid_openapi() {
+    let (server, _engine) = TestServer::start().await;
+    let (status, document) = server.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let path = std::env::temp_dir().join(format!("parallax-openapi-{}.json", std::process::id()));
+    std::fs::write(&path, document).unwrap();
+    let mut command = Command::new(python());
+    command.args(["-m", "openapi_spec_validator"]).arg(&path);
+    let printed = run(command, Duration::from_secs(120)).await;
+    let _ = std::fs::remove_file(&path);
+    assert!(printed.contains("OK"), "{printed}");
+}
+
+/// A Prometheus server in a scratch folder, stopped and removed on drop.
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    base: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Prometheus {
+    fn start(binary: &Path, target: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("parallax-prometheus-{nanos}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: parallax-agent\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let address = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={address}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            dir,
+            base: format!("http://{address}"),
+        }
+    }
+
+    /// The single value of an instant PromQL query, if it has one yet.
+    async fn query(&self, client: &reqwest::Client, promql: &str) -> Option<(Value, f64)> {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/api/v1/query", self.base),
+            [("query", promql)],
+        )
+        .ok()?;
+        let response = client.get(url).send().await.ok()?;
+        let body: Value = response.json().await.ok()?;
+        let result = body["data"]["result"].as_array()?.first()?.clone();
+        let value = result["value"][1].as_str()?.parse().ok()?;
+        Some((result["metric"].clone(), value))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_agent_and_promql_counts_the_generated_tokens() {
+    let binary = root().join(".tools/bin/prometheus");
+    if !binary.exists() {
+        eprintln!(
+            "\n*** SKIPPED: {} is missing (scripts/install-tools could not fetch Debian's prometheus) ***\n",
+            binary.display()
+        );
+        return;
+    }
+    let (server, _engine) = TestServer::start().await;
+    let mut generated = 0;
+    for prompt in ["One", "Two", "Three"] {
+        let (status, body) = server
+            .post_json(
+                "/v1/completions",
+                &json!({"model": MODEL, "prompt": prompt, "max_tokens": 5, "ignore_eos": true}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        generated += body["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(generated, 15);
+
+    let target = server.base.trim_start_matches("http://").to_owned();
+    let prometheus = Prometheus::start(&binary, &target);
+    let client = reqwest::Client::new();
+    eventually(
+        Duration::from_secs(60),
+        "Prometheus has scraped the agent",
+        || async {
+            prometheus
+                .query(&client, "vllm:generation_tokens_total")
+                .await
+                .is_some()
+        },
+    )
+    .await;
+    let (labels, value) = prometheus
+        .query(&client, "vllm:generation_tokens_total")
+        .await
+        .unwrap();
+    assert_eq!(value, generated as f64);
+    assert_eq!(labels["model_name"], MODEL);
+    assert_eq!(labels["job"], "parallax-agent");
+    // Histograms arrive whole: PromQL can take a quantile of them.
+    let (_, count) = prometheus
+        .query(&client, "sum(vllm:e2e_request_latency_seconds_count)")
+        .await
+        .expect("the e2e histogram was scraped");
+    assert_eq!(count, 3.0);
+    let (_, p95) = prometheus
+        .query(
+            &client,
+            "histogram_quantile(0.95, sum by (le) (vllm:e2e_request_latency_seconds_bucket))",
+        )
+        .await
+        .expect("a quantile of the e2e histogram");
+    assert!(p95 > 0.0 && p95.is_finite(), "{p95}");
+
+    // Without an OpenMetrics Accept header the classic text format comes, which promtool parses;
+    // its only complaint is the colon in vLLM's names, kept on purpose for compatibility.
+    let (status, text) = server.get("/metrics").await;
+    assert_eq!(status, 200);
+    let mut promtool = Command::new(root().join(".tools/bin/promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let output = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!complaints.contains("error"), "{complaints}");
+    for line in complaints.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            line.starts_with("vllm:") && line.ends_with("metric names should not contain ':'"),
+            "promtool: {line}"
+        );
+    }
+}
