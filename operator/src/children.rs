@@ -554,7 +554,13 @@ mod tests {
         // The agent listens on the pod's address so that probes and Services reach it.
         assert_eq!(
             spec.containers[0].args.as_deref().unwrap(),
-            ["serve", "--config", "/etc/parallax/agent.json", "--host", "0.0.0.0"]
+            [
+                "serve",
+                "--config",
+                "/etc/parallax/agent.json",
+                "--host",
+                "0.0.0.0"
+            ]
         );
         assert_eq!(env["PARALLAX_TENSOR_PARALLEL_SIZE"], "8");
         assert_eq!(
