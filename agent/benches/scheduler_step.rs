@@ -2,14 +2,23 @@
 //! sequences decoding and a queue of waiting ones.
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use parallax_agent::engine::admission::{Bin, BinShare, Priority, QueuePolicy, Queued, Ticket};
 use parallax_agent::engine::kv_cache::{BlockAllocator, BlockTable};
 use parallax_agent::engine::scheduler::{Schedulable, Scheduler, SchedulerConfig};
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 struct Seq {
     len: usize,
     computed: usize,
     table: BlockTable,
+    ticket: Ticket,
+}
+
+impl Queued for Seq {
+    fn ticket(&self) -> Ticket {
+        self.ticket
+    }
 }
 
 impl Schedulable for Seq {
@@ -25,20 +34,35 @@ impl Schedulable for Seq {
     fn table(&mut self) -> &mut BlockTable {
         &mut self.table
     }
+    fn table_ref(&self) -> &BlockTable {
+        &self.table
+    }
 }
 
-/// 256 sequences that have each just sampled a token (so each decodes one, and those at a block
-/// boundary need a new block), plus 44 waiting that do not fit the sequence cap.
+/// 256 sequences of mixed bins and priorities that have each just sampled a token (so each
+/// decodes one, and those at a block boundary need a new block), plus 44 waiting that do not fit:
+/// the multi-bin admission order, with shares sized for a batch of 256, runs over all of them.
 fn decoding_scheduler(allocator: &BlockAllocator) -> Scheduler<Seq> {
+    let share = |min, max, weight| BinShare { min, max, weight };
     let mut scheduler = Scheduler::new(SchedulerConfig {
         max_num_seqs: 256,
         max_batched_tokens: 8192,
+        policy: QueuePolicy {
+            shares: [share(128, 256, 3), share(64, 128, 2), share(16, 64, 1)],
+            ..QueuePolicy::multi_bin(256)
+        },
     });
+    let t0 = Instant::now();
     for i in 0..300 {
         scheduler.add(Seq {
             len: 40 + i % 200,
             computed: 0,
             table: BlockTable::new(allocator, 16),
+            ticket: Ticket {
+                bin: Bin::ALL[i % 3],
+                priority: Priority::ALL[i % 3],
+                ..Ticket::new(t0 + Duration::from_micros(i as u64))
+            },
         });
     }
     loop {

@@ -1,5 +1,6 @@
 //! The command line: `serve`, `generate`, `bench`, `bench-serve` and `check-config`.
 
+use crate::engine::admission::Discipline;
 use crate::engine::{
     self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, NoObserver,
     SamplingParams, StepObserver,
@@ -64,6 +65,15 @@ pub struct EngineArgs {
     /// Worker threads for the forward pass (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Admission order: `multi-bin` (bins by predicted time, priorities, aging) or `fcfs`.
+    #[arg(long, value_enum, default_value_t = SchedulerKind::MultiBin)]
+    pub scheduler: SchedulerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SchedulerKind {
+    Fcfs,
+    MultiBin,
 }
 
 impl EngineArgs {
@@ -86,6 +96,10 @@ impl EngineArgs {
             max_batched_tokens: self.max_num_batched_tokens,
             block_size: self.block_size,
             kv_cache,
+            discipline: match self.scheduler {
+                SchedulerKind::Fcfs => Discipline::Fcfs,
+                SchedulerKind::MultiBin => Discipline::MultiBin,
+            },
         })
     }
 
@@ -210,6 +224,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut first = None;
     while let Some(event) = stream.next_blocking() {
         match event {
+            Event::Started { .. } => {}
             Event::Token { text, .. } => {
                 first.get_or_insert_with(Instant::now);
                 write!(stdout, "{text}")?;
@@ -320,6 +335,7 @@ async fn run_one(
     let mut first = None;
     loop {
         match stream.next().await {
+            Some(Event::Started { .. }) => {}
             Some(Event::Token { .. }) => {
                 first.get_or_insert_with(Instant::now);
             }
@@ -440,6 +456,23 @@ pub struct ServeArgs {
     /// Seconds requests in flight may run on after SIGTERM/SIGINT before they are ended.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_timeout: f64,
+    /// Most requests waiting to start; more are refused with 429 and Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue_requests: usize,
+    /// Most prompt tokens waiting to start; more are refused with 429 and Retry-After.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub max_queue_tokens: usize,
+    /// Default X-Max-Wait-Time (milliseconds): how long `X-Batch-Preference: enable` waits for a
+    /// batch to join.
+    #[arg(long, default_value_t = 50)]
+    pub max_wait_ms: u64,
+    /// Requests predicted to run under this many milliseconds are in the fast bin.
+    #[arg(long, default_value_t = 100)]
+    pub fast_bin_ms: u64,
+    /// Requests predicted under this many milliseconds (and not fast) are in the medium bin;
+    /// the rest are slow.
+    #[arg(long, default_value_t = 500)]
+    pub medium_bin_ms: u64,
 }
 
 /// The last path segment of a model source without `.gguf`.
@@ -454,10 +487,28 @@ fn default_served_name(model: &str) -> String {
 
 impl ServeArgs {
     /// The engine options, the served name and the port, with the configuration file applied.
+    #[cfg(test)]
     fn resolve(&self) -> anyhow::Result<(EngineArgs, String, u16)> {
+        self.resolve_all()
+            .map(|(engine, served, port, _)| (engine, served, port))
+    }
+
+    fn resolve_all(&self) -> anyhow::Result<(EngineArgs, String, u16, ServerConfig)> {
         let mut engine = self.engine.clone();
         let mut served = self.served_model_name.clone();
         let mut port = self.port;
+        let mut server = ServerConfig {
+            served_name: String::new(),
+            max_body_bytes: self.max_body_bytes,
+            shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout.max(0.0)),
+            max_queue_requests: self.max_queue_requests,
+            max_queue_tokens: self.max_queue_tokens,
+            default_max_wait: Duration::from_millis(self.max_wait_ms),
+            bins: server::prediction::BinBounds {
+                fast: Duration::from_millis(self.fast_bin_ms),
+                medium: Duration::from_millis(self.medium_bin_ms),
+            },
+        };
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -478,22 +529,31 @@ impl ServeArgs {
                 .context("batching.maxBatchSize must be positive")?;
             engine.block_size = usize::try_from(config.kv_cache.block_size)
                 .context("kvCache.blockSize must be positive")?;
+            let millis = |ms: i32| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+            server.default_max_wait = millis(config.batching.batch_timeout_ms);
+            server.bins.fast = millis(config.batching.bins.fast.max_execution_time_ms);
+            server.bins.medium = millis(config.batching.bins.medium.max_execution_time_ms);
+        }
+        if server.bins.fast >= server.bins.medium {
+            bail!("the fast bin's bound must be below the medium bin's");
         }
         let model = engine.model()?.to_owned();
         engine.config()?;
         if !(self.shutdown_timeout >= 0.0 && self.shutdown_timeout.is_finite()) {
             bail!("--shutdown-timeout must be a number of seconds ≥ 0");
         }
+        server.served_name = served.unwrap_or_else(|| default_served_name(&model));
         Ok((
             engine,
-            served.unwrap_or_else(|| default_served_name(&model)),
+            server.served_name.clone(),
             port.unwrap_or(parallax_crds::agent_config::AGENT_HTTP_PORT),
+            server,
         ))
     }
 }
 
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let (engine, served_name, port) = args.resolve()?;
+    let (engine, served_name, port, server_config) = args.resolve_all()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -503,11 +563,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{port}", args.host))?;
         tracing::info!(address = %listener.local_addr()?, model = %served_name, "listening");
-        let server = Server::new(ServerConfig {
-            served_name,
-            max_body_bytes: args.max_body_bytes,
-            shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
-        });
+        let server = Server::new(server_config);
         // The model loads while the server already answers /health (and /ready says 503).
         let loading = {
             let server = server.clone();

@@ -79,6 +79,7 @@ async fn cancelled_requests_free_their_blocks() {
         .collect();
     // Wait until each dropped request has produced a token, so it holds blocks, then drop it.
     for stream in dropped.iter_mut() {
+        assert!(matches!(stream.next().await, Some(Event::Started { .. })));
         assert!(matches!(stream.next().await, Some(Event::Token { .. })));
     }
     drop(dropped);

@@ -111,6 +111,11 @@ impl BlockTable {
             .saturating_sub(self.blocks.len())
     }
 
+    /// Whether the free blocks would let the table hold `tokens` tokens.
+    pub fn fits(&self, tokens: usize) -> bool {
+        self.blocks_needed(tokens) <= self.allocator.free()
+    }
+
     /// Grows the table to hold `tokens` tokens; on failure nothing is allocated.
     pub fn reserve(&mut self, tokens: usize) -> bool {
         let needed = self.blocks_needed(tokens);

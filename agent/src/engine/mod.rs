@@ -1,6 +1,7 @@
 //! The engine: a Llama model over a paged KV cache, scheduled by continuous batching. It knows
 //! nothing of HTTP or Kubernetes; the device is chosen once, at load (CPU today).
 
+pub mod admission;
 pub mod error;
 pub mod kernels;
 pub mod kv_cache;

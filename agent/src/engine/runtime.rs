@@ -3,14 +3,16 @@
 //! [`Event`]s; dropping the stream cancels the request, whose blocks are freed before the next
 //! step.
 
+use super::admission::{Bin, Discipline, Priority, QueuePolicy, Queued, Ticket};
 use super::error::{EngineError, Result};
 use super::kv_cache::{BlockAllocator, BlockTable, KvStore};
 use super::model::{Llama, SeqInput, Workspace};
 use super::sampling::{Rng, SamplingParams, sample};
-use super::scheduler::{Schedulable, Scheduler, SchedulerConfig};
+use super::scheduler::{Preemption, Schedulable, Scheduler, SchedulerConfig};
 use super::tokenizer::{IncrementalDecoder, TextCodec};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -30,6 +32,8 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     pub block_size: usize,
     pub kv_cache: KvCacheSize,
+    /// The admission order: first come first served, or bins and priorities.
+    pub discipline: Discipline,
 }
 
 impl Default for EngineConfig {
@@ -39,8 +43,24 @@ impl Default for EngineConfig {
             max_batched_tokens: 512,
             block_size: 16,
             kv_cache: KvCacheSize::MemoryFraction(0.1),
+            discipline: Discipline::MultiBin,
         }
     }
+}
+
+/// KV usage above this stops admissions until it falls below [`KV_PRESSURE_OFF`].
+pub const KV_PRESSURE_ON: f64 = 0.95;
+pub const KV_PRESSURE_OFF: f64 = 0.85;
+
+/// How a request is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestOptions {
+    pub priority: Priority,
+    pub bin: Bin,
+    /// Run alone, in steps of its own.
+    pub exclusive: bool,
+    /// Wait up to this long for a batch to join.
+    pub max_wait: Option<Duration>,
 }
 
 /// Why a request ended.
@@ -71,6 +91,12 @@ pub enum Event {
         text: String,
         logprob: f32,
         top_logprobs: Vec<(u32, f32)>,
+    },
+    /// The request ran its first step, after waiting `queue_time`, in a batch of `batch_size`
+    /// sequences. Comes before any token.
+    Started {
+        queue_time: Duration,
+        batch_size: usize,
     },
     /// The last event: remaining text, why it ended, the token counts and how long the request
     /// waited before its first step.
@@ -118,7 +144,14 @@ pub struct EngineStats {
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_peak: AtomicUsize,
     pub preemptions: AtomicU64,
+    pub preemptions_for_priority: AtomicU64,
     pub steps: AtomicU64,
+    /// Admissions stopped because the KV cache is nearly full.
+    pub kv_pressure: AtomicBool,
+    /// Waiting requests, `[bin][priority]`.
+    pub queue_depths: [[AtomicUsize; 3]; 3],
+    /// Tokens of the waiting requests' prompts.
+    pub waiting_tokens: AtomicUsize,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
 }
@@ -143,10 +176,12 @@ pub struct EngineInfo {
     pub block_size: usize,
     pub kv_blocks: usize,
     pub weight_bytes: usize,
+    pub max_num_seqs: usize,
+    pub discipline: Discipline,
 }
 
 struct Submission {
-    arrived: Instant,
+    ticket: Ticket,
     prompt: Vec<u32>,
     params: SamplingParams,
     events: mpsc::UnboundedSender<Event>,
@@ -173,7 +208,8 @@ impl RequestStream {
 /// A cloneable handle to the engine thread.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
-    submissions: mpsc::UnboundedSender<Submission>,
+    submissions: std_mpsc::Sender<Submission>,
+    alive: Arc<AtomicBool>,
     pub info: Arc<EngineInfo>,
     pub stats: Arc<EngineStats>,
     pub codec: Arc<TextCodec>,
@@ -182,11 +218,21 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// False once the engine thread has ended (it stopped or panicked).
     pub fn is_running(&self) -> bool {
-        !self.submissions.is_closed()
+        self.alive.load(Ordering::Relaxed)
     }
 
-    /// Validates and queues a request.
+    /// Validates and queues a request (medium priority, fast bin, no batching preference).
     pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream> {
+        self.submit_with(prompt, params, RequestOptions::default())
+    }
+
+    /// Validates and queues a request with its queueing options.
+    pub fn submit_with(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        options: RequestOptions,
+    ) -> Result<RequestStream> {
         params.validate().map_err(EngineError::InvalidRequest)?;
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest(
@@ -216,9 +262,16 @@ impl EngineHandle {
             });
         }
         let (events, receiver) = mpsc::unbounded_channel();
+        let now = Instant::now();
         self.submissions
             .send(Submission {
-                arrived: Instant::now(),
+                ticket: Ticket {
+                    priority: options.priority,
+                    bin: options.bin,
+                    arrived: now,
+                    exclusive: options.exclusive,
+                    hold_until: options.max_wait.map(|w| now + w),
+                },
                 prompt,
                 params,
                 events,
@@ -262,13 +315,17 @@ pub fn start_observed(
         block_size: config.block_size,
         kv_blocks: blocks,
         weight_bytes: model.weight_bytes(),
+        max_num_seqs: config.max_num_seqs,
+        discipline: config.discipline,
     });
     let stats = Arc::new(EngineStats::default());
     stats.kv_blocks_total.store(blocks, Ordering::Relaxed);
     let codec = Arc::new(codec);
-    let (submissions, receiver) = mpsc::unbounded_channel();
+    let (submissions, receiver) = std_mpsc::channel();
+    let alive = Arc::new(AtomicBool::new(true));
     let handle = EngineHandle {
         submissions,
+        alive: alive.clone(),
         info,
         stats: stats.clone(),
         codec: codec.clone(),
@@ -276,11 +333,17 @@ pub fn start_observed(
     std::thread::Builder::new()
         .name("parallax-engine".into())
         .spawn(move || {
+            // Marks the engine stopped however the thread ends, a panic included.
+            let _alive = AliveGuard(alive);
             let kv = KvStore::new(model.config.layers, blocks, config.block_size, width);
             let allocator = BlockAllocator::new(blocks);
             let scheduler = Scheduler::new(SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
                 max_batched_tokens: config.max_batched_tokens,
+                policy: QueuePolicy {
+                    discipline: config.discipline,
+                    ..QueuePolicy::multi_bin(config.max_num_seqs)
+                },
             });
             EngineLoop {
                 model,
@@ -303,6 +366,14 @@ pub fn start_observed(
     Ok(handle)
 }
 
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// `MemAvailable` from /proc/meminfo, or 1 GiB where it cannot be read.
 fn available_memory() -> usize {
     std::fs::read_to_string("/proc/meminfo")
@@ -316,7 +387,7 @@ fn available_memory() -> usize {
 }
 
 struct Sequence {
-    arrived: Instant,
+    ticket: Ticket,
     /// When the sequence first ran (its queue time ends there).
     started: Option<Instant>,
     tokens: Vec<u32>,
@@ -345,6 +416,15 @@ impl Schedulable for Sequence {
     fn table(&mut self) -> &mut BlockTable {
         &mut self.table
     }
+    fn table_ref(&self) -> &BlockTable {
+        &self.table
+    }
+}
+
+impl Queued for Sequence {
+    fn ticket(&self) -> Ticket {
+        self.ticket
+    }
 }
 
 struct EngineLoop {
@@ -361,12 +441,27 @@ struct EngineLoop {
 }
 
 impl EngineLoop {
-    fn run(mut self, mut submissions: mpsc::UnboundedReceiver<Submission>) {
+    fn run(mut self, submissions: std_mpsc::Receiver<Submission>) {
+        let mut idle_step = false;
         loop {
             if self.scheduler.is_idle() {
-                match submissions.blocking_recv() {
-                    Some(s) => self.admit(s),
-                    None => return,
+                match submissions.recv() {
+                    Ok(s) => self.admit(s),
+                    Err(_) => return,
+                }
+            } else if idle_step {
+                // Only requests holding out for company wait: sleep until one may go alone, or
+                // until a new request arrives.
+                let wait = self
+                    .scheduler
+                    .next_release()
+                    .map_or(Duration::from_millis(5), |at| {
+                        at.saturating_duration_since(Instant::now())
+                    });
+                match submissions.recv_timeout(wait) {
+                    Ok(s) => self.admit(s),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(s) = submissions.try_recv() {
@@ -374,7 +469,7 @@ impl EngineLoop {
             }
             // Requests whose receiver went away are dropped before the step (their blocks too).
             drop(self.scheduler.retain(|s| !s.events.is_closed()));
-            self.step();
+            idle_step = !self.step();
         }
     }
 
@@ -388,7 +483,7 @@ impl EngineLoop {
             .prompt_tokens
             .fetch_add(s.prompt.len() as u64, Ordering::Relaxed);
         self.scheduler.add(Sequence {
-            arrived: s.arrived,
+            ticket: s.ticket,
             started: None,
             prompt_len: s.prompt.len(),
             tokens: s.prompt,
@@ -403,11 +498,12 @@ impl EngineLoop {
         });
     }
 
-    fn step(&mut self) {
+    /// One step; false if nothing could run.
+    fn step(&mut self) -> bool {
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             self.publish();
-            return;
+            return false;
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let began = Instant::now();
@@ -438,7 +534,16 @@ impl EngineLoop {
         let running = self.scheduler.running_mut();
         for (p, samples) in plan.iter().zip(samples) {
             let seq = &mut running[p.index];
-            seq.started.get_or_insert(began);
+            if seq.started.is_none() {
+                seq.started = Some(began);
+                outbox.push((
+                    seq.events.clone(),
+                    Event::Started {
+                        queue_time: began - seq.ticket.arrived,
+                        batch_size: plan.len(),
+                    },
+                ));
+            }
             seq.computed += p.tokens;
             if !samples {
                 continue;
@@ -494,7 +599,7 @@ impl EngineLoop {
                         reason,
                         prompt_tokens: seq.prompt_len,
                         completion_tokens: generated,
-                        queue_time: seq.started.unwrap_or(began) - seq.arrived,
+                        queue_time: seq.started.unwrap_or(began) - seq.ticket.arrived,
                     },
                 ));
                 seq.finished = true;
@@ -511,10 +616,37 @@ impl EngineLoop {
         for (events, event) in outbox {
             let _ = events.send(event);
         }
+        true
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let used = self.allocator.used();
+        let usage = used as f64 / self.allocator.total().max(1) as f64;
+        let pressure = self.scheduler.under_pressure();
+        if !pressure && usage > KV_PRESSURE_ON {
+            tracing::warn!(usage, "KV cache nearly full: admissions paused");
+            self.scheduler.set_pressure(true);
+        } else if pressure && usage < KV_PRESSURE_OFF {
+            tracing::info!(usage, "KV cache usage down again: admissions resumed");
+            self.scheduler.set_pressure(false);
+        }
+        self.stats
+            .kv_pressure
+            .store(self.scheduler.under_pressure(), Ordering::Relaxed);
+        let depths = self.scheduler.queue_depths();
+        for (bin, row) in depths.iter().enumerate() {
+            for (priority, depth) in row.iter().enumerate() {
+                self.stats.queue_depths[bin][priority].store(*depth, Ordering::Relaxed);
+            }
+        }
+        let waiting_tokens = self.scheduler.waiting().map(|s| s.tokens.len()).sum();
+        self.stats
+            .waiting_tokens
+            .store(waiting_tokens, Ordering::Relaxed);
+        self.stats.preemptions_for_priority.store(
+            self.scheduler.preemptions_for(Preemption::Priority),
+            Ordering::Relaxed,
+        );
         self.stats.kv_blocks_used.store(used, Ordering::Relaxed);
         self.stats.kv_blocks_peak.fetch_max(used, Ordering::Relaxed);
         self.stats

@@ -1,13 +1,16 @@
 //! Iteration-level scheduling, without a model: which sequences run in the next step and how many
 //! of their tokens, under a token budget (chunked prefill), a sequence cap and the free KV blocks.
-//! When blocks run out the most recently admitted sequence is preempted: its blocks are freed and
-//! it goes back to the head of the queue to be recomputed.
+//! Waiting sequences are admitted in the order the [`AdmissionQueue`] gives (first come first
+//! served, or bins and priorities). When blocks run out the most recently admitted sequence is
+//! preempted: its blocks are freed and it resumes first, recomputed. A high-priority request that
+//! cannot be admitted preempts the newest low-priority running sequence, which waits again.
 
+use super::admission::{AdmissionQueue, Discipline, Priority, QueuePolicy, Queued};
 use super::kv_cache::BlockTable;
-use std::collections::VecDeque;
+use std::time::Instant;
 
 /// What the scheduler needs of a sequence.
-pub trait Schedulable {
+pub trait Schedulable: Queued {
     /// Tokens known: prompt plus generated.
     fn total_tokens(&self) -> usize;
     /// Tokens whose keys and values are in the cache.
@@ -15,15 +18,27 @@ pub trait Schedulable {
     /// Forgets the cache (preemption): `computed` becomes 0.
     fn reset(&mut self);
     fn table(&mut self) -> &mut BlockTable;
+    fn table_ref(&self) -> &BlockTable;
 }
 
-/// Limits of one step.
+/// Limits of one step and the admission order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     /// Most sequences running at once.
     pub max_num_seqs: usize,
     /// Most tokens in one forward pass (prefill chunks plus decode tokens).
     pub max_batched_tokens: usize,
+    pub policy: QueuePolicy,
+}
+
+impl SchedulerConfig {
+    pub fn new(max_num_seqs: usize, max_batched_tokens: usize) -> Self {
+        Self {
+            max_num_seqs,
+            max_batched_tokens,
+            policy: QueuePolicy::multi_bin(max_num_seqs),
+        }
+    }
 }
 
 /// One sequence's share of a step: `running()[index]` runs `tokens` tokens.
@@ -36,30 +51,78 @@ pub struct Scheduled {
 /// Why a sequence was preempted, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preemption {
+    /// Its blocks were needed by an older sequence.
     OutOfBlocks,
+    /// A high-priority request needed its place.
+    Priority,
+}
+
+impl Preemption {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OutOfBlocks => "out_of_blocks",
+            Self::Priority => "priority",
+        }
+    }
 }
 
 /// The waiting queue and the running set.
 #[derive(Debug)]
 pub struct Scheduler<S> {
     config: SchedulerConfig,
-    waiting: VecDeque<S>,
+    waiting: AdmissionQueue<S>,
     running: Vec<S>,
-    preemptions: u64,
+    /// Indexed by [`Preemption`].
+    preemptions: [u64; 2],
+    /// Under memory pressure nothing new is admitted.
+    pressure: bool,
 }
 
 impl<S: Schedulable> Scheduler<S> {
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
             config,
-            waiting: VecDeque::new(),
+            waiting: AdmissionQueue::new(config.policy),
             running: Vec::new(),
-            preemptions: 0,
+            preemptions: [0; 2],
+            pressure: false,
         }
     }
 
     pub fn add(&mut self, seq: S) {
-        self.waiting.push_back(seq);
+        self.waiting.push(seq);
+    }
+
+    /// While set, running sequences continue but none is admitted (KV memory pressure).
+    pub fn set_pressure(&mut self, on: bool) {
+        self.pressure = on;
+    }
+
+    pub fn under_pressure(&self) -> bool {
+        self.pressure
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Waiting requests by bin and priority.
+    pub fn queue_depths(&self) -> [[usize; 3]; 3] {
+        self.waiting.depths()
+    }
+
+    /// When a request held for company stops waiting for it.
+    pub fn next_release(&self) -> Option<Instant> {
+        self.waiting.next_release()
+    }
+
+    /// Running sequences per bin.
+    pub fn running_per_bin(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for seq in &self.running {
+            counts[seq.ticket().bin as usize] += 1;
+        }
+        counts
     }
 
     pub fn running(&self) -> &[S] {
@@ -82,39 +145,76 @@ impl<S: Schedulable> Scheduler<S> {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
-    /// Preemptions so far.
+    /// Preemptions so far, all reasons.
     pub fn preemptions(&self) -> u64 {
-        self.preemptions
+        self.preemptions.iter().sum()
+    }
+
+    pub fn preemptions_for(&self, reason: Preemption) -> u64 {
+        self.preemptions[reason as usize]
     }
 
     /// Removes (and so frees) every sequence, waiting or running, for which `keep` is false.
     pub fn retain(&mut self, mut keep: impl FnMut(&S) -> bool) -> Vec<S> {
         let mut removed = Vec::new();
-        for queue in [0, 1] {
-            let items: Vec<S> = if queue == 0 {
-                self.running.drain(..).collect()
+        let running = std::mem::take(&mut self.running);
+        for seq in running {
+            if keep(&seq) {
+                self.running.push(seq);
             } else {
-                self.waiting.drain(..).collect()
-            };
-            for seq in items {
-                if keep(&seq) {
-                    if queue == 0 {
-                        self.running.push(seq)
-                    } else {
-                        self.waiting.push_back(seq)
-                    }
-                } else {
-                    removed.push(seq);
-                }
+                removed.push(seq);
             }
         }
+        self.waiting.retain(keep, &mut removed);
         removed
+    }
+
+    fn preempt(&mut self, index: usize, reason: Preemption) {
+        let mut victim = self.running.remove(index);
+        victim.table().clear();
+        victim.reset();
+        self.preemptions[reason as usize] += 1;
+        match reason {
+            Preemption::OutOfBlocks => self.waiting.push_resumed(victim),
+            Preemption::Priority => self.waiting.push(victim),
+        }
+    }
+
+    /// When the next request is of high priority and cannot be admitted (the batch is full, or
+    /// its prompt does not fit the free blocks), preempts the newest low-priority running
+    /// sequence, which waits again in its place.
+    fn make_room_for_high_priority(&mut self) {
+        if self.pressure || self.config.policy.discipline == Discipline::Fcfs {
+            return;
+        }
+        // The most urgent waiting request, whatever its bin's share: a preemption makes room.
+        let Some(head) = self.waiting.peek([0; 3], Instant::now()) else {
+            return;
+        };
+        if head.ticket().priority != Priority::High {
+            return;
+        }
+        let wanted = head
+            .total_tokens()
+            .min(head.computed() + self.config.max_batched_tokens);
+        let full = self.running.len() >= self.config.max_num_seqs;
+        if !full && head.table_ref().fits(wanted) {
+            return;
+        }
+        if let Some(i) = self
+            .running
+            .iter()
+            .rposition(|s| s.ticket().priority == Priority::Low)
+        {
+            self.preempt(i, Preemption::Priority);
+        }
     }
 
     /// Plans the next step. Running sequences go first, oldest first; waiting ones are admitted
     /// in arrival order while budget, sequence cap and blocks allow — but not in a step that had
     /// to preempt, so memory pressure is not made worse at once.
     pub fn schedule(&mut self) -> Vec<Scheduled> {
+        self.make_room_for_high_priority();
         let mut budget = self.config.max_batched_tokens;
         let mut plan = Vec::with_capacity(self.running.len() + 1);
         let mut preempted = false;
@@ -130,28 +230,34 @@ impl<S: Schedulable> Scheduler<S> {
                     break;
                 }
                 // Out of blocks: preempt the newest running sequence, possibly this one.
-                let mut victim = self.running.pop().expect("sequence i is running");
-                victim.table().clear();
-                victim.reset();
-                self.waiting.push_front(victim);
-                self.preemptions += 1;
+                self.preempt(self.running.len() - 1, Preemption::OutOfBlocks);
                 preempted = true;
                 if self.running.len() == i {
                     break;
                 }
             }
         }
-        if preempted {
+        if preempted || self.pressure {
             return plan;
         }
+        // A sequence that runs alone admits no company.
+        if self.running.iter().any(|s| s.ticket().exclusive) {
+            return plan;
+        }
+        let now = Instant::now();
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(mut seq) = self.waiting.pop_front() else {
+            let Some(mut seq) = self.waiting.pop(self.running_per_bin(), now) else {
                 break;
             };
+            let ticket = seq.ticket();
+            if ticket.exclusive && !self.running.is_empty() {
+                self.waiting.push_resumed(seq);
+                break;
+            }
             let (len, computed) = (seq.total_tokens(), seq.computed());
             let tokens = (len - computed).min(budget);
             if !seq.table().reserve(computed + tokens) {
-                self.waiting.push_front(seq);
+                self.waiting.push_resumed(seq);
                 break;
             }
             budget -= tokens;
@@ -160,6 +266,9 @@ impl<S: Schedulable> Scheduler<S> {
                 tokens,
             });
             self.running.push(seq);
+            if ticket.exclusive {
+                break;
+            }
         }
         plan
     }
@@ -168,6 +277,7 @@ impl<S: Schedulable> Scheduler<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::admission::Ticket;
     use crate::engine::kv_cache::BlockAllocator;
 
     #[derive(Debug)]
@@ -176,6 +286,13 @@ mod tests {
         len: usize,
         computed: usize,
         table: BlockTable,
+        ticket: Ticket,
+    }
+
+    impl Queued for Seq {
+        fn ticket(&self) -> Ticket {
+            self.ticket
+        }
     }
 
     impl Schedulable for Seq {
@@ -191,6 +308,9 @@ mod tests {
         fn table(&mut self) -> &mut BlockTable {
             &mut self.table
         }
+        fn table_ref(&self) -> &BlockTable {
+            &self.table
+        }
     }
 
     fn seq(allocator: &BlockAllocator, id: usize, prompt: usize) -> Seq {
@@ -199,6 +319,7 @@ mod tests {
             len: prompt,
             computed: 0,
             table: BlockTable::new(allocator, 16),
+            ticket: Ticket::new(Instant::now()),
         }
     }
 
@@ -216,10 +337,7 @@ mod tests {
     #[test]
     fn prefill_is_chunked_under_the_token_budget() {
         let allocator = BlockAllocator::new(100);
-        let mut s = Scheduler::new(SchedulerConfig {
-            max_num_seqs: 8,
-            max_batched_tokens: 32,
-        });
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 32));
         s.add(seq(&allocator, 0, 50));
         s.add(seq(&allocator, 1, 10));
         let plan = s.schedule();
@@ -266,10 +384,7 @@ mod tests {
     #[test]
     fn the_sequence_cap_holds_back_admissions() {
         let allocator = BlockAllocator::new(100);
-        let mut s = Scheduler::new(SchedulerConfig {
-            max_num_seqs: 2,
-            max_batched_tokens: 1000,
-        });
+        let mut s = Scheduler::new(SchedulerConfig::new(2, 1000));
         for id in 0..3 {
             s.add(seq(&allocator, id, 4));
         }
@@ -281,10 +396,7 @@ mod tests {
     fn out_of_blocks_preempts_the_newest_and_frees_its_blocks() {
         // 4 blocks of 16: two sequences of 32 tokens fill them; the next token needs a fifth.
         let allocator = BlockAllocator::new(4);
-        let mut s = Scheduler::new(SchedulerConfig {
-            max_num_seqs: 8,
-            max_batched_tokens: 1000,
-        });
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
         s.add(seq(&allocator, 0, 31));
         s.add(seq(&allocator, 1, 32));
         let plan = s.schedule();
@@ -311,10 +423,7 @@ mod tests {
     #[test]
     fn a_sequence_that_preempts_itself_waits_for_blocks() {
         let allocator = BlockAllocator::new(1);
-        let mut s = Scheduler::new(SchedulerConfig {
-            max_num_seqs: 8,
-            max_batched_tokens: 1000,
-        });
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
         s.add(seq(&allocator, 0, 16));
         let plan = s.schedule();
         run(&mut s, &plan);
@@ -328,10 +437,7 @@ mod tests {
     #[test]
     fn removed_sequences_free_their_blocks() {
         let allocator = BlockAllocator::new(10);
-        let mut s = Scheduler::new(SchedulerConfig {
-            max_num_seqs: 8,
-            max_batched_tokens: 1000,
-        });
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
         s.add(seq(&allocator, 0, 40));
         s.add(seq(&allocator, 1, 40));
         s.schedule();
@@ -340,5 +446,66 @@ mod tests {
         assert_eq!(removed.len(), 1);
         drop(removed);
         assert_eq!(allocator.free(), 7);
+    }
+
+    #[test]
+    fn a_high_priority_request_preempts_the_newest_low_priority_sequence_when_the_batch_is_full() {
+        let allocator = BlockAllocator::new(100);
+        let mut s = Scheduler::new(SchedulerConfig::new(2, 1000));
+        let with = |id, priority| {
+            let mut q = seq(&allocator, id, 4);
+            q.ticket.priority = priority;
+            q
+        };
+        s.add(with(0, Priority::Low));
+        s.add(with(1, Priority::Low));
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        s.add(with(2, Priority::Medium));
+        // A medium request waits for a place.
+        assert_eq!(s.schedule().len(), 2);
+        assert_eq!(s.preemptions(), 0);
+        s.add(with(3, Priority::High));
+        let plan = s.schedule();
+        let running: Vec<usize> = s.running().iter().map(|q| q.id).collect();
+        assert_eq!(
+            running,
+            [0, 3],
+            "the newest low-priority sequence made room"
+        );
+        assert_eq!(plan.len(), 2);
+        assert_eq!(s.preemptions_for(Preemption::Priority), 1);
+        // The victim waits again, its cache forgotten, and keeps its place in arrival order.
+        let waiting: Vec<(usize, usize)> = s.waiting().map(|q| (q.id, q.computed)).collect();
+        assert_eq!(waiting, [(1, 0), (2, 0)]);
+    }
+
+    #[test]
+    fn a_sequence_that_runs_alone_admits_no_company() {
+        let allocator = BlockAllocator::new(100);
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
+        let mut alone = seq(&allocator, 0, 4);
+        alone.ticket.exclusive = true;
+        s.add(alone);
+        s.add(seq(&allocator, 1, 4));
+        assert_eq!(s.schedule().len(), 1);
+        assert_eq!(s.num_waiting(), 1);
+        assert_eq!(s.schedule().len(), 1, "still alone");
+        drop(s.retain(|q| q.id != 0));
+        assert_eq!(s.schedule().len(), 1, "then the next one runs");
+    }
+
+    #[test]
+    fn under_memory_pressure_running_sequences_continue_and_none_is_admitted() {
+        let allocator = BlockAllocator::new(100);
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
+        s.add(seq(&allocator, 0, 4));
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        s.add(seq(&allocator, 1, 4));
+        s.set_pressure(true);
+        assert_eq!(s.schedule().len(), 1);
+        s.set_pressure(false);
+        assert_eq!(s.schedule().len(), 2);
     }
 }

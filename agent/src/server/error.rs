@@ -43,6 +43,21 @@ pub enum ApiError {
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
 
+    #[error("header {header}: {message}")]
+    BadHeader {
+        header: &'static str,
+        message: String,
+    },
+
+    #[error("the server is overloaded ({reason}); retry after {retry_after} s")]
+    Overloaded {
+        reason: &'static str,
+        retry_after: u64,
+    },
+
+    #[error("the request waited {waited_ms} ms, past its X-Request-Timeout, before it could start")]
+    QueueTimeout { waited_ms: u64 },
+
     #[error("the model is still loading")]
     Loading,
 
@@ -64,8 +79,11 @@ impl ApiError {
             | Self::UnknownField(_)
             | Self::OutOfRange { .. }
             | Self::Unsupported { .. }
-            | Self::ContextExceeded { .. } => StatusCode::BAD_REQUEST,
+            | Self::ContextExceeded { .. }
+            | Self::BadHeader { .. } => StatusCode::BAD_REQUEST,
             Self::UnknownModel(_) => StatusCode::NOT_FOUND,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Loading | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(e) => match e {
@@ -88,6 +106,7 @@ impl ApiError {
             Self::OutOfRange { param, .. } => Some((*param).to_owned()),
             Self::ContextExceeded { .. } => Some("max_tokens".into()),
             Self::UnknownModel(_) => Some("model".into()),
+            Self::BadHeader { header, .. } => Some((*header).to_owned()),
             Self::Engine(
                 EngineError::ContextExceeded { .. } | EngineError::RequestTooLarge { .. },
             ) => Some("max_tokens".into()),
@@ -106,6 +125,9 @@ impl ApiError {
             Self::ContextExceeded { .. } => "context_length_exceeded",
             Self::UnknownModel(_) => "model_not_found",
             Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BadHeader { .. } => "invalid_header",
+            Self::Overloaded { reason, .. } => reason,
+            Self::QueueTimeout { .. } => "queue_timeout",
             Self::Loading => "model_loading",
             Self::ShuttingDown => "server_shutting_down",
             Self::Engine(e) => match e {
@@ -121,7 +143,9 @@ impl ApiError {
 
     pub fn body(&self) -> ErrorResponse {
         let status = self.status();
-        let kind = if status.is_client_error() {
+        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+            "rate_limit_exceeded"
+        } else if status.is_client_error() {
             "invalid_request_error"
         } else if status == StatusCode::SERVICE_UNAVAILABLE {
             "service_unavailable"
@@ -148,11 +172,15 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if matches!(self, Self::Loading | Self::ShuttingDown) {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("5"),
-            );
+        let retry_after = match self {
+            Self::Loading | Self::ShuttingDown => Some(5),
+            Self::Overloaded { retry_after, .. } => Some(retry_after),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
         }
         response
     }

@@ -6,20 +6,24 @@
 use super::AppState;
 use super::error::ApiError;
 use super::metrics::RequestTimer;
+use super::overload::QueueSlot;
+use super::prediction::{Observation, Prediction, RequestClass};
 use super::protocol::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
     ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, TokenLogprob,
     TopLogprob, Usage,
 };
-use super::validation::{Api, ValidRequest};
+use super::validation::{Api, BatchPreference, Scheduling, ValidRequest};
+use crate::engine::runtime::RequestOptions;
 use crate::engine::{EngineHandle, Event, RequestStream, TextCodec};
 use axum::Json;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 fn unix_now() -> u64 {
@@ -104,8 +108,25 @@ impl Logprobs {
     }
 }
 
+/// What is known of a request's scheduling, for its response headers.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    prediction: Prediction,
+    /// Set when the first step ran.
+    started: Option<Instant>,
+    queue_time: Duration,
+    batch_size: usize,
+    first_token: Option<Instant>,
+}
+
 /// One request being answered.
 struct Generation {
+    state: Arc<AppState>,
+    placement: Placement,
+    class: RequestClass,
+    max_tokens: usize,
+    prompt_tokens: usize,
+    slot: Option<QueueSlot>,
     api: Api,
     id: String,
     created: u64,
@@ -135,12 +156,117 @@ enum Step {
 }
 
 impl Generation {
-    async fn next(&mut self) -> Step {
-        let event = tokio::select! {
-            event = self.stream.next() => event,
-            () = aborted(&mut self.abort) => return Step::Failed(ApiError::ShuttingDown),
+    /// Waits for the request's first step: its queue time and batch are then known. Ends it
+    /// with an error if it waits past `timeout`.
+    async fn wait_started(
+        &mut self,
+        timeout: Option<Duration>,
+        arrived: Instant,
+    ) -> Result<(), ApiError> {
+        let deadline = timeout.map(|t| tokio::time::Instant::from_std(arrived + t));
+        let timed_out = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
         };
+        tokio::select! {
+            event = self.stream.next() => match event {
+                Some(Event::Started { queue_time, batch_size }) => {
+                    self.started(queue_time, batch_size);
+                    Ok(())
+                }
+                Some(_) => Err(ApiError::Internal("the engine answered before it started".into())),
+                None => Err(ApiError::Engine(crate::engine::EngineError::Stopped)),
+            },
+            () = aborted(&mut self.abort) => Err(ApiError::ShuttingDown),
+            () = timed_out => {
+                self.state.metrics.record_rejection("queue_timeout");
+                Err(ApiError::QueueTimeout { waited_ms: arrived.elapsed().as_millis() as u64 })
+            }
+        }
+    }
+
+    fn started(&mut self, queue_time: Duration, batch_size: usize) {
+        let now = Instant::now();
+        self.placement.started = Some(now);
+        self.placement.queue_time = queue_time;
+        self.placement.batch_size = batch_size;
+        if let Some(slot) = self.slot.take() {
+            slot.started(now);
+        }
+    }
+
+    /// The scheduling headers known now.
+    fn headers(&self, finished: bool) -> HeaderMap {
+        let p = &self.placement;
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(value) = value.parse() {
+                headers.insert(name, value);
+            }
+        };
+        put("x-bin", p.prediction.bin.as_str().to_owned());
+        put("x-complexity", p.prediction.complexity.to_string());
+        put(
+            "x-predicted-time",
+            format!("{:.1}ms", p.prediction.time.as_secs_f64() * 1e3),
+        );
+        put(
+            "x-queue-time",
+            format!("{:.1}ms", p.queue_time.as_secs_f64() * 1e3),
+        );
+        put("x-batch-size", p.batch_size.to_string());
+        // This engine runs on CPU: there is no device utilization to report.
+        put("x-gpu-utilization", "unavailable (cpu)".to_owned());
+        if finished && let Some(started) = p.started {
+            put(
+                "x-processing-time",
+                format!("{:.1}ms", started.elapsed().as_secs_f64() * 1e3),
+            );
+        }
+        headers
+    }
+
+    /// The same, for the extension of a stream's usage chunk.
+    fn placement_json(&self) -> serde_json::Value {
+        let p = &self.placement;
+        serde_json::json!({
+            "bin": p.prediction.bin.as_str(),
+            "complexity": p.prediction.complexity,
+            "predicted_time_ms": p.prediction.time.as_secs_f64() * 1e3,
+            "queue_time_ms": p.queue_time.as_secs_f64() * 1e3,
+            "processing_time_ms": p.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3),
+            "batch_size": p.batch_size,
+            "gpu_utilization": "unavailable (cpu)",
+        })
+    }
+
+    async fn next(&mut self) -> Step {
+        loop {
+            let event = tokio::select! {
+                event = self.stream.next() => event,
+                () = aborted(&mut self.abort) => return Step::Failed(ApiError::ShuttingDown),
+            };
+            if let Some(Event::Started {
+                queue_time,
+                batch_size,
+            }) = event
+            {
+                self.started(queue_time, batch_size);
+                continue;
+            }
+            return self.step(event);
+        }
+    }
+
+    fn step(&mut self, event: Option<Event>) -> Step {
         match event {
+            // `next` takes the start; nothing to say if it came here.
+            Some(Event::Started { .. }) => Step::Token {
+                text: String::new(),
+                logprobs: None,
+            },
             Some(Event::Token {
                 id,
                 text,
@@ -148,6 +274,7 @@ impl Generation {
                 top_logprobs,
             }) => {
                 self.timer.token();
+                self.placement.first_token.get_or_insert_with(Instant::now);
                 let logprobs = self.want_logprobs.then(|| {
                     let mut l = Logprobs::new(self.api);
                     l.push(&self.codec, id, logprob, &top_logprobs, self.offset);
@@ -164,6 +291,7 @@ impl Generation {
                 queue_time,
             }) => {
                 self.timer.finish(reason, queue_time);
+                self.learn(completion_tokens);
                 Step::Finished {
                     text,
                     reason: reason.as_str(),
@@ -172,6 +300,26 @@ impl Generation {
             }
             None => Step::Failed(ApiError::Engine(crate::engine::EngineError::Stopped)),
         }
+    }
+
+    /// Teaches the predictor what this request took.
+    fn learn(&self, output_tokens: usize) {
+        let p = &self.placement;
+        let Some(started) = p.started else { return };
+        let now = Instant::now();
+        let seen = Observation {
+            prompt_tokens: self.prompt_tokens,
+            output_tokens,
+            prefill: p.first_token.unwrap_or(now) - started,
+            processing: now - started,
+        };
+        let error = self
+            .state
+            .predictor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(&self.class, self.max_tokens, &p.prediction, &seen);
+        self.state.metrics.record_prediction_error(error);
     }
 
     /// Runs to the end and answers with one JSON body.
@@ -204,7 +352,8 @@ impl Generation {
                     usage,
                 } => {
                     text.push_str(&rest);
-                    return self.body(text, all, reason, usage);
+                    let headers = self.headers(true);
+                    return (headers, self.body(text, all, reason, usage)).into_response();
                 }
                 Step::Failed(e) => return state.refuse(e),
             }
@@ -308,7 +457,8 @@ impl Generation {
         SseEvent::default().data(json.unwrap_or_default())
     }
 
-    /// The chunk that carries only the token counts.
+    /// The chunk that carries only the token counts, extended with the request's placement
+    /// (`usage.parallax`: what the response headers could not know yet).
     fn usage_chunk(&self, usage: Usage) -> SseEvent {
         let json = match self.api {
             Api::Completion => serde_json::to_string(&CompletionResponse {
@@ -328,7 +478,12 @@ impl Generation {
                 usage: Some(Some(usage)),
             }),
         };
-        SseEvent::default().data(json.unwrap_or_default())
+        let mut value: serde_json::Value = json
+            .ok()
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default();
+        value["usage"]["parallax"] = self.placement_json();
+        SseEvent::default().data(value.to_string())
     }
 
     /// The events for the next engine event, and whether the stream is over.
@@ -373,6 +528,7 @@ impl Generation {
 
     fn into_sse(self) -> Response {
         use futures::StreamExt;
+        let headers = self.headers(false);
         let events = futures::stream::unfold(Some((self, true)), |state| async move {
             let (mut generation, first) = state?;
             let (events, done) = generation.next_events(first).await;
@@ -383,22 +539,65 @@ impl Generation {
             ))
         })
         .flatten();
-        Sse::new(events).into_response()
+        (headers, Sse::new(events)).into_response()
     }
 }
 
-/// Submits a valid request and answers it.
+/// Predicts, admits (or refuses), submits and answers a valid request.
 pub async fn respond(
     state: Arc<AppState>,
     engine: EngineHandle,
     request: ValidRequest,
+    scheduling: Scheduling,
     arrived: Instant,
 ) -> Response {
-    let stream = match engine.submit(request.prompt, request.params) {
+    let max_tokens = request.params.max_tokens;
+    let class = RequestClass::new(
+        request.api == Api::Chat,
+        max_tokens,
+        scheduling.task_class.as_deref(),
+    );
+    let prompt_tokens = request.prompt.len();
+    let prediction = state
+        .predictor
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .predict(&class, prompt_tokens, max_tokens);
+    let slot = match state.budget.reserve(prompt_tokens) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            state.metrics.record_rejection(refusal.reason);
+            return state.refuse(ApiError::Overloaded {
+                reason: refusal.reason,
+                retry_after: refusal.retry_after,
+            });
+        }
+    };
+    let options = RequestOptions {
+        priority: scheduling.priority,
+        bin: prediction.bin,
+        exclusive: scheduling.preference == BatchPreference::Disable,
+        max_wait: (scheduling.preference == BatchPreference::Enable).then_some(scheduling.max_wait),
+    };
+    let stream = match engine.submit_with(request.prompt, request.params, options) {
         Ok(stream) => stream,
         Err(e) => return state.refuse(e.into()),
     };
-    let generation = Generation {
+    state
+        .metrics
+        .record_admission(prediction.bin, scheduling.priority);
+    let mut generation = Generation {
+        placement: Placement {
+            prediction,
+            started: None,
+            queue_time: Duration::ZERO,
+            batch_size: 0,
+            first_token: None,
+        },
+        class,
+        max_tokens,
+        prompt_tokens,
+        slot: Some(slot),
         api: request.api,
         id: response_id(request.api),
         created: unix_now(),
@@ -410,7 +609,12 @@ pub async fn respond(
         timer: state.metrics.timer(arrived),
         abort: state.abort_signal(),
         offset: 0,
+        state: state.clone(),
     };
+    // The headers go out once the request has started, so that they can say how it was placed.
+    if let Err(e) = generation.wait_started(scheduling.timeout, arrived).await {
+        return state.refuse(e);
+    }
     if request.stream {
         generation.into_sse()
     } else {

@@ -33,41 +33,66 @@ fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
 
 async fn answer(
     state: Arc<AppState>,
+    headers: HeaderMap,
     body: Body,
     arrived: Instant,
     validate: fn(&[u8], &AppState, &crate::engine::EngineHandle) -> Result<ValidRequest, ApiError>,
 ) -> Response {
     let checked = body_bytes(&state, body).and_then(|bytes| {
         let engine = state.engine()?;
-        Ok((engine.clone(), validate(&bytes, &state, engine)?))
+        let request = validate(&bytes, &state, engine)?;
+        let scheduling = validation::scheduling(&headers, state.default_max_wait)?;
+        Ok((engine.clone(), request, scheduling))
     });
     match checked {
-        Ok((engine, request)) => generation::respond(state, engine, request, arrived).await,
+        Ok((engine, request, scheduling)) => {
+            generation::respond(state, engine, request, scheduling, arrived).await
+        }
         Err(e) => state.refuse(e),
     }
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    answer(state, body, Instant::now(), |bytes, state, engine| {
-        validation::completion(
-            &validation::parse(bytes)?,
-            &state.served_name,
-            &engine.codec,
-            AppState::limits(engine),
-        )
-    })
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(
+        state,
+        headers,
+        body,
+        Instant::now(),
+        |bytes, state, engine| {
+            validation::completion(
+                &validation::parse(bytes)?,
+                &state.served_name,
+                &engine.codec,
+                AppState::limits(engine),
+            )
+        },
+    )
     .await
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    answer(state, body, Instant::now(), |bytes, state, engine| {
-        validation::chat(
-            &validation::parse(bytes)?,
-            &state.served_name,
-            &engine.codec,
-            AppState::limits(engine),
-        )
-    })
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(
+        state,
+        headers,
+        body,
+        Instant::now(),
+        |bytes, state, engine| {
+            validation::chat(
+                &validation::parse(bytes)?,
+                &state.served_name,
+                &engine.codec,
+                AppState::limits(engine),
+            )
+        },
+    )
     .await
 }
 

@@ -4,6 +4,7 @@
 //! the request's [`RequestTimer`]; engine gauges are read from its live counters at scrape time;
 //! step metrics come from the engine thread through [`StepObserver`].
 
+use crate::engine::admission::{Bin, Priority};
 use crate::engine::runtime::{EngineInfo, EngineStats};
 use crate::engine::{FinishReason, StepObserver, StepReport};
 use prometheus_client::collector::Collector;
@@ -47,6 +48,19 @@ struct ErrorLabel {
     code: &'static str,
 }
 
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    bin: &'static str,
+    priority: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+const ERROR_BUCKETS: &[f64] = &[0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0];
+
 /// The engine as the metrics see it, once it is loaded.
 #[derive(Debug, Clone)]
 pub struct EngineView {
@@ -67,6 +81,9 @@ pub struct Metrics {
     step_duration: Histogram,
     batch_size: Histogram,
     batch_tokens: Histogram,
+    admissions: Family<ClassLabel, Counter>,
+    rejections: Family<ReasonLabel, Counter>,
+    prediction_error: Histogram,
     engine: Arc<OnceLock<EngineView>>,
 }
 
@@ -90,6 +107,9 @@ impl Metrics {
             step_duration: histogram(STEP_BUCKETS),
             batch_size: histogram(BATCH_BUCKETS),
             batch_tokens: histogram(BATCH_BUCKETS),
+            admissions: Family::default(),
+            rejections: Family::default(),
+            prediction_error: histogram(ERROR_BUCKETS),
             engine: Arc::new(OnceLock::new()),
             registry: Registry::default(),
         };
@@ -138,6 +158,21 @@ impl Metrics {
             "Tokens in one engine step (prefill chunks and decode tokens)",
             metrics.batch_tokens.clone(),
         );
+        registry.register(
+            "parallax_admissions",
+            "Requests queued for the engine, by predicted bin and priority",
+            metrics.admissions.clone(),
+        );
+        registry.register(
+            "parallax_rejections",
+            "Requests refused at admission (queue_full, queue_tokens) or ended waiting (queue_timeout)",
+            metrics.rejections.clone(),
+        );
+        registry.register(
+            "parallax_prediction_relative_error",
+            "Relative error of the predicted execution time, |predicted - actual| / actual",
+            metrics.prediction_error.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector {
             engine: metrics.engine.clone(),
         }));
@@ -172,6 +207,23 @@ impl Metrics {
 
     pub fn record_error(&self, code: &'static str) {
         self.errors.get_or_create(&ErrorLabel { code }).inc();
+    }
+
+    pub fn record_admission(&self, bin: Bin, priority: Priority) {
+        self.admissions
+            .get_or_create(&ClassLabel {
+                bin: bin.as_str(),
+                priority: priority.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn record_rejection(&self, reason: &'static str) {
+        self.rejections.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn record_prediction_error(&self, relative: f64) {
+        self.prediction_error.observe(relative);
     }
 
     /// Starts timing a request that arrived at `arrived`.
@@ -277,6 +329,52 @@ impl Collector for EngineCollector {
             ConstGauge::new(i64::from(view.is_some())),
         )?;
         if let Some(view) = view {
+            let stats = &view.stats;
+            let metric = encoder.encode_descriptor(
+                "parallax_queue_depth",
+                "Requests waiting, by predicted bin and priority",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            );
+            let mut metric = metric?;
+            for bin in Bin::ALL {
+                for priority in Priority::ALL {
+                    let depth = stats.queue_depths[bin as usize][priority as usize].load(Relaxed);
+                    let labels = ClassLabel {
+                        bin: bin.as_str(),
+                        priority: priority.as_str(),
+                    };
+                    ConstGauge::new(depth as i64).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+            let preempted = stats.preemptions.load(Relaxed);
+            let for_priority = stats.preemptions_for_priority.load(Relaxed);
+            let mut metric = encoder.encode_descriptor(
+                "parallax_preemptions",
+                "Sequences preempted, by reason (out_of_blocks, priority)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, n) in [
+                ("out_of_blocks", preempted.saturating_sub(for_priority)),
+                ("priority", for_priority),
+            ] {
+                ConstCounter::new(n).encode(metric.encode_family(&ReasonLabel { reason })?)?;
+            }
+            gauge(
+                &mut encoder,
+                "parallax_batch_utilization",
+                "Running sequences over the most allowed (max batch size)",
+                ConstGauge::new(
+                    stats.running.load(Relaxed) as f64 / view.info.max_num_seqs.max(1) as f64,
+                ),
+            )?;
+            gauge(
+                &mut encoder,
+                "parallax_kv_pressure",
+                "1 while admissions are paused because the KV cache is over 95 % full (until 85 %)",
+                ConstGauge::new(i64::from(stats.kv_pressure.load(Relaxed))),
+            )?;
             // vLLM's label names; on CPU the blocks are in host memory all the same.
             let info = Info::new(vec![
                 ("block_size", view.info.block_size.to_string()),

@@ -11,6 +11,8 @@ mod generation;
 mod handlers;
 pub mod metrics;
 pub mod openapi;
+pub mod overload;
+pub mod prediction;
 pub mod protocol;
 pub mod validation;
 
@@ -20,9 +22,11 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use error::ApiError;
 use metrics::{EngineView, Metrics};
+use overload::QueueBudget;
+use prediction::{BinBounds, Predictor};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,6 +41,14 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long requests in flight may run on after shutdown begins.
     pub shutdown_timeout: Duration,
+    /// Most requests waiting to start; more get 429.
+    pub max_queue_requests: usize,
+    /// Most prompt tokens waiting to start; more get 429.
+    pub max_queue_tokens: usize,
+    /// `X-Max-Wait-Time` when a request does not say.
+    pub default_max_wait: Duration,
+    /// Predicted-time boundaries of the fast and medium bins.
+    pub bins: BinBounds,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +57,10 @@ impl Default for ServerConfig {
             served_name: "model".into(),
             max_body_bytes: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            max_queue_requests: 256,
+            max_queue_tokens: 256 * 1024,
+            default_max_wait: Duration::from_millis(50),
+            bins: BinBounds::default(),
         }
     }
 }
@@ -59,6 +75,9 @@ pub struct AppState {
     /// Becomes true when the shutdown deadline passes: requests in flight end.
     abort: watch::Sender<bool>,
     max_body_bytes: usize,
+    pub predictor: Mutex<Predictor>,
+    pub budget: Arc<QueueBudget>,
+    pub default_max_wait: Duration,
 }
 
 impl AppState {
@@ -123,6 +142,12 @@ impl Server {
                 draining: AtomicBool::new(false),
                 abort,
                 max_body_bytes: config.max_body_bytes,
+                predictor: Mutex::new(Predictor::new(config.bins)),
+                budget: Arc::new(QueueBudget::new(
+                    config.max_queue_requests,
+                    config.max_queue_tokens,
+                )),
+                default_max_wait: config.default_max_wait,
             }),
             shutdown_timeout: config.shutdown_timeout,
         }

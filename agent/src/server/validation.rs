@@ -3,8 +3,11 @@
 
 use super::error::ApiError;
 use super::protocol::{ChatCompletionRequest, CompletionRequest, Content, Prompt, Stop};
+use crate::engine::admission::Priority;
 use crate::engine::{Message, SamplingParams, TextCodec};
+use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
+use std::time::Duration;
 
 /// Which API a request came through; it decides the response's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,110 @@ pub struct ValidRequest {
     pub include_usage: bool,
     /// Return log-probabilities, with this many alternatives per token.
     pub logprobs: Option<usize>,
+}
+
+/// How a request asks to be scheduled (`X-Batch-Preference`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchPreference {
+    /// May wait up to its max wait to join a fuller batch.
+    Enable,
+    /// Runs in steps of its own.
+    Disable,
+    /// Joins the next step.
+    #[default]
+    Auto,
+}
+
+/// The scheduling headers, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduling {
+    pub priority: Priority,
+    pub preference: BatchPreference,
+    /// `X-Max-Wait-Time`: the longest the request may be held to form a fuller batch.
+    pub max_wait: Duration,
+    /// `X-Task-Class`: a caller's name for the kind of work, used by the predictor.
+    pub task_class: Option<String>,
+    /// `X-Request-Timeout`: how long the request may wait to start.
+    pub timeout: Option<Duration>,
+}
+
+/// `50ms`, `1.5s`, `2m`, `250us`, or a bare number of milliseconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "" | "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds <= 86_400.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+/// Reads the scheduling headers, refusing a bad value by the header's name.
+pub fn scheduling(headers: &HeaderMap, default_max_wait: Duration) -> Result<Scheduling, ApiError> {
+    let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str().map_err(|_| ApiError::BadHeader {
+                    header: name,
+                    message: "is not text".into(),
+                })
+            })
+            .transpose()
+    };
+    let duration = |name: &'static str| -> Result<Option<Duration>, ApiError> {
+        text(name)?
+            .map(|v| {
+                parse_duration(v).ok_or_else(|| ApiError::BadHeader {
+                    header: name,
+                    message: format!("{v:?} is not a duration such as 50ms, 2s or 1m"),
+                })
+            })
+            .transpose()
+    };
+    let priority = match text("x-request-priority")? {
+        None => Priority::Medium,
+        Some(v) => Priority::parse(v).ok_or_else(|| ApiError::BadHeader {
+            header: "X-Request-Priority",
+            message: format!("{v:?} is not one of high, medium, low"),
+        })?,
+    };
+    let preference = match text("x-batch-preference")?.map(|v| v.trim().to_ascii_lowercase()) {
+        None => BatchPreference::Auto,
+        Some(v) => match v.as_str() {
+            "enable" => BatchPreference::Enable,
+            "disable" => BatchPreference::Disable,
+            "auto" => BatchPreference::Auto,
+            _ => {
+                return Err(ApiError::BadHeader {
+                    header: "X-Batch-Preference",
+                    message: format!("{v:?} is not one of enable, disable, auto"),
+                });
+            }
+        },
+    };
+    let rename = |e: ApiError, header: &'static str| match e {
+        ApiError::BadHeader { message, .. } => ApiError::BadHeader { header, message },
+        other => other,
+    };
+    Ok(Scheduling {
+        priority,
+        preference,
+        max_wait: duration("x-max-wait-time")
+            .map_err(|e| rename(e, "X-Max-Wait-Time"))?
+            .unwrap_or(default_max_wait),
+        task_class: text("x-task-class")?
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
+        timeout: duration("x-request-timeout").map_err(|e| rename(e, "X-Request-Timeout"))?,
+    })
 }
 
 /// Parses a JSON body, naming the field at fault.
@@ -535,6 +642,50 @@ mod tests {
         assert_eq!(max_tokens(None, None, 20, limits).unwrap(), 44);
         assert_eq!(max_tokens(None, Some(16), 20, limits).unwrap(), 16);
         assert_eq!(max_tokens(None, Some(16), 95, limits).unwrap(), 5);
+    }
+
+    #[test]
+    fn scheduling_headers_are_read_and_bad_ones_named() {
+        let mut headers = HeaderMap::new();
+        let default = Duration::from_millis(50);
+        let plain = scheduling(&headers, default).unwrap();
+        assert_eq!(
+            (
+                plain.priority,
+                plain.preference,
+                plain.max_wait,
+                plain.timeout
+            ),
+            (Priority::Medium, BatchPreference::Auto, default, None)
+        );
+        headers.insert("x-request-priority", "HIGH".parse().unwrap());
+        headers.insert("x-batch-preference", "enable".parse().unwrap());
+        headers.insert("x-max-wait-time", "20ms".parse().unwrap());
+        headers.insert("x-request-timeout", "2s".parse().unwrap());
+        headers.insert("x-task-class", "summary".parse().unwrap());
+        let s = scheduling(&headers, default).unwrap();
+        assert_eq!(s.priority, Priority::High);
+        assert_eq!(s.preference, BatchPreference::Enable);
+        assert_eq!(s.max_wait, Duration::from_millis(20));
+        assert_eq!(s.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(s.task_class.as_deref(), Some("summary"));
+        for (header, value) in [
+            ("x-request-priority", "urgent"),
+            ("x-batch-preference", "sometimes"),
+            ("x-max-wait-time", "soon"),
+            ("x-request-timeout", "5 parsecs"),
+        ] {
+            let mut bad = headers.clone();
+            bad.insert(header, value.parse().unwrap());
+            let error = scheduling(&bad, default).unwrap_err();
+            assert_eq!(
+                error.param().map(|p| p.to_ascii_lowercase()).as_deref(),
+                Some(header)
+            );
+        }
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("-1s"), None);
     }
 
     #[test]

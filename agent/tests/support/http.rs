@@ -24,6 +24,7 @@ pub fn server_config() -> ServerConfig {
         served_name: MODEL.into(),
         max_body_bytes: 64 << 10,
         shutdown_timeout: Duration::from_secs(30),
+        ..ServerConfig::default()
     }
 }
 

@@ -33,6 +33,7 @@ pub fn config(max_batched_tokens: usize, kv_blocks: usize) -> EngineConfig {
         max_batched_tokens,
         block_size: 16,
         kv_cache: KvCacheSize::Blocks(kv_blocks),
+        ..EngineConfig::default()
     }
 }
 
@@ -58,6 +59,7 @@ pub async fn collect(mut stream: engine::RequestStream) -> Output {
     let (mut tokens, mut text) = (Vec::new(), String::new());
     loop {
         match stream.next().await.expect("the stream ends with Finished") {
+            Event::Started { .. } => {}
             Event::Token {
                 id, text: piece, ..
             } => {
