@@ -133,6 +133,7 @@ async fn log_probabilities_track_candle_transformers_at_every_position() {
             })
             .collect();
         for (i, (mut stream, theirs)) in streams.into_iter().zip(&reference).enumerate() {
+            assert!(matches!(stream.next().await, Some(Event::Started { .. })));
             let Some(Event::Token {
                 id, top_logprobs, ..
             }) = stream.next().await

@@ -36,6 +36,10 @@ fn streamed_parts(api: &str, events: &[Value]) -> (String, String, Value) {
     for event in events {
         if !event["usage"].is_null() {
             usage = event["usage"].clone();
+            // Parallax's extension (the request's placement) is not part of OpenAI's usage.
+            if let Some(usage) = usage.as_object_mut() {
+                usage.remove("parallax");
+            }
         }
         for choice in event["choices"].as_array().unwrap() {
             let piece = if api == "chat" {
@@ -308,6 +312,31 @@ async fn a_client_that_disconnects_mid_stream_frees_its_request() {
     .await;
     assert_eq!(engine.stats.kv_blocks_used.load(Ordering::Relaxed), 0);
     assert!(engine.stats.generation_tokens.load(Ordering::Relaxed) < 4000);
+
+    // A client waiting for a whole (non-streamed) answer that gives up cancels it too.
+    let gave_up = server
+        .client
+        .post(server.url("/v1/completions"))
+        .timeout(Duration::from_millis(300))
+        .json(&json!({"model": MODEL, "prompt": "Hi", "max_tokens": 4000, "ignore_eos": true}))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the answer cannot have come in 300 ms");
+    eventually(
+        Duration::from_secs(30),
+        "the abandoned request is dropped",
+        || async {
+            let text = server.metrics().await;
+            sample(&text, "vllm:num_requests_running", &[]) == Some(0.0)
+                && sample(
+                    &text,
+                    "vllm:request_success_total",
+                    &[("finished_reason", "abort")],
+                ) == Some(2.0)
+        },
+    )
+    .await;
+    assert_eq!(engine.stats.kv_blocks_used.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
