@@ -6,7 +6,8 @@ use super::error::ApiError;
 use super::generation;
 use super::openapi;
 use super::protocol::{ModelCard, ModelList};
-use super::validation::{self, ValidRequest};
+use super::validation::{self, ModelLimits, ValidRequest};
+use crate::engine::{EngineHandle, TextCodec};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -36,7 +37,7 @@ async fn answer(
     headers: HeaderMap,
     body: Body,
     arrived: Instant,
-    validate: fn(&[u8], &AppState, &crate::engine::EngineHandle) -> Result<ValidRequest, ApiError>,
+    validate: fn(&[u8], &AppState, &EngineHandle) -> Result<ValidRequest, ApiError>,
 ) -> Response {
     let checked = body_bytes(&state, body).and_then(|bytes| {
         let engine = state.engine()?;
@@ -52,6 +53,21 @@ async fn answer(
     }
 }
 
+/// Parses the body as `R` and checks it with `rules`.
+fn check<R: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    state: &AppState,
+    engine: &EngineHandle,
+    rules: fn(&R, &str, &TextCodec, ModelLimits) -> Result<ValidRequest, ApiError>,
+) -> Result<ValidRequest, ApiError> {
+    rules(
+        &validation::parse(bytes)?,
+        &state.served_name,
+        &engine.codec,
+        AppState::limits(engine),
+    )
+}
+
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -62,14 +78,7 @@ pub async fn completions(
         headers,
         body,
         Instant::now(),
-        |bytes, state, engine| {
-            validation::completion(
-                &validation::parse(bytes)?,
-                &state.served_name,
-                &engine.codec,
-                AppState::limits(engine),
-            )
-        },
+        |bytes, state, engine| check(bytes, state, engine, validation::completion),
     )
     .await
 }
@@ -84,14 +93,7 @@ pub async fn chat_completions(
         headers,
         body,
         Instant::now(),
-        |bytes, state, engine| {
-            validation::chat(
-                &validation::parse(bytes)?,
-                &state.served_name,
-                &engine.codec,
-                AppState::limits(engine),
-            )
-        },
+        |bytes, state, engine| check(bytes, state, engine, validation::chat),
     )
     .await
 }

@@ -208,6 +208,27 @@ struct Common<'a> {
     ignore_eos: Option<bool>,
 }
 
+/// The shared options of either request type (their fields have the same names).
+macro_rules! common {
+    ($request:expr) => {
+        Common {
+            model: &$request.model,
+            temperature: $request.temperature,
+            top_p: $request.top_p,
+            top_k: $request.top_k,
+            n: $request.n,
+            stream: $request.stream,
+            include_usage: $request.stream_options.as_ref().map(|o| o.include_usage),
+            stop: $request.stop.as_ref(),
+            seed: $request.seed,
+            presence_penalty: $request.presence_penalty,
+            frequency_penalty: $request.frequency_penalty,
+            logit_bias_len: $request.logit_bias.as_ref().map_or(0, |b| b.len()),
+            ignore_eos: $request.ignore_eos,
+        }
+    };
+}
+
 fn out_of_range(param: &'static str, message: String) -> ApiError {
     ApiError::OutOfRange { param, message }
 }
@@ -363,22 +384,7 @@ pub fn completion(
     codec: &TextCodec,
     limits: ModelLimits,
 ) -> Result<ValidRequest, ApiError> {
-    let (mut params, stream, include_usage) = Common {
-        model: &request.model,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        top_k: request.top_k,
-        n: request.n,
-        stream: request.stream,
-        include_usage: request.stream_options.as_ref().map(|o| o.include_usage),
-        stop: request.stop.as_ref(),
-        seed: request.seed,
-        presence_penalty: request.presence_penalty,
-        frequency_penalty: request.frequency_penalty,
-        logit_bias_len: request.logit_bias.as_ref().map_or(0, |b| b.len()),
-        ignore_eos: request.ignore_eos,
-    }
-    .check(served_name)?;
+    let (mut params, stream, include_usage) = common!(request).check(served_name)?;
     if request.echo == Some(true) {
         return Err(unsupported("echo", "echo is not supported"));
     }
@@ -426,22 +432,7 @@ pub fn chat(
     codec: &TextCodec,
     limits: ModelLimits,
 ) -> Result<ValidRequest, ApiError> {
-    let (mut params, stream, include_usage) = Common {
-        model: &request.model,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        top_k: request.top_k,
-        n: request.n,
-        stream: request.stream,
-        include_usage: request.stream_options.as_ref().map(|o| o.include_usage),
-        stop: request.stop.as_ref(),
-        seed: request.seed,
-        presence_penalty: request.presence_penalty,
-        frequency_penalty: request.frequency_penalty,
-        logit_bias_len: request.logit_bias.as_ref().map_or(0, |b| b.len()),
-        ignore_eos: request.ignore_eos,
-    }
-    .check(served_name)?;
+    let (mut params, stream, include_usage) = common!(request).check(served_name)?;
     if request
         .tools
         .as_ref()
