@@ -100,6 +100,7 @@ impl EngineArgs {
                 SchedulerKind::Fcfs => Discipline::Fcfs,
                 SchedulerKind::MultiBin => Discipline::MultiBin,
             },
+            ..EngineConfig::default()
         })
     }
 
@@ -225,6 +226,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     while let Some(event) = stream.next_blocking() {
         match event {
             Event::Started { .. } => {}
+            Event::Failed { message } => bail!("{message}"),
             Event::Token { text, .. } => {
                 first.get_or_insert_with(Instant::now);
                 write!(stdout, "{text}")?;
@@ -336,6 +338,7 @@ async fn run_one(
     loop {
         match stream.next().await {
             Some(Event::Started { .. }) => {}
+            Some(Event::Failed { message }) => bail!("{message}"),
             Some(Event::Token { .. }) => {
                 first.get_or_insert_with(Instant::now);
             }

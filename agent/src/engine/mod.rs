@@ -2,6 +2,7 @@
 //! nothing of HTTP or Kubernetes; the device is chosen once, at load (CPU today).
 
 pub mod admission;
+pub mod breaker;
 pub mod error;
 pub mod kernels;
 pub mod kv_cache;

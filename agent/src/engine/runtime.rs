@@ -4,11 +4,12 @@
 //! step.
 
 use super::admission::{Bin, Discipline, Priority, QueuePolicy, Queued, Ticket};
+use super::breaker::{Breaker, BreakerConfig};
 use super::error::{EngineError, Result};
 use super::kv_cache::{BlockAllocator, BlockTable, KvStore};
 use super::model::{Llama, SeqInput, Workspace};
 use super::sampling::{Rng, SamplingParams, sample};
-use super::scheduler::{Preemption, Schedulable, Scheduler, SchedulerConfig};
+use super::scheduler::{Preemption, Schedulable, Scheduled, Scheduler, SchedulerConfig};
 use super::tokenizer::{IncrementalDecoder, TextCodec};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -34,6 +35,11 @@ pub struct EngineConfig {
     pub kv_cache: KvCacheSize,
     /// The admission order: first come first served, or bins and priorities.
     pub discipline: Discipline,
+    /// When repeated step failures switch the engine to one request at a time.
+    pub breaker: BreakerConfig,
+    /// Tests only: the forward pass fails whenever this token is in its batch.
+    #[cfg(feature = "fault-injection")]
+    pub poison_token: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +50,9 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_cache: KvCacheSize::MemoryFraction(0.1),
             discipline: Discipline::MultiBin,
+            breaker: BreakerConfig::default(),
+            #[cfg(feature = "fault-injection")]
+            poison_token: None,
         }
     }
 }
@@ -98,6 +107,9 @@ pub enum Event {
         queue_time: Duration,
         batch_size: usize,
     },
+    /// The request failed: the forward pass failed on it alone (found by bisecting its batch).
+    /// The last event.
+    Failed { message: String },
     /// The last event: remaining text, why it ended, the token counts and how long the request
     /// waited before its first step.
     Finished {
@@ -152,6 +164,12 @@ pub struct EngineStats {
     pub queue_depths: [[AtomicUsize; 3]; 3],
     /// Tokens of the waiting requests' prompts.
     pub waiting_tokens: AtomicUsize,
+    /// Steps whose forward pass failed for some of their requests.
+    pub failed_steps: AtomicU64,
+    /// Requests ended because the forward pass failed on them.
+    pub isolated_requests: AtomicU64,
+    /// The circuit breaker: 0 closed, 1 open (one request at a time), 2 half-open.
+    pub breaker_state: std::sync::atomic::AtomicU8,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
 }
@@ -353,6 +371,11 @@ pub fn start_observed(
                 scheduler,
                 stats,
                 observer,
+                breaker: Breaker::new(config.breaker),
+                #[cfg(feature = "fault-injection")]
+                fault: config.poison_token,
+                #[cfg(not(feature = "fault-injection"))]
+                fault: None,
                 workspace: Workspace::default(),
                 block_size: config.block_size,
                 next_id: 0,
@@ -435,6 +458,10 @@ struct EngineLoop {
     scheduler: Scheduler<Sequence>,
     stats: Arc<EngineStats>,
     observer: Arc<dyn StepObserver>,
+    breaker: Breaker,
+    /// A token that makes the forward pass fail (fault injection; always `None` in builds
+    /// without the `fault-injection` feature).
+    fault: Option<u32>,
     workspace: Workspace,
     block_size: usize,
     next_id: u64,
@@ -500,6 +527,12 @@ impl EngineLoop {
 
     /// One step; false if nothing could run.
     fn step(&mut self) -> bool {
+        let now = Instant::now();
+        let single = self.breaker.single_request(now);
+        self.scheduler.set_batch_limit(single.then_some(1));
+        self.stats
+            .breaker_state
+            .store(self.breaker.state(now).code(), Ordering::Relaxed);
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             self.publish();
@@ -508,32 +541,76 @@ impl EngineLoop {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let began = Instant::now();
         let running = self.scheduler.running();
-        let inputs: Vec<SeqInput<'_>> = plan
+        let samples: Vec<bool> = plan
             .iter()
             .map(|p| {
                 let seq = &running[p.index];
-                SeqInput {
-                    tokens: &seq.tokens[seq.computed..seq.computed + p.tokens],
-                    start: seq.computed,
-                    blocks: seq.table.blocks(),
-                    logits: seq.computed + p.tokens == seq.tokens.len(),
-                }
+                seq.computed + p.tokens == seq.tokens.len()
             })
             .collect();
-        let samples: Vec<bool> = inputs.iter().map(|i| i.logits).collect();
         let sampled = samples.iter().filter(|s| **s).count();
-        let logits = self
-            .model
-            .forward(&inputs, &mut self.kv, &mut self.workspace);
+        let mut groups = Vec::new();
+        let mut failed = Vec::new();
+        forward_isolating(
+            Forward {
+                model: &self.model,
+                kv: &mut self.kv,
+                workspace: &mut self.workspace,
+                running,
+                fault: self.fault,
+            },
+            &plan,
+            0,
+            0,
+            &mut groups,
+            &mut failed,
+        );
+        if failed.is_empty() {
+            self.breaker.success(began);
+        } else {
+            self.breaker.failure(Instant::now());
+            self.stats.failed_steps.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .isolated_requests
+                .fetch_add(failed.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                failed = failed.len(),
+                batch = plan.len(),
+                breaker = self.breaker.state(Instant::now()).as_str(),
+                "a step failed: the failing requests were isolated by bisection and end with an error"
+            );
+        }
         let vocab = self.model.config.vocab_size;
         let context = self.model.config.context_length;
-        let mut rows = logits.chunks_exact(vocab);
+        let mut row_of: Vec<Option<&[f32]>> = vec![None; plan.len()];
+        for (first, logits) in &groups {
+            let mut rows = logits.chunks_exact(vocab);
+            for (k, slot) in row_of.iter_mut().enumerate().skip(*first) {
+                if !samples[k] {
+                    continue;
+                }
+                match rows.next() {
+                    Some(row) => *slot = Some(row),
+                    None => break,
+                }
+            }
+        }
         // Events go out after the step's bookkeeping, so whoever sees a request finish also sees
         // the counters without it.
         let mut outbox = Vec::new();
         let running = self.scheduler.running_mut();
-        for (p, samples) in plan.iter().zip(samples) {
+        for (k, p) in plan.iter().enumerate() {
             let seq = &mut running[p.index];
+            if failed.contains(&k) {
+                seq.finished = true;
+                outbox.push((
+                    seq.events.clone(),
+                    Event::Failed {
+                        message: "the model failed on this request (isolated from its batch; the other requests were not affected)".into(),
+                    },
+                ));
+                continue;
+            }
             if seq.started.is_none() {
                 seq.started = Some(began);
                 outbox.push((
@@ -545,12 +622,9 @@ impl EngineLoop {
                 ));
             }
             seq.computed += p.tokens;
-            if !samples {
+            let Some(row) = row_of[k] else {
                 continue;
-            }
-            let row = rows
-                .next()
-                .expect("one row of logits per sampling sequence");
+            };
             let sampled = sample(row, &seq.params, &mut seq.rng);
             seq.tokens.push(sampled.token);
             self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
@@ -658,6 +732,76 @@ impl EngineLoop {
         self.stats
             .preemptions
             .store(self.scheduler.preemptions(), Ordering::Relaxed);
+    }
+}
+
+/// What a forward pass needs, borrowed from the engine loop.
+struct Forward<'a> {
+    model: &'a Llama,
+    kv: &'a mut KvStore,
+    workspace: &'a mut Workspace,
+    running: &'a [Sequence],
+    fault: Option<u32>,
+}
+
+/// Runs the forward pass for `plan`; if it fails (panics), splits the batch in two and retries
+/// each half after an exponential backoff, down to single sequences, which are the failures.
+/// A sequence's outputs do not depend on its batch, so the others' tokens are unchanged; their
+/// cache writes are simply repeated. Successful groups land in `groups` as (index of their first
+/// plan entry, logits of their sampling sequences), in plan order; failures in `failed`.
+fn forward_isolating(
+    f: Forward<'_>,
+    plan: &[Scheduled],
+    first: usize,
+    depth: u32,
+    groups: &mut Vec<(usize, Vec<f32>)>,
+    failed: &mut Vec<usize>,
+) {
+    let Forward {
+        model,
+        kv,
+        workspace,
+        running,
+        fault,
+    } = f;
+    let inputs: Vec<SeqInput<'_>> = plan
+        .iter()
+        .map(|p| {
+            let seq = &running[p.index];
+            SeqInput {
+                tokens: &seq.tokens[seq.computed..seq.computed + p.tokens],
+                start: seq.computed,
+                blocks: seq.table.blocks(),
+                logits: seq.computed + p.tokens == seq.tokens.len(),
+            }
+        })
+        .collect();
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Some(poison) = fault
+            && inputs.iter().any(|i| i.tokens.contains(&poison))
+        {
+            panic!("injected fault: token {poison} is in the batch");
+        }
+        model.forward(&inputs, kv, workspace)
+    }));
+    match attempt {
+        Ok(logits) => groups.push((first, logits)),
+        Err(_) if plan.len() == 1 => failed.push(first),
+        Err(_) => {
+            // A transient failure gets time to pass; a real one is found in log₂(batch) rounds.
+            std::thread::sleep(Duration::from_millis(1 << depth.min(6)));
+            let mid = plan.len() / 2;
+            for (part, at) in [(&plan[..mid], first), (&plan[mid..], first + mid)] {
+                let again = Forward {
+                    model,
+                    kv: &mut *kv,
+                    workspace: &mut *workspace,
+                    running,
+                    fault,
+                };
+                forward_isolating(again, part, at, depth + 1, groups, failed);
+            }
+        }
     }
 }
 

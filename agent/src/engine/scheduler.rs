@@ -76,6 +76,9 @@ pub struct Scheduler<S> {
     preemptions: [u64; 2],
     /// Under memory pressure nothing new is admitted.
     pressure: bool,
+    /// A lower cap on sequences per step than the configured one (the circuit breaker's
+    /// single-request mode).
+    limit: Option<usize>,
 }
 
 impl<S: Schedulable> Scheduler<S> {
@@ -86,7 +89,20 @@ impl<S: Schedulable> Scheduler<S> {
             running: Vec::new(),
             preemptions: [0; 2],
             pressure: false,
+            limit: None,
         }
+    }
+
+    /// Caps the sequences in a step below the configured maximum (`None` lifts the cap). Running
+    /// sequences beyond it wait, keeping their cache.
+    pub fn set_batch_limit(&mut self, limit: Option<usize>) {
+        self.limit = limit;
+    }
+
+    fn max_seqs(&self) -> usize {
+        self.limit.map_or(self.config.max_num_seqs, |l| {
+            l.min(self.config.max_num_seqs)
+        })
     }
 
     pub fn add(&mut self, seq: S) {
@@ -197,7 +213,7 @@ impl<S: Schedulable> Scheduler<S> {
         let wanted = head
             .total_tokens()
             .min(head.computed() + self.config.max_batched_tokens);
-        let full = self.running.len() >= self.config.max_num_seqs;
+        let full = self.running.len() >= self.max_seqs();
         if !full && head.table_ref().fits(wanted) {
             return;
         }
@@ -219,7 +235,8 @@ impl<S: Schedulable> Scheduler<S> {
         let mut plan = Vec::with_capacity(self.running.len() + 1);
         let mut preempted = false;
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        let max_seqs = self.max_seqs();
+        while i < self.running.len() && budget > 0 && plan.len() < max_seqs {
             let (len, computed) = (self.running[i].total_tokens(), self.running[i].computed());
             let tokens = (len - computed).min(budget);
             loop {
@@ -245,7 +262,7 @@ impl<S: Schedulable> Scheduler<S> {
             return plan;
         }
         let now = Instant::now();
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while budget > 0 && self.running.len() < max_seqs {
             let Some(mut seq) = self.waiting.pop(self.running_per_bin(), now) else {
                 break;
             };

@@ -68,6 +68,9 @@ pub enum ApiError {
     Engine(EngineError),
 
     #[error("{0}")]
+    StepFailed(String),
+
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -93,7 +96,7 @@ impl ApiError {
                 EngineError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::StepFailed(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -137,6 +140,7 @@ impl ApiError {
                 EngineError::Stopped => "engine_stopped",
                 _ => "engine_error",
             },
+            Self::StepFailed(_) => "engine_failure",
             Self::Internal(_) => "internal_error",
         }
     }

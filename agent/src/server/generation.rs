@@ -176,6 +176,10 @@ impl Generation {
                     self.started(queue_time, batch_size);
                     Ok(())
                 }
+                Some(Event::Failed { message }) => {
+                    self.timer.failed();
+                    Err(ApiError::StepFailed(message))
+                }
                 Some(_) => Err(ApiError::Internal("the engine answered before it started".into())),
                 None => Err(ApiError::Engine(crate::engine::EngineError::Stopped)),
             },
@@ -297,6 +301,10 @@ impl Generation {
                     reason: reason.as_str(),
                     usage: Usage::new(prompt_tokens, completion_tokens),
                 }
+            }
+            Some(Event::Failed { message }) => {
+                self.timer.failed();
+                Step::Failed(ApiError::StepFailed(message))
             }
             None => Step::Failed(ApiError::Engine(crate::engine::EngineError::Stopped)),
         }

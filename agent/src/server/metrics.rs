@@ -135,7 +135,7 @@ impl Metrics {
         );
         registry.register(
             "vllm:request_success",
-            "Requests finished, by why they finished (stop, length, abort)",
+            "Requests finished, by why they finished (stop, length, abort, error)",
             metrics.success.clone(),
         );
         registry.register(
@@ -371,6 +371,24 @@ impl Collector for EngineCollector {
             )?;
             gauge(
                 &mut encoder,
+                "parallax_circuit_breaker_state",
+                "The engine's circuit breaker: 0 closed, 1 open (one request at a time), 2 half-open",
+                ConstGauge::new(i64::from(stats.breaker_state.load(Relaxed))),
+            )?;
+            counter(
+                &mut encoder,
+                "parallax_failed_steps",
+                "Steps whose forward pass failed for some of their requests",
+                stats.failed_steps.load(Relaxed),
+            )?;
+            counter(
+                &mut encoder,
+                "parallax_isolated_requests",
+                "Requests ended with an error because the forward pass failed on them alone",
+                stats.isolated_requests.load(Relaxed),
+            )?;
+            gauge(
+                &mut encoder,
                 "parallax_kv_pressure",
                 "1 while admissions are paused because the KV cache is over 95 % full (until 85 %)",
                 ConstGauge::new(i64::from(stats.kv_pressure.load(Relaxed))),
@@ -415,6 +433,17 @@ impl RequestTimer {
             Some(last) => self.metrics.inter_token.observe((now - last).as_secs_f64()),
         }
         self.last_token = Some(now);
+    }
+
+    /// The request failed in the engine.
+    pub fn failed(&mut self) {
+        self.finished = true;
+        self.metrics
+            .success
+            .get_or_create(&FinishedLabel {
+                finished_reason: "error",
+            })
+            .inc();
     }
 
     pub fn finish(&mut self, reason: FinishReason, queue_time: std::time::Duration) {

@@ -60,6 +60,7 @@ pub async fn collect(mut stream: engine::RequestStream) -> Output {
     loop {
         match stream.next().await.expect("the stream ends with Finished") {
             Event::Started { .. } => {}
+            Event::Failed { message } => panic!("the request failed: {message}"),
             Event::Token {
                 id, text: piece, ..
             } => {
