@@ -266,6 +266,13 @@ async fn thirty_two_concurrent_requests_succeed_and_the_metrics_count_them() {
     );
     assert_eq!(value("vllm:num_requests_running"), 0.0);
     assert_eq!(value("vllm:num_requests_waiting"), 0.0);
+    // The degradation watch is exported from the start (no baseline yet: nothing degraded).
+    for signal in ["latency", "throughput", "errors"] {
+        assert_eq!(
+            sample(&text, "parallax_degraded", &[("signal", signal)]),
+            Some(0.0)
+        );
+    }
     assert_eq!(value("vllm:kv_cache_usage_perc"), 0.0);
     assert_eq!(
         sample(

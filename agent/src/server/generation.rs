@@ -294,7 +294,7 @@ impl Generation {
                 completion_tokens,
                 queue_time,
             }) => {
-                self.timer.finish(reason, queue_time);
+                self.timer.finish(reason, queue_time, completion_tokens);
                 self.learn(completion_tokens);
                 Step::Finished {
                     text,

@@ -4,6 +4,7 @@
 //! the request's [`RequestTimer`]; engine gauges are read from its live counters at scrape time;
 //! step metrics come from the engine thread through [`StepObserver`].
 
+use super::degradation::{DegradationWatch, WatchConfig};
 use crate::engine::admission::{Bin, Priority};
 use crate::engine::runtime::{EngineInfo, EngineStats};
 use crate::engine::{FinishReason, StepObserver, StepReport};
@@ -16,7 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::borrow::Cow;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 /// vLLM's buckets, so dashboards built for it read the same.
@@ -85,6 +86,7 @@ pub struct Metrics {
     rejections: Family<ReasonLabel, Counter>,
     prediction_error: Histogram,
     engine: Arc<OnceLock<EngineView>>,
+    watch: Arc<Mutex<DegradationWatch>>,
 }
 
 impl Metrics {
@@ -111,6 +113,10 @@ impl Metrics {
             rejections: Family::default(),
             prediction_error: histogram(ERROR_BUCKETS),
             engine: Arc::new(OnceLock::new()),
+            watch: Arc::new(Mutex::new(DegradationWatch::new(
+                WatchConfig::default(),
+                Instant::now(),
+            ))),
             registry: Registry::default(),
         };
         registry.register(
@@ -176,6 +182,9 @@ impl Metrics {
         registry.register_collector(Box::new(EngineCollector {
             engine: metrics.engine.clone(),
         }));
+        registry.register_collector(Box::new(WatchCollector {
+            watch: metrics.watch.clone(),
+        }));
         Self {
             registry,
             ..metrics
@@ -237,8 +246,16 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    fn watch(&self) -> std::sync::MutexGuard<'_, DegradationWatch> {
+        self.watch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl StepObserver for Metrics {
     fn step(&self, report: &StepReport) {
+        self.watch()
+            .step(Instant::now(), report.duration, report.tokens);
         self.step_duration.observe(report.duration.as_secs_f64());
         self.batch_size.observe(report.sequences as f64);
         self.batch_tokens.observe(report.tokens as f64);
@@ -412,6 +429,57 @@ impl Collector for EngineCollector {
     }
 }
 
+/// Exports the degradation watch's flags and ratios.
+#[derive(Debug)]
+struct WatchCollector {
+    watch: Arc<Mutex<DegradationWatch>>,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignalLabel {
+    signal: &'static str,
+}
+
+impl Collector for WatchCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (flags, ratios) = {
+            let mut watch = self.watch.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            (watch.flags(now), watch.ratios(now))
+        };
+        let mut metric = encoder.encode_descriptor(
+            "parallax_degraded",
+            "1 while a signal is degraded against its rolling baseline: latency (p95 per output token up > 20 %), throughput (tokens per busy second down > 15 %), errors (> 1 % of requests)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (signal, on) in [
+            ("latency", flags.latency),
+            ("throughput", flags.throughput),
+            ("errors", flags.errors),
+        ] {
+            ConstGauge::new(i64::from(on))
+                .encode(metric.encode_family(&SignalLabel { signal })?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "parallax_degradation_ratio",
+            "The last closed window against its baseline (latency, throughput), and its error rate",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (signal, value) in [
+            ("latency", ratios.0),
+            ("throughput", ratios.1),
+            ("errors", Some(ratios.2)),
+        ] {
+            if let Some(value) = value {
+                ConstGauge::new(value).encode(metric.encode_family(&SignalLabel { signal })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Times one request; records it as aborted if dropped before [`RequestTimer::finish`].
 #[derive(Debug)]
 pub struct RequestTimer {
@@ -438,6 +506,7 @@ impl RequestTimer {
     /// The request failed in the engine.
     pub fn failed(&mut self) {
         self.finished = true;
+        self.metrics.watch().error(Instant::now());
         self.metrics
             .success
             .get_or_create(&FinishedLabel {
@@ -446,11 +515,18 @@ impl RequestTimer {
             .inc();
     }
 
-    pub fn finish(&mut self, reason: FinishReason, queue_time: std::time::Duration) {
+    pub fn finish(
+        &mut self,
+        reason: FinishReason,
+        queue_time: std::time::Duration,
+        output_tokens: usize,
+    ) {
         self.finished = true;
+        let e2e = self.arrived.elapsed().as_secs_f64();
+        self.metrics.e2e.observe(e2e);
         self.metrics
-            .e2e
-            .observe(self.arrived.elapsed().as_secs_f64());
+            .watch()
+            .request(Instant::now(), e2e, output_tokens);
         self.metrics.queue.observe(queue_time.as_secs_f64());
         self.metrics
             .success

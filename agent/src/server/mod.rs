@@ -6,6 +6,7 @@
 //! `/ready` to 503 and lets requests in flight finish until the deadline, then ends them with an
 //! explicit `server_shutting_down` error.
 
+pub mod degradation;
 pub mod error;
 mod generation;
 mod handlers;
