@@ -1,6 +1,6 @@
 //! The command line: `serve`, `generate`, `bench`, `bench-serve` and `check-config`.
 
-use crate::engine::admission::Discipline;
+use crate::engine::admission::{Bin, BinShare, Discipline, QueuePolicy};
 use crate::engine::{
     self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, NoObserver,
     SamplingParams, StepObserver,
@@ -68,6 +68,38 @@ pub struct EngineArgs {
     /// Admission order: `multi-bin` (bins by predicted time, priorities, aging) or `fcfs`.
     #[arg(long, value_enum, default_value_t = SchedulerKind::MultiBin)]
     pub scheduler: SchedulerKind,
+    /// A bin's share of the batch, `BIN=MIN-MAX[:WEIGHT]` (repeatable; defaults fast=32-64:3,
+    /// medium=16-32:2, slow=4-16:1, capped by --max-num-seqs).
+    #[arg(long = "bin-share", value_parser = parse_bin_share)]
+    pub bin_shares: Vec<(Bin, BinShare)>,
+}
+
+/// `slow=2-4:1` → the slow bin's share.
+fn parse_bin_share(text: &str) -> Result<(Bin, BinShare), String> {
+    let bad = || format!("{text:?} is not BIN=MIN-MAX[:WEIGHT] (BIN fast, medium or slow)");
+    let (bin, rest) = text.split_once('=').ok_or_else(bad)?;
+    let bin = match bin.trim() {
+        "fast" => Bin::Fast,
+        "medium" => Bin::Medium,
+        "slow" => Bin::Slow,
+        _ => return Err(bad()),
+    };
+    let (range, weight) = rest.split_once(':').unwrap_or((rest, ""));
+    let (min, max) = range.split_once('-').ok_or_else(bad)?;
+    let number = |s: &str| s.trim().parse::<usize>().map_err(|_| bad());
+    let (min, max) = (number(min)?, number(max)?);
+    let default_weight = QueuePolicy::multi_bin(usize::MAX).shares[bin as usize].weight;
+    let weight = if weight.is_empty() {
+        default_weight
+    } else {
+        weight.trim().parse().map_err(|_| bad())?
+    };
+    if max == 0 || min > max || weight == 0 {
+        return Err(format!(
+            "{text:?}: need 0 ≤ MIN ≤ MAX, MAX ≥ 1 and WEIGHT ≥ 1"
+        ));
+    }
+    Ok((bin, BinShare { min, max, weight }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,6 +132,13 @@ impl EngineArgs {
                 SchedulerKind::Fcfs => Discipline::Fcfs,
                 SchedulerKind::MultiBin => Discipline::MultiBin,
             },
+            bin_shares: (!self.bin_shares.is_empty()).then(|| {
+                let mut shares = QueuePolicy::multi_bin(usize::MAX).shares;
+                for (bin, share) in &self.bin_shares {
+                    shares[*bin as usize] = *share;
+                }
+                shares
+            }),
             ..EngineConfig::default()
         })
     }
@@ -532,6 +571,35 @@ impl ServeArgs {
                 .context("batching.maxBatchSize must be positive")?;
             engine.block_size = usize::try_from(config.kv_cache.block_size)
                 .context("kvCache.blockSize must be positive")?;
+            let bins = &config.batching.bins;
+            let count = |n: i32| usize::try_from(n).unwrap_or(0);
+            let weight = |n: i32| u32::try_from(n).unwrap_or(1);
+            engine.bin_shares = vec![
+                (
+                    Bin::Fast,
+                    BinShare {
+                        min: count(bins.fast.min_batch_size),
+                        max: count(bins.fast.max_batch_size),
+                        weight: weight(bins.fast.weight),
+                    },
+                ),
+                (
+                    Bin::Medium,
+                    BinShare {
+                        min: count(bins.medium.min_batch_size),
+                        max: count(bins.medium.max_batch_size),
+                        weight: weight(bins.medium.weight),
+                    },
+                ),
+                (
+                    Bin::Slow,
+                    BinShare {
+                        min: count(bins.slow.min_batch_size),
+                        max: count(bins.slow.max_batch_size),
+                        weight: weight(bins.slow.weight),
+                    },
+                ),
+            ];
             let millis = |ms: i32| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
             server.default_max_wait = millis(config.batching.batch_timeout_ms);
             server.bins.fast = millis(config.batching.bins.fast.max_execution_time_ms);
@@ -628,6 +696,24 @@ mod tests {
         assert_eq!(engine.model.as_deref(), Some("dummy:smollm2-135m"));
         assert_eq!((served.as_str(), port), ("small", 8000));
         assert_eq!((engine.max_num_seqs, engine.block_size), (48, 32));
+        // The pool's bins (the API's defaults here) become the batch shares.
+        let shares = engine.config().unwrap().bin_shares.unwrap();
+        assert_eq!(
+            shares[Bin::Slow as usize],
+            BinShare {
+                min: 4,
+                max: 16,
+                weight: 1
+            }
+        );
+        assert_eq!(
+            shares[Bin::Fast as usize],
+            BinShare {
+                min: 32,
+                max: 64,
+                weight: 3
+            }
+        );
         let (_, served, port) = serve_args(&[
             "--config",
             &file,
@@ -640,6 +726,53 @@ mod tests {
         .unwrap();
         assert_eq!((served.as_str(), port), ("x", 9000));
         std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn bin_shares_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            parse_bin_share("slow=1-2").unwrap(),
+            (
+                Bin::Slow,
+                BinShare {
+                    min: 1,
+                    max: 2,
+                    weight: 1
+                }
+            )
+        );
+        assert_eq!(
+            parse_bin_share("fast=8-16:5").unwrap(),
+            (
+                Bin::Fast,
+                BinShare {
+                    min: 8,
+                    max: 16,
+                    weight: 5
+                }
+            )
+        );
+        for bad in [
+            "slow",
+            "warm=1-2",
+            "slow=3-2",
+            "slow=0-0",
+            "fast=1-2:0",
+            "fast=a-b",
+        ] {
+            assert!(parse_bin_share(bad).is_err(), "{bad}");
+        }
+        let args = serve_args(&["--model", "dummy:smollm2-135m", "--bin-share", "slow=1-2"]);
+        let shares = args.engine.config().unwrap().bin_shares.unwrap();
+        assert_eq!(shares[Bin::Slow as usize].max, 2);
+        assert_eq!(
+            shares[Bin::Medium as usize],
+            BinShare {
+                min: 16,
+                max: 32,
+                weight: 2
+            }
+        );
     }
 
     #[test]

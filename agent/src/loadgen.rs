@@ -28,6 +28,10 @@ pub struct LoadArgs {
     pub prompt_len: usize,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
+    /// A mixed workload instead of one `--max-tokens`: `TOKENS:SHARE,…`, e.g. `16:0.8,256:0.2`;
+    /// the report then gives latencies per class too.
+    #[arg(long)]
+    pub mix: Option<String>,
     /// Keep generating past the end-of-sequence token (vLLM's `ignore_eos`).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -52,9 +56,35 @@ const WORDS: &[&str] = &[
     "music", "paper", "window",
 ];
 
+/// Parses `--mix`: (max_tokens, share) pairs, shares summing to 1.
+fn parse_mix(text: &str) -> anyhow::Result<Vec<(usize, f64)>> {
+    let classes: Vec<(usize, f64)> = text
+        .split(',')
+        .map(|part| {
+            let (tokens, share) = part
+                .split_once(':')
+                .with_context(|| format!("--mix: {part:?} is not TOKENS:SHARE"))?;
+            Ok((
+                tokens.trim().parse().context("--mix: tokens")?,
+                share.trim().parse().context("--mix: share")?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let total: f64 = classes.iter().map(|c| c.1).sum();
+    if classes.is_empty()
+        || classes.iter().any(|c| c.0 == 0 || c.1 <= 0.0)
+        || (total - 1.0).abs() > 1e-6
+    {
+        bail!("--mix needs positive token counts and shares that sum to 1, got {text:?}");
+    }
+    Ok(classes)
+}
+
 /// What one request measured.
 #[derive(Debug, Clone, Default)]
 struct Measured {
+    /// Its `max_tokens`: the class in a mixed workload.
+    class: usize,
     ttft: f64,
     e2e: f64,
     /// Gaps between streamed chunks.
@@ -89,6 +119,7 @@ async fn model_name(client: &reqwest::Client, url: &str) -> anyhow::Result<Strin
 
 async fn one(client: reqwest::Client, url: String, body: Value) -> anyhow::Result<Measured> {
     let started = Instant::now();
+    let class = body["max_tokens"].as_u64().unwrap_or(0) as usize;
     let response = client
         .post(format!("{url}/v1/completions"))
         .json(&body)
@@ -98,7 +129,10 @@ async fn one(client: reqwest::Client, url: String, body: Value) -> anyhow::Resul
         let status = response.status();
         bail!("{status}: {}", response.text().await.unwrap_or_default());
     }
-    let mut measured = Measured::default();
+    let mut measured = Measured {
+        class,
+        ..Measured::default()
+    };
     let mut last: Option<Instant> = None;
     let mut buffer = Vec::new();
     let mut chunks = response.bytes_stream();
@@ -157,6 +191,10 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
     if args.requests == 0 || args.max_tokens == 0 {
         bail!("--requests and --max-tokens must be positive");
     }
+    let mix = match &args.mix {
+        Some(text) => parse_mix(text)?,
+        None => vec![(args.max_tokens, 1.0)],
+    };
     if args.rate.is_nan() || args.rate <= 0.0 {
         bail!("--rate must be positive (or inf)");
     }
@@ -174,15 +212,29 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
             Some(m) => m.clone(),
             None => model_name(&client, &url).await?,
         };
+        // Separate streams for prompts, classes and arrival gaps.
         let mut rng = Rng::new(args.seed.wrapping_add(1));
+        let mut class_rng = Rng::new(args.seed ^ 0x5eed_c1a5_5000_0001);
+        let mut arrival_rng = Rng::new(args.seed ^ 0x5eed_a441_7a10_0002);
         let started = Instant::now();
         let mut at = Duration::ZERO;
         let mut tasks = Vec::with_capacity(args.requests);
         for _ in 0..args.requests {
+            // The class by its share of the mix.
+            let draw = f64::from(class_rng.next_f32());
+            let mut max_tokens = mix[mix.len() - 1].0;
+            let mut cumulative = 0.0;
+            for &(tokens, share) in &mix {
+                cumulative += share;
+                if draw < cumulative {
+                    max_tokens = tokens;
+                    break;
+                }
+            }
             let body = json!({
                 "model": model,
                 "prompt": prompt(&mut rng, args.prompt_len),
-                "max_tokens": args.max_tokens,
+                "max_tokens": max_tokens,
                 "temperature": 0.0,
                 "ignore_eos": args.ignore_eos,
                 "stream": true,
@@ -196,7 +248,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
             }));
             if args.rate.is_finite() {
                 // Exponential gaps: a Poisson process of the given rate.
-                let u = f64::from(rng.next_f32()).max(1e-9);
+                let u = f64::from(arrival_rng.next_f32()).max(1e-9);
                 at += Duration::from_secs_f64(-u.ln() / args.rate);
             }
         }
@@ -244,6 +296,7 @@ fn report(args: &LoadArgs, done: &[Measured], failures: &[String], wall: f64) {
         "itl_ms": percentiles(&mut itl),
         "e2e_ms": percentiles(&mut e2e),
         "first_failures": failures.iter().take(3).collect::<Vec<_>>(),
+        "classes": classes(done),
     });
     if args.json {
         println!("{summary}");
@@ -269,7 +322,42 @@ fn report(args: &LoadArgs, done: &[Measured], failures: &[String], wall: f64) {
             s["p99"].as_f64().unwrap_or(0.0)
         );
     }
+    if let Some(classes) = summary["classes"].as_object().filter(|c| c.len() > 1) {
+        for (tokens, c) in classes {
+            println!(
+                "max_tokens {tokens:>5}: {} requests, e2e p50 {:.1} p95 {:.1} ms, ttft p95 {:.1} ms",
+                c["completed"],
+                c["e2e_ms"]["p50"].as_f64().unwrap_or(0.0),
+                c["e2e_ms"]["p95"].as_f64().unwrap_or(0.0),
+                c["ttft_ms"]["p95"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     for failure in failures.iter().take(3) {
         println!("failed: {failure}");
     }
+}
+
+/// Latencies per class (`max_tokens`) of a mixed workload.
+fn classes(done: &[Measured]) -> Value {
+    let mut by_class = std::collections::BTreeMap::<usize, Vec<&Measured>>::new();
+    for m in done {
+        by_class.entry(m.class).or_default().push(m);
+    }
+    by_class
+        .into_iter()
+        .map(|(class, ms)| {
+            let mut e2e: Vec<f64> = ms.iter().map(|m| m.e2e).collect();
+            let mut ttft: Vec<f64> = ms.iter().map(|m| m.ttft).collect();
+            (
+                class.to_string(),
+                json!({
+                    "completed": ms.len(),
+                    "e2e_ms": percentiles(&mut e2e),
+                    "ttft_ms": percentiles(&mut ttft),
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }

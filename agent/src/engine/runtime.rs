@@ -3,7 +3,7 @@
 //! [`Event`]s; dropping the stream cancels the request, whose blocks are freed before the next
 //! step.
 
-use super::admission::{Bin, Discipline, Priority, QueuePolicy, Queued, Ticket};
+use super::admission::{Bin, BinShare, Discipline, Priority, QueuePolicy, Queued, Ticket};
 use super::breaker::{Breaker, BreakerConfig};
 use super::error::{EngineError, Result};
 use super::kv_cache::{BlockAllocator, BlockTable, KvStore};
@@ -35,6 +35,8 @@ pub struct EngineConfig {
     pub kv_cache: KvCacheSize,
     /// The admission order: first come first served, or bins and priorities.
     pub discipline: Discipline,
+    /// Each bin's share of the batch (min, max, weight), by [`Bin`]; `None` for the defaults.
+    pub bin_shares: Option<[BinShare; 3]>,
     /// When repeated step failures switch the engine to one request at a time.
     pub breaker: BreakerConfig,
     /// Tests only: the forward pass fails whenever this token is in its batch.
@@ -50,6 +52,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_cache: KvCacheSize::MemoryFraction(0.1),
             discipline: Discipline::MultiBin,
+            bin_shares: None,
             breaker: BreakerConfig::default(),
             #[cfg(feature = "fault-injection")]
             poison_token: None,
@@ -358,9 +361,19 @@ pub fn start_observed(
             let scheduler = Scheduler::new(SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
                 max_batched_tokens: config.max_batched_tokens,
-                policy: QueuePolicy {
-                    discipline: config.discipline,
-                    ..QueuePolicy::multi_bin(config.max_num_seqs)
+                policy: {
+                    let defaults = QueuePolicy::multi_bin(config.max_num_seqs);
+                    QueuePolicy {
+                        discipline: config.discipline,
+                        shares: config.bin_shares.map_or(defaults.shares, |shares| {
+                            shares.map(|s| BinShare {
+                                min: s.min.min(config.max_num_seqs),
+                                max: s.max.min(config.max_num_seqs).max(1),
+                                weight: s.weight.max(1),
+                            })
+                        }),
+                        ..defaults
+                    }
                 },
             });
             EngineLoop {
