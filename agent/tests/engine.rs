@@ -201,3 +201,39 @@ async fn requests_the_engine_cannot_serve_are_refused_up_front() {
         .unwrap_err();
     assert!(bad.to_string().contains("top_p"), "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_kv_cache_pauses_admissions_until_it_drains() {
+    // 64 blocks of 16 tokens. A 977-token prompt takes 62 (96.9 %, over the 95 % mark) and its
+    // 31 new tokens stay within 63, so a block is always free: only the pressure keeps the next
+    // request out.
+    let engine = start(config(512, 64));
+    let prompts = prompts(&engine);
+    let long_prompt: Vec<u32> = prompts[1].iter().copied().cycle().take(977).collect();
+    let mut long = engine.submit(long_prompt, greedy(31)).unwrap();
+    assert!(matches!(long.next().await, Some(Event::Started { .. })));
+    support::http::eventually(
+        std::time::Duration::from_secs(60),
+        "usage passes 95 %",
+        || async { engine.stats.kv_pressure.load(Ordering::Relaxed) },
+    )
+    .await;
+    let short = engine.submit(prompts[6].clone(), greedy(4)).unwrap();
+    support::http::eventually(
+        std::time::Duration::from_secs(10),
+        "the new request waits",
+        || async { engine.stats.waiting.load(Ordering::Relaxed) == 1 },
+    )
+    .await;
+    assert_eq!(engine.stats.running.load(Ordering::Relaxed), 1);
+    assert!(
+        engine.stats.kv_blocks_used.load(Ordering::Relaxed) < 64,
+        "a block was free"
+    );
+    let out = collect(long).await;
+    assert_eq!(out.completion_tokens, 31);
+    // Drained: admissions resume.
+    assert_eq!(collect(short).await.completion_tokens, 4);
+    assert!(!engine.stats.kv_pressure.load(Ordering::Relaxed));
+    assert_eq!(engine.stats.preemptions.load(Ordering::Relaxed), 0);
+}
