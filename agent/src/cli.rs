@@ -528,14 +528,9 @@ fn default_served_name(model: &str) -> String {
 }
 
 impl ServeArgs {
-    /// The engine options, the served name and the port, with the configuration file applied.
-    #[cfg(test)]
-    fn resolve(&self) -> anyhow::Result<(EngineArgs, String, u16)> {
-        self.resolve_all()
-            .map(|(engine, served, port, _)| (engine, served, port))
-    }
-
-    fn resolve_all(&self) -> anyhow::Result<(EngineArgs, String, u16, ServerConfig)> {
+    /// The engine options, the port and the server's configuration (the served name with it),
+    /// with the configuration file applied.
+    fn resolve(&self) -> anyhow::Result<(EngineArgs, u16, ServerConfig)> {
         let mut engine = self.engine.clone();
         let mut served = self.served_model_name.clone();
         let mut port = self.port;
@@ -616,7 +611,6 @@ impl ServeArgs {
         server.served_name = served.unwrap_or_else(|| default_served_name(&model));
         Ok((
             engine,
-            server.served_name.clone(),
             port.unwrap_or(parallax_crds::agent_config::AGENT_HTTP_PORT),
             server,
         ))
@@ -624,7 +618,7 @@ impl ServeArgs {
 }
 
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let (engine, served_name, port, server_config) = args.resolve_all()?;
+    let (engine, port, server_config) = args.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -633,7 +627,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), port))
             .await
             .with_context(|| format!("cannot listen on {}:{port}", args.host))?;
-        tracing::info!(address = %listener.local_addr()?, model = %served_name, "listening");
+        tracing::info!(address = %listener.local_addr()?, model = %server_config.served_name, "listening");
         let server = Server::new(server_config);
         // The model loads while the server already answers /health (and /ready says 503).
         let loading = {
@@ -692,9 +686,9 @@ mod tests {
     fn the_configuration_file_sets_what_flags_do_not() {
         let path = config_file("serve-config", 1);
         let file = path.to_string_lossy().into_owned();
-        let (engine, served, port) = serve_args(&["--config", &file]).resolve().unwrap();
+        let (engine, port, server) = serve_args(&["--config", &file]).resolve().unwrap();
         assert_eq!(engine.model.as_deref(), Some("dummy:smollm2-135m"));
-        assert_eq!((served.as_str(), port), ("small", 8000));
+        assert_eq!((server.served_name.as_str(), port), ("small", 8000));
         assert_eq!((engine.max_num_seqs, engine.block_size), (48, 32));
         // The pool's bins (the API's defaults here) become the batch shares.
         let shares = engine.config().unwrap().bin_shares.unwrap();
@@ -714,7 +708,7 @@ mod tests {
                 weight: 3
             }
         );
-        let (_, served, port) = serve_args(&[
+        let (_, port, server) = serve_args(&[
             "--config",
             &file,
             "--port",
@@ -724,7 +718,7 @@ mod tests {
         ])
         .resolve()
         .unwrap();
-        assert_eq!((served.as_str(), port), ("x", 9000));
+        assert_eq!((server.served_name.as_str(), port), ("x", 9000));
         std::fs::remove_file(path).ok();
     }
 

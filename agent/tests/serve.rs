@@ -646,13 +646,13 @@ async fn ready_only_once_the_model_is_loaded() {
     assert_eq!(models["data"][0]["max_model_len"], 8192);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_requests_in_flight_finish() {
-    let (mut server, _engine) = TestServer::start().await;
+/// Starts a streamed completion of `max_tokens`, begins the shutdown once its first chunk is in,
+/// and returns every event of the stream.
+async fn stream_through_shutdown(server: &mut TestServer, max_tokens: usize) -> Vec<Value> {
     let response = server
         .post(
             "/v1/completions",
-            &json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24,
+            &json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens,
                     "ignore_eos": true, "stream": true}),
         )
         .await;
@@ -662,7 +662,13 @@ async fn shutdown_lets_requests_in_flight_finish() {
     while let Some(chunk) = chunks.next().await {
         body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
-    let events = sse_events(&body);
+    sse_events(&body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let (mut server, _engine) = TestServer::start().await;
+    let events = stream_through_shutdown(&mut server, 24).await;
     assert_eq!(streamed_parts("completion", &events).1, "length");
     server.stopped().await.unwrap();
     // No longer listening.
@@ -683,20 +689,7 @@ async fn requests_still_running_at_the_shutdown_deadline_end_with_an_explicit_er
         ..server_config()
     };
     let (mut server, engine) = TestServer::start_with(config, support::config(512, 2048)).await;
-    let response = server
-        .post(
-            "/v1/completions",
-            &json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000,
-                    "ignore_eos": true, "stream": true}),
-        )
-        .await;
-    let mut chunks = response.bytes_stream();
-    let mut body = String::from_utf8(chunks.next().await.unwrap().unwrap().to_vec()).unwrap();
-    server.begin_shutdown();
-    while let Some(chunk) = chunks.next().await {
-        body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
-    let events = sse_events(&body);
+    let events = stream_through_shutdown(&mut server, 4000).await;
     let last = events.last().unwrap();
     assert_eq!(last["error"]["code"], "server_shutting_down", "{last}");
     server.stopped().await.unwrap();

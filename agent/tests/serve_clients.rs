@@ -26,13 +26,24 @@ fn python() -> PathBuf {
     python
 }
 
-/// Runs a command to its end (bounded), returning its output, failing with what it printed.
-async fn run(mut command: Command, limit: Duration) -> String {
-    let child = command
+/// Runs a command to its end (bounded), `input` on its stdin; its exit status and what it printed.
+async fn output(
+    command: &mut Command,
+    input: Option<&str>,
+    limit: Duration,
+) -> (std::process::ExitStatus, String) {
+    let mut child = command
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(input) = input {
+        use std::io::Write;
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
+    drop(stdin);
     let output = tokio::time::timeout(
         limit,
         tokio::task::spawn_blocking(move || child.wait_with_output()),
@@ -46,7 +57,13 @@ async fn run(mut command: Command, limit: Duration) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(output.status.success(), "{command:?} failed:\n{printed}");
+    (output.status, printed)
+}
+
+/// Runs a command to its end (bounded), returning its output, failing with what it printed.
+async fn run(mut command: Command, limit: Duration) -> String {
+    let (status, printed) = output(&mut command, None, limit).await;
+    assert!(status.success(), "{command:?} failed:\n{printed}");
     printed
 }
 
@@ -214,28 +231,13 @@ async fn prometheus_scrapes_the_agent_and_promql_counts_the_generated_tokens() {
     // its only complaint is the colon in vLLM's names, kept on purpose for compatibility.
     let (status, text) = server.get("/metrics").await;
     assert_eq!(status, 200);
-    let mut promtool = Command::new(root().join(".tools/bin/promtool"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        promtool
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let output = promtool.wait_with_output().unwrap();
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    // promtool exits non-zero for lint complaints; what it says is checked below.
+    let (_, complaints) = output(
+        Command::new(root().join(".tools/bin/promtool")).args(["check", "metrics"]),
+        Some(&text),
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(!complaints.contains("error"), "{complaints}");
     for line in complaints.lines().filter(|l| !l.trim().is_empty()) {
         assert!(

@@ -182,10 +182,6 @@ impl<T: Queued> AdmissionQueue<T> {
         }
     }
 
-    pub fn policy(&self) -> &QueuePolicy {
-        &self.policy
-    }
-
     pub fn len(&self) -> usize {
         self.resumed.len() + self.queues.iter().map(VecDeque::len).sum::<usize>()
     }

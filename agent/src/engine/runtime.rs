@@ -165,8 +165,6 @@ pub struct EngineStats {
     pub kv_pressure: AtomicBool,
     /// Waiting requests, `[bin][priority]`.
     pub queue_depths: [[AtomicUsize; 3]; 3],
-    /// Tokens of the waiting requests' prompts.
-    pub waiting_tokens: AtomicUsize,
     /// Steps whose forward pass failed for some of their requests.
     pub failed_steps: AtomicU64,
     /// Requests ended because the forward pass failed on them.
@@ -198,7 +196,6 @@ pub struct EngineInfo {
     pub kv_blocks: usize,
     pub weight_bytes: usize,
     pub max_num_seqs: usize,
-    pub discipline: Discipline,
 }
 
 struct Submission {
@@ -337,7 +334,6 @@ pub fn start_observed(
         kv_blocks: blocks,
         weight_bytes: model.weight_bytes(),
         max_num_seqs: config.max_num_seqs,
-        discipline: config.discipline,
     });
     let stats = Arc::new(EngineStats::default());
     stats.kv_blocks_total.store(blocks, Ordering::Relaxed);
@@ -726,10 +722,6 @@ impl EngineLoop {
                 self.stats.queue_depths[bin][priority].store(*depth, Ordering::Relaxed);
             }
         }
-        let waiting_tokens = self.scheduler.waiting().map(|s| s.tokens.len()).sum();
-        self.stats
-            .waiting_tokens
-            .store(waiting_tokens, Ordering::Relaxed);
         self.stats.preemptions_for_priority.store(
             self.scheduler.preemptions_for(Preemption::Priority),
             Ordering::Relaxed,

@@ -118,10 +118,6 @@ impl<S: Schedulable> Scheduler<S> {
         self.pressure
     }
 
-    pub fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
-
     /// Waiting requests by bin and priority.
     pub fn queue_depths(&self) -> [[usize; 3]; 3] {
         self.waiting.depths()

@@ -10,8 +10,8 @@ use super::overload::QueueSlot;
 use super::prediction::{Observation, Prediction, RequestClass};
 use super::protocol::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
-    ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, TokenLogprob,
-    TopLogprob, Usage,
+    ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, Placement,
+    TokenLogprob, TopLogprob, Usage,
 };
 use super::validation::{Api, BatchPreference, Scheduling, ValidRequest};
 use crate::engine::runtime::RequestOptions;
@@ -68,6 +68,7 @@ impl Logprobs {
         }
     }
 
+    /// Adds one token; returns the length of its text (for the next `text_offset`).
     fn push(
         &mut self,
         codec: &TextCodec,
@@ -75,8 +76,9 @@ impl Logprobs {
         logprob: f32,
         top: &[(u32, f32)],
         offset: usize,
-    ) {
+    ) -> usize {
         let token = codec.token_text(id);
+        let len = token.len();
         match self {
             Self::Completion(l) => {
                 l.top_logprobs.push(
@@ -105,12 +107,42 @@ impl Logprobs {
                     .collect(),
             }),
         }
+        len
+    }
+
+    /// Appends the tokens of `later` (of the same API).
+    fn append(&mut self, later: Self) {
+        match (self, later) {
+            (Self::Completion(a), Self::Completion(l)) => {
+                a.tokens.extend(l.tokens);
+                a.token_logprobs.extend(l.token_logprobs);
+                a.top_logprobs.extend(l.top_logprobs);
+                a.text_offset.extend(l.text_offset);
+            }
+            (Self::Chat(a), Self::Chat(l)) => a.content.extend(l.content),
+            // One request has one API.
+            _ => {}
+        }
+    }
+
+    fn completion(self) -> Option<CompletionLogprobs> {
+        match self {
+            Self::Completion(l) => Some(l),
+            Self::Chat(_) => None,
+        }
+    }
+
+    fn chat(self) -> Option<ChatLogprobs> {
+        match self {
+            Self::Chat(l) => Some(l),
+            Self::Completion(_) => None,
+        }
     }
 }
 
-/// What is known of a request's scheduling, for its response headers.
+/// What is known of a request's scheduling.
 #[derive(Debug, Clone, Copy)]
-struct Placement {
+struct Placing {
     prediction: Prediction,
     /// Set when the first step ran.
     started: Option<Instant>,
@@ -122,7 +154,7 @@ struct Placement {
 /// One request being answered.
 struct Generation {
     state: Arc<AppState>,
-    placement: Placement,
+    placement: Placing,
     class: RequestClass,
     max_tokens: usize,
     prompt_tokens: usize,
@@ -201,49 +233,31 @@ impl Generation {
         }
     }
 
-    /// The scheduling headers known now.
-    fn headers(&self, finished: bool) -> HeaderMap {
+    /// How the request was placed; with the processing time once it has `finished`.
+    fn report(&self, finished: bool) -> Placement {
         let p = &self.placement;
+        let millis = |d: Duration| d.as_secs_f64() * 1e3;
+        Placement {
+            bin: p.prediction.bin.as_str(),
+            complexity: p.prediction.complexity,
+            predicted_time_ms: millis(p.prediction.time),
+            queue_time_ms: millis(p.queue_time),
+            processing_time_ms: p.started.filter(|_| finished).map(|s| millis(s.elapsed())),
+            batch_size: p.batch_size,
+            // This engine runs on CPU: there is no device utilization to report.
+            gpu_utilization: "unavailable (cpu)",
+        }
+    }
+
+    /// The placement as response headers.
+    fn headers(&self, finished: bool) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        let mut put = |name: &'static str, value: String| {
+        for (name, value) in self.report(finished).headers() {
             if let Ok(value) = value.parse() {
                 headers.insert(name, value);
             }
-        };
-        put("x-bin", p.prediction.bin.as_str().to_owned());
-        put("x-complexity", p.prediction.complexity.to_string());
-        put(
-            "x-predicted-time",
-            format!("{:.1}ms", p.prediction.time.as_secs_f64() * 1e3),
-        );
-        put(
-            "x-queue-time",
-            format!("{:.1}ms", p.queue_time.as_secs_f64() * 1e3),
-        );
-        put("x-batch-size", p.batch_size.to_string());
-        // This engine runs on CPU: there is no device utilization to report.
-        put("x-gpu-utilization", "unavailable (cpu)".to_owned());
-        if finished && let Some(started) = p.started {
-            put(
-                "x-processing-time",
-                format!("{:.1}ms", started.elapsed().as_secs_f64() * 1e3),
-            );
         }
         headers
-    }
-
-    /// The same, for the extension of a stream's usage chunk.
-    fn placement_json(&self) -> serde_json::Value {
-        let p = &self.placement;
-        serde_json::json!({
-            "bin": p.prediction.bin.as_str(),
-            "complexity": p.prediction.complexity,
-            "predicted_time_ms": p.prediction.time.as_secs_f64() * 1e3,
-            "queue_time_ms": p.queue_time.as_secs_f64() * 1e3,
-            "processing_time_ms": p.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3),
-            "batch_size": p.batch_size,
-            "gpu_utilization": "unavailable (cpu)",
-        })
     }
 
     async fn next(&mut self) -> Step {
@@ -281,10 +295,9 @@ impl Generation {
                 self.placement.first_token.get_or_insert_with(Instant::now);
                 let logprobs = self.want_logprobs.then(|| {
                     let mut l = Logprobs::new(self.api);
-                    l.push(&self.codec, id, logprob, &top_logprobs, self.offset);
+                    self.offset += l.push(&self.codec, id, logprob, &top_logprobs, self.offset);
                     l
                 });
-                self.offset += self.codec.token_text(id).len();
                 Step::Token { text, logprobs }
             }
             Some(Event::Finished {
@@ -341,17 +354,8 @@ impl Generation {
                     logprobs,
                 } => {
                     text.push_str(&piece);
-                    match (&mut all, logprobs) {
-                        (Some(Logprobs::Completion(a)), Some(Logprobs::Completion(l))) => {
-                            a.tokens.extend(l.tokens);
-                            a.token_logprobs.extend(l.token_logprobs);
-                            a.top_logprobs.extend(l.top_logprobs);
-                            a.text_offset.extend(l.text_offset);
-                        }
-                        (Some(Logprobs::Chat(a)), Some(Logprobs::Chat(l))) => {
-                            a.content.extend(l.content);
-                        }
-                        _ => {}
+                    if let (Some(all), Some(l)) = (&mut all, logprobs) {
+                        all.append(l);
                     }
                 }
                 Step::Finished {
@@ -384,10 +388,7 @@ impl Generation {
                 choices: vec![CompletionChoice {
                     index: 0,
                     text,
-                    logprobs: match logprobs {
-                        Some(Logprobs::Completion(l)) => Some(l),
-                        _ => None,
-                    },
+                    logprobs: logprobs.and_then(Logprobs::completion),
                     finish_reason: Some(reason),
                 }],
                 usage: Some(usage),
@@ -404,16 +405,41 @@ impl Generation {
                         role: "assistant",
                         content: text,
                     },
-                    logprobs: match logprobs {
-                        Some(Logprobs::Chat(l)) => Some(l),
-                        _ => None,
-                    },
+                    logprobs: logprobs.and_then(Logprobs::chat),
                     finish_reason: reason,
                 }],
                 usage,
             })
             .into_response(),
         }
+    }
+
+    /// One server-sent event of the stream: `choices` and `usage` in the API's chunk shape.
+    fn frame(
+        &self,
+        completion: Vec<CompletionChoice>,
+        chat: Vec<ChatChunkChoice>,
+        usage: Option<Option<Usage>>,
+    ) -> SseEvent {
+        let json = match self.api {
+            Api::Completion => serde_json::to_string(&CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: completion,
+                usage: usage.flatten(),
+            }),
+            Api::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: chat,
+                usage,
+            }),
+        };
+        SseEvent::default().data(json.unwrap_or_default())
     }
 
     /// One chunk of the stream.
@@ -424,74 +450,37 @@ impl Generation {
         logprobs: Option<Logprobs>,
         finish_reason: Option<&'static str>,
     ) -> SseEvent {
-        let usage = self.include_usage.then_some(None);
-        let json = match self.api {
-            Api::Completion => serde_json::to_string(&CompletionResponse {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![CompletionChoice {
+        match self.api {
+            Api::Completion => {
+                let choice = CompletionChoice {
                     index: 0,
                     text: text.unwrap_or_default(),
-                    logprobs: match logprobs {
-                        Some(Logprobs::Completion(l)) => Some(l),
-                        _ => None,
-                    },
+                    logprobs: logprobs.and_then(Logprobs::completion),
                     finish_reason,
-                }],
-                usage: None,
-            }),
-            Api::Chat => serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChatChunkChoice {
+                };
+                self.frame(vec![choice], Vec::new(), None)
+            }
+            Api::Chat => {
+                let choice = ChatChunkChoice {
                     index: 0,
                     delta: Delta {
                         role: role.then_some("assistant"),
                         content: text,
                     },
-                    logprobs: match logprobs {
-                        Some(Logprobs::Chat(l)) => Some(l),
-                        _ => None,
-                    },
+                    logprobs: logprobs.and_then(Logprobs::chat),
                     finish_reason,
-                }],
-                usage,
-            }),
-        };
-        SseEvent::default().data(json.unwrap_or_default())
+                };
+                // With include_usage, every chunk but the last says `"usage": null`.
+                self.frame(Vec::new(), vec![choice], self.include_usage.then_some(None))
+            }
+        }
     }
 
     /// The chunk that carries only the token counts, extended with the request's placement
     /// (`usage.parallax`: what the response headers could not know yet).
-    fn usage_chunk(&self, usage: Usage) -> SseEvent {
-        let json = match self.api {
-            Api::Completion => serde_json::to_string(&CompletionResponse {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: Vec::new(),
-                usage: Some(usage),
-            }),
-            Api::Chat => serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: Vec::new(),
-                usage: Some(Some(usage)),
-            }),
-        };
-        let mut value: serde_json::Value = json
-            .ok()
-            .and_then(|j| serde_json::from_str(&j).ok())
-            .unwrap_or_default();
-        value["usage"]["parallax"] = self.placement_json();
-        SseEvent::default().data(value.to_string())
+    fn usage_chunk(&self, mut usage: Usage) -> SseEvent {
+        usage.parallax = Some(self.report(true));
+        self.frame(Vec::new(), Vec::new(), Some(Some(usage)))
     }
 
     /// The events for the next engine event, and whether the stream is over.
@@ -595,7 +584,7 @@ pub async fn respond(
         .metrics
         .record_admission(prediction.bin, scheduling.priority);
     let mut generation = Generation {
-        placement: Placement {
+        placement: Placing {
             prediction,
             started: None,
             queue_time: Duration::ZERO,

@@ -24,11 +24,18 @@ pub struct Route {
     pub path: &'static str,
     pub summary: &'static str,
     body: Option<fn(&mut SchemaGenerator) -> Value>,
-    /// The JSON answer, or `None` for a text one (given by `text_type`).
-    answer: Option<fn(&mut SchemaGenerator) -> Value>,
-    text_type: &'static str,
+    answer: Answer,
     /// The answer can also be a stream of server-sent events of this schema.
     events: Option<fn(&mut SchemaGenerator) -> Value>,
+}
+
+/// What a route answers with.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// JSON of this schema.
+    Json(fn(&mut SchemaGenerator) -> Value),
+    /// Text of this media type.
+    Text(&'static str),
 }
 
 fn schema<T: schemars::JsonSchema>(generator: &mut SchemaGenerator) -> Value {
@@ -46,8 +53,7 @@ pub const ROUTES: &[Route] = &[
         path: COMPLETIONS,
         summary: "Complete a prompt (OpenAI completions); SSE when stream is true",
         body: Some(schema::<CompletionRequest>),
-        answer: Some(schema::<CompletionResponse>),
-        text_type: "",
+        answer: Answer::Json(schema::<CompletionResponse>),
         events: Some(schema::<CompletionResponse>),
     },
     Route {
@@ -55,8 +61,7 @@ pub const ROUTES: &[Route] = &[
         path: CHAT_COMPLETIONS,
         summary: "Answer a conversation (OpenAI chat completions); SSE when stream is true",
         body: Some(schema::<ChatCompletionRequest>),
-        answer: Some(schema::<ChatCompletionResponse>),
-        text_type: "",
+        answer: Answer::Json(schema::<ChatCompletionResponse>),
         events: Some(schema::<ChatCompletionChunk>),
     },
     Route {
@@ -64,8 +69,7 @@ pub const ROUTES: &[Route] = &[
         path: MODELS,
         summary: "The served model",
         body: None,
-        answer: Some(schema::<ModelList>),
-        text_type: "",
+        answer: Answer::Json(schema::<ModelList>),
         events: None,
     },
     Route {
@@ -73,8 +77,7 @@ pub const ROUTES: &[Route] = &[
         path: HEALTH,
         summary: "Liveness: 200 while the process and its engine run",
         body: None,
-        answer: Some(empty),
-        text_type: "",
+        answer: Answer::Json(empty),
         events: None,
     },
     Route {
@@ -82,8 +85,7 @@ pub const ROUTES: &[Route] = &[
         path: READY,
         summary: "Readiness: 200 once the model is loaded, 503 while loading or shutting down",
         body: None,
-        answer: Some(empty),
-        text_type: "",
+        answer: Answer::Json(empty),
         events: None,
     },
     Route {
@@ -91,8 +93,7 @@ pub const ROUTES: &[Route] = &[
         path: METRICS,
         summary: "Prometheus metrics with vLLM's names: OpenMetrics when asked for, else text 0.0.4",
         body: None,
-        answer: None,
-        text_type: "text/plain",
+        answer: Answer::Text("text/plain"),
         events: None,
     },
     Route {
@@ -100,8 +101,7 @@ pub const ROUTES: &[Route] = &[
         path: OPENAPI,
         summary: "This document",
         body: None,
-        answer: Some(empty),
-        text_type: "",
+        answer: Answer::Json(empty),
         events: None,
     },
 ];
@@ -117,17 +117,13 @@ pub fn document() -> Value {
     let mut paths = serde_json::Map::new();
     for route in ROUTES {
         let mut ok = serde_json::Map::new();
-        if let Some(answer) = route.answer {
-            ok.insert(
+        match route.answer {
+            Answer::Json(answer) => ok.insert(
                 "application/json".into(),
                 json!({"schema": answer(&mut generator)}),
-            );
-        } else {
-            ok.insert(
-                route.text_type.into(),
-                json!({"schema": {"type": "string"}}),
-            );
-        }
+            ),
+            Answer::Text(media) => ok.insert(media.into(), json!({"schema": {"type": "string"}})),
+        };
         if let Some(events) = route.events {
             ok.insert(
                 "text/event-stream".into(),

@@ -138,11 +138,14 @@ pub struct ChatCompletionRequest {
 }
 
 /// Token counts of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// Parallax's extension, in a stream's usage chunk: how the request was placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallax: Option<Placement>,
 }
 
 impl Usage {
@@ -151,7 +154,47 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            parallax: None,
         }
+    }
+}
+
+/// How a request was placed: the `X-Bin`, `X-Complexity`, … response headers, and the usage
+/// extension of a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct Placement {
+    /// fast, medium or slow.
+    pub bin: &'static str,
+    /// 1 to 10.
+    pub complexity: u8,
+    pub predicted_time_ms: f64,
+    pub queue_time_ms: f64,
+    /// From the first step until now (known once the request has finished).
+    pub processing_time_ms: Option<f64>,
+    /// Sequences in the request's first step.
+    pub batch_size: usize,
+    /// The device's utilization, or why there is none.
+    pub gpu_utilization: &'static str,
+}
+
+impl Placement {
+    /// As response headers.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = vec![
+            ("x-bin", self.bin.to_owned()),
+            ("x-complexity", self.complexity.to_string()),
+            (
+                "x-predicted-time",
+                format!("{:.1}ms", self.predicted_time_ms),
+            ),
+            ("x-queue-time", format!("{:.1}ms", self.queue_time_ms)),
+            ("x-batch-size", self.batch_size.to_string()),
+            ("x-gpu-utilization", self.gpu_utilization.to_owned()),
+        ];
+        if let Some(ms) = self.processing_time_ms {
+            headers.push(("x-processing-time", format!("{ms:.1}ms")));
+        }
+        headers
     }
 }
 

@@ -49,6 +49,17 @@ pub enum BatchPreference {
     Auto,
 }
 
+impl BatchPreference {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "enable" => Some(Self::Enable),
+            "disable" => Some(Self::Disable),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
+}
+
 /// The scheduling headers, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scheduling {
@@ -80,64 +91,63 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     (seconds.is_finite() && seconds <= 86_400.0).then(|| Duration::from_secs_f64(seconds))
 }
 
+/// A header's value, if present; names match in any case.
+fn header_text<'h>(
+    headers: &'h HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'h str>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str().map_err(|_| ApiError::BadHeader {
+                header: name,
+                message: "is not text".into(),
+            })
+        })
+        .transpose()
+}
+
+/// A header's value parsed by `parse`, or an error naming the header and what it may be.
+fn header_value<T>(
+    headers: &HeaderMap,
+    name: &'static str,
+    expected: &str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    header_text(headers, name)?
+        .map(|v| {
+            parse(v).ok_or_else(|| ApiError::BadHeader {
+                header: name,
+                message: format!("{v:?} is not {expected}"),
+            })
+        })
+        .transpose()
+}
+
 /// Reads the scheduling headers, refusing a bad value by the header's name.
 pub fn scheduling(headers: &HeaderMap, default_max_wait: Duration) -> Result<Scheduling, ApiError> {
-    let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
-        headers
-            .get(name)
-            .map(|v| {
-                v.to_str().map_err(|_| ApiError::BadHeader {
-                    header: name,
-                    message: "is not text".into(),
-                })
-            })
-            .transpose()
-    };
-    let duration = |name: &'static str| -> Result<Option<Duration>, ApiError> {
-        text(name)?
-            .map(|v| {
-                parse_duration(v).ok_or_else(|| ApiError::BadHeader {
-                    header: name,
-                    message: format!("{v:?} is not a duration such as 50ms, 2s or 1m"),
-                })
-            })
-            .transpose()
-    };
-    let priority = match text("x-request-priority")? {
-        None => Priority::Medium,
-        Some(v) => Priority::parse(v).ok_or_else(|| ApiError::BadHeader {
-            header: "X-Request-Priority",
-            message: format!("{v:?} is not one of high, medium, low"),
-        })?,
-    };
-    let preference = match text("x-batch-preference")?.map(|v| v.trim().to_ascii_lowercase()) {
-        None => BatchPreference::Auto,
-        Some(v) => match v.as_str() {
-            "enable" => BatchPreference::Enable,
-            "disable" => BatchPreference::Disable,
-            "auto" => BatchPreference::Auto,
-            _ => {
-                return Err(ApiError::BadHeader {
-                    header: "X-Batch-Preference",
-                    message: format!("{v:?} is not one of enable, disable, auto"),
-                });
-            }
-        },
-    };
-    let rename = |e: ApiError, header: &'static str| match e {
-        ApiError::BadHeader { message, .. } => ApiError::BadHeader { header, message },
-        other => other,
-    };
+    let duration = "a duration such as 50ms, 2s or 1m";
     Ok(Scheduling {
-        priority,
-        preference,
-        max_wait: duration("x-max-wait-time")
-            .map_err(|e| rename(e, "X-Max-Wait-Time"))?
+        priority: header_value(
+            headers,
+            "X-Request-Priority",
+            "one of high, medium, low",
+            Priority::parse,
+        )?
+        .unwrap_or_default(),
+        preference: header_value(
+            headers,
+            "X-Batch-Preference",
+            "one of enable, disable, auto",
+            BatchPreference::parse,
+        )?
+        .unwrap_or_default(),
+        max_wait: header_value(headers, "X-Max-Wait-Time", duration, parse_duration)?
             .unwrap_or(default_max_wait),
-        task_class: text("x-task-class")?
+        task_class: header_text(headers, "X-Task-Class")?
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty()),
-        timeout: duration("x-request-timeout").map_err(|e| rename(e, "X-Request-Timeout"))?,
+        timeout: header_value(headers, "X-Request-Timeout", duration, parse_duration)?,
     })
 }
 
