@@ -72,6 +72,12 @@ pub struct EngineArgs {
     /// medium=16-32:2, slow=4-16:1, capped by --max-num-seqs).
     #[arg(long = "bin-share", value_parser = parse_bin_share)]
     pub bin_shares: Vec<(Bin, BinShare)>,
+    /// With multi-bin: while a faster bin has sequences running, a slower bin's sequences join
+    /// only its weight's share of the steps (weights 3:2:1 → slow ones every third step beside
+    /// fast ones). Pays on CPU, where a step's time grows with its rows; `false` runs every
+    /// running sequence in every step.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub weighted_steps: bool,
 }
 
 /// `slow=2-4:1` → the slow bin's share.
@@ -139,6 +145,7 @@ impl EngineArgs {
                 }
                 shares
             }),
+            weighted_steps: self.weighted_steps,
             ..EngineConfig::default()
         })
     }

@@ -124,6 +124,10 @@ pub struct QueuePolicy {
     pub shares: [BinShare; 3],
     /// A waiting request's priority rises one level per `aging` waited.
     pub aging: Duration,
+    /// While a faster bin has sequences running, a slower bin's running sequences join only
+    /// `its weight / the faster bin's weight` of the steps. Pays where a step's time grows with
+    /// its rows (the CPU engine); off, every running sequence is in every step.
+    pub weighted_steps: bool,
 }
 
 impl QueuePolicy {
@@ -139,6 +143,7 @@ impl QueuePolicy {
             discipline: Discipline::MultiBin,
             shares: [share(32, 64, 3), share(16, 32, 2), share(4, 16, 1)],
             aging: Duration::from_secs(2),
+            weighted_steps: true,
         }
     }
 

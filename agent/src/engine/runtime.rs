@@ -37,6 +37,9 @@ pub struct EngineConfig {
     pub discipline: Discipline,
     /// Each bin's share of the batch (min, max, weight), by [`Bin`]; `None` for the defaults.
     pub bin_shares: Option<[BinShare; 3]>,
+    /// Multi-bin only: slower bins sit out steps by weight while faster ones run
+    /// ([`QueuePolicy::weighted_steps`]).
+    pub weighted_steps: bool,
     /// When repeated step failures switch the engine to one request at a time.
     pub breaker: BreakerConfig,
     /// Tests only: the forward pass fails whenever this token is in its batch.
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             kv_cache: KvCacheSize::MemoryFraction(0.1),
             discipline: Discipline::MultiBin,
             bin_shares: None,
+            weighted_steps: true,
             breaker: BreakerConfig::default(),
             #[cfg(feature = "fault-injection")]
             poison_token: None,
@@ -368,6 +372,7 @@ pub fn start_observed(
                                 weight: s.weight.max(1),
                             })
                         }),
+                        weighted_steps: config.weighted_steps,
                         ..defaults
                     }
                 },

@@ -79,6 +79,9 @@ pub struct Scheduler<S> {
     /// A lower cap on sequences per step than the configured one (the circuit breaker's
     /// single-request mode).
     limit: Option<usize>,
+    /// Weighted steps: what each bin has earned towards its next step while a faster bin leads,
+    /// in units of the leading bin's weight.
+    step_credit: [u32; 3],
 }
 
 impl<S: Schedulable> Scheduler<S> {
@@ -90,6 +93,7 @@ impl<S: Schedulable> Scheduler<S> {
             preemptions: [0; 2],
             pressure: false,
             limit: None,
+            step_credit: [0; 3],
         }
     }
 
@@ -222,17 +226,53 @@ impl<S: Schedulable> Scheduler<S> {
         }
     }
 
-    /// Plans the next step. Running sequences go first, oldest first; waiting ones are admitted
-    /// in arrival order while budget, sequence cap and blocks allow — but not in a step that had
-    /// to preempt, so memory pressure is not made worse at once.
+    /// With weighted steps, the bins that sit this step out: the fastest bin with a running
+    /// sequence leads and runs every step; a slower bin earns its weight each step and runs when
+    /// it has earned the leader's weight (defaults 3:2:1 — slow sequences run every third step
+    /// while fast ones run, every second while medium ones lead).
+    fn resting_bins(&mut self) -> [bool; 3] {
+        let mut resting = [false; 3];
+        let policy = self.config.policy;
+        if policy.discipline == Discipline::Fcfs || !policy.weighted_steps {
+            return resting;
+        }
+        let running = self.running_per_bin();
+        let Some(lead) = (0..3).find(|&b| running[b] > 0) else {
+            return resting;
+        };
+        let lead_weight = policy.shares[lead].weight.max(1);
+        for b in lead + 1..3 {
+            if running[b] == 0 {
+                continue;
+            }
+            let mut credit = self.step_credit[b] + policy.shares[b].weight;
+            resting[b] = credit < lead_weight;
+            if !resting[b] {
+                credit -= lead_weight;
+            }
+            // What is left over carries to the next step, but no more than one step's worth.
+            self.step_credit[b] = credit.min(lead_weight);
+        }
+        resting
+    }
+
+    /// Plans the next step. Running sequences go first, oldest first (those of a resting bin
+    /// wait, keeping their cache); waiting ones are admitted in the queue's order while budget,
+    /// sequence cap and blocks allow — but not in a step that had to preempt, so memory pressure
+    /// is not made worse at once, and not into a resting bin.
     pub fn schedule(&mut self) -> Vec<Scheduled> {
         self.make_room_for_high_priority();
+        let resting = self.resting_bins();
         let mut budget = self.config.max_batched_tokens;
         let mut plan = Vec::with_capacity(self.running.len() + 1);
         let mut preempted = false;
         let mut i = 0;
         let max_seqs = self.max_seqs();
         while i < self.running.len() && budget > 0 && plan.len() < max_seqs {
+            if resting[self.running[i].ticket().bin as usize] {
+                i += 1;
+                continue;
+            }
             let (len, computed) = (self.running[i].total_tokens(), self.running[i].computed());
             let tokens = (len - computed).min(budget);
             loop {
@@ -259,7 +299,14 @@ impl<S: Schedulable> Scheduler<S> {
         }
         let now = Instant::now();
         while budget > 0 && self.running.len() < max_seqs {
-            let Some(mut seq) = self.waiting.pop(self.running_per_bin(), now) else {
+            // A resting bin admits nothing this step, as if its share were full.
+            let mut running = self.running_per_bin();
+            for (b, count) in running.iter_mut().enumerate() {
+                if resting[b] {
+                    *count = (*count).max(self.config.policy.shares[b].max);
+                }
+            }
+            let Some(mut seq) = self.waiting.pop(running, now) else {
                 break;
             };
             let ticket = seq.ticket();
@@ -290,7 +337,7 @@ impl<S: Schedulable> Scheduler<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::admission::Ticket;
+    use crate::engine::admission::{Bin, Ticket};
     use crate::engine::kv_cache::BlockAllocator;
 
     #[derive(Debug)]
@@ -520,5 +567,64 @@ mod tests {
         assert_eq!(s.schedule().len(), 1);
         s.set_pressure(false);
         assert_eq!(s.schedule().len(), 2);
+    }
+
+    /// Steps each sequence id takes part in over `steps` steps.
+    fn steps_taken(s: &mut Scheduler<Seq>, steps: usize) -> Vec<usize> {
+        let mut taken = vec![0; 8];
+        for _ in 0..steps {
+            let plan = s.schedule();
+            for p in &plan {
+                taken[s.running()[p.index].id] += 1;
+            }
+            run(s, &plan);
+        }
+        taken
+    }
+
+    #[test]
+    fn slower_bins_sit_out_steps_by_weight_while_a_faster_one_runs() {
+        let allocator = BlockAllocator::new(100);
+        let in_bin = |id, bin| {
+            let mut q = seq(&allocator, id, 4);
+            q.ticket.bin = bin;
+            q
+        };
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
+        s.add(in_bin(0, Bin::Slow));
+        assert_eq!(steps_taken(&mut s, 4)[0], 4, "alone, slow runs every step");
+        // Medium (weight 2) leads: slow (1) runs every second step, and a slow request that
+        // arrives meanwhile is admitted only in a step its bin runs.
+        s.add(in_bin(1, Bin::Medium));
+        assert_eq!(steps_taken(&mut s, 1)[1], 1, "admitted at once");
+        s.add(in_bin(2, Bin::Slow));
+        let taken = steps_taken(&mut s, 12);
+        assert_eq!((taken[0], taken[1], taken[2]), (6, 12, 6));
+        // Fast (3) leads: medium runs two steps in three, slow one in three.
+        s.add(in_bin(3, Bin::Fast));
+        steps_taken(&mut s, 1);
+        let taken = steps_taken(&mut s, 12);
+        assert_eq!(&taken[..4], &[4, 8, 4, 12]);
+        // Every sequence stayed running: resting keeps a sequence's place and cache.
+        assert_eq!(s.running().len(), 4);
+
+        for config in [
+            SchedulerConfig {
+                policy: QueuePolicy::fcfs(8),
+                ..SchedulerConfig::new(8, 1000)
+            },
+            SchedulerConfig {
+                policy: QueuePolicy {
+                    weighted_steps: false,
+                    ..QueuePolicy::multi_bin(8)
+                },
+                ..SchedulerConfig::new(8, 1000)
+            },
+        ] {
+            let mut s = Scheduler::new(config);
+            s.add(in_bin(0, Bin::Slow));
+            s.add(in_bin(1, Bin::Fast));
+            assert_eq!(&steps_taken(&mut s, 6)[..2], &[6, 6], "{:?}", config.policy);
+        }
     }
 }
