@@ -204,297 +204,227 @@ fn quantize_row(x: &[f32], q: &mut [i8], s: &mut [f32], sums: &mut [f32]) {
 
 /// Q8_0 weights · Q8 activations, one row each, in the order of GGML's AVX2 vec_dot_q8_0_q8_0:
 /// eight lanes each summing four products per block, scaled by `dw·dx` and fused-multiply-added
-/// across blocks, then reduced pairwise. The AVX2 and portable versions give the same bits.
-#[inline]
+/// across blocks, then reduced pairwise. The AVX2 kernel gives the same bits; builds without
+/// AVX2 use this.
+#[cfg(any(
+    test,
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))
+))]
 fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    let mut lanes = [0f32; 8];
+    for ((wb, xb), (dw, dx)) in wq
+        .chunks_exact(BLOCK)
+        .zip(xq.chunks_exact(BLOCK))
+        .zip(ws.iter().zip(xs))
     {
-        simd::row_dot_q8(wq, ws, xq, xs)
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        let mut lanes = [0f32; 8];
-        for ((wb, xb), (dw, dx)) in wq
-            .chunks_exact(BLOCK)
-            .zip(xq.chunks_exact(BLOCK))
-            .zip(ws.iter().zip(xs))
-        {
-            let d = dw * dx;
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                let mut sum = 0i32;
-                for i in 4 * l..4 * l + 4 {
-                    sum += i32::from(wb[i]) * i32::from(xb[i]);
-                }
-                *lane = d.mul_add(sum as f32, *lane);
-            }
+        let d = dw * dx;
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let sum: i32 = (4 * l..4 * l + 4)
+                .map(|i| i32::from(wb[i]) * i32::from(xb[i]))
+                .sum();
+            *lane = d.mul_add(sum as f32, *lane);
         }
-        let quad = [
-            lanes[4] + lanes[0],
-            lanes[5] + lanes[1],
-            lanes[6] + lanes[2],
-            lanes[7] + lanes[3],
-        ];
-        let pair = [quad[0] + quad[2], quad[1] + quad[3]];
-        pair[0] + pair[1]
     }
+    reduce8(lanes)
 }
 
-/// Q4_1 weights · Q8_1 activations (GGML's vec_dot_q4_1_q8_1): `Σ d·dx·Σq·qx + m·s`, blocks
-/// in order, the integer sums exact (with AVX2 where the build has it).
-#[inline]
+/// Q4_1 weights · Q8_1 activations in the order of GGML's AVX2 vec_dot_q4_1_q8_1: per block,
+/// eight lanes each summing four exact products, scaled by `d·dx` and fused-multiply-added
+/// across blocks, reduced pairwise; plus `Σ m·s` ([`min_terms`]). The AVX2 kernel gives the
+/// same bits; builds without AVX2 use this.
+#[cfg(any(
+    test,
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))
+))]
 fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum: &[f32]) -> f32 {
-    let mut acc = 0f32;
-    for (((nb, xb), (dw, mw)), (dx, sx)) in nibbles
+    let mut lanes = [0f32; 8];
+    for ((nb, xb), (dw, dx)) in nibbles
         .chunks_exact(BLOCK / 2)
         .zip(xq.chunks_exact(BLOCK))
-        .zip(d.iter().zip(m))
-        .zip(xs.iter().zip(xsum))
+        .zip(d.iter().zip(xs))
     {
-        let nb: &[u8; BLOCK / 2] = nb.try_into().expect("block");
-        let xb: &[i8; BLOCK] = xb.try_into().expect("block");
-        acc += q41_block_sum(nb, xb) as f32 * dw * dx + mw * sx;
+        let scale = dw * dx;
+        // Element e of the block: low nibbles hold 0–15, high nibbles 16–31.
+        let w = |e: usize| {
+            i32::from(if e < 16 {
+                nb[e] & 0x0f
+            } else {
+                nb[e - 16] >> 4
+            })
+        };
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let sum: i32 = (4 * l..4 * l + 4).map(|e| w(e) * i32::from(xb[e])).sum();
+            *lane = scale.mul_add(sum as f32, *lane);
+        }
     }
-    acc
+    reduce8(lanes) + min_terms(m, xsum)
 }
 
+/// `Σ m·s` over a row's blocks: eight lanes (block `b` in lane `b mod 8`), fused-multiply-added,
+/// then reduced pairwise — one fixed order, in eight independent chains so it vectorises.
 #[inline(always)]
-fn q41_block_sum(nb: &[u8; BLOCK / 2], xb: &[i8; BLOCK]) -> i32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    {
-        simd::q41_block_sum(nb, xb)
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-    {
-        let mut sum = 0i32;
-        for j in 0..BLOCK / 2 {
-            sum += i32::from(nb[j] & 0x0f) * i32::from(xb[j])
-                + i32::from(nb[j] >> 4) * i32::from(xb[j + BLOCK / 2]);
+fn min_terms(m: &[f32], xsum: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (m8, xs8) = (m.chunks_exact(8), xsum.chunks_exact(8));
+    let (m_rest, xs_rest) = (m8.remainder(), xs8.remainder());
+    for (m, s) in m8.zip(xs8) {
+        for l in 0..8 {
+            lanes[l] = m[l].mul_add(s[l], lanes[l]);
         }
-        sum
     }
+    for (l, (m, s)) in m_rest.iter().zip(xs_rest).enumerate() {
+        lanes[l] = m.mul_add(*s, lanes[l]);
+    }
+    let quad = [
+        lanes[4] + lanes[0],
+        lanes[5] + lanes[1],
+        lanes[6] + lanes[2],
+        lanes[7] + lanes[3],
+    ];
+    (quad[0] + quad[2]) + (quad[1] + quad[3])
+}
+
+/// Eight lanes summed as GGML's hsum_float_8 does: halves, then pairs, then the last two.
+#[cfg(any(
+    test,
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))
+))]
+fn reduce8(lanes: [f32; 8]) -> f32 {
+    let quad = [
+        lanes[4] + lanes[0],
+        lanes[5] + lanes[1],
+        lanes[6] + lanes[2],
+        lanes[7] + lanes[3],
+    ];
+    let pair = [quad[0] + quad[2], quad[1] + quad[3]];
+    pair[0] + pair[1]
 }
 
 /// AVX2 versions of the block products, used when the build targets AVX2 and FMA (the
 /// workspace's x86-64-v3). They compute exactly what the portable loops compute.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
 #[allow(unsafe_code)]
 mod simd {
     use super::BLOCK;
     use std::arch::x86_64::*;
 
-    /// Σ q·x of one Q4_1 block: nibbles widened to bytes, multiplied as unsigned × signed.
+    /// Eight float lanes summed as GGML's hsum_float_8.
     #[inline(always)]
-    pub fn q41_block_sum(nb: &[u8; BLOCK / 2], xb: &[i8; BLOCK]) -> i32 {
-        // SAFETY: this module is compiled only when the target has AVX2, and every load reads
-        // exactly the array it is given (16 and 32 bytes) with unaligned loads. Products are at
-        // most 15 · 127 · 2 per 16-bit lane, so `maddubs` cannot saturate.
-        unsafe {
-            let bytes = _mm_loadu_si128(nb.as_ptr().cast());
-            let mask = _mm_set1_epi8(0x0f);
-            let low = _mm_and_si128(bytes, mask);
-            let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-            let w = _mm256_set_m128i(high, low);
-            let x = _mm256_loadu_si256(xb.as_ptr().cast());
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-            let s = _mm_add_epi32(
-                _mm256_castsi256_si128(sums),
-                _mm256_extracti128_si256(sums, 1),
-            );
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            _mm_cvtsi128_si32(s)
-        }
-    }
-
-    /// Eight values from `values[at..at + count]`, zero-padded.
-    #[inline(always)]
-    unsafe fn load8(values: &[f32], at: usize, count: usize) -> __m256 {
-        // SAFETY: a full load only when eight values exist at `at`; otherwise a padded copy.
-        unsafe {
-            if count == 8 {
-                _mm256_loadu_ps(values.as_ptr().add(at))
-            } else {
-                let mut padded = [0f32; 8];
-                padded[..count].copy_from_slice(&values[at..at + count]);
-                _mm256_loadu_ps(padded.as_ptr())
-            }
-        }
-    }
-
-    /// The terms `sum·d·dx + m·s` of the `count` blocks from 8g of activation row `j` (lane b =
-    /// block; lanes from `count` on are zero), the weight blocks widened in `w`.
-    #[inline(always)]
-    unsafe fn block_terms(
-        w: &[__m256i; 8],
-        dw: __m256,
-        mw: __m256,
-        x: &super::Q8Matrix,
-        j: usize,
-        g: usize,
-        count: usize,
-    ) -> __m256 {
-        let kb = x.cols / BLOCK;
-        // SAFETY: the caller (q41_row) checked that row j and blocks 8g..8g+count lie inside `x`;
-        // no block at or past `count` is read.
-        unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let xq = x.quants.as_ptr().add(j * x.cols + 8 * g * BLOCK);
-            // Block b's eight partial sums (zero past `count`), reduced pairwise as they come
-            // so few registers are live.
-            let block = |b: usize| {
-                if b < count {
-                    let xv = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(w[b], xv), ones)
-                } else {
-                    _mm256_setzero_si256()
-                }
-            };
-            let h01 = _mm256_hadd_epi32(block(0), block(1));
-            let h23 = _mm256_hadd_epi32(block(2), block(3));
-            let low = _mm256_hadd_epi32(h01, h23);
-            let h45 = _mm256_hadd_epi32(block(4), block(5));
-            let h67 = _mm256_hadd_epi32(block(6), block(7));
-            let high = _mm256_hadd_epi32(h45, h67);
-            let sums = _mm256_add_epi32(
-                _mm256_permute2x128_si256(low, high, 0x20),
-                _mm256_permute2x128_si256(low, high, 0x31),
-            );
-            let dx = load8(&x.scales, j * kb + 8 * g, count);
-            let sx = load8(&x.sums, j * kb + 8 * g, count);
-            _mm256_add_ps(
-                _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), dw), dx),
-                _mm256_mul_ps(mw, sx),
-            )
-        }
-    }
-
-    /// Transposes an 8×8 matrix of floats held as eight rows.
-    #[inline(always)]
-    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    unsafe fn reduce8(v: __m256) -> f32 {
         // SAFETY: register-only AVX operations; the caller's build has AVX2.
         unsafe {
-            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            let u0 = _mm256_shuffle_ps(t0, t2, 0x44);
-            let u1 = _mm256_shuffle_ps(t0, t2, 0xee);
-            let u2 = _mm256_shuffle_ps(t1, t3, 0x44);
-            let u3 = _mm256_shuffle_ps(t1, t3, 0xee);
-            let u4 = _mm256_shuffle_ps(t4, t6, 0x44);
-            let u5 = _mm256_shuffle_ps(t4, t6, 0xee);
-            let u6 = _mm256_shuffle_ps(t5, t7, 0x44);
-            let u7 = _mm256_shuffle_ps(t5, t7, 0xee);
-            [
-                _mm256_permute2f128_ps(u0, u4, 0x20),
-                _mm256_permute2f128_ps(u1, u5, 0x20),
-                _mm256_permute2f128_ps(u2, u6, 0x20),
-                _mm256_permute2f128_ps(u3, u7, 0x20),
-                _mm256_permute2f128_ps(u0, u4, 0x31),
-                _mm256_permute2f128_ps(u1, u5, 0x31),
-                _mm256_permute2f128_ps(u2, u6, 0x31),
-                _mm256_permute2f128_ps(u3, u7, 0x31),
-            ]
+            let quad = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
         }
     }
 
-    /// One Q4_1 weight row (`nibbles`, `d`, `m` for its blocks) against every activation row of
-    /// `x`, into `out[j]`. Eight blocks at a time: the weight blocks are widened once, the eight
-    /// exact block sums of each activation row are reduced together, and each block's
-    /// `sum·d·dx + m·s` is added to the row's total in block order.
-    pub fn q41_row(nibbles: &[u8], d: &[f32], m: &[f32], x: &super::Q8Matrix, out: &mut [f32]) {
+    /// One Q4_1 weight row (`nibbles`, `d`, `m` for its blocks) against activation rows
+    /// `j0..j0 + R` of `x`, into `out[..R]`: each weight block is widened once and used for all
+    /// `R` rows, each row keeping its own eight float lanes. A row's arithmetic is the same
+    /// whatever `R` is, so it gives the same bits alone and in a batch.
+    #[inline(always)]
+    pub fn q41_tile<const R: usize>(
+        nibbles: &[u8],
+        d: &[f32],
+        m: &[f32],
+        x: &super::Q8Matrix,
+        j0: usize,
+        out: &mut [f32],
+    ) {
         let kb = d.len();
         let k = kb * BLOCK;
-        let groups = kb.div_ceil(8);
-        out.fill(0.0);
-        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() == x.rows);
+        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() >= R);
         assert!(
-            x.quants.len() >= x.rows * k
+            j0 + R <= x.rows
+                && x.quants.len() >= x.rows * k
                 && x.scales.len() >= x.rows * kb
                 && x.sums.len() >= x.rows * kb
         );
-        // SAFETY: AVX2 is enabled for this build. The assertions above bound every pointer:
-        // group `g` covers blocks 8g..8g+count (count = 8, or what is left in the last group)
-        // and reads nibbles[(8g..8g+count)·16], d/m[8g..8g+count], and for row j quants
-        // [j·k + 256g ..+32·count] and scales/sums [j·kb + 8g ..+count], all inside the slices
-        // for j < rows. Loads are unaligned.
+        // SAFETY: AVX2 and FMA are enabled for this build. The assertions above bound every
+        // pointer: block b reads nibbles[16b..16b + 16] and, for row j in j0..j0 + R,
+        // quants[j·k + 32b ..+32] and scales[j·kb + b]. Loads are unaligned. Products are at most
+        // 15 · 127 · 2 per 16-bit lane, so `maddubs` cannot saturate.
         unsafe {
             let mask = _mm_set1_epi8(0x0f);
-            for g in 0..groups {
-                let count = (kb - 8 * g).min(8);
-                let mut w = [_mm256_setzero_si256(); 8];
-                for (b, wb) in w.iter_mut().enumerate().take(count) {
-                    let bytes = _mm_loadu_si128(nibbles.as_ptr().add((8 * g + b) * 16).cast());
-                    *wb = _mm256_set_m128i(
-                        _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                        _mm_and_si128(bytes, mask),
-                    );
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let bytes = _mm_loadu_si128(nibbles.as_ptr().add(b * 16).cast());
+                let w = _mm256_set_m128i(
+                    _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+                    _mm_and_si128(bytes, mask),
+                );
+                let dw = *d.get_unchecked(b);
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let j = j0 + t;
+                    let xv = _mm256_loadu_si256(x.quants.as_ptr().add(j * k + b * BLOCK).cast());
+                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                    let scale = _mm256_set1_ps(dw * *x.scales.get_unchecked(j * kb + b));
+                    *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *acc);
                 }
-                let dw = load8(d, 8 * g, count);
-                let mw = load8(m, 8 * g, count);
-                // Eight rows at a time: transpose so lane = row, then add block by block — each
-                // row's total still takes its terms in block order.
-                let mut j = 0;
-                while j + 8 <= out.len() {
-                    let mut t = [_mm256_setzero_ps(); 8];
-                    for (r, tr) in t.iter_mut().enumerate() {
-                        *tr = block_terms(&w, dw, mw, x, j + r, g, count);
-                    }
-                    let mut total = _mm256_loadu_ps(out.as_ptr().add(j));
-                    for column in transpose8(t).into_iter().take(count) {
-                        total = _mm256_add_ps(total, column);
-                    }
-                    _mm256_storeu_ps(out.as_mut_ptr().add(j), total);
-                    j += 8;
-                }
-                for (j, total) in out.iter_mut().enumerate().skip(j) {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), block_terms(&w, dw, mw, x, j, g, count));
-                    for term in lanes.into_iter().take(count) {
-                        *total += term;
-                    }
-                }
+            }
+            for (t, acc) in acc.into_iter().enumerate() {
+                let j = j0 + t;
+                out[t] = reduce8(acc) + super::min_terms(m, &x.sums[j * kb..(j + 1) * kb]);
             }
         }
     }
 
-    /// Q8_0 · Q8 row product with eight float lanes, as the portable version lays them out.
-    #[cfg(target_feature = "fma")]
-    #[inline]
-    pub fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
-        // SAFETY: AVX2 and FMA are enabled for this build; each load reads one 32-byte block
-        // taken from a `chunks_exact(32)` slice. Weights and activations are quantized to
-        // [-127, 127], so `sign` gives exact magnitudes and `maddubs` cannot saturate
-        // (127 · 127 · 2 < 32768).
+    /// One Q8_0 weight row (`wq`, `ws`) against activation rows `j0..j0 + R` of `x`, into
+    /// `out[..R]`, each row in its own eight float lanes as [`super::row_dot_q8`] adds them.
+    #[inline(always)]
+    pub fn q8_tile<const R: usize>(
+        wq: &[i8],
+        ws: &[f32],
+        x: &super::Q8Matrix,
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let kb = ws.len();
+        let k = kb * BLOCK;
+        assert!(wq.len() == k && x.cols == k && out.len() >= R);
+        assert!(j0 + R <= x.rows && x.quants.len() >= x.rows * k && x.scales.len() >= x.rows * kb);
+        // SAFETY: AVX2 and FMA are enabled for this build. The assertions above bound every
+        // pointer: block b reads wq[32b..32b + 32] and, for row j in j0..j0 + R,
+        // quants[j·k + 32b ..+32] and scales[j·kb + b]. Loads are unaligned. Weights and
+        // activations are quantized to [-127, 127], so `sign` gives exact magnitudes and
+        // `maddubs` cannot saturate (127 · 127 · 2 < 32768).
         unsafe {
-            let mut acc = _mm256_setzero_ps();
             let ones = _mm256_set1_epi16(1);
-            for ((wb, xb), (dw, dx)) in wq
-                .chunks_exact(BLOCK)
-                .zip(xq.chunks_exact(BLOCK))
-                .zip(ws.iter().zip(xs))
-            {
-                let w = _mm256_loadu_si256(wb.as_ptr().cast());
-                let x = _mm256_loadu_si256(xb.as_ptr().cast());
-                let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-                let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), lanes, acc);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let w = _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK).cast());
+                let magnitude = _mm256_sign_epi8(w, w);
+                let dw = *ws.get_unchecked(b);
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let j = j0 + t;
+                    let xv = _mm256_loadu_si256(x.quants.as_ptr().add(j * k + b * BLOCK).cast());
+                    let products = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w));
+                    let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+                    let scale = _mm256_set1_ps(dw * *x.scales.get_unchecked(j * kb + b));
+                    *acc = _mm256_fmadd_ps(scale, lanes, *acc);
+                }
             }
-            let quad = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-            _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+            for (o, acc) in out.iter_mut().zip(acc) {
+                *o = reduce8(acc);
+            }
         }
     }
 }
@@ -505,86 +435,111 @@ mod simd {
 pub fn matmul(x: &Q8Matrix, w: &Linear, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
     match w {
         Linear::Q8(w) => matmul_q8(x, w, out, scratch),
-        // Eight activation rows or more amortise widening the weights eight blocks at a time;
-        // fewer go block by block. Both give the same bits.
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-        Linear::Q41(w) if x.rows >= 8 => {
-            assert_eq!(x.cols, w.cols, "inner dimensions differ");
-            matmul_q41_avx2(x, w, out, scratch);
-        }
-        Linear::Q41(w) => {
-            let kb = w.cols / BLOCK;
-            assert_eq!(x.cols, w.cols, "inner dimensions differ");
-            matmul_rows(x, w.rows, out, scratch, |r, j| {
-                row_dot_q41(
-                    &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
-                    &w.scales[r * kb..(r + 1) * kb],
-                    &w.mins[r * kb..(r + 1) * kb],
-                    &x.quants[j * w.cols..(j + 1) * w.cols],
-                    &x.scales[j * kb..(j + 1) * kb],
-                    &x.sums[j * kb..(j + 1) * kb],
-                )
-            });
-        }
+        Linear::Q41(w) => matmul_q41(x, w, out, scratch),
     }
 }
 
-/// [`matmul`] for Q8_0 weights.
+/// [`matmul`] for Q8_0 weights: each weight row against four activation rows at a time.
 pub fn matmul_q8(x: &Q8Matrix, w: &Q8Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
     let k = w.cols;
     assert_eq!(x.cols, k, "inner dimensions differ");
     let kb = k / BLOCK;
-    matmul_rows(x, w.rows, out, scratch, |r, j| {
-        row_dot_q8(
+    let m = x.rows;
+    for_weight_rows(m, w.rows, out, scratch, |r, out_row| {
+        let (wq, ws) = (
             &w.quants[r * k..(r + 1) * k],
             &w.scales[r * kb..(r + 1) * kb],
-            &x.quants[j * k..(j + 1) * k],
-            &x.scales[j * kb..(j + 1) * kb],
-        )
+        );
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        {
+            let mut j = 0;
+            while j + 4 <= m {
+                simd::q8_tile::<4>(wq, ws, x, j, &mut out_row[j..]);
+                j += 4;
+            }
+            match m - j {
+                3 => simd::q8_tile::<3>(wq, ws, x, j, &mut out_row[j..]),
+                2 => simd::q8_tile::<2>(wq, ws, x, j, &mut out_row[j..]),
+                1 => simd::q8_tile::<1>(wq, ws, x, j, &mut out_row[j..]),
+                _ => {}
+            }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        for (j, o) in out_row.iter_mut().enumerate() {
+            *o = row_dot_q8(
+                wq,
+                ws,
+                &x.quants[j * k..(j + 1) * k],
+                &x.scales[j * kb..(j + 1) * kb],
+            );
+        }
     });
 }
 
-/// Q4_1 product with each weight row unpacked once per eight blocks and reused for every
-/// activation row; same arithmetic, same order, same bits as [`row_dot_q41`].
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-fn matmul_q41_avx2(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
-    let (m, n) = (x.rows, w.rows);
+/// [`matmul`] for Q4_1 weights: each weight row against four activation rows at a time.
+fn matmul_q41(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+    assert_eq!(x.cols, w.cols, "inner dimensions differ");
     let kb = w.cols / BLOCK;
-    scratch.resize(n * m, 0.0);
-    let rows_per_task = (n / (rayon::current_num_threads() * 8)).max(16);
-    scratch
-        .par_chunks_mut(rows_per_task * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (i, out_row) in chunk.chunks_exact_mut(m).enumerate() {
-                let r = task * rows_per_task + i;
-                simd::q41_row(
-                    &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
-                    &w.scales[r * kb..(r + 1) * kb],
-                    &w.mins[r * kb..(r + 1) * kb],
-                    x,
-                    out_row,
-                );
+    let m = x.rows;
+    for_weight_rows(m, w.rows, out, scratch, |r, out_row| {
+        let (nibbles, d, mins) = (
+            &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
+            &w.scales[r * kb..(r + 1) * kb],
+            &w.mins[r * kb..(r + 1) * kb],
+        );
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        {
+            let mut j = 0;
+            while j + 4 <= m {
+                simd::q41_tile::<4>(nibbles, d, mins, x, j, &mut out_row[j..]);
+                j += 4;
             }
-        });
-    out.resize(m * n, 0.0);
-    for (r, col) in scratch.chunks_exact(m).enumerate() {
-        for (j, v) in col.iter().enumerate() {
-            out[j * n + r] = *v;
+            match m - j {
+                3 => simd::q41_tile::<3>(nibbles, d, mins, x, j, &mut out_row[j..]),
+                2 => simd::q41_tile::<2>(nibbles, d, mins, x, j, &mut out_row[j..]),
+                1 => simd::q41_tile::<1>(nibbles, d, mins, x, j, &mut out_row[j..]),
+                _ => {}
+            }
         }
-    }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        for (j, o) in out_row.iter_mut().enumerate() {
+            *o = row_dot_q41(
+                nibbles,
+                d,
+                mins,
+                &x.quants[j * w.cols..(j + 1) * w.cols],
+                &x.scales[j * kb..(j + 1) * kb],
+                &x.sums[j * kb..(j + 1) * kb],
+            );
+        }
+    });
 }
 
-/// Runs `dot(weight row, activation row)` for every pair, weight rows outermost and split
-/// between threads, and writes `out[m × n]`.
-fn matmul_rows(
-    x: &Q8Matrix,
+/// Runs `row(r, out_row)` for every weight row `r` — filling `out_row[j]` with its product with
+/// activation row `j` — weight rows split between threads, and writes `out[m × n]`.
+fn for_weight_rows(
+    m: usize,
     n: usize,
     out: &mut Vec<f32>,
     scratch: &mut Vec<f32>,
-    dot: impl Fn(usize, usize) -> f32 + Sync,
+    row: impl Fn(usize, &mut [f32]) + Sync,
 ) {
-    let m = x.rows;
     scratch.resize(n * m, 0.0);
     // Enough rows per task to amortise scheduling, few enough to balance two or more threads.
     let rows_per_task = (n / (rayon::current_num_threads() * 8)).max(16);
@@ -592,11 +547,8 @@ fn matmul_rows(
         .par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(task, chunk)| {
-            let first = task * rows_per_task;
             for (i, out_row) in chunk.chunks_exact_mut(m).enumerate() {
-                for (j, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(first + i, j);
-                }
+                row(task * rows_per_task + i, out_row);
             }
         });
     out.resize(m * n, 0.0);
@@ -794,74 +746,62 @@ mod tests {
 
     #[test]
     fn the_vector_kernels_give_the_portable_bits() {
-        let x = Q8Matrix::quantize(&pseudo_random(4 * 96, 8), 4, 96);
-        let w = Q8Matrix::quantize(&pseudo_random(96, 9), 1, 96);
-        let fast = row_dot_q8(&w.quants, &w.scales, &x.quants[..96], &x.scales[..3]);
-        let mut lanes = [0f32; 8];
-        for b in 0..3 {
-            let d = w.scales[b] * x.scales[b];
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                let sum: i32 = (4 * l..4 * l + 4)
-                    .map(|i| i32::from(w.quants[32 * b + i]) * i32::from(x.quants[32 * b + i]))
-                    .sum();
-                *lane = d.mul_add(sum as f32, *lane);
+        // Whole Q8_0 products (19 blocks a row) for every tiling of the activation rows against
+        // the portable dot product, bit for bit.
+        let k = 19 * BLOCK;
+        let all = pseudo_random(11 * k, 8);
+        let w = Q8Matrix::quantize(&pseudo_random(5 * k, 9), 5, k);
+        let kb = k / BLOCK;
+        for m in [1, 2, 3, 4, 5, 11] {
+            let x = Q8Matrix::quantize(&all[..m * k], m, k);
+            let (mut out, mut scratch) = (Vec::new(), Vec::new());
+            matmul_q8(&x, &w, &mut out, &mut scratch);
+            for r in 0..5 {
+                for j in 0..m {
+                    let expected = row_dot_q8(
+                        &w.quants[r * k..(r + 1) * k],
+                        &w.scales[r * kb..(r + 1) * kb],
+                        &x.quants[j * k..(j + 1) * k],
+                        &x.scales[j * kb..(j + 1) * kb],
+                    );
+                    assert_eq!(out[j * 5 + r].to_bits(), expected.to_bits(), "{m} rows");
+                }
             }
         }
-        let quad = [
-            lanes[4] + lanes[0],
-            lanes[5] + lanes[1],
-            lanes[6] + lanes[2],
-            lanes[7] + lanes[3],
-        ];
-        assert_eq!(
-            fast.to_bits(),
-            ((quad[0] + quad[2]) + (quad[1] + quad[3])).to_bits()
-        );
 
-        let nibbles: Vec<u8> = (0..16).map(|i| (i * 37 + 11) as u8).collect();
-        let xb: [i8; 32] = std::array::from_fn(|i| (i as i8 - 16) * 7);
-        let expected: i32 = (0..16)
-            .map(|j| {
-                i32::from(nibbles[j] & 15) * i32::from(xb[j])
-                    + i32::from(nibbles[j] >> 4) * i32::from(xb[j + 16])
-            })
-            .sum();
-        assert_eq!(
-            q41_block_sum(nibbles.as_slice().try_into().unwrap(), &xb),
-            expected
-        );
-
-        // A whole Q4_1 product (19 blocks a row: two groups of eight and a tail) against the
-        // block-by-block dot product, bit for bit.
-        let (m, n, k) = (11, 5, 19 * BLOCK);
-        let raw: Vec<u8> = (0..n * k / BLOCK * 20)
+        // Whole Q4_1 products (19 blocks a row) for every tiling of the activation rows against
+        // the portable dot product, bit for bit: a row gives the same bits alone and in a batch.
+        let (n, k) = (5, 19 * BLOCK);
+        let mut bytes: Vec<u8> = (0..n * k / BLOCK * 20)
             .map(|i| (i * 7919 % 251) as u8)
             .collect();
-        let mut bytes = raw.clone();
         for block in bytes.chunks_exact_mut(20) {
             block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
             block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
         }
         let w = Q41Matrix::from_ggml(&bytes, n, k).unwrap();
-        let x = Q8Matrix::quantize(&pseudo_random(m * k, 10), m, k);
-        let (mut out, mut scratch) = (Vec::new(), Vec::new());
-        matmul(&x, &Linear::Q41(w.clone()), &mut out, &mut scratch);
+        let all = pseudo_random(11 * k, 10);
         let kb = k / BLOCK;
-        for r in 0..n {
-            for j in 0..m {
-                let expected = row_dot_q41(
-                    &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
-                    &w.scales[r * kb..(r + 1) * kb],
-                    &w.mins[r * kb..(r + 1) * kb],
-                    &x.quants[j * k..(j + 1) * k],
-                    &x.scales[j * kb..(j + 1) * kb],
-                    &x.sums[j * kb..(j + 1) * kb],
-                );
-                assert_eq!(
-                    out[j * n + r].to_bits(),
-                    expected.to_bits(),
-                    "row {r}, activation {j}"
-                );
+        for m in [1, 2, 3, 4, 5, 11] {
+            let x = Q8Matrix::quantize(&all[..m * k], m, k);
+            let (mut out, mut scratch) = (Vec::new(), Vec::new());
+            matmul(&x, &Linear::Q41(w.clone()), &mut out, &mut scratch);
+            for r in 0..n {
+                for j in 0..m {
+                    let expected = row_dot_q41(
+                        &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
+                        &w.scales[r * kb..(r + 1) * kb],
+                        &w.mins[r * kb..(r + 1) * kb],
+                        &x.quants[j * k..(j + 1) * k],
+                        &x.scales[j * kb..(j + 1) * kb],
+                        &x.sums[j * kb..(j + 1) * kb],
+                    );
+                    assert_eq!(
+                        out[j * n + r].to_bits(),
+                        expected.to_bits(),
+                        "{m} rows: weight row {r}, activation {j}"
+                    );
+                }
             }
         }
     }
