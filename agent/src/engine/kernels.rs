@@ -229,13 +229,13 @@ fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
             *lane = d.mul_add(sum as f32, *lane);
         }
     }
-    reduce8(lanes)
+    reduce_lanes(lanes)
 }
 
 /// Q4_1 weights · Q8_1 activations in the order of GGML's AVX2 vec_dot_q4_1_q8_1: per block,
 /// eight lanes each summing four exact products, scaled by `d·dx` and fused-multiply-added
-/// across blocks, reduced pairwise; plus `Σ m·s` ([`min_terms`]). The AVX2 kernel gives the
-/// same bits; builds without AVX2 use this.
+/// across blocks, reduced pairwise; plus `Σ m·s` ([`min_terms`]). The AVX2 and AVX-512 kernels
+/// give the same bits; builds without AVX2 use this.
 #[cfg(any(
     test,
     not(all(
@@ -265,7 +265,7 @@ fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum
             *lane = scale.mul_add(sum as f32, *lane);
         }
     }
-    reduce8(lanes) + min_terms(m, xsum)
+    reduce_lanes(lanes) + min_terms(m, xsum)
 }
 
 /// `Σ m·s` over a row's blocks: eight lanes (block `b` in lane `b mod 8`), fused-multiply-added,
@@ -283,25 +283,12 @@ fn min_terms(m: &[f32], xsum: &[f32]) -> f32 {
     for (l, (m, s)) in m_rest.iter().zip(xs_rest).enumerate() {
         lanes[l] = m.mul_add(*s, lanes[l]);
     }
-    let quad = [
-        lanes[4] + lanes[0],
-        lanes[5] + lanes[1],
-        lanes[6] + lanes[2],
-        lanes[7] + lanes[3],
-    ];
-    (quad[0] + quad[2]) + (quad[1] + quad[3])
+    reduce_lanes(lanes)
 }
 
 /// Eight lanes summed as GGML's hsum_float_8 does: halves, then pairs, then the last two.
-#[cfg(any(
-    test,
-    not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))
-))]
-fn reduce8(lanes: [f32; 8]) -> f32 {
+#[inline(always)]
+fn reduce_lanes(lanes: [f32; 8]) -> f32 {
     let quad = [
         lanes[4] + lanes[0],
         lanes[5] + lanes[1],
@@ -337,8 +324,8 @@ mod simd {
 
     /// One Q4_1 weight row (`nibbles`, `d`, `m` for its blocks) against activation rows
     /// `j0..j0 + R` of `x`, into `out[..R]`: each weight block is widened once and used for all
-    /// `R` rows, each row keeping its own eight float lanes. A row's arithmetic is the same
-    /// whatever `R` is, so it gives the same bits alone and in a batch.
+    /// `R` rows, each row keeping its own eight float lanes (as [`super::row_dot_q41`]). A row's
+    /// arithmetic is the same whatever `R` is, so it gives the same bits alone and in a batch.
     #[inline(always)]
     pub fn q41_tile<const R: usize>(
         nibbles: &[u8],
@@ -429,6 +416,99 @@ mod simd {
     }
 }
 
+/// The Q4_1 product with AVX-512 VNNI (`vpdpbusd` on 256-bit registers), for CPUs that have it
+/// (checked at run time). Same arithmetic, same bits as [`simd::q41_tile`].
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[allow(unsafe_code)]
+mod vnni {
+    use super::BLOCK;
+    use std::arch::x86_64::*;
+
+    /// Whether this CPU has the instructions [`q41_tile`] uses.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// [`super::simd::q41_tile`] with `vpdpbusd` giving a block's eight four-product sums in
+    /// one instruction, and the blocks' scales `d·dx` computed eight at a time and spread over a
+    /// block's lanes with one permutation. Same lanes, same order, same bits.
+    ///
+    /// # Safety
+    /// The CPU must have what [`available`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    pub unsafe fn q41_tile<const R: usize>(
+        nibbles: &[u8],
+        d: &[f32],
+        m: &[f32],
+        x: &super::Q8Matrix,
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let kb = d.len();
+        let k = kb * BLOCK;
+        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() >= R);
+        assert!(
+            j0 + R <= x.rows
+                && x.quants.len() >= x.rows * k
+                && x.scales.len() >= x.rows * kb
+                && x.sums.len() >= x.rows * kb
+        );
+        // SAFETY: the caller guarantees the CPU features. The assertions above bound every
+        // pointer: block b reads nibbles[16b..16b + 16] and, for row j in j0..j0 + R,
+        // quants[j·k + 32b ..+32]; scales are read eight at a time under a mask of the blocks
+        // that exist. Loads are unaligned. `vpdpbusd` sums four products of at most 15 · 127
+        // into each 32-bit lane, exactly.
+        unsafe {
+            let mask = _mm_set1_epi8(0x0f);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for group in (0..kb).step_by(8) {
+                let count = (kb - group).min(8);
+                let present = ((1u32 << count) - 1) as __mmask8;
+                let dw = _mm256_maskz_loadu_ps(present, d.as_ptr().add(group));
+                let mut scales = [_mm256_setzero_ps(); R];
+                for (t, scales) in scales.iter_mut().enumerate() {
+                    let at = (j0 + t) * kb + group;
+                    *scales = _mm256_mul_ps(
+                        dw,
+                        _mm256_maskz_loadu_ps(present, x.scales.as_ptr().add(at)),
+                    );
+                }
+                for i in 0..count {
+                    let b = group + i;
+                    let bytes = _mm_loadu_si128(nibbles.as_ptr().add(b * 16).cast());
+                    let w = _mm256_set_m128i(
+                        _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+                        _mm_and_si128(bytes, mask),
+                    );
+                    let lane = _mm256_set1_epi32(i as i32);
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let at = (j0 + t) * k + b * BLOCK;
+                        let xv = _mm256_loadu_si256(x.quants.as_ptr().add(at).cast());
+                        let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
+                        let scale = _mm256_permutevar8x32_ps(scales[t], lane);
+                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *acc);
+                    }
+                }
+            }
+            for (t, acc) in acc.into_iter().enumerate() {
+                let j = j0 + t;
+                let quad = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+                let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+                let total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+                out[t] = total + super::min_terms(m, &x.sums[j * kb..(j + 1) * kb]);
+            }
+        }
+    }
+}
+
 /// `out[m × n] = x[m × k] · wᵀ` with `w` of shape `n × k`. Rows of `w` are the outer loop so each
 /// weight row is read from memory once per call however many activation rows there are; the
 /// output rows are split between the worker threads.
@@ -489,6 +569,13 @@ fn matmul_q41(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec
     assert_eq!(x.cols, w.cols, "inner dimensions differ");
     let kb = w.cols / BLOCK;
     let m = x.rows;
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    // A single row (decode alone) measured as fast or faster on the AVX2 kernel.
+    let vnni = m >= 2 && vnni::available();
     for_weight_rows(m, w.rows, out, scratch, |r, out_row| {
         let (nibbles, d, mins) = (
             &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
@@ -502,15 +589,29 @@ fn matmul_q41(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec
         ))]
         {
             let mut j = 0;
-            while j + 4 <= m {
-                simd::q41_tile::<4>(nibbles, d, mins, x, j, &mut out_row[j..]);
-                j += 4;
-            }
-            match m - j {
-                3 => simd::q41_tile::<3>(nibbles, d, mins, x, j, &mut out_row[j..]),
-                2 => simd::q41_tile::<2>(nibbles, d, mins, x, j, &mut out_row[j..]),
-                1 => simd::q41_tile::<1>(nibbles, d, mins, x, j, &mut out_row[j..]),
-                _ => {}
+            while j < m {
+                let rows = (m - j).min(4);
+                let out = &mut out_row[j..];
+                if vnni {
+                    // SAFETY: `vnni::available()` said this CPU has the features it needs.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        match rows {
+                            4 => vnni::q41_tile::<4>(nibbles, d, mins, x, j, out),
+                            3 => vnni::q41_tile::<3>(nibbles, d, mins, x, j, out),
+                            2 => vnni::q41_tile::<2>(nibbles, d, mins, x, j, out),
+                            _ => vnni::q41_tile::<1>(nibbles, d, mins, x, j, out),
+                        }
+                    }
+                } else {
+                    match rows {
+                        4 => simd::q41_tile::<4>(nibbles, d, mins, x, j, out),
+                        3 => simd::q41_tile::<3>(nibbles, d, mins, x, j, out),
+                        2 => simd::q41_tile::<2>(nibbles, d, mins, x, j, out),
+                        _ => simd::q41_tile::<1>(nibbles, d, mins, x, j, out),
+                    }
+                }
+                j += rows;
             }
         }
         #[cfg(not(all(
@@ -551,11 +652,18 @@ fn for_weight_rows(
                 row(task * rows_per_task + i, out_row);
             }
         });
+    // Transpose, writing each output row in order.
     out.resize(m * n, 0.0);
-    for (r, col) in scratch.chunks_exact(m).enumerate() {
-        for (j, v) in col.iter().enumerate() {
-            out[j * n + r] = *v;
+    let scratch = &scratch[..];
+    let transpose = |(j, row): (usize, &mut [f32])| {
+        for (r, o) in row.iter_mut().enumerate() {
+            *o = scratch[r * m + j];
         }
+    };
+    if m * n >= 1 << 16 {
+        out.par_chunks_exact_mut(n).enumerate().for_each(transpose);
+    } else {
+        out.chunks_exact_mut(n).enumerate().for_each(transpose);
     }
 }
 
@@ -639,6 +747,24 @@ impl Rope {
             }
         }
     }
+}
+
+/// `Σ a·b` in eight lanes (element `i` in lane `i mod 8`), fused-multiply-added, reduced
+/// pairwise: one fixed order that vectorises (attention scores).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (a_rest, b_rest) = (a8.remainder(), b8.remainder());
+    for (a, b) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+        }
+    }
+    for (l, (a, b)) in a_rest.iter().zip(b_rest).enumerate() {
+        lanes[l] = a.mul_add(*b, lanes[l]);
+    }
+    reduce_lanes(lanes)
 }
 
 /// `gate_up` holds rows of `[gate | up]` (each `ffn` wide); writes `silu(gate) * up` rows.
@@ -801,6 +927,71 @@ mod tests {
                         expected.to_bits(),
                         "{m} rows: weight row {r}, activation {j}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Both vector Q4_1 kernels, whichever `matmul` picks on this CPU, at every tile size and
+    /// offset, against the portable dot product (19 blocks: two groups of eight and an odd tail).
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_avx2_and_avx512_q4_1_kernels_give_the_portable_bits() {
+        let (n, k) = (3, 19 * BLOCK);
+        let kb = k / BLOCK;
+        let bytes: Vec<u8> = (0..n * kb * 20).map(|i| (i * 7919 % 251) as u8).collect();
+        let mut bytes = bytes;
+        for (i, block) in bytes.chunks_exact_mut(20).enumerate() {
+            block[..2].copy_from_slice(&f16::from_f32(0.01 + i as f32 * 1e-4).to_le_bytes());
+            block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+        }
+        let w = Q41Matrix::from_ggml(&bytes, n, k).unwrap();
+        let x = Q8Matrix::quantize(&pseudo_random(4 * k, 12), 4, k);
+        let vnni = vnni::available();
+        if !vnni {
+            eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernel is checked");
+        }
+        for r in 0..n {
+            let (nibbles, d, mins) = (
+                &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
+                &w.scales[r * kb..(r + 1) * kb],
+                &w.mins[r * kb..(r + 1) * kb],
+            );
+            let expected: Vec<u32> = (0..4)
+                .map(|j| {
+                    row_dot_q41(
+                        nibbles,
+                        d,
+                        mins,
+                        &x.quants[j * k..(j + 1) * k],
+                        &x.scales[j * kb..(j + 1) * kb],
+                        &x.sums[j * kb..(j + 1) * kb],
+                    )
+                    .to_bits()
+                })
+                .collect();
+            let bits = |out: &[f32]| out.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let mut out = [0f32; 4];
+            simd::q41_tile::<4>(nibbles, d, mins, &x, 0, &mut out);
+            assert_eq!(bits(&out), expected, "AVX2, four rows");
+            simd::q41_tile::<3>(nibbles, d, mins, &x, 1, &mut out);
+            assert_eq!(bits(&out[..3]), expected[1..], "AVX2, three rows");
+            simd::q41_tile::<1>(nibbles, d, mins, &x, 2, &mut out);
+            assert_eq!(bits(&out[..1]), expected[2..3], "AVX2, one row");
+            if vnni {
+                // SAFETY: the CPU has the features (checked above).
+                unsafe {
+                    vnni::q41_tile::<4>(nibbles, d, mins, &x, 0, &mut out);
+                    assert_eq!(bits(&out), expected, "AVX-512, four rows");
+                    vnni::q41_tile::<2>(nibbles, d, mins, &x, 2, &mut out);
+                    assert_eq!(bits(&out[..2]), expected[2..], "AVX-512, two rows");
+                    vnni::q41_tile::<1>(nibbles, d, mins, &x, 1, &mut out);
+                    assert_eq!(bits(&out[..1]), expected[1..2], "AVX-512, one row");
                 }
             }
         }

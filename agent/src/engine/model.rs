@@ -3,7 +3,9 @@
 //! tokens alike — in one pass, keys and values written to and read from the paged cache through
 //! each sequence's block table, logits only for the sequences that sample.
 
-use super::kernels::{Linear, Q8Matrix, Rope, RopeStyle, matmul, matmul_q8, rms_norm, silu_mul};
+use super::kernels::{
+    Linear, Q8Matrix, Rope, RopeStyle, dot, matmul, matmul_q8, rms_norm, silu_mul,
+};
 use super::kv_cache::{BlockId, KvStore};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -206,7 +208,7 @@ impl Llama {
                 for (j, score) in scores.iter_mut().enumerate() {
                     let at = kv.offset(blocks, j) + kv_off;
                     let k = &keys[at..at + hd];
-                    *score = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *score = dot(q, k) * scale;
                     max = max.max(*score);
                 }
                 let mut sum = 0.0;
