@@ -49,6 +49,8 @@ fn decoding_scheduler(allocator: &BlockAllocator) -> Scheduler<Seq> {
         max_batched_tokens: 8192,
         policy: QueuePolicy {
             shares: [share(128, 256, 3), share(64, 128, 2), share(16, 64, 1)],
+            // Every running sequence in the step: the most work a step can be.
+            weighted_steps: false,
             ..QueuePolicy::multi_bin(256)
         },
     });
