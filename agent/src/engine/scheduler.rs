@@ -245,7 +245,7 @@ impl<S: Schedulable> Scheduler<S> {
             if running[b] == 0 {
                 continue;
             }
-            let mut credit = self.step_credit[b] + policy.shares[b].weight;
+            let mut credit = self.step_credit[b].saturating_add(policy.shares[b].weight);
             resting[b] = credit < lead_weight;
             if !resting[b] {
                 credit -= lead_weight;

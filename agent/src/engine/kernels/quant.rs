@@ -1,0 +1,198 @@
+//! Block quantization: activations to int8 per 32 values (GGML's Q8_0 and Q8_1, f16-rounded
+//! scales) and the weight layouts the products read (Q8_0, Q4_1).
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per quantization block.
+pub const BLOCK: usize = 32;
+
+/// A row-major matrix quantized to int8 in blocks of [`BLOCK`] along each row, one scale per
+/// block (GGML's Q8_0). Activations also keep each block's scaled sum (GGML's Q8_1 `s`), which
+/// the Q4_1 product needs. Scales are rounded to f16 as GGML stores them, so products equal
+/// GGML's and candle's.
+#[derive(Debug, Clone, Default)]
+pub struct Q8Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub quants: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub sums: Vec<f32>,
+}
+
+/// A row-major matrix in GGML's Q4_1: per block of 32, 4-bit values `q` (low nibbles hold
+/// elements 0–15, high nibbles 16–31) with `x = d·q + m`.
+#[derive(Debug, Clone, Default)]
+pub struct Q41Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub nibbles: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub mins: Vec<f32>,
+}
+
+impl Q41Matrix {
+    /// From GGML Q4_1 blocks (20 bytes: f16 d, f16 m, 16 bytes of nibbles).
+    pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let blocks = rows * cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != blocks * 20 {
+            return None;
+        }
+        let mut m = Self {
+            rows,
+            cols,
+            nibbles: Vec::with_capacity(blocks * 16),
+            scales: Vec::with_capacity(blocks),
+            mins: Vec::with_capacity(blocks),
+        };
+        for b in bytes.chunks_exact(20) {
+            m.scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.mins.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+            m.nibbles.extend_from_slice(&b[4..]);
+        }
+        Some(m)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.nibbles.len() + 8 * self.scales.len()
+    }
+}
+
+/// A weight matrix in whichever int8 or int4 layout its file had (others become Q8_0).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Q8(Q8Matrix),
+    Q41(Q41Matrix),
+}
+
+impl Linear {
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.rows,
+            Self::Q41(m) => m.rows,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.bytes(),
+            Self::Q41(m) => m.bytes(),
+        }
+    }
+}
+
+impl Q8Matrix {
+    /// Quantizes `data` (`rows × cols`, row-major); `cols` must be a multiple of [`BLOCK`].
+    pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
+        assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
+        let mut m = Self {
+            rows,
+            cols,
+            quants: vec![0; rows * cols],
+            scales: vec![0.0; rows * cols / BLOCK],
+            sums: vec![0.0; rows * cols / BLOCK],
+        };
+        m.quants
+            .par_chunks_mut(cols)
+            .zip(m.scales.par_chunks_mut(cols / BLOCK))
+            .zip(m.sums.par_chunks_mut(cols / BLOCK))
+            .zip(data.par_chunks(cols))
+            .for_each(|(((q, s), sum), x)| quantize_row(x, q, s, sum));
+        m
+    }
+
+    /// From GGML Q8_0 blocks (34 bytes: f16 d, 32 int8), exactly.
+    pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let blocks = rows * cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != blocks * 34 {
+            return None;
+        }
+        let mut m = Self {
+            rows,
+            cols,
+            quants: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(blocks),
+            sums: Vec::new(),
+        };
+        for b in bytes.chunks_exact(34) {
+            m.scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.quants.extend(b[2..].iter().map(|v| *v as i8));
+        }
+        Some(m)
+    }
+
+    /// Quantizes into existing buffers (activations, every step).
+    pub fn quantize_into(&mut self, data: &[f32], rows: usize, cols: usize) {
+        debug_assert_eq!(cols % BLOCK, 0);
+        self.rows = rows;
+        self.cols = cols;
+        self.quants.resize(rows * cols, 0);
+        self.scales.resize(rows * cols / BLOCK, 0.0);
+        self.sums.resize(rows * cols / BLOCK, 0.0);
+        if rows * cols >= 1 << 16 {
+            self.quants
+                .par_chunks_mut(cols)
+                .zip(self.scales.par_chunks_mut(cols / BLOCK))
+                .zip(self.sums.par_chunks_mut(cols / BLOCK))
+                .zip(data.par_chunks(cols))
+                .for_each(|(((q, s), sum), x)| quantize_row(x, q, s, sum));
+        } else {
+            for (((q, s), sum), x) in self
+                .quants
+                .chunks_mut(cols)
+                .zip(self.scales.chunks_mut(cols / BLOCK))
+                .zip(self.sums.chunks_mut(cols / BLOCK))
+                .zip(data.chunks(cols))
+            {
+                quantize_row(x, q, s, sum);
+            }
+        }
+    }
+
+    /// Row `r` back to f32.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let q = &self.quants[r * self.cols..(r + 1) * self.cols];
+        let s = &self.scales[r * self.cols / BLOCK..(r + 1) * self.cols / BLOCK];
+        for ((o, q), s) in out
+            .chunks_exact_mut(BLOCK)
+            .zip(q.chunks_exact(BLOCK))
+            .zip(s)
+        {
+            for (o, q) in o.iter_mut().zip(q) {
+                *o = f32::from(*q) * s;
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + self.scales.len() * 4
+    }
+}
+
+/// GGML's quantize_row_q8_1: `q = round(x / d)` with `d = max|x| / 127`, `d` stored as f16, and
+/// `s = f16(Σq) · d` in f16.
+fn quantize_row(x: &[f32], q: &mut [i8], s: &mut [f32], sums: &mut [f32]) {
+    for (((x, q), s), sum) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .zip(s.iter_mut())
+        .zip(sums.iter_mut())
+    {
+        let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max / 127.0;
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut total = 0i32;
+        for (q, x) in q.iter_mut().zip(x) {
+            *q = (x * inv).round() as i8;
+            total += i32::from(*q);
+        }
+        let d = f16::from_f32(d);
+        *s = d.to_f32();
+        *sum = (f16::from_f32(total as f32) * d).to_f32();
+    }
+}
