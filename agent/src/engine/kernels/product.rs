@@ -3,7 +3,16 @@
 //! output, blocks in order); the AVX2 kernels and, where the CPU has it, the AVX-512 VNNI kernel
 //! give the same bits, four activation rows per widened weight block.
 
+use super::dot;
 use super::quant::{BLOCK, Linear, Q8Matrix, Q41Matrix};
+#[cfg(any(
+    test,
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))
+))]
 use super::reduce_lanes;
 use rayon::prelude::*;
 
@@ -39,7 +48,7 @@ fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
 
 /// Q4_1 weights · Q8_1 activations in the order of GGML's AVX2 vec_dot_q4_1_q8_1: per block,
 /// eight lanes each summing four exact products, scaled by `d·dx` and fused-multiply-added
-/// across blocks, reduced pairwise; plus `Σ m·s` ([`min_terms`]). The AVX2 and AVX-512 kernels
+/// across blocks, reduced pairwise; plus `Σ m·s` over the blocks ([`dot`]). The AVX2 and AVX-512 kernels
 /// give the same bits; builds without AVX2 use this.
 #[cfg(any(
     test,
@@ -70,25 +79,7 @@ fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum
             *lane = scale.mul_add(sum as f32, *lane);
         }
     }
-    reduce_lanes(lanes) + min_terms(m, xsum)
-}
-
-/// `Σ m·s` over a row's blocks: eight lanes (block `b` in lane `b mod 8`), fused-multiply-added,
-/// then reduced pairwise — one fixed order, in eight independent chains so it vectorises.
-#[inline(always)]
-fn min_terms(m: &[f32], xsum: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (m8, xs8) = (m.chunks_exact(8), xsum.chunks_exact(8));
-    let (m_rest, xs_rest) = (m8.remainder(), xs8.remainder());
-    for (m, s) in m8.zip(xs8) {
-        for l in 0..8 {
-            lanes[l] = m[l].mul_add(s[l], lanes[l]);
-        }
-    }
-    for (l, (m, s)) in m_rest.iter().zip(xs_rest).enumerate() {
-        lanes[l] = m.mul_add(*s, lanes[l]);
-    }
-    reduce_lanes(lanes)
+    reduce_lanes(lanes) + dot(m, xsum)
 }
 
 /// AVX2 versions of the block products, used when the build targets AVX2 and FMA (the
@@ -103,9 +94,51 @@ mod simd {
     use super::BLOCK;
     use std::arch::x86_64::*;
 
+    /// Panics unless `out[..R]` and activation rows `j0..j0 + R` of `x` exist and the weight
+    /// row's `nibbles`, `d` and `m` describe `x.cols` columns: what the Q4_1 tiles' pointer
+    /// arithmetic relies on.
+    #[inline(always)]
+    pub fn check_q41_tile(
+        nibbles: &[u8],
+        d: &[f32],
+        m: &[f32],
+        x: &super::Q8Matrix,
+        j0: usize,
+        rows: usize,
+        out: &[f32],
+    ) {
+        let kb = d.len();
+        let k = kb * BLOCK;
+        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() >= rows);
+        assert!(
+            j0 + rows <= x.rows
+                && x.quants.len() >= x.rows * k
+                && x.scales.len() >= x.rows * kb
+                && x.sums.len() >= x.rows * kb
+        );
+    }
+
+    /// A Q4_1 block's 16 bytes of nibbles widened to 32 bytes in element order (low nibbles are
+    /// elements 0–15, high nibbles 16–31).
+    ///
+    /// # Safety
+    /// `block` must point at 16 readable bytes.
+    #[inline(always)]
+    pub unsafe fn widen_q41(block: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees 16 bytes at `block`; the load is unaligned.
+        unsafe {
+            let mask = _mm_set1_epi8(0x0f);
+            let bytes = _mm_loadu_si128(block.cast());
+            _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+                _mm_and_si128(bytes, mask),
+            )
+        }
+    }
+
     /// Eight float lanes summed as GGML's hsum_float_8.
     #[inline(always)]
-    unsafe fn reduce8(v: __m256) -> f32 {
+    pub unsafe fn reduce8(v: __m256) -> f32 {
         // SAFETY: register-only AVX operations; the caller's build has AVX2.
         unsafe {
             let quad = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
@@ -127,29 +160,18 @@ mod simd {
         j0: usize,
         out: &mut [f32],
     ) {
+        check_q41_tile(nibbles, d, m, x, j0, R, out);
         let kb = d.len();
         let k = kb * BLOCK;
-        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() >= R);
-        assert!(
-            j0 + R <= x.rows
-                && x.quants.len() >= x.rows * k
-                && x.scales.len() >= x.rows * kb
-                && x.sums.len() >= x.rows * kb
-        );
-        // SAFETY: AVX2 and FMA are enabled for this build. The assertions above bound every
+        // SAFETY: AVX2 and FMA are enabled for this build. The check above bounds every
         // pointer: block b reads nibbles[16b..16b + 16] and, for row j in j0..j0 + R,
         // quants[j·k + 32b ..+32] and scales[j·kb + b]. Loads are unaligned. Products are at most
         // 15 · 127 · 2 per 16-bit lane, so `maddubs` cannot saturate.
         unsafe {
-            let mask = _mm_set1_epi8(0x0f);
             let ones = _mm256_set1_epi16(1);
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..kb {
-                let bytes = _mm_loadu_si128(nibbles.as_ptr().add(b * 16).cast());
-                let w = _mm256_set_m128i(
-                    _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                    _mm_and_si128(bytes, mask),
-                );
+                let w = widen_q41(nibbles.as_ptr().add(b * 16));
                 let dw = *d.get_unchecked(b);
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let j = j0 + t;
@@ -161,7 +183,7 @@ mod simd {
             }
             for (t, acc) in acc.into_iter().enumerate() {
                 let j = j0 + t;
-                out[t] = reduce8(acc) + super::min_terms(m, &x.sums[j * kb..(j + 1) * kb]);
+                out[t] = reduce8(acc) + super::dot(m, &x.sums[j * kb..(j + 1) * kb]);
             }
         }
     }
@@ -217,7 +239,7 @@ mod simd {
 ))]
 #[allow(unsafe_code)]
 mod vnni {
-    use super::BLOCK;
+    use super::{BLOCK, simd};
     use std::arch::x86_64::*;
 
     /// Whether this CPU has the instructions [`q41_tile`] uses.
@@ -244,22 +266,15 @@ mod vnni {
         j0: usize,
         out: &mut [f32],
     ) {
+        simd::check_q41_tile(nibbles, d, m, x, j0, R, out);
         let kb = d.len();
         let k = kb * BLOCK;
-        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() >= R);
-        assert!(
-            j0 + R <= x.rows
-                && x.quants.len() >= x.rows * k
-                && x.scales.len() >= x.rows * kb
-                && x.sums.len() >= x.rows * kb
-        );
-        // SAFETY: the caller guarantees the CPU features. The assertions above bound every
+        // SAFETY: the caller guarantees the CPU features. The check above bounds every
         // pointer: block b reads nibbles[16b..16b + 16] and, for row j in j0..j0 + R,
         // quants[j·k + 32b ..+32]; scales are read eight at a time under a mask of the blocks
         // that exist. Loads are unaligned. `vpdpbusd` sums four products of at most 15 · 127
         // into each 32-bit lane, exactly.
         unsafe {
-            let mask = _mm_set1_epi8(0x0f);
             let mut acc = [_mm256_setzero_ps(); R];
             for group in (0..kb).step_by(8) {
                 let count = (kb - group).min(8);
@@ -275,11 +290,7 @@ mod vnni {
                 }
                 for i in 0..count {
                     let b = group + i;
-                    let bytes = _mm_loadu_si128(nibbles.as_ptr().add(b * 16).cast());
-                    let w = _mm256_set_m128i(
-                        _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                        _mm_and_si128(bytes, mask),
-                    );
+                    let w = simd::widen_q41(nibbles.as_ptr().add(b * 16));
                     let lane = _mm256_set1_epi32(i as i32);
                     for (t, acc) in acc.iter_mut().enumerate() {
                         let at = (j0 + t) * k + b * BLOCK;
@@ -292,10 +303,7 @@ mod vnni {
             }
             for (t, acc) in acc.into_iter().enumerate() {
                 let j = j0 + t;
-                let quad = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-                let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-                let total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-                out[t] = total + super::min_terms(m, &x.sums[j * kb..(j + 1) * kb]);
+                out[t] = simd::reduce8(acc) + super::dot(m, &x.sums[j * kb..(j + 1) * kb]);
             }
         }
     }
