@@ -1,10 +1,15 @@
 //! An independent reference: candle-transformers' quantized Llama on the same GGUF.
-//! - The first 16 greedy tokens equal the reference's for three prompts.
+//! - The first 16 greedy tokens equal the reference's for three prompts on which the reference
+//!   is decisive: its best token leads the next by more than 0.1 nats at every position.
 //! - At every position of eight prompts (teacher-forced on the reference's tokens), the
 //!   reference's choice is among our two best, our log-probability of it is within 0.25 nats
-//!   (0.05 on average), and where the reference is not near a tie (0.2 nats), our choice is its. The two implementations add
-//!   in different orders (candle's attention goes through gemm), so an exact tie can break either
-//!   way — which is why token equality is asserted on prompts without one.
+//!   (0.05 on average), and where the reference is not near a tie (0.2 nats), our choice is its.
+//!
+//! The Q4_1 products give candle's bits, but the rest adds in other orders (candle's attention
+//! goes through gemm), and the int8 requantization in every layer turns ulp-level differences
+//! into a few hundredths of a nat after a few dozen positions. This weak model has near ties
+//! (margins of 0.001–0.05 nats) in most prompts, which can break either way: that is why token
+//! equality is asserted only where the reference is decisive.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -22,6 +27,10 @@ struct Step {
     logprob: f32,
     runner_up: f32,
 }
+
+/// Log-probability margin between the reference's best and second-best token above which its
+/// choice counts as decisive.
+const DECISIVE: f32 = 0.1;
 
 fn reference_greedy(prompt: &[u32], steps: usize) -> Vec<Step> {
     let mut file = std::fs::File::open(model_path()).unwrap();
@@ -74,18 +83,25 @@ fn candle_nn_log_softmax(logits: &Tensor) -> Vec<f32> {
 async fn greedy_tokens_match_candle_transformers() {
     let engine = start(config(512, 256));
     for text in [
-        "def fibonacci(n):",
-        "Once upon a time",
+        "The quick brown fox",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
         "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
     ] {
         let prompt = engine.codec.encode(text).unwrap();
         let ours = collect(engine.submit(prompt.clone(), greedy(16)).unwrap())
             .await
             .tokens;
-        let theirs: Vec<u32> = reference_greedy(&prompt, 16)
-            .iter()
-            .map(|s| s.token)
-            .collect();
+        let reference = reference_greedy(&prompt, 16);
+        // The premise: the reference itself is decisive at every position, so that the
+        // comparison is about the model's arithmetic, not about which way a tie breaks.
+        for (i, step) in reference.iter().enumerate() {
+            assert!(
+                step.logprob - step.runner_up > DECISIVE,
+                "prompt {text:?} position {i}: the reference's two best tokens are within \
+                 {DECISIVE} nats; choose a prompt without a near tie"
+            );
+        }
+        let theirs: Vec<u32> = reference.iter().map(|s| s.token).collect();
         assert_eq!(
             ours,
             theirs,

@@ -1,10 +1,16 @@
 //! The int8 matrix products every linear layer uses: Q8_0 and Q4_1 weights against Q8
-//! activations. Portable loops define the arithmetic (GGML's AVX2 order: eight float lanes per
-//! output, blocks in order); the AVX2 kernels and, where the CPU has it, the AVX-512 VNNI kernel
-//! give the same bits, four activation rows per widened weight block.
+//! activations, with portable loops that define the arithmetic and AVX2 and AVX-512 VNNI
+//! kernels (the latter chosen at run time when the CPU has it) that give the same bits.
+//!
+//! - Q8_0 follows GGML's AVX2 vec_dot_q8_0_q8_0, as candle does with AVX: eight float lanes per
+//!   output, each summing four products per block, scaled by `dw·dx` and fused-multiply-added
+//!   across blocks, then reduced pairwise. Each weight block is used for four activation rows.
+//! - Q4_1 follows candle's vec_dot_q4_1_q8_1: per block an exact integer sum `Σq·qx`, then
+//!   `acc += Σq·qx · d · dx + m · s` in f32, block after block. The weights are repacked in
+//!   panels of eight rows ([`super::quant::PANEL`]), so one int8 dot instruction advances the
+//!   integer sums of eight rows and the float steps run eight rows to a register.
 
-use super::dot;
-use super::quant::{BLOCK, Linear, Q8Matrix, Q41Matrix};
+use super::quant::{BLOCK, Linear, PANEL, Q8Matrix, Q41Matrix};
 #[cfg(any(
     test,
     not(all(
@@ -46,10 +52,9 @@ fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
     reduce_lanes(lanes)
 }
 
-/// Q4_1 weights · Q8_1 activations in the order of GGML's AVX2 vec_dot_q4_1_q8_1: per block,
-/// eight lanes each summing four exact products, scaled by `d·dx` and fused-multiply-added
-/// across blocks, reduced pairwise; plus `Σ m·s` over the blocks ([`dot`]). The AVX2 and AVX-512 kernels
-/// give the same bits; builds without AVX2 use this.
+/// Panel `p` of Q4_1 weights · activation row `j` of `x`: the eight rows' products in candle's
+/// order (`acc += Σq·qx · d · dx + m · s`, block after block). The vector kernels give the same
+/// bits; builds without AVX2 use this.
 #[cfg(any(
     test,
     not(all(
@@ -58,28 +63,164 @@ fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
         target_feature = "fma"
     ))
 ))]
-fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    for ((nb, xb), (dw, dx)) in nibbles
-        .chunks_exact(BLOCK / 2)
-        .zip(xq.chunks_exact(BLOCK))
-        .zip(d.iter().zip(xs))
-    {
-        let scale = dw * dx;
-        // Element e of the block: low nibbles hold 0–15, high nibbles 16–31.
-        let w = |e: usize| {
-            i32::from(if e < 16 {
-                nb[e] & 0x0f
-            } else {
-                nb[e - 16] >> 4
-            })
-        };
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            let sum: i32 = (4 * l..4 * l + 4).map(|e| w(e) * i32::from(xb[e])).sum();
-            *lane = scale.mul_add(sum as f32, *lane);
+fn panel_dot_q41(w: &Q41Matrix, p: usize, x: &Q8Matrix, j: usize) -> [f32; PANEL] {
+    let (k, kb) = (w.cols, w.cols / BLOCK);
+    let mut acc = [0f32; PANEL];
+    for b in 0..kb {
+        let nibbles = &w.nibbles[(p * kb + b) * 128..(p * kb + b + 1) * 128];
+        let xq = &x.quants[j * k + b * BLOCK..j * k + (b + 1) * BLOCK];
+        let (dx, s) = (x.scales[j * kb + b], x.sums[j * kb + b]);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let mut sum = 0i32;
+            for c in 0..4 {
+                for e in 0..4 {
+                    let byte = nibbles[32 * c + 4 * r + e];
+                    sum += i32::from(byte & 0x0f) * i32::from(xq[8 * c + e])
+                        + i32::from(byte >> 4) * i32::from(xq[8 * c + 4 + e]);
+                }
+            }
+            let at = (p * kb + b) * PANEL + r;
+            *acc += sum as f32 * w.scales[at] * dx + w.mins[at] * s;
         }
     }
-    reduce_lanes(lanes) + dot(m, xsum)
+    acc
+}
+
+/// A product kernel over one tile: weight units `u0..u0 + W` against activation rows
+/// `j0..j0 + R`. A unit is [`Tile::UNIT`] weight rows (one row, or a Q4_1 panel); unit `u0 + i`
+/// and activation row `j` go to `out[(i·m + j)·UNIT..][..UNIT]`, where `m` is the number of
+/// activation rows and `out` starts at unit `u0`. Every element is one weight row dotted with
+/// one activation row in the fixed order of the portable loops, so the tile shape changes
+/// speed, never bits.
+trait Tile: Sync {
+    const UNIT: usize;
+    /// Activation rows.
+    fn rows(&self) -> usize;
+    fn tile<const W: usize, const R: usize>(&self, u0: usize, j0: usize, out: &mut [f32]);
+}
+
+/// Units `u0..u0 + count` against every activation row, into `out` (`count × m × UNIT`). One
+/// activation row (a lone decode) takes four units at a time and two or three take two, so
+/// that at least four independent accumulators hide the instructions' latency; more rows take
+/// one unit against four activation rows.
+fn run_tiles<K: Tile>(k: &K, u0: usize, count: usize, out: &mut [f32]) {
+    match k.rows() {
+        1 => by_units::<K, 4>(k, u0, count, out),
+        2 | 3 => by_units::<K, 2>(k, u0, count, out),
+        _ => by_units::<K, 1>(k, u0, count, out),
+    }
+}
+
+fn by_units<K: Tile, const W: usize>(k: &K, u0: usize, count: usize, out: &mut [f32]) {
+    let stride = k.rows() * K::UNIT;
+    let mut i = 0;
+    while i + W <= count {
+        by_activation_rows::<K, W>(k, u0 + i, &mut out[i * stride..]);
+        i += W;
+    }
+    for i in i..count {
+        by_activation_rows::<K, 1>(k, u0 + i, &mut out[i * stride..]);
+    }
+}
+
+fn by_activation_rows<K: Tile, const W: usize>(k: &K, u: usize, out: &mut [f32]) {
+    let m = k.rows();
+    let mut j = 0;
+    while j + 4 <= m {
+        k.tile::<W, 4>(u, j, out);
+        j += 4;
+    }
+    match m - j {
+        3 => k.tile::<W, 3>(u, j, out),
+        2 => k.tile::<W, 2>(u, j, out),
+        1 => k.tile::<W, 1>(u, j, out),
+        _ => {}
+    }
+}
+
+/// The portable loops as [`Tile`]s, for builds without AVX2.
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
+mod portable {
+    use super::{BLOCK, PANEL, Q8Matrix, Q41Matrix, Tile, panel_dot_q41, row_dot_q8};
+
+    pub struct Q8<'a>(pub &'a Q8Matrix, pub &'a Q8Matrix);
+    pub struct Q41<'a>(pub &'a Q41Matrix, pub &'a Q8Matrix);
+
+    impl Tile for Q8<'_> {
+        const UNIT: usize = 1;
+        fn rows(&self) -> usize {
+            self.1.rows
+        }
+        fn tile<const W: usize, const R: usize>(&self, r0: usize, j0: usize, out: &mut [f32]) {
+            let (w, x) = (self.0, self.1);
+            let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+            for i in 0..W {
+                let r = r0 + i;
+                for j in j0..j0 + R {
+                    out[i * m + j] = row_dot_q8(
+                        &w.quants[r * k..(r + 1) * k],
+                        &w.scales[r * kb..(r + 1) * kb],
+                        &x.quants[j * k..(j + 1) * k],
+                        &x.scales[j * kb..(j + 1) * kb],
+                    );
+                }
+            }
+        }
+    }
+
+    impl Tile for Q41<'_> {
+        const UNIT: usize = PANEL;
+        fn rows(&self) -> usize {
+            self.1.rows
+        }
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+            let m = self.1.rows;
+            for i in 0..W {
+                for j in j0..j0 + R {
+                    let at = (i * m + j) * PANEL;
+                    out[at..at + PANEL].copy_from_slice(&panel_dot_q41(self.0, p0 + i, self.1, j));
+                }
+            }
+        }
+    }
+}
+
+/// Panics unless units `u0..u0 + w_units` of a weight matrix with `units` units and `kb` blocks
+/// a unit-row, activation rows `j0..j0 + x_rows` of `x` and their places in `out` exist: what
+/// the vector tiles' pointer arithmetic relies on. `parts` are the weight arrays with their
+/// elements per unit and block.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn check_tile(
+    units: usize,
+    unit: usize,
+    kb: usize,
+    parts: &[(usize, usize)],
+    u0: usize,
+    w_units: usize,
+    x: &Q8Matrix,
+    j0: usize,
+    x_rows: usize,
+    out: &[f32],
+) {
+    assert!(u0 + w_units <= units && parts.iter().all(|&(len, per)| len == units * kb * per));
+    assert!(
+        x.cols == kb * BLOCK
+            && j0 + x_rows <= x.rows
+            && x.quants.len() >= x.rows * x.cols
+            && x.scales.len() >= x.rows * kb
+            && x.sums.len() >= x.rows * kb
+            && out.len() >= ((w_units - 1) * x.rows + j0 + x_rows) * unit
+    );
 }
 
 /// AVX2 versions of the block products, used when the build targets AVX2 and FMA (the
@@ -91,50 +232,8 @@ fn row_dot_q41(nibbles: &[u8], d: &[f32], m: &[f32], xq: &[i8], xs: &[f32], xsum
 ))]
 #[allow(unsafe_code)]
 mod simd {
-    use super::BLOCK;
+    use super::{BLOCK, PANEL, Q8Matrix, Q41Matrix, Tile, check_tile};
     use std::arch::x86_64::*;
-
-    /// Panics unless `out[..R]` and activation rows `j0..j0 + R` of `x` exist and the weight
-    /// row's `nibbles`, `d` and `m` describe `x.cols` columns: what the Q4_1 tiles' pointer
-    /// arithmetic relies on.
-    #[inline(always)]
-    pub fn check_q41_tile(
-        nibbles: &[u8],
-        d: &[f32],
-        m: &[f32],
-        x: &super::Q8Matrix,
-        j0: usize,
-        rows: usize,
-        out: &[f32],
-    ) {
-        let kb = d.len();
-        let k = kb * BLOCK;
-        assert!(nibbles.len() == kb * 16 && m.len() == kb && x.cols == k && out.len() >= rows);
-        assert!(
-            j0 + rows <= x.rows
-                && x.quants.len() >= x.rows * k
-                && x.scales.len() >= x.rows * kb
-                && x.sums.len() >= x.rows * kb
-        );
-    }
-
-    /// A Q4_1 block's 16 bytes of nibbles widened to 32 bytes in element order (low nibbles are
-    /// elements 0–15, high nibbles 16–31).
-    ///
-    /// # Safety
-    /// `block` must point at 16 readable bytes.
-    #[inline(always)]
-    pub unsafe fn widen_q41(block: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees 16 bytes at `block`; the load is unaligned.
-        unsafe {
-            let mask = _mm_set1_epi8(0x0f);
-            let bytes = _mm_loadu_si128(block.cast());
-            _mm256_set_m128i(
-                _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                _mm_and_si128(bytes, mask),
-            )
-        }
-    }
 
     /// Eight float lanes summed as GGML's hsum_float_8.
     #[inline(always)]
@@ -147,91 +246,181 @@ mod simd {
         }
     }
 
-    /// One Q4_1 weight row (`nibbles`, `d`, `m` for its blocks) against activation rows
-    /// `j0..j0 + R` of `x`, into `out[..R]`: each weight block is widened once and used for all
-    /// `R` rows, each row keeping its own eight float lanes (as [`super::row_dot_q41`]). A row's
-    /// arithmetic is the same whatever `R` is, so it gives the same bits alone and in a batch.
+    /// `acc + Σ a·b` over each 32-bit lane's four bytes, `a` unsigned and `b` signed, exactly:
+    /// `vpdpbusd` when `VNNI` (the caller must then be compiled with AVX-512 VNNI and VL), else
+    /// two AVX2 steps. The products here are at most 15 · 127 · 2 per 16-bit lane, so `maddubs`
+    /// cannot saturate.
     #[inline(always)]
-    pub fn q41_tile<const R: usize>(
-        nibbles: &[u8],
-        d: &[f32],
-        m: &[f32],
-        x: &super::Q8Matrix,
-        j0: usize,
-        out: &mut [f32],
-    ) {
-        check_q41_tile(nibbles, d, m, x, j0, R, out);
-        let kb = d.len();
-        let k = kb * BLOCK;
-        // SAFETY: AVX2 and FMA are enabled for this build. The check above bounds every
-        // pointer: block b reads nibbles[16b..16b + 16] and, for row j in j0..j0 + R,
-        // quants[j·k + 32b ..+32] and scales[j·kb + b]. Loads are unaligned. Products are at most
-        // 15 · 127 · 2 per 16-bit lane, so `maddubs` cannot saturate.
+    unsafe fn dot4<const VNNI: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: register-only operations; with `VNNI` the caller guarantees the features.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); R];
-            for b in 0..kb {
-                let w = widen_q41(nibbles.as_ptr().add(b * 16));
-                let dw = *d.get_unchecked(b);
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    let j = j0 + t;
-                    let xv = _mm256_loadu_si256(x.quants.as_ptr().add(j * k + b * BLOCK).cast());
-                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-                    let scale = _mm256_set1_ps(dw * *x.scales.get_unchecked(j * kb + b));
-                    *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *acc);
-                }
-            }
-            for (t, acc) in acc.into_iter().enumerate() {
-                let j = j0 + t;
-                out[t] = reduce8(acc) + super::dot(m, &x.sums[j * kb..(j + 1) * kb]);
+            if VNNI {
+                _mm256_dpbusd_epi32(acc, a, b)
+            } else {
+                let pairs = _mm256_maddubs_epi16(a, b);
+                _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
             }
         }
     }
 
-    /// One Q8_0 weight row (`wq`, `ws`) against activation rows `j0..j0 + R` of `x`, into
-    /// `out[..R]`, each row in its own eight float lanes as [`super::row_dot_q8`] adds them.
+    /// Q4_1 panels `p0..p0 + P` against activation rows `j0..j0 + R` of `x`, in candle's order
+    /// (as [`super::panel_dot_q41`]): per block, the integer sums of the panel's eight rows in
+    /// the lanes of two registers (low and high nibbles), then `acc += Σ · d · dx + m · s` eight
+    /// rows at a time.
+    ///
+    /// # Safety
+    /// With `VNNI`, the CPU must have AVX-512 VNNI and VL and the caller be compiled with them.
     #[inline(always)]
-    pub fn q8_tile<const R: usize>(
-        wq: &[i8],
-        ws: &[f32],
-        x: &super::Q8Matrix,
+    pub unsafe fn q41_panels<const VNNI: bool, const P: usize, const R: usize>(
+        w: &Q41Matrix,
+        p0: usize,
+        x: &Q8Matrix,
         j0: usize,
         out: &mut [f32],
     ) {
-        let kb = ws.len();
-        let k = kb * BLOCK;
-        assert!(wq.len() == k && x.cols == k && out.len() >= R);
-        assert!(j0 + R <= x.rows && x.quants.len() >= x.rows * k && x.scales.len() >= x.rows * kb);
-        // SAFETY: AVX2 and FMA are enabled for this build. The assertions above bound every
-        // pointer: block b reads wq[32b..32b + 32] and, for row j in j0..j0 + R,
-        // quants[j·k + 32b ..+32] and scales[j·kb + b]. Loads are unaligned. Weights and
-        // activations are quantized to [-127, 127], so `sign` gives exact magnitudes and
-        // `maddubs` cannot saturate (127 · 127 · 2 < 32768).
+        let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+        let parts = [
+            (w.nibbles.len(), 128),
+            (w.scales.len(), 8),
+            (w.mins.len(), 8),
+        ];
+        check_tile(w.panels(), PANEL, kb, &parts, p0, P, x, j0, R, out);
+        // SAFETY: AVX2 (and with `VNNI` the caller's features) are enabled. The check bounds
+        // every pointer: block b reads, for panel p in p0..p0 + P, nibbles[(p·kb + b)·128 ..+128]
+        // and scales, mins[(p·kb + b)·8 ..+8]; for activation row j in j0..j0 + R,
+        // quants[j·k + 32b ..+32], scales[j·kb + b] and sums[j·kb + b]; it writes
+        // out[((i·m + j)·8 ..+8] for i < P. Loads and stores are unaligned.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); R];
+            let low = _mm256_set1_epi8(0x0f);
+            let mut acc = [[_mm256_setzero_ps(); R]; P];
             for b in 0..kb {
-                let w = _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK).cast());
-                let magnitude = _mm256_sign_epi8(w, w);
-                let dw = *ws.get_unchecked(b);
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    let j = j0 + t;
-                    let xv = _mm256_loadu_si256(x.quants.as_ptr().add(j * k + b * BLOCK).cast());
-                    let products = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w));
-                    let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-                    let scale = _mm256_set1_ps(dw * *x.scales.get_unchecked(j * kb + b));
-                    *acc = _mm256_fmadd_ps(scale, lanes, *acc);
+                // Per activation row and panel, the low and high nibbles' integer sums.
+                let mut sums = [[[_mm256_setzero_si256(); 2]; P]; R];
+                for c in 0..4 {
+                    let mut halves = [[_mm256_setzero_si256(); 2]; P];
+                    for (i, halves) in halves.iter_mut().enumerate() {
+                        let at = ((p0 + i) * kb + b) * 128 + 32 * c;
+                        let v = _mm256_loadu_si256(w.nibbles.as_ptr().add(at).cast());
+                        halves[0] = _mm256_and_si256(v, low);
+                        halves[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    }
+                    for (t, sums) in sums.iter_mut().enumerate() {
+                        let xb = x.quants.as_ptr().add((j0 + t) * k + b * BLOCK + 8 * c);
+                        let xv = [
+                            _mm256_set1_epi32(xb.cast::<i32>().read_unaligned()),
+                            _mm256_set1_epi32(xb.add(4).cast::<i32>().read_unaligned()),
+                        ];
+                        for (sums, halves) in sums.iter_mut().zip(&halves) {
+                            for h in 0..2 {
+                                sums[h] = dot4::<VNNI>(sums[h], halves[h], xv[h]);
+                            }
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let at = ((p0 + i) * kb + b) * PANEL;
+                    let d = _mm256_loadu_ps(w.scales.as_ptr().add(at));
+                    let mins = _mm256_loadu_ps(w.mins.as_ptr().add(at));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let xa = (j0 + t) * kb + b;
+                        let dx = _mm256_set1_ps(*x.scales.get_unchecked(xa));
+                        let s = _mm256_set1_ps(*x.sums.get_unchecked(xa));
+                        let sum = _mm256_add_epi32(sums[t][i][0], sums[t][i][1]);
+                        let scaled = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), d), dx);
+                        let term = _mm256_add_ps(scaled, _mm256_mul_ps(mins, s));
+                        *acc = _mm256_add_ps(*acc, term);
+                    }
                 }
             }
-            for (o, acc) in out.iter_mut().zip(acc) {
-                *o = reduce8(acc);
+            for (i, acc) in acc.into_iter().enumerate() {
+                for (t, acc) in acc.into_iter().enumerate() {
+                    let at = (i * m + j0 + t) * PANEL;
+                    _mm256_storeu_ps(out.as_mut_ptr().add(at), acc);
+                }
+            }
+        }
+    }
+
+    /// The Q4_1 product with AVX2.
+    pub struct Q41<'a>(pub &'a Q41Matrix, pub &'a Q8Matrix);
+
+    impl Tile for Q41<'_> {
+        const UNIT: usize = PANEL;
+
+        fn rows(&self) -> usize {
+            self.1.rows
+        }
+
+        #[inline(always)]
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+            // SAFETY: without VNNI, AVX2 is all it needs, and this build has it.
+            unsafe { q41_panels::<false, W, R>(self.0, p0, self.1, j0, out) }
+        }
+    }
+
+    /// Q8_0 weights against Q8 activations with AVX2, tiled as [`Q41`], each pair in its own
+    /// eight float lanes as [`super::row_dot_q8`] adds them.
+    pub struct Q8<'a>(pub &'a Q8Matrix, pub &'a Q8Matrix);
+
+    impl Tile for Q8<'_> {
+        const UNIT: usize = 1;
+
+        fn rows(&self) -> usize {
+            self.1.rows
+        }
+
+        #[inline(always)]
+        fn tile<const W: usize, const R: usize>(&self, r0: usize, j0: usize, out: &mut [f32]) {
+            let (w, x) = (self.0, self.1);
+            let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+            let parts = [(w.quants.len(), BLOCK), (w.scales.len(), 1)];
+            check_tile(w.rows, 1, kb, &parts, r0, W, x, j0, R, out);
+            // SAFETY: AVX2 and FMA are enabled for this build. The check bounds every pointer:
+            // block b reads, for weight row r in r0..r0 + W, quants[r·k + 32b ..+32] and
+            // scales[r·kb + b]; for activation row j in j0..j0 + R, quants[j·k + 32b ..+32] and
+            // scales[j·kb + b]. Loads are unaligned. Weights and activations are quantized to
+            // [-127, 127], so `sign` gives exact magnitudes and `maddubs` cannot saturate
+            // (127 · 127 · 2 < 32768).
+            unsafe {
+                let ones = _mm256_set1_epi16(1);
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                for b in 0..kb {
+                    let mut wv = [_mm256_setzero_si256(); W];
+                    let mut dw = [_mm256_setzero_ps(); W];
+                    for i in 0..W {
+                        let r = r0 + i;
+                        wv[i] = _mm256_loadu_si256(w.quants.as_ptr().add(r * k + b * BLOCK).cast());
+                        dw[i] = _mm256_set1_ps(*w.scales.get_unchecked(r * kb + b));
+                    }
+                    for t in 0..R {
+                        let j = j0 + t;
+                        let xv =
+                            _mm256_loadu_si256(x.quants.as_ptr().add(j * k + b * BLOCK).cast());
+                        let dx = _mm256_set1_ps(*x.scales.get_unchecked(j * kb + b));
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let products = _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(wv[i], wv[i]),
+                                _mm256_sign_epi8(xv, wv[i]),
+                            );
+                            let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+                            let scale = _mm256_mul_ps(dw[i], dx);
+                            acc[t] = _mm256_fmadd_ps(scale, lanes, acc[t]);
+                        }
+                    }
+                }
+                for (i, acc) in acc.into_iter().enumerate() {
+                    for (t, acc) in acc.into_iter().enumerate() {
+                        out[i * m + j0 + t] = reduce8(acc);
+                    }
+                }
             }
         }
     }
 }
 
-/// The Q4_1 product with AVX-512 VNNI (`vpdpbusd` on 256-bit registers), for CPUs that have it
-/// (checked at run time). Same arithmetic, same bits as [`simd::q41_tile`].
+/// The products with AVX-512 VNNI (`vpdpbusd` on 256-bit registers), for CPUs that have it
+/// (checked at run time): a block's eight four-product sums in one instruction. Same lanes,
+/// same order, same bits as [`simd`].
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -239,10 +428,10 @@ mod simd {
 ))]
 #[allow(unsafe_code)]
 mod vnni {
-    use super::{BLOCK, simd};
+    use super::{BLOCK, PANEL, Q8Matrix, Q41Matrix, Tile, check_tile, simd};
     use std::arch::x86_64::*;
 
-    /// Whether this CPU has the instructions [`q41_tile`] uses.
+    /// Whether this CPU has the instructions the kernels here use.
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
@@ -251,59 +440,153 @@ mod vnni {
             && is_x86_feature_detected!("avx512vnni")
     }
 
-    /// [`super::simd::q41_tile`] with `vpdpbusd` giving a block's eight four-product sums in
-    /// one instruction, and the blocks' scales `d·dx` computed eight at a time and spread over a
-    /// block's lanes with one permutation. Same lanes, same order, same bits.
+    /// The scales `dw·dx` of blocks `group..group + count` (at most eight) for each pair of weight
+    /// row `r0 + i` and activation row `j0 + t`, one block per lane.
     ///
+    /// # Safety
+    /// The CPU must have what [`available`] checks, and the blocks must exist in weight rows
+    /// `r0..r0 + W` (of `x.cols / BLOCK` blocks each) and activation rows `j0..j0 + R`.
+    #[inline(always)]
+    unsafe fn group_scales<const W: usize, const R: usize>(
+        w_scales: &[f32],
+        r0: usize,
+        x: &Q8Matrix,
+        j0: usize,
+        group: usize,
+        count: usize,
+    ) -> [[__m256; R]; W] {
+        let kb = x.cols / BLOCK;
+        // SAFETY: the caller guarantees the CPU features and the blocks; the masked loads read
+        // only the `count` blocks that exist.
+        unsafe {
+            let present = ((1u32 << count) - 1) as __mmask8;
+            let mut dx = [_mm256_setzero_ps(); R];
+            for (t, dx) in dx.iter_mut().enumerate() {
+                let at = (j0 + t) * kb + group;
+                *dx = _mm256_maskz_loadu_ps(present, x.scales.as_ptr().add(at));
+            }
+            let mut scales = [[_mm256_setzero_ps(); R]; W];
+            for (i, scales) in scales.iter_mut().enumerate() {
+                let at = (r0 + i) * kb + group;
+                let dw = _mm256_maskz_loadu_ps(present, w_scales.as_ptr().add(at));
+                for (s, dx) in scales.iter_mut().zip(dx) {
+                    *s = _mm256_mul_ps(dw, dx);
+                }
+            }
+            scales
+        }
+    }
+
+    /// [`simd::q41_panels`] with `vpdpbusd`. Made only by [`Q41::new`], which checks the CPU.
+    pub struct Q41<'a>(&'a Q41Matrix, &'a Q8Matrix);
+
+    impl<'a> Q41<'a> {
+        pub fn new(w: &'a Q41Matrix, x: &'a Q8Matrix) -> Option<Self> {
+            available().then_some(Self(w, x))
+        }
+    }
+
+    impl Tile for Q41<'_> {
+        const UNIT: usize = PANEL;
+
+        fn rows(&self) -> usize {
+            self.1.rows
+        }
+
+        #[inline(always)]
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+            // SAFETY: `Q41::new` checked that the CPU has the features.
+            unsafe { q41_tile::<W, R>(self.0, p0, self.1, j0, out) }
+        }
+    }
+
     /// # Safety
     /// The CPU must have what [`available`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    pub unsafe fn q41_tile<const R: usize>(
-        nibbles: &[u8],
-        d: &[f32],
-        m: &[f32],
-        x: &super::Q8Matrix,
+    unsafe fn q41_tile<const W: usize, const R: usize>(
+        w: &Q41Matrix,
+        p0: usize,
+        x: &Q8Matrix,
         j0: usize,
         out: &mut [f32],
     ) {
-        simd::check_q41_tile(nibbles, d, m, x, j0, R, out);
-        let kb = d.len();
-        let k = kb * BLOCK;
-        // SAFETY: the caller guarantees the CPU features. The check above bounds every
-        // pointer: block b reads nibbles[16b..16b + 16] and, for row j in j0..j0 + R,
-        // quants[j·k + 32b ..+32]; scales are read eight at a time under a mask of the blocks
-        // that exist. Loads are unaligned. `vpdpbusd` sums four products of at most 15 · 127
-        // into each 32-bit lane, exactly.
+        // SAFETY: this function is compiled with the features `VNNI` needs and the caller
+        // guarantees the CPU has them.
+        unsafe { simd::q41_panels::<true, W, R>(w, p0, x, j0, out) }
+    }
+
+    /// [`simd::Q8`] with `vpdpbusd` on the weights' magnitudes and the activations carrying the
+    /// weights' signs. Made only by [`Q8::new`], which checks the CPU.
+    pub struct Q8<'a>(&'a Q8Matrix, &'a Q8Matrix);
+
+    impl<'a> Q8<'a> {
+        pub fn new(w: &'a Q8Matrix, x: &'a Q8Matrix) -> Option<Self> {
+            available().then_some(Self(w, x))
+        }
+    }
+
+    impl Tile for Q8<'_> {
+        const UNIT: usize = 1;
+
+        fn rows(&self) -> usize {
+            self.1.rows
+        }
+
+        #[inline(always)]
+        fn tile<const W: usize, const R: usize>(&self, r0: usize, j0: usize, out: &mut [f32]) {
+            // SAFETY: `Q8::new` checked that the CPU has the features.
+            unsafe { q8_tile::<W, R>(self.0, r0, self.1, j0, out) }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have what [`available`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn q8_tile<const W: usize, const R: usize>(
+        w: &Q8Matrix,
+        r0: usize,
+        x: &Q8Matrix,
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+        let parts = [(w.quants.len(), BLOCK), (w.scales.len(), 1)];
+        check_tile(w.rows, 1, kb, &parts, r0, W, x, j0, R, out);
+        // SAFETY: the caller guarantees the CPU features; the check bounds every pointer as in
+        // `simd::Q8`, and scales are read eight at a time under a mask of the blocks that exist.
+        // Magnitudes are at most 127 and `vpdpbusd` sums four products exactly.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc = [[_mm256_setzero_ps(); R]; W];
             for group in (0..kb).step_by(8) {
                 let count = (kb - group).min(8);
-                let present = ((1u32 << count) - 1) as __mmask8;
-                let dw = _mm256_maskz_loadu_ps(present, d.as_ptr().add(group));
-                let mut scales = [_mm256_setzero_ps(); R];
-                for (t, scales) in scales.iter_mut().enumerate() {
-                    let at = (j0 + t) * kb + group;
-                    *scales = _mm256_mul_ps(
-                        dw,
-                        _mm256_maskz_loadu_ps(present, x.scales.as_ptr().add(at)),
-                    );
-                }
-                for i in 0..count {
-                    let b = group + i;
-                    let w = simd::widen_q41(nibbles.as_ptr().add(b * 16));
-                    let lane = _mm256_set1_epi32(i as i32);
-                    for (t, acc) in acc.iter_mut().enumerate() {
+                let scales = group_scales::<W, R>(&w.scales, r0, x, j0, group, count);
+                for n in 0..count {
+                    let b = group + n;
+                    let lane = _mm256_set1_epi32(n as i32);
+                    let mut wv = [_mm256_setzero_si256(); W];
+                    for (i, wv) in wv.iter_mut().enumerate() {
+                        let at = (r0 + i) * k + b * BLOCK;
+                        *wv = _mm256_loadu_si256(w.quants.as_ptr().add(at).cast());
+                    }
+                    for t in 0..R {
                         let at = (j0 + t) * k + b * BLOCK;
                         let xv = _mm256_loadu_si256(x.quants.as_ptr().add(at).cast());
-                        let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                        let scale = _mm256_permutevar8x32_ps(scales[t], lane);
-                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *acc);
+                        for i in 0..W {
+                            let sums = _mm256_dpbusd_epi32(
+                                _mm256_setzero_si256(),
+                                _mm256_abs_epi8(wv[i]),
+                                _mm256_sign_epi8(xv, wv[i]),
+                            );
+                            let scale = _mm256_permutevar8x32_ps(scales[i][t], lane);
+                            acc[i][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[i][t]);
+                        }
                     }
                 }
             }
-            for (t, acc) in acc.into_iter().enumerate() {
-                let j = j0 + t;
-                out[t] = simd::reduce8(acc) + super::dot(m, &x.sums[j * kb..(j + 1) * kb]);
+            for (i, acc) in acc.into_iter().enumerate() {
+                for (t, acc) in acc.into_iter().enumerate() {
+                    out[i * m + j0 + t] = simd::reduce8(acc);
+                }
             }
         }
     }
@@ -311,7 +594,7 @@ mod vnni {
 
 /// `out[m × n] = x[m × k] · wᵀ` with `w` of shape `n × k`. Rows of `w` are the outer loop so each
 /// weight row is read from memory once per call however many activation rows there are; the
-/// output rows are split between the worker threads.
+/// weight rows are split between the worker threads.
 pub fn matmul(x: &Q8Matrix, w: &Linear, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
     match w {
         Linear::Q8(w) => matmul_q8(x, w, out, scratch),
@@ -319,145 +602,69 @@ pub fn matmul(x: &Q8Matrix, w: &Linear, out: &mut Vec<f32>, scratch: &mut Vec<f3
     }
 }
 
-/// [`matmul`] for Q8_0 weights: each weight row against four activation rows at a time.
+/// [`matmul`] for Q8_0 weights.
 pub fn matmul_q8(x: &Q8Matrix, w: &Q8Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
-    let k = w.cols;
-    assert_eq!(x.cols, k, "inner dimensions differ");
-    let kb = k / BLOCK;
-    let m = x.rows;
-    for_weight_rows(m, w.rows, out, scratch, |r, out_row| {
-        let (wq, ws) = (
-            &w.quants[r * k..(r + 1) * k],
-            &w.scales[r * kb..(r + 1) * kb],
-        );
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            let mut j = 0;
-            while j + 4 <= m {
-                simd::q8_tile::<4>(wq, ws, x, j, &mut out_row[j..]);
-                j += 4;
-            }
-            match m - j {
-                3 => simd::q8_tile::<3>(wq, ws, x, j, &mut out_row[j..]),
-                2 => simd::q8_tile::<2>(wq, ws, x, j, &mut out_row[j..]),
-                1 => simd::q8_tile::<1>(wq, ws, x, j, &mut out_row[j..]),
-                _ => {}
-            }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        for (j, o) in out_row.iter_mut().enumerate() {
-            *o = row_dot_q8(
-                wq,
-                ws,
-                &x.quants[j * k..(j + 1) * k],
-                &x.scales[j * kb..(j + 1) * kb],
-            );
-        }
-    });
-}
-
-/// [`matmul`] for Q4_1 weights: each weight row against four activation rows at a time.
-fn matmul_q41(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
     assert_eq!(x.cols, w.cols, "inner dimensions differ");
-    let kb = w.cols / BLOCK;
-    let m = x.rows;
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    // A single row (decode alone) measured as fast or faster on the AVX2 kernel.
-    let vnni = m >= 2 && vnni::available();
-    for_weight_rows(m, w.rows, out, scratch, |r, out_row| {
-        let (nibbles, d, mins) = (
-            &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
-            &w.scales[r * kb..(r + 1) * kb],
-            &w.mins[r * kb..(r + 1) * kb],
-        );
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            let mut j = 0;
-            while j < m {
-                let rows = (m - j).min(4);
-                let out = &mut out_row[j..];
-                if vnni {
-                    // SAFETY: `vnni::available()` said this CPU has the features it needs.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        match rows {
-                            4 => vnni::q41_tile::<4>(nibbles, d, mins, x, j, out),
-                            3 => vnni::q41_tile::<3>(nibbles, d, mins, x, j, out),
-                            2 => vnni::q41_tile::<2>(nibbles, d, mins, x, j, out),
-                            _ => vnni::q41_tile::<1>(nibbles, d, mins, x, j, out),
-                        }
-                    }
-                } else {
-                    match rows {
-                        4 => simd::q41_tile::<4>(nibbles, d, mins, x, j, out),
-                        3 => simd::q41_tile::<3>(nibbles, d, mins, x, j, out),
-                        2 => simd::q41_tile::<2>(nibbles, d, mins, x, j, out),
-                        _ => simd::q41_tile::<1>(nibbles, d, mins, x, j, out),
-                    }
-                }
-                j += rows;
-            }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        for (j, o) in out_row.iter_mut().enumerate() {
-            *o = row_dot_q41(
-                nibbles,
-                d,
-                mins,
-                &x.quants[j * w.cols..(j + 1) * w.cols],
-                &x.scales[j * kb..(j + 1) * kb],
-                &x.sums[j * kb..(j + 1) * kb],
-            );
-        }
-    });
+    match vnni::Q8::new(w, x) {
+        Some(k) => for_units(&k, w.rows, w.rows, out, scratch),
+        None => for_units(&simd::Q8(w, x), w.rows, w.rows, out, scratch),
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    for_units(&portable::Q8(w, x), w.rows, w.rows, out, scratch);
 }
 
-/// Runs `row(r, out_row)` for every weight row `r` — filling `out_row[j]` with its product with
-/// activation row `j` — weight rows split between threads, and writes `out[m × n]`.
-fn for_weight_rows(
-    m: usize,
-    n: usize,
-    out: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
-    row: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    scratch.resize(n * m, 0.0);
-    // Enough rows per task to amortise scheduling, few enough to balance two or more threads.
-    let rows_per_task = (n / (rayon::current_num_threads() * 8)).max(16);
+/// [`matmul`] for Q4_1 weights.
+fn matmul_q41(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+    assert_eq!(x.cols, w.cols, "inner dimensions differ");
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    match vnni::Q41::new(w, x) {
+        Some(k) => for_units(&k, w.panels(), w.rows, out, scratch),
+        None => for_units(&simd::Q41(w, x), w.panels(), w.rows, out, scratch),
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    for_units(&portable::Q41(w, x), w.panels(), w.rows, out, scratch);
+}
+
+/// Runs kernel `k` over all `units` weight units, split between threads, and writes
+/// `out[m × n]`: the first `n` of the units' rows (a padded panel's extra rows are dropped).
+fn for_units<K: Tile>(k: &K, units: usize, n: usize, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+    let (m, unit) = (k.rows(), K::UNIT);
+    out.resize(m * n, 0.0);
+    if m == 0 {
+        return;
+    }
+    scratch.resize(units * m * unit, 0.0);
+    // Enough units per task to amortise scheduling, few enough to balance two or more threads.
+    let per_task = (units / (rayon::current_num_threads() * 8)).max(16 / unit);
     scratch
-        .par_chunks_mut(rows_per_task * m)
+        .par_chunks_mut(per_task * m * unit)
         .enumerate()
         .for_each(|(task, chunk)| {
-            for (i, out_row) in chunk.chunks_exact_mut(m).enumerate() {
-                row(task * rows_per_task + i, out_row);
-            }
+            run_tiles(k, task * per_task, chunk.len() / (m * unit), chunk);
         });
-    // Transpose, writing each output row in order.
-    out.resize(m * n, 0.0);
+    // Transpose units and activation rows, writing each output row in order.
     let scratch = &scratch[..];
     let transpose = |(j, row): (usize, &mut [f32])| {
-        for (r, o) in row.iter_mut().enumerate() {
-            *o = scratch[r * m + j];
+        for (u, o) in row.chunks_mut(unit).enumerate() {
+            let at = (u * m + j) * unit;
+            o.copy_from_slice(&scratch[at..at + o.len()]);
         }
     };
     if m * n >= 1 << 16 {
@@ -492,6 +699,36 @@ mod tests {
             .collect()
     }
 
+    /// GGML Q4_1 blocks for `n × k` weights from deterministic bytes, with varied scales.
+    fn q4_1_bytes(n: usize, k: usize, seed: u32) -> Vec<u8> {
+        let raw = pseudo_random(n * k / BLOCK * 20, seed);
+        let mut bytes = Vec::new();
+        for block in raw.chunks_exact(20) {
+            bytes.extend_from_slice(&f16::from_f32(block[0].abs() / 8.0 + 0.01).to_le_bytes());
+            bytes.extend_from_slice(&f16::from_f32(block[1] / 4.0).to_le_bytes());
+            bytes.extend(block[4..].iter().map(|v| ((v + 0.5) * 255.0) as u8));
+        }
+        bytes
+    }
+
+    /// The values GGML Q4_1 blocks stand for (`d·q + m`), straight from the file's bytes.
+    fn q4_1_values(bytes: &[u8]) -> Vec<f32> {
+        let mut dense = Vec::new();
+        for block in bytes.chunks_exact(20) {
+            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+            let q = |e: usize| {
+                f32::from(if e < 16 {
+                    block[4 + e] & 0x0f
+                } else {
+                    block[e - 12] >> 4
+                })
+            };
+            dense.extend((0..BLOCK).map(|e| d * q(e) + m));
+        }
+        dense
+    }
+
     #[test]
     fn int8_matmul_is_close_to_f32() {
         let (m, n, k) = (5, 70, 96);
@@ -508,24 +745,10 @@ mod tests {
 
     #[test]
     fn q4_1_weights_multiply_like_their_dequantized_values() {
-        let (m, n, k) = (3, 8, 64);
-        // Random blocks: d, m as f16, 16 bytes of nibbles.
-        let mut bytes = Vec::new();
-        let raw = pseudo_random(n * k / BLOCK * 18, 5);
-        for block in raw.chunks_exact(18) {
-            bytes.extend_from_slice(&f16::from_f32(block[0].abs() / 8.0 + 0.01).to_le_bytes());
-            bytes.extend_from_slice(&f16::from_f32(block[1] / 4.0).to_le_bytes());
-            bytes.extend(block[2..].iter().map(|v| ((v + 0.5) * 255.0) as u8));
-        }
+        // 13 rows: a whole panel and a padded one.
+        let (m, n, k) = (3, 13, 64);
+        let bytes = q4_1_bytes(n, k, 5);
         let w = Q41Matrix::from_ggml(&bytes, n, k).unwrap();
-        let mut dense = vec![0.0; n * k];
-        for (b, out) in dense.chunks_exact_mut(BLOCK).enumerate() {
-            for j in 0..BLOCK / 2 {
-                let byte = w.nibbles[b * 16 + j];
-                out[j] = w.scales[b] * f32::from(byte & 0x0f) + w.mins[b];
-                out[j + 16] = w.scales[b] * f32::from(byte >> 4) + w.mins[b];
-            }
-        }
         let x = pseudo_random(m * k, 6);
         let (mut out, mut scratch) = (Vec::new(), Vec::new());
         matmul(
@@ -534,156 +757,201 @@ mod tests {
             &mut out,
             &mut scratch,
         );
-        for (a, b) in out.iter().zip(&reference(&x, &dense, m, n, k)) {
+        assert_eq!(out.len(), m * n);
+        for (a, b) in out
+            .iter()
+            .zip(&reference(&x, &q4_1_values(&bytes), m, n, k))
+        {
             assert!((a - b).abs() < 0.05 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    /// candle's own Q4_1 product (its quantized matmul, which quantizes the activations to Q8_1
+    /// as we do): the same bits, for a lone row and for a batch.
+    #[test]
+    fn q4_1_products_equal_candles_bit_for_bit() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        use candle_core::{Device, Module, Tensor};
+        // candle wants an even number of blocks.
+        let (n, k) = (24, 18 * BLOCK);
+        let weights = Tensor::from_vec(pseudo_random(n * k, 21), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&weights, GgmlDType::Q4_1).unwrap();
+        let w = Q41Matrix::from_ggml(&q.data().unwrap(), n, k).unwrap();
+        let candle = QMatMul::from_qtensor(q).unwrap();
+        for m in [1, 5] {
+            let x = pseudo_random(m * k, 22 + m as u32);
+            let expected = candle
+                .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let (mut out, mut scratch) = (Vec::new(), Vec::new());
+            matmul(
+                &Q8Matrix::quantize(&x, m, k),
+                &Linear::Q41(w.clone()),
+                &mut out,
+                &mut scratch,
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&expected), "{m} rows");
         }
     }
 
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
         let (n, k) = (40, 64);
-        let w = Q8Matrix::quantize(&pseudo_random(n * k, 3), n, k);
         let rows = pseudo_random(7 * k, 4);
-        let (mut batch, mut alone, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-        matmul_q8(
-            &Q8Matrix::quantize(&rows, 7, k),
-            &w,
-            &mut batch,
-            &mut scratch,
+        let (batch_x, alone_x) = (
+            Q8Matrix::quantize(&rows, 7, k),
+            Q8Matrix::quantize(&rows[3 * k..4 * k], 1, k),
         );
-        matmul_q8(
-            &Q8Matrix::quantize(&rows[3 * k..4 * k], 1, k),
-            &w,
-            &mut alone,
-            &mut scratch,
-        );
-        assert_eq!(&batch[3 * n..4 * n], &alone[..]);
+        let weights = [
+            Linear::Q8(Q8Matrix::quantize(&pseudo_random(n * k, 3), n, k)),
+            Linear::Q41(Q41Matrix::from_ggml(&q4_1_bytes(n, k, 7), n, k).unwrap()),
+        ];
+        for w in &weights {
+            let (mut batch, mut alone, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+            matmul(&batch_x, w, &mut batch, &mut scratch);
+            matmul(&alone_x, w, &mut alone, &mut scratch);
+            assert_eq!(&batch[3 * n..4 * n], &alone[..]);
+        }
     }
 
     #[test]
-    fn the_vector_kernels_give_the_portable_bits() {
-        // Whole Q8_0 products (19 blocks a row) for every tiling of the activation rows against
-        // the portable dot product, bit for bit.
-        let k = 19 * BLOCK;
+    fn whole_products_give_the_portable_bits() {
+        // 19 blocks a row (an odd count) and 21 weight rows (a padded Q4_1 panel), for every
+        // tiling of the activation rows.
+        let (n, k) = (21, 19 * BLOCK);
+        let kb = k / BLOCK;
         let all = pseudo_random(11 * k, 8);
-        let w = Q8Matrix::quantize(&pseudo_random(5 * k, 9), 5, k);
-        let kb = k / BLOCK;
+        let q8 = Q8Matrix::quantize(&pseudo_random(n * k, 9), n, k);
+        let q41 = Q41Matrix::from_ggml(&q4_1_bytes(n, k, 10), n, k).unwrap();
         for m in [1, 2, 3, 4, 5, 11] {
             let x = Q8Matrix::quantize(&all[..m * k], m, k);
             let (mut out, mut scratch) = (Vec::new(), Vec::new());
-            matmul_q8(&x, &w, &mut out, &mut scratch);
-            for r in 0..5 {
-                for j in 0..m {
-                    let expected = row_dot_q8(
-                        &w.quants[r * k..(r + 1) * k],
-                        &w.scales[r * kb..(r + 1) * kb],
-                        &x.quants[j * k..(j + 1) * k],
-                        &x.scales[j * kb..(j + 1) * kb],
-                    );
-                    assert_eq!(out[j * 5 + r].to_bits(), expected.to_bits(), "{m} rows");
-                }
-            }
-        }
-
-        // Whole Q4_1 products (19 blocks a row) for every tiling of the activation rows against
-        // the portable dot product, bit for bit: a row gives the same bits alone and in a batch.
-        let (n, k) = (5, 19 * BLOCK);
-        let mut bytes: Vec<u8> = (0..n * k / BLOCK * 20)
-            .map(|i| (i * 7919 % 251) as u8)
-            .collect();
-        for block in bytes.chunks_exact_mut(20) {
-            block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
-            block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
-        }
-        let w = Q41Matrix::from_ggml(&bytes, n, k).unwrap();
-        let all = pseudo_random(11 * k, 10);
-        let kb = k / BLOCK;
-        for m in [1, 2, 3, 4, 5, 11] {
-            let x = Q8Matrix::quantize(&all[..m * k], m, k);
-            let (mut out, mut scratch) = (Vec::new(), Vec::new());
-            matmul(&x, &Linear::Q41(w.clone()), &mut out, &mut scratch);
+            matmul_q8(&x, &q8, &mut out, &mut scratch);
             for r in 0..n {
                 for j in 0..m {
-                    let expected = row_dot_q41(
-                        &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
-                        &w.scales[r * kb..(r + 1) * kb],
-                        &w.mins[r * kb..(r + 1) * kb],
+                    let expected = row_dot_q8(
+                        &q8.quants[r * k..(r + 1) * k],
+                        &q8.scales[r * kb..(r + 1) * kb],
                         &x.quants[j * k..(j + 1) * k],
                         &x.scales[j * kb..(j + 1) * kb],
-                        &x.sums[j * kb..(j + 1) * kb],
                     );
                     assert_eq!(
                         out[j * n + r].to_bits(),
                         expected.to_bits(),
-                        "{m} rows: weight row {r}, activation {j}"
+                        "Q8_0, {m} rows"
+                    );
+                }
+            }
+            matmul(&x, &Linear::Q41(q41.clone()), &mut out, &mut scratch);
+            for r in 0..n {
+                for j in 0..m {
+                    let expected = panel_dot_q41(&q41, r / PANEL, &x, j)[r % PANEL];
+                    assert_eq!(
+                        out[j * n + r].to_bits(),
+                        expected.to_bits(),
+                        "Q4_1, {m} rows"
                     );
                 }
             }
         }
     }
 
-    /// Both vector Q4_1 kernels, whichever `matmul` picks on this CPU, at every tile size and
-    /// offset, against the portable dot product (19 blocks: two groups of eight and an odd tail).
+    /// Every tile shape of one kernel — 1, 2 or 4 units against 1 to 4 activation rows, at each
+    /// offset — against `expected(weight row, activation row)`, bit for bit.
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    fn assert_tiles_match<K: Tile>(
+        k: &K,
+        units: usize,
+        expected: impl Fn(usize, usize) -> f32,
+        name: &str,
+    ) {
+        type Shape<K> = fn(&K, usize, usize, &mut [f32]);
+        fn shape<K: Tile, const W: usize, const R: usize>(
+            k: &K,
+            u0: usize,
+            j0: usize,
+            out: &mut [f32],
+        ) {
+            k.tile::<W, R>(u0, j0, out)
+        }
+        let shapes: [(usize, usize, Shape<K>); 12] = [
+            (1, 1, shape::<K, 1, 1>),
+            (1, 2, shape::<K, 1, 2>),
+            (1, 3, shape::<K, 1, 3>),
+            (1, 4, shape::<K, 1, 4>),
+            (2, 1, shape::<K, 2, 1>),
+            (2, 2, shape::<K, 2, 2>),
+            (2, 3, shape::<K, 2, 3>),
+            (2, 4, shape::<K, 2, 4>),
+            (4, 1, shape::<K, 4, 1>),
+            (4, 2, shape::<K, 4, 2>),
+            (4, 3, shape::<K, 4, 3>),
+            (4, 4, shape::<K, 4, 4>),
+        ];
+        let (m, unit) = (k.rows(), K::UNIT);
+        for (w, r, run) in shapes {
+            for u0 in 0..=units - w {
+                for j0 in 0..=m - r {
+                    let mut out = vec![f32::NAN; units * m * unit];
+                    run(k, u0, j0, &mut out[u0 * m * unit..]);
+                    for u in u0..u0 + w {
+                        for j in j0..j0 + r {
+                            for l in 0..unit {
+                                assert_eq!(
+                                    out[(u * m + j) * unit + l].to_bits(),
+                                    expected(u * unit + l, j).to_bits(),
+                                    "{name}: {w}×{r} tile at ({u0}, {j0}), unit {u}, lane {l}, \
+                                     activation {j}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 kernels and, when this CPU has it, the AVX-512 VNNI ones, at every tile shape and
+    /// offset, against the portable dot products (19 blocks a row: an odd count).
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ))]
     #[test]
-    #[allow(unsafe_code)]
-    fn the_avx2_and_avx512_q4_1_kernels_give_the_portable_bits() {
-        let (n, k) = (3, 19 * BLOCK);
+    fn the_vector_tiles_give_the_portable_bits() {
+        let (n, m, k) = (5 * PANEL, 5, 19 * BLOCK);
         let kb = k / BLOCK;
-        let bytes: Vec<u8> = (0..n * kb * 20).map(|i| (i * 7919 % 251) as u8).collect();
-        let mut bytes = bytes;
-        for (i, block) in bytes.chunks_exact_mut(20).enumerate() {
-            block[..2].copy_from_slice(&f16::from_f32(0.01 + i as f32 * 1e-4).to_le_bytes());
-            block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
-        }
-        let w = Q41Matrix::from_ggml(&bytes, n, k).unwrap();
-        let x = Q8Matrix::quantize(&pseudo_random(4 * k, 12), 4, k);
-        let vnni = vnni::available();
-        if !vnni {
-            eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernel is checked");
-        }
-        for r in 0..n {
-            let (nibbles, d, mins) = (
-                &w.nibbles[r * kb * 16..(r + 1) * kb * 16],
-                &w.scales[r * kb..(r + 1) * kb],
-                &w.mins[r * kb..(r + 1) * kb],
-            );
-            let expected: Vec<u32> = (0..4)
-                .map(|j| {
-                    row_dot_q41(
-                        nibbles,
-                        d,
-                        mins,
-                        &x.quants[j * k..(j + 1) * k],
-                        &x.scales[j * kb..(j + 1) * kb],
-                        &x.sums[j * kb..(j + 1) * kb],
-                    )
-                    .to_bits()
-                })
-                .collect();
-            let bits = |out: &[f32]| out.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            let mut out = [0f32; 4];
-            simd::q41_tile::<4>(nibbles, d, mins, &x, 0, &mut out);
-            assert_eq!(bits(&out), expected, "AVX2, four rows");
-            simd::q41_tile::<3>(nibbles, d, mins, &x, 1, &mut out);
-            assert_eq!(bits(&out[..3]), expected[1..], "AVX2, three rows");
-            simd::q41_tile::<1>(nibbles, d, mins, &x, 2, &mut out);
-            assert_eq!(bits(&out[..1]), expected[2..3], "AVX2, one row");
-            if vnni {
-                // SAFETY: the CPU has the features (checked above).
-                unsafe {
-                    vnni::q41_tile::<4>(nibbles, d, mins, &x, 0, &mut out);
-                    assert_eq!(bits(&out), expected, "AVX-512, four rows");
-                    vnni::q41_tile::<2>(nibbles, d, mins, &x, 2, &mut out);
-                    assert_eq!(bits(&out[..2]), expected[2..], "AVX-512, two rows");
-                    vnni::q41_tile::<1>(nibbles, d, mins, &x, 1, &mut out);
-                    assert_eq!(bits(&out[..1]), expected[1..2], "AVX-512, one row");
-                }
+        let x = Q8Matrix::quantize(&pseudo_random(m * k, 12), m, k);
+        let q41 = Q41Matrix::from_ggml(&q4_1_bytes(n, k, 11), n, k).unwrap();
+        let q41_expected = |r: usize, j: usize| panel_dot_q41(&q41, r / PANEL, &x, j)[r % PANEL];
+        let q8 = Q8Matrix::quantize(&pseudo_random(5 * k, 13), 5, k);
+        let q8_expected = |r: usize, j: usize| {
+            row_dot_q8(
+                &q8.quants[r * k..(r + 1) * k],
+                &q8.scales[r * kb..(r + 1) * kb],
+                &x.quants[j * k..(j + 1) * k],
+                &x.scales[j * kb..(j + 1) * kb],
+            )
+        };
+
+        assert_tiles_match(&simd::Q41(&q41, &x), 5, q41_expected, "AVX2 Q4_1");
+        assert_tiles_match(&simd::Q8(&q8, &x), 5, q8_expected, "AVX2 Q8_0");
+        match (vnni::Q41::new(&q41, &x), vnni::Q8::new(&q8, &x)) {
+            (Some(k41), Some(k8)) => {
+                assert_tiles_match(&k41, 5, q41_expected, "AVX-512 Q4_1");
+                assert_tiles_match(&k8, 5, q8_expected, "AVX-512 Q8_0");
             }
+            _ => eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernels are checked"),
         }
     }
 }

@@ -20,8 +20,15 @@ pub struct Q8Matrix {
     pub sums: Vec<f32>,
 }
 
-/// A row-major matrix in GGML's Q4_1: per block of 32, 4-bit values `q` (low nibbles hold
-/// elements 0–15, high nibbles 16–31) with `x = d·q + m`.
+/// Weight rows per Q4_1 panel: one 32-bit lane of a 256-bit register each.
+pub const PANEL: usize = 8;
+
+/// A matrix in GGML's Q4_1 (per block of 32 columns, 4-bit values `q` with `x = d·q + m`),
+/// repacked in panels of [`PANEL`] rows so that one int8 dot instruction works on all eight
+/// rows of a panel at once. For panel `p` and block `b`, `nibbles` holds 128 bytes: four chunks
+/// of 32, where byte `4·r + j` of chunk `c` holds element `8c + j` of the panel's row `r` in its
+/// low nibble and element `8c + 4 + j` in its high nibble; `scales` and `mins` hold the eight
+/// rows' `d` and `m` for the block. Rows past `rows`, up to a whole panel, are zero.
 #[derive(Debug, Clone, Default)]
 pub struct Q41Matrix {
     pub rows: usize,
@@ -32,29 +39,49 @@ pub struct Q41Matrix {
 }
 
 impl Q41Matrix {
-    /// From GGML Q4_1 blocks (20 bytes: f16 d, f16 m, 16 bytes of nibbles).
+    /// From GGML Q4_1 blocks (20 bytes: f16 d, f16 m, 16 bytes of nibbles: low nibbles hold
+    /// elements 0–15, high nibbles 16–31), row after row.
     pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        let blocks = rows * cols / BLOCK;
-        if !cols.is_multiple_of(BLOCK) || bytes.len() != blocks * 20 {
+        let kb = cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * kb * 20 {
             return None;
         }
+        let panels = rows.div_ceil(PANEL);
         let mut m = Self {
             rows,
             cols,
-            nibbles: Vec::with_capacity(blocks * 16),
-            scales: Vec::with_capacity(blocks),
-            mins: Vec::with_capacity(blocks),
+            nibbles: vec![0; panels * kb * PANEL * BLOCK / 2],
+            scales: vec![0.0; panels * kb * PANEL],
+            mins: vec![0.0; panels * kb * PANEL],
         };
-        for b in bytes.chunks_exact(20) {
-            m.scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-            m.mins.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
-            m.nibbles.extend_from_slice(&b[4..]);
+        for (r, row) in bytes.chunks_exact(kb * 20).enumerate() {
+            let (p, lane) = (r / PANEL, r % PANEL);
+            for (b, block) in row.chunks_exact(20).enumerate() {
+                let at = (p * kb + b) * PANEL + lane;
+                m.scales[at] = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                m.mins[at] = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                let q = |e: usize| {
+                    let byte = block[4 + e % 16];
+                    if e < 16 { byte & 0x0f } else { byte >> 4 }
+                };
+                let panel = &mut m.nibbles[(p * kb + b) * 128..(p * kb + b + 1) * 128];
+                for c in 0..4 {
+                    for j in 0..4 {
+                        panel[32 * c + 4 * lane + j] = q(8 * c + j) | (q(8 * c + 4 + j) << 4);
+                    }
+                }
+            }
         }
         Some(m)
     }
 
+    /// Panels of [`PANEL`] rows, the last one padded.
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+
     pub fn bytes(&self) -> usize {
-        self.nibbles.len() + 8 * self.scales.len()
+        self.nibbles.len() + 4 * (self.scales.len() + self.mins.len())
     }
 }
 
