@@ -178,7 +178,9 @@ impl Llama {
         logits
     }
 
-    /// Causal attention of every token over its own sequence's cached positions `0..=pos`.
+    /// Causal attention of every token over its own sequence's cached positions `0..=pos`. The
+    /// query heads that share a key-value head are done together, walking the sequence's
+    /// blocks, so each cached key and value is read once per token and group.
     fn attention(
         &self,
         batch: &[SeqInput<'_>],
@@ -195,33 +197,57 @@ impl Llama {
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
+        let (block_size, width) = (kv.block_size, kv.width);
         out.resize(where_.len() * q_width, 0.0);
         let work = |(t, out_row): (usize, &mut [f32])| {
             let (s, pos) = where_[t];
             let blocks = batch[s].blocks;
+            let len = pos + 1;
             let q_row = &qkv[t * qkv_width..t * qkv_width + q_width];
-            let mut scores = vec![0f32; pos + 1];
-            for (head, out_head) in out_row.chunks_exact_mut(hd).enumerate() {
-                let q = &q_row[head * hd..(head + 1) * hd];
-                let kv_off = (head / group) * hd;
-                let mut max = f32::NEG_INFINITY;
-                for (j, score) in scores.iter_mut().enumerate() {
-                    let at = kv.offset(blocks, j) + kv_off;
-                    let k = &keys[at..at + hd];
-                    *score = dot(q, k) * scale;
-                    max = max.max(*score);
+            // Offsets of positions 0..=pos in a layer's cache, block by block.
+            let starts = blocks.iter().enumerate().map(|(i, &block)| {
+                let first = i * block_size;
+                let count = block_size.min(len.saturating_sub(first));
+                (block as usize * block_size * width, first, count)
+            });
+            let mut scores = vec![0f32; group * len];
+            for (g, out_group) in out_row.chunks_exact_mut(group * hd).enumerate() {
+                let kv_off = g * hd;
+                let queries = &q_row[g * group * hd..(g + 1) * group * hd];
+                for (base, first, count) in starts.clone() {
+                    for i in 0..count {
+                        let at = base + i * width + kv_off;
+                        let k = &keys[at..at + hd];
+                        for (h, q) in queries.chunks_exact(hd).enumerate() {
+                            scores[h * len + first + i] = dot(q, k) * scale;
+                        }
+                    }
                 }
-                let mut sum = 0.0;
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
+                for head_scores in scores.chunks_exact_mut(len) {
+                    let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+                    let mut sum = 0.0;
+                    for score in head_scores.iter_mut() {
+                        *score = (*score - max).exp();
+                        sum += *score;
+                    }
+                    for score in head_scores.iter_mut() {
+                        *score /= sum;
+                    }
                 }
-                out_head.fill(0.0);
-                for (j, score) in scores.iter().enumerate() {
-                    let at = kv.offset(blocks, j) + kv_off;
-                    let w = score / sum;
-                    for (o, v) in out_head.iter_mut().zip(&values[at..at + hd]) {
-                        *o += w * v;
+                for (h, out_head) in out_group.chunks_exact_mut(hd).enumerate() {
+                    let weights = &scores[h * len..(h + 1) * len];
+                    // 64 elements at a time: eight independent sums hide the adds' latency.
+                    let mut parts = out_head.chunks_exact_mut(64);
+                    for (part, out) in (&mut parts).enumerate() {
+                        let off = kv_off + 64 * part;
+                        let out: &mut [f32; 64] = out.try_into().expect("64 elements");
+                        *out = weighted_sum::<64>(weights, values, starts.clone(), width, off);
+                    }
+                    let rest = parts.into_remainder();
+                    let off = kv_off + hd - rest.len();
+                    for (e, out) in rest.iter_mut().enumerate() {
+                        let [sum] = weighted_sum::<1>(weights, values, starts.clone(), width, off + e);
+                        *out = sum;
                     }
                 }
             }
@@ -233,6 +259,31 @@ impl Llama {
             out.chunks_exact_mut(q_width).enumerate().for_each(work);
         }
     }
+}
+
+/// `Σ weights[p] · values[p]` over a sequence's positions for `N` elements of each cached value
+/// row from `offset`, in position order; `blocks` gives each block's base offset, first position
+/// and positions held. `N` is fixed so that the sums stay in registers.
+#[inline(always)]
+fn weighted_sum<const N: usize>(
+    weights: &[f32],
+    values: &[f32],
+    blocks: impl Iterator<Item = (usize, usize, usize)>,
+    width: usize,
+    offset: usize,
+) -> [f32; N] {
+    let mut acc = [0f32; N];
+    for (base, first, count) in blocks {
+        for i in 0..count {
+            let at = base + i * width + offset;
+            let v: &[f32; N] = values[at..at + N].try_into().expect("N elements");
+            let w = weights[first + i];
+            for (o, v) in acc.iter_mut().zip(v) {
+                *o += w * v;
+            }
+        }
+    }
+    acc
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {

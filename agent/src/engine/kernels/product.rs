@@ -662,9 +662,12 @@ fn for_units<K: Tile>(k: &K, units: usize, n: usize, out: &mut Vec<f32>, scratch
     // Transpose units and activation rows, writing each output row in order.
     let scratch = &scratch[..];
     let transpose = |(j, row): (usize, &mut [f32])| {
-        for (u, o) in row.chunks_mut(unit).enumerate() {
-            let at = (u * m + j) * unit;
-            o.copy_from_slice(&scratch[at..at + o.len()]);
+        // Element by element: a fixed-size copy the compiler inlines, not a call per unit.
+        for (u, o) in row.chunks_mut(K::UNIT).enumerate() {
+            let at = (u * m + j) * K::UNIT;
+            for (o, s) in o.iter_mut().zip(&scratch[at..at + K::UNIT]) {
+                *o = *s;
+            }
         }
     };
     if m * n >= 1 << 16 {
