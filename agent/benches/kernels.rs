@@ -4,7 +4,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::f16;
-use parallax_agent::engine::kernels::{Linear, Q8Matrix, Q41Matrix, matmul};
+use parallax_agent::engine::kernels::{Linear, Q8Matrix, Q8Panels, Q41Matrix, matmul};
 use std::hint::black_box;
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -26,7 +26,11 @@ fn products(c: &mut Criterion) {
         bytes.extend((0..16).map(|j| ((i * 31 + j * 17) % 256) as u8));
     }
     let q41 = Linear::Q41(Q41Matrix::from_ggml(&bytes, n, k).expect("valid blocks"));
-    let q8 = Linear::Q8(Q8Matrix::quantize(&values(n * k, 2), n, k));
+    let q8 = Linear::Q8(Q8Panels::from_matrix(&Q8Matrix::quantize(
+        &values(n * k, 2),
+        n,
+        k,
+    )));
     for m in [1, 2, 4, 32] {
         let x = Q8Matrix::quantize(&values(m * k, 3), m, k);
         let (mut out, mut scratch) = (Vec::new(), Vec::new());
@@ -42,7 +46,11 @@ fn products(c: &mut Criterion) {
 /// The output head (SmolLM2's tied embedding, Q8_0) for one sequence sampling.
 fn head(c: &mut Criterion) {
     let (n, k) = (49152, 576);
-    let q8 = Linear::Q8(Q8Matrix::quantize(&values(n * k, 4), n, k));
+    let q8 = Linear::Q8(Q8Panels::from_matrix(&Q8Matrix::quantize(
+        &values(n * k, 4),
+        n,
+        k,
+    )));
     let x = Q8Matrix::quantize(&values(k, 5), 1, k);
     let (mut out, mut scratch) = (Vec::new(), Vec::new());
     c.bench_function(&format!("q8_0 {n}x{k}, 1 row"), |b| {

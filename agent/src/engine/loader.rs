@@ -3,7 +3,7 @@
 //! shape (`dummy`). candle reads and dequantizes the files; the engine owns the layout.
 
 use super::error::{EngineError, Result};
-use super::kernels::{BLOCK, Linear, Q8Matrix, Q41Matrix, Rope, RopeStyle};
+use super::kernels::{BLOCK, Linear, Q8Matrix, Q8Panels, Q41Matrix, Rope, RopeStyle};
 use super::model::{Layer, Llama, LlamaConfig};
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file;
@@ -408,7 +408,7 @@ fn linear(reader: &mut dyn TensorReader, parts: &[(String, usize)], cols: usize)
         } else if raws.iter().all(|r| r.dtype == GgmlDType::Q8_0)
             && let Some(m) = Q8Matrix::from_ggml(&bytes, rows, cols)
         {
-            return Ok(Linear::Q8(m));
+            return Ok(Linear::Q8(Q8Panels::from_matrix(&m)));
         }
     }
     let mut data = Vec::with_capacity(rows * cols);
@@ -422,7 +422,9 @@ fn linear(reader: &mut dyn TensorReader, parts: &[(String, usize)], cols: usize)
             data.extend(matrix(reader, name, *r, cols)?);
         }
     }
-    Ok(Linear::Q8(Q8Matrix::quantize(&data, rows, cols)))
+    Ok(Linear::Q8(Q8Panels::from_matrix(&Q8Matrix::quantize(
+        &data, rows, cols,
+    ))))
 }
 
 /// A Q8_0 matrix: the file's own blocks when it has Q8_0, else requantized.
@@ -431,14 +433,14 @@ fn q8_matrix(
     name: &str,
     rows: usize,
     cols: usize,
-) -> Result<Q8Matrix> {
+) -> Result<Q8Panels> {
     match linear(reader, &[(name.to_owned(), rows)], cols)? {
         Linear::Q8(m) => Ok(m),
-        Linear::Q41(_) => Ok(Q8Matrix::quantize(
+        Linear::Q41(_) => Ok(Q8Panels::from_matrix(&Q8Matrix::quantize(
             &matrix(reader, name, rows, cols)?,
             rows,
             cols,
-        )),
+        ))),
     }
 }
 
@@ -566,13 +568,13 @@ fn dummy(shape: &str) -> Result<Llama> {
             *q = (seed >> 56) as i8;
         }
         let scale = 0.5 / (127.0 * (cols as f32).sqrt());
-        Q8Matrix {
+        Q8Panels::from_matrix(&Q8Matrix {
             rows,
             cols,
             quants,
             scales: vec![scale; rows * cols / BLOCK],
             sums: Vec::new(),
-        }
+        })
     };
     let hd = c.head_dim;
     let embed = Arc::new(random(c.vocab_size, c.hidden_size));

@@ -4,7 +4,7 @@
 //! each sequence's block table, logits only for the sequences that sample.
 
 use super::kernels::{
-    Linear, Q8Matrix, Rope, RopeStyle, dot, matmul, matmul_q8, rms_norm, silu_mul,
+    Linear, Q8Matrix, Q8Panels, Rope, RopeStyle, dot, matmul, matmul_q8, rms_norm, silu_mul,
 };
 use super::kv_cache::{BlockId, KvStore};
 use rayon::prelude::*;
@@ -50,11 +50,11 @@ pub struct Layer {
 #[derive(Debug)]
 pub struct Llama {
     pub config: LlamaConfig,
-    pub embed: Arc<Q8Matrix>,
+    pub embed: Arc<Q8Panels>,
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>,
     /// The embedding itself when the model ties them.
-    pub lm_head: Arc<Q8Matrix>,
+    pub lm_head: Arc<Q8Panels>,
     pub rope: Rope,
 }
 
@@ -246,7 +246,8 @@ impl Llama {
                     let rest = parts.into_remainder();
                     let off = kv_off + hd - rest.len();
                     for (e, out) in rest.iter_mut().enumerate() {
-                        let [sum] = weighted_sum::<1>(weights, values, starts.clone(), width, off + e);
+                        let [sum] =
+                            weighted_sum::<1>(weights, values, starts.clone(), width, off + e);
                         *out = sum;
                     }
                 }

@@ -11,7 +11,7 @@ mod product;
 mod quant;
 
 pub use product::{matmul, matmul_q8};
-pub use quant::{BLOCK, Linear, Q8Matrix, Q41Matrix};
+pub use quant::{BLOCK, Linear, PANEL, Q8Matrix, Q8Panels, Q41Matrix};
 
 /// Eight lanes summed as GGML's hsum_float_8 does: halves, then pairs, then the last two.
 #[inline(always)]

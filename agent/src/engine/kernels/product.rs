@@ -2,30 +2,18 @@
 //! activations, with portable loops that define the arithmetic and AVX2 and AVX-512 VNNI
 //! kernels (the latter chosen at run time when the CPU has it) that give the same bits.
 //!
-//! - Q8_0 follows GGML's AVX2 vec_dot_q8_0_q8_0, as candle does with AVX: eight float lanes per
-//!   output, each summing four products per block, scaled by `dw·dx` and fused-multiply-added
-//!   across blocks, then reduced pairwise. Each weight block is used for four activation rows.
-//! - Q4_1 follows candle's vec_dot_q4_1_q8_1: per block an exact integer sum `Σq·qx`, then
-//!   `acc += Σq·qx · d · dx + m · s` in f32, block after block. The weights are repacked in
-//!   panels of eight rows ([`super::quant::PANEL`]), so one int8 dot instruction advances the
-//!   integer sums of eight rows and the float steps run eight rows to a register.
+//! Both follow candle's portable vec_dot_q8_0_q8_0 and vec_dot_q4_1_q8_1: per block an exact
+//! integer sum `Σq·qx`, then in f32 `acc += Σq·qx · d · dx` (Q8_0) or
+//! `acc += Σq·qx · d · dx + m · s` (Q4_1), block after block. The weights are repacked in panels
+//! of eight rows ([`super::quant::PANEL`]), so one int8 dot instruction advances the integer
+//! sums of eight rows and the float steps run eight rows to a register.
 
-use super::quant::{BLOCK, Linear, PANEL, Q8Matrix, Q41Matrix};
-#[cfg(any(
-    test,
-    not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))
-))]
-use super::reduce_lanes;
+use super::quant::{BLOCK, Linear, PANEL, Q8Matrix, Q8Panels, Q41Matrix};
 use rayon::prelude::*;
 
-/// Q8_0 weights · Q8 activations, one row each, in the order of GGML's AVX2 vec_dot_q8_0_q8_0:
-/// eight lanes each summing four products per block, scaled by `dw·dx` and fused-multiply-added
-/// across blocks, then reduced pairwise. The AVX2 kernel gives the same bits; builds without
-/// AVX2 use this.
+/// Panel `p` of Q8_0 weights · activation row `j` of `x`: the eight rows' products in candle's
+/// order (`acc += Σq·qx · d · dx`, block after block). The vector kernels give the same bits;
+/// builds without AVX2 use this.
 #[cfg(any(
     test,
     not(all(
@@ -34,22 +22,21 @@ use rayon::prelude::*;
         target_feature = "fma"
     ))
 ))]
-fn row_dot_q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    for ((wb, xb), (dw, dx)) in wq
-        .chunks_exact(BLOCK)
-        .zip(xq.chunks_exact(BLOCK))
-        .zip(ws.iter().zip(xs))
-    {
-        let d = dw * dx;
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            let sum: i32 = (4 * l..4 * l + 4)
-                .map(|i| i32::from(wb[i]) * i32::from(xb[i]))
+fn panel_dot_q8(w: &Q8Panels, p: usize, x: &Q8Matrix, j: usize) -> [f32; PANEL] {
+    let (k, kb) = (w.cols, w.cols / BLOCK);
+    let mut acc = [0f32; PANEL];
+    for b in 0..kb {
+        let chunks = &w.quants[(p * kb + b) * 256..(p * kb + b + 1) * 256];
+        let xq = &x.quants[j * k + b * BLOCK..j * k + (b + 1) * BLOCK];
+        let dx = x.scales[j * kb + b];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let sum: i32 = (0..BLOCK)
+                .map(|e| i32::from(chunks[32 * (e / 4) + 4 * r + e % 4]) * i32::from(xq[e]))
                 .sum();
-            *lane = d.mul_add(sum as f32, *lane);
+            *acc += sum as f32 * w.scales[(p * kb + b) * PANEL + r] * dx;
         }
     }
-    reduce_lanes(lanes)
+    acc
 }
 
 /// Panel `p` of Q4_1 weights · activation row `j` of `x`: the eight rows' products in candle's
@@ -145,28 +132,22 @@ fn by_activation_rows<K: Tile, const W: usize>(k: &K, u: usize, out: &mut [f32])
     target_feature = "fma"
 )))]
 mod portable {
-    use super::{BLOCK, PANEL, Q8Matrix, Q41Matrix, Tile, panel_dot_q41, row_dot_q8};
+    use super::{PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, panel_dot_q8, panel_dot_q41};
 
-    pub struct Q8<'a>(pub &'a Q8Matrix, pub &'a Q8Matrix);
+    pub struct Q8<'a>(pub &'a Q8Panels, pub &'a Q8Matrix);
     pub struct Q41<'a>(pub &'a Q41Matrix, pub &'a Q8Matrix);
 
     impl Tile for Q8<'_> {
-        const UNIT: usize = 1;
+        const UNIT: usize = PANEL;
         fn rows(&self) -> usize {
             self.1.rows
         }
-        fn tile<const W: usize, const R: usize>(&self, r0: usize, j0: usize, out: &mut [f32]) {
-            let (w, x) = (self.0, self.1);
-            let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+            let m = self.1.rows;
             for i in 0..W {
-                let r = r0 + i;
                 for j in j0..j0 + R {
-                    out[i * m + j] = row_dot_q8(
-                        &w.quants[r * k..(r + 1) * k],
-                        &w.scales[r * kb..(r + 1) * kb],
-                        &x.quants[j * k..(j + 1) * k],
-                        &x.scales[j * kb..(j + 1) * kb],
-                    );
+                    let at = (i * m + j) * PANEL;
+                    out[at..at + PANEL].copy_from_slice(&panel_dot_q8(self.0, p0 + i, self.1, j));
                 }
             }
         }
@@ -232,19 +213,8 @@ fn check_tile(
 ))]
 #[allow(unsafe_code)]
 mod simd {
-    use super::{BLOCK, PANEL, Q8Matrix, Q41Matrix, Tile, check_tile};
+    use super::{BLOCK, PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, check_tile};
     use std::arch::x86_64::*;
-
-    /// Eight float lanes summed as GGML's hsum_float_8.
-    #[inline(always)]
-    pub unsafe fn reduce8(v: __m256) -> f32 {
-        // SAFETY: register-only AVX operations; the caller's build has AVX2.
-        unsafe {
-            let quad = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-            _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
-        }
-    }
 
     /// `acc + Σ a·b` over each 32-bit lane's four bytes, `a` unsigned and `b` signed, exactly:
     /// `vpdpbusd` when `VNNI` (the caller must then be compiled with AVX-512 VNNI and VL), else
@@ -358,69 +328,119 @@ mod simd {
         }
     }
 
-    /// Q8_0 weights against Q8 activations with AVX2, tiled as [`Q41`], each pair in its own
-    /// eight float lanes as [`super::row_dot_q8`] adds them.
-    pub struct Q8<'a>(pub &'a Q8Matrix, pub &'a Q8Matrix);
+    /// Q8_0 panels `p0..p0 + P` against activation rows `j0..j0 + R` of `x`, in candle's order
+    /// (as [`super::panel_dot_q8`]): per block, the eight rows' integer sums in the lanes of a
+    /// register, then `acc += Σ · d · dx` eight rows at a time. With `VNNI`, `vpdpbusd` takes
+    /// the activations offset by 128 (`offset`, as unsigned bytes) against the signed weights,
+    /// and the weights' `128 · Σq` is taken off again; without, the weights' magnitudes meet the
+    /// activations carrying the weights' signs, which `maddubs` sums without saturating (Q8
+    /// activations are within ±127, so each pair is at most 128 · 127 · 2).
+    ///
+    /// # Safety
+    /// With `VNNI`, the CPU must have AVX-512 VNNI and VL and the caller be compiled with them.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn q8_panels<const VNNI: bool, const P: usize, const R: usize>(
+        w: &Q8Panels,
+        p0: usize,
+        x: &Q8Matrix,
+        offset: &[u8],
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+        let parts = [
+            (w.quants.len(), 256),
+            (w.scales.len(), 8),
+            (w.offsets.len(), 8),
+        ];
+        check_tile(w.panels(), PANEL, kb, &parts, p0, P, x, j0, R, out);
+        assert!(!VNNI || offset.len() == x.quants.len());
+        // SAFETY: AVX2 (and with `VNNI` the caller's features) are enabled. The check bounds
+        // every pointer: block b reads, for panel p in p0..p0 + P, quants[(p·kb + b)·256 ..+256]
+        // and scales, offsets[(p·kb + b)·8 ..+8]; for activation row j in j0..j0 + R,
+        // quants (or offset) [j·k + 32b ..+32] and scales[j·kb + b]; it writes
+        // out[((i·m + j)·8 ..+8] for i < P. Loads and stores are unaligned.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); R]; P];
+            for b in 0..kb {
+                let mut sums = [[_mm256_setzero_si256(); P]; R];
+                for c in 0..8 {
+                    let mut wv = [_mm256_setzero_si256(); P];
+                    for (i, wv) in wv.iter_mut().enumerate() {
+                        let at = ((p0 + i) * kb + b) * 256 + 32 * c;
+                        *wv = _mm256_loadu_si256(w.quants.as_ptr().add(at).cast());
+                    }
+                    for (t, sums) in sums.iter_mut().enumerate() {
+                        let at = (j0 + t) * k + b * BLOCK + 4 * c;
+                        if VNNI {
+                            let xv = _mm256_set1_epi32(
+                                offset.as_ptr().add(at).cast::<i32>().read_unaligned(),
+                            );
+                            for (sum, wv) in sums.iter_mut().zip(&wv) {
+                                *sum = _mm256_dpbusd_epi32(*sum, xv, *wv);
+                            }
+                        } else {
+                            let xv = _mm256_set1_epi32(
+                                x.quants.as_ptr().add(at).cast::<i32>().read_unaligned(),
+                            );
+                            for (sum, wv) in sums.iter_mut().zip(&wv) {
+                                let pairs = _mm256_maddubs_epi16(
+                                    _mm256_abs_epi8(*wv),
+                                    _mm256_sign_epi8(xv, *wv),
+                                );
+                                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                            }
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let at = ((p0 + i) * kb + b) * PANEL;
+                    let d = _mm256_loadu_ps(w.scales.as_ptr().add(at));
+                    let taken = _mm256_loadu_si256(w.offsets.as_ptr().add(at).cast());
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let dx = _mm256_set1_ps(*x.scales.get_unchecked((j0 + t) * kb + b));
+                        let sum = if VNNI {
+                            _mm256_sub_epi32(sums[t][i], taken)
+                        } else {
+                            sums[t][i]
+                        };
+                        let scaled = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), d), dx);
+                        *acc = _mm256_add_ps(*acc, scaled);
+                    }
+                }
+            }
+            for (i, acc) in acc.into_iter().enumerate() {
+                for (t, acc) in acc.into_iter().enumerate() {
+                    let at = (i * m + j0 + t) * PANEL;
+                    _mm256_storeu_ps(out.as_mut_ptr().add(at), acc);
+                }
+            }
+        }
+    }
+
+    /// The Q8_0 product with AVX2.
+    pub struct Q8<'a>(pub &'a Q8Panels, pub &'a Q8Matrix);
 
     impl Tile for Q8<'_> {
-        const UNIT: usize = 1;
+        const UNIT: usize = PANEL;
 
         fn rows(&self) -> usize {
             self.1.rows
         }
 
         #[inline(always)]
-        fn tile<const W: usize, const R: usize>(&self, r0: usize, j0: usize, out: &mut [f32]) {
-            let (w, x) = (self.0, self.1);
-            let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
-            let parts = [(w.quants.len(), BLOCK), (w.scales.len(), 1)];
-            check_tile(w.rows, 1, kb, &parts, r0, W, x, j0, R, out);
-            // SAFETY: AVX2 and FMA are enabled for this build. The check bounds every pointer:
-            // block b reads, for weight row r in r0..r0 + W, quants[r·k + 32b ..+32] and
-            // scales[r·kb + b]; for activation row j in j0..j0 + R, quants[j·k + 32b ..+32] and
-            // scales[j·kb + b]. Loads are unaligned. Weights and activations are quantized to
-            // [-127, 127], so `sign` gives exact magnitudes and `maddubs` cannot saturate
-            // (127 · 127 · 2 < 32768).
-            unsafe {
-                let ones = _mm256_set1_epi16(1);
-                let mut acc = [[_mm256_setzero_ps(); R]; W];
-                for b in 0..kb {
-                    let mut wv = [_mm256_setzero_si256(); W];
-                    let mut dw = [_mm256_setzero_ps(); W];
-                    for i in 0..W {
-                        let r = r0 + i;
-                        wv[i] = _mm256_loadu_si256(w.quants.as_ptr().add(r * k + b * BLOCK).cast());
-                        dw[i] = _mm256_set1_ps(*w.scales.get_unchecked(r * kb + b));
-                    }
-                    for t in 0..R {
-                        let j = j0 + t;
-                        let xv =
-                            _mm256_loadu_si256(x.quants.as_ptr().add(j * k + b * BLOCK).cast());
-                        let dx = _mm256_set1_ps(*x.scales.get_unchecked(j * kb + b));
-                        for (i, acc) in acc.iter_mut().enumerate() {
-                            let products = _mm256_maddubs_epi16(
-                                _mm256_sign_epi8(wv[i], wv[i]),
-                                _mm256_sign_epi8(xv, wv[i]),
-                            );
-                            let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-                            let scale = _mm256_mul_ps(dw[i], dx);
-                            acc[t] = _mm256_fmadd_ps(scale, lanes, acc[t]);
-                        }
-                    }
-                }
-                for (i, acc) in acc.into_iter().enumerate() {
-                    for (t, acc) in acc.into_iter().enumerate() {
-                        out[i * m + j0 + t] = reduce8(acc);
-                    }
-                }
-            }
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+            // SAFETY: without VNNI, AVX2 is all it needs, and this build has it.
+            unsafe { q8_panels::<false, W, R>(self.0, p0, self.1, &[], j0, out) }
         }
     }
 }
 
 /// The products with AVX-512 VNNI (`vpdpbusd` on 256-bit registers), for CPUs that have it
-/// (checked at run time): a block's eight four-product sums in one instruction. Same lanes,
-/// same order, same bits as [`simd`].
+/// (checked at run time): the AVX2 kernels' arithmetic with one instruction for each four
+/// products of eight rows. Same bits.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -428,8 +448,7 @@ mod simd {
 ))]
 #[allow(unsafe_code)]
 mod vnni {
-    use super::{BLOCK, PANEL, Q8Matrix, Q41Matrix, Tile, check_tile, simd};
-    use std::arch::x86_64::*;
+    use super::{PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, simd};
 
     /// Whether this CPU has the instructions the kernels here use.
     pub fn available() -> bool {
@@ -438,43 +457,6 @@ mod vnni {
             && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
-    }
-
-    /// The scales `dw·dx` of blocks `group..group + count` (at most eight) for each pair of weight
-    /// row `r0 + i` and activation row `j0 + t`, one block per lane.
-    ///
-    /// # Safety
-    /// The CPU must have what [`available`] checks, and the blocks must exist in weight rows
-    /// `r0..r0 + W` (of `x.cols / BLOCK` blocks each) and activation rows `j0..j0 + R`.
-    #[inline(always)]
-    unsafe fn group_scales<const W: usize, const R: usize>(
-        w_scales: &[f32],
-        r0: usize,
-        x: &Q8Matrix,
-        j0: usize,
-        group: usize,
-        count: usize,
-    ) -> [[__m256; R]; W] {
-        let kb = x.cols / BLOCK;
-        // SAFETY: the caller guarantees the CPU features and the blocks; the masked loads read
-        // only the `count` blocks that exist.
-        unsafe {
-            let present = ((1u32 << count) - 1) as __mmask8;
-            let mut dx = [_mm256_setzero_ps(); R];
-            for (t, dx) in dx.iter_mut().enumerate() {
-                let at = (j0 + t) * kb + group;
-                *dx = _mm256_maskz_loadu_ps(present, x.scales.as_ptr().add(at));
-            }
-            let mut scales = [[_mm256_setzero_ps(); R]; W];
-            for (i, scales) in scales.iter_mut().enumerate() {
-                let at = (r0 + i) * kb + group;
-                let dw = _mm256_maskz_loadu_ps(present, w_scales.as_ptr().add(at));
-                for (s, dx) in scales.iter_mut().zip(dx) {
-                    *s = _mm256_mul_ps(dw, dx);
-                }
-            }
-            scales
-        }
     }
 
     /// [`simd::q41_panels`] with `vpdpbusd`. Made only by [`Q41::new`], which checks the CPU.
@@ -515,27 +497,35 @@ mod vnni {
         unsafe { simd::q41_panels::<true, W, R>(w, p0, x, j0, out) }
     }
 
-    /// [`simd::Q8`] with `vpdpbusd` on the weights' magnitudes and the activations carrying the
-    /// weights' signs. Made only by [`Q8::new`], which checks the CPU.
-    pub struct Q8<'a>(&'a Q8Matrix, &'a Q8Matrix);
+    /// [`simd::q8_panels`] with `vpdpbusd`. Made only by [`Q8::new`], which checks the CPU and
+    /// offsets the activations by 128.
+    pub struct Q8<'a> {
+        w: &'a Q8Panels,
+        x: &'a Q8Matrix,
+        offset: Vec<u8>,
+    }
 
     impl<'a> Q8<'a> {
-        pub fn new(w: &'a Q8Matrix, x: &'a Q8Matrix) -> Option<Self> {
-            available().then_some(Self(w, x))
+        pub fn new(w: &'a Q8Panels, x: &'a Q8Matrix) -> Option<Self> {
+            available().then(|| Self {
+                w,
+                x,
+                offset: x.quants.iter().map(|q| (*q as u8) ^ 0x80).collect(),
+            })
         }
     }
 
     impl Tile for Q8<'_> {
-        const UNIT: usize = 1;
+        const UNIT: usize = PANEL;
 
         fn rows(&self) -> usize {
-            self.1.rows
+            self.x.rows
         }
 
         #[inline(always)]
-        fn tile<const W: usize, const R: usize>(&self, r0: usize, j0: usize, out: &mut [f32]) {
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
             // SAFETY: `Q8::new` checked that the CPU has the features.
-            unsafe { q8_tile::<W, R>(self.0, r0, self.1, j0, out) }
+            unsafe { q8_tile::<W, R>(self.w, p0, self.x, &self.offset, j0, out) }
         }
     }
 
@@ -543,52 +533,16 @@ mod vnni {
     /// The CPU must have what [`available`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     unsafe fn q8_tile<const W: usize, const R: usize>(
-        w: &Q8Matrix,
-        r0: usize,
+        w: &Q8Panels,
+        p0: usize,
         x: &Q8Matrix,
+        offset: &[u8],
         j0: usize,
         out: &mut [f32],
     ) {
-        let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
-        let parts = [(w.quants.len(), BLOCK), (w.scales.len(), 1)];
-        check_tile(w.rows, 1, kb, &parts, r0, W, x, j0, R, out);
-        // SAFETY: the caller guarantees the CPU features; the check bounds every pointer as in
-        // `simd::Q8`, and scales are read eight at a time under a mask of the blocks that exist.
-        // Magnitudes are at most 127 and `vpdpbusd` sums four products exactly.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); R]; W];
-            for group in (0..kb).step_by(8) {
-                let count = (kb - group).min(8);
-                let scales = group_scales::<W, R>(&w.scales, r0, x, j0, group, count);
-                for n in 0..count {
-                    let b = group + n;
-                    let lane = _mm256_set1_epi32(n as i32);
-                    let mut wv = [_mm256_setzero_si256(); W];
-                    for (i, wv) in wv.iter_mut().enumerate() {
-                        let at = (r0 + i) * k + b * BLOCK;
-                        *wv = _mm256_loadu_si256(w.quants.as_ptr().add(at).cast());
-                    }
-                    for t in 0..R {
-                        let at = (j0 + t) * k + b * BLOCK;
-                        let xv = _mm256_loadu_si256(x.quants.as_ptr().add(at).cast());
-                        for i in 0..W {
-                            let sums = _mm256_dpbusd_epi32(
-                                _mm256_setzero_si256(),
-                                _mm256_abs_epi8(wv[i]),
-                                _mm256_sign_epi8(xv, wv[i]),
-                            );
-                            let scale = _mm256_permutevar8x32_ps(scales[i][t], lane);
-                            acc[i][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[i][t]);
-                        }
-                    }
-                }
-            }
-            for (i, acc) in acc.into_iter().enumerate() {
-                for (t, acc) in acc.into_iter().enumerate() {
-                    out[i * m + j0 + t] = simd::reduce8(acc);
-                }
-            }
-        }
+        // SAFETY: this function is compiled with the features `VNNI` needs and the caller
+        // guarantees the CPU has them.
+        unsafe { simd::q8_panels::<true, W, R>(w, p0, x, offset, j0, out) }
     }
 }
 
@@ -603,7 +557,7 @@ pub fn matmul(x: &Q8Matrix, w: &Linear, out: &mut Vec<f32>, scratch: &mut Vec<f3
 }
 
 /// [`matmul`] for Q8_0 weights.
-pub fn matmul_q8(x: &Q8Matrix, w: &Q8Matrix, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+pub fn matmul_q8(x: &Q8Matrix, w: &Q8Panels, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
     assert_eq!(x.cols, w.cols, "inner dimensions differ");
     #[cfg(all(
         target_arch = "x86_64",
@@ -611,15 +565,15 @@ pub fn matmul_q8(x: &Q8Matrix, w: &Q8Matrix, out: &mut Vec<f32>, scratch: &mut V
         target_feature = "fma"
     ))]
     match vnni::Q8::new(w, x) {
-        Some(k) => for_units(&k, w.rows, w.rows, out, scratch),
-        None => for_units(&simd::Q8(w, x), w.rows, w.rows, out, scratch),
+        Some(k) => for_units(&k, w.panels(), w.rows, out, scratch),
+        None => for_units(&simd::Q8(w, x), w.panels(), w.rows, out, scratch),
     }
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     )))]
-    for_units(&portable::Q8(w, x), w.rows, w.rows, out, scratch);
+    for_units(&portable::Q8(w, x), w.panels(), w.rows, out, scratch);
 }
 
 /// [`matmul`] for Q4_1 weights.
@@ -737,7 +691,10 @@ mod tests {
         let (m, n, k) = (5, 70, 96);
         let x = pseudo_random(m * k, 1);
         let w = pseudo_random(n * k, 2);
-        let (qx, qw) = (Q8Matrix::quantize(&x, m, k), Q8Matrix::quantize(&w, n, k));
+        let (qx, qw) = (
+            Q8Matrix::quantize(&x, m, k),
+            Q8Panels::from_matrix(&Q8Matrix::quantize(&w, n, k)),
+        );
         let (mut out, mut scratch) = (Vec::new(), Vec::new());
         matmul_q8(&qx, &qw, &mut out, &mut scratch);
         let exact = reference(&x, &w, m, n, k);
@@ -811,7 +768,11 @@ mod tests {
             Q8Matrix::quantize(&rows[3 * k..4 * k], 1, k),
         );
         let weights = [
-            Linear::Q8(Q8Matrix::quantize(&pseudo_random(n * k, 3), n, k)),
+            Linear::Q8(Q8Panels::from_matrix(&Q8Matrix::quantize(
+                &pseudo_random(n * k, 3),
+                n,
+                k,
+            ))),
             Linear::Q41(Q41Matrix::from_ggml(&q4_1_bytes(n, k, 7), n, k).unwrap()),
         ];
         for w in &weights {
@@ -827,9 +788,8 @@ mod tests {
         // 19 blocks a row (an odd count) and 21 weight rows (a padded Q4_1 panel), for every
         // tiling of the activation rows.
         let (n, k) = (21, 19 * BLOCK);
-        let kb = k / BLOCK;
         let all = pseudo_random(11 * k, 8);
-        let q8 = Q8Matrix::quantize(&pseudo_random(n * k, 9), n, k);
+        let q8 = Q8Panels::from_matrix(&Q8Matrix::quantize(&pseudo_random(n * k, 9), n, k));
         let q41 = Q41Matrix::from_ggml(&q4_1_bytes(n, k, 10), n, k).unwrap();
         for m in [1, 2, 3, 4, 5, 11] {
             let x = Q8Matrix::quantize(&all[..m * k], m, k);
@@ -837,12 +797,7 @@ mod tests {
             matmul_q8(&x, &q8, &mut out, &mut scratch);
             for r in 0..n {
                 for j in 0..m {
-                    let expected = row_dot_q8(
-                        &q8.quants[r * k..(r + 1) * k],
-                        &q8.scales[r * kb..(r + 1) * kb],
-                        &x.quants[j * k..(j + 1) * k],
-                        &x.scales[j * kb..(j + 1) * kb],
-                    );
+                    let expected = panel_dot_q8(&q8, r / PANEL, &x, j)[r % PANEL];
                     assert_eq!(
                         out[j * n + r].to_bits(),
                         expected.to_bits(),
@@ -933,19 +888,11 @@ mod tests {
     #[test]
     fn the_vector_tiles_give_the_portable_bits() {
         let (n, m, k) = (5 * PANEL, 5, 19 * BLOCK);
-        let kb = k / BLOCK;
         let x = Q8Matrix::quantize(&pseudo_random(m * k, 12), m, k);
         let q41 = Q41Matrix::from_ggml(&q4_1_bytes(n, k, 11), n, k).unwrap();
         let q41_expected = |r: usize, j: usize| panel_dot_q41(&q41, r / PANEL, &x, j)[r % PANEL];
-        let q8 = Q8Matrix::quantize(&pseudo_random(5 * k, 13), 5, k);
-        let q8_expected = |r: usize, j: usize| {
-            row_dot_q8(
-                &q8.quants[r * k..(r + 1) * k],
-                &q8.scales[r * kb..(r + 1) * kb],
-                &x.quants[j * k..(j + 1) * k],
-                &x.scales[j * kb..(j + 1) * kb],
-            )
-        };
+        let q8 = Q8Panels::from_matrix(&Q8Matrix::quantize(&pseudo_random(n * k, 13), n, k));
+        let q8_expected = |r: usize, j: usize| panel_dot_q8(&q8, r / PANEL, &x, j)[r % PANEL];
 
         assert_tiles_match(&simd::Q41(&q41, &x), 5, q41_expected, "AVX2 Q4_1");
         assert_tiles_match(&simd::Q8(&q8, &x), 5, q8_expected, "AVX2 Q8_0");
