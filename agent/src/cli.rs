@@ -169,6 +169,10 @@ impl EngineArgs {
                 .num_threads(threads)
                 .build_global()
                 .context("setting the thread count")?;
+            anyhow::ensure!(
+                engine::kernels::pool::configure(threads),
+                "setting the thread count: the forward pool had already started"
+            );
         }
         let config = self.config()?;
         let source = ModelSource::parse(model)?;

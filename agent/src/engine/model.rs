@@ -4,10 +4,9 @@
 //! each sequence's block table, logits only for the sequences that sample.
 
 use super::kernels::{
-    Linear, Q8Matrix, Q8Panels, Rope, RopeStyle, dot, matmul, matmul_q8, rms_norm, silu_mul,
+    Linear, Q8Matrix, Q8Panels, Rope, RopeStyle, dot, matmul, matmul_q8, pool, rms_norm, silu_mul,
 };
 use super::kv_cache::{BlockId, KvStore};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Shape and constants of a Llama-family model.
@@ -199,7 +198,10 @@ impl Llama {
         let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
         let (block_size, width) = (kv.block_size, kv.width);
         out.resize(where_.len() * q_width, 0.0);
-        let work = |(t, out_row): (usize, &mut [f32])| {
+        // One task per token and key-value group: its query heads' slice of the output row.
+        let groups = c.kv_heads;
+        let work = |task: usize, out_group: &mut [f32]| {
+            let (t, g) = (task / groups, task % groups);
             let (s, pos) = where_[t];
             let blocks = batch[s].blocks;
             let len = pos + 1;
@@ -211,53 +213,52 @@ impl Llama {
                 (block as usize * block_size * width, first, count)
             });
             let mut scores = vec![0f32; group * len];
-            for (g, out_group) in out_row.chunks_exact_mut(group * hd).enumerate() {
-                let kv_off = g * hd;
-                let queries = &q_row[g * group * hd..(g + 1) * group * hd];
-                for (base, first, count) in starts.clone() {
-                    for i in 0..count {
-                        let at = base + i * width + kv_off;
-                        let k = &keys[at..at + hd];
-                        for (h, q) in queries.chunks_exact(hd).enumerate() {
-                            scores[h * len + first + i] = dot(q, k) * scale;
-                        }
+            let kv_off = g * hd;
+            let queries = &q_row[g * group * hd..(g + 1) * group * hd];
+            for (base, first, count) in starts.clone() {
+                for i in 0..count {
+                    let at = base + i * width + kv_off;
+                    let k = &keys[at..at + hd];
+                    for (h, q) in queries.chunks_exact(hd).enumerate() {
+                        scores[h * len + first + i] = dot(q, k) * scale;
                     }
                 }
-                for head_scores in scores.chunks_exact_mut(len) {
-                    let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-                    let mut sum = 0.0;
-                    for score in head_scores.iter_mut() {
-                        *score = (*score - max).exp();
-                        sum += *score;
-                    }
-                    for score in head_scores.iter_mut() {
-                        *score /= sum;
-                    }
+            }
+            for head_scores in scores.chunks_exact_mut(len) {
+                let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+                let mut sum = 0.0;
+                for score in head_scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    sum += *score;
                 }
-                for (h, out_head) in out_group.chunks_exact_mut(hd).enumerate() {
-                    let weights = &scores[h * len..(h + 1) * len];
-                    // 64 elements at a time: eight independent sums hide the adds' latency.
-                    let mut parts = out_head.chunks_exact_mut(64);
-                    for (part, out) in (&mut parts).enumerate() {
-                        let off = kv_off + 64 * part;
-                        let out: &mut [f32; 64] = out.try_into().expect("64 elements");
-                        *out = weighted_sum::<64>(weights, values, starts.clone(), width, off);
-                    }
-                    let rest = parts.into_remainder();
-                    let off = kv_off + hd - rest.len();
-                    for (e, out) in rest.iter_mut().enumerate() {
-                        let [sum] =
-                            weighted_sum::<1>(weights, values, starts.clone(), width, off + e);
-                        *out = sum;
-                    }
+                for score in head_scores.iter_mut() {
+                    *score /= sum;
+                }
+            }
+            for (h, out_head) in out_group.chunks_exact_mut(hd).enumerate() {
+                let weights = &scores[h * len..(h + 1) * len];
+                // 64 elements at a time: eight independent sums hide the adds' latency.
+                let mut parts = out_head.chunks_exact_mut(64);
+                for (part, out) in (&mut parts).enumerate() {
+                    let off = kv_off + 64 * part;
+                    let out: &mut [f32; 64] = out.try_into().expect("64 elements");
+                    *out = weighted_sum::<64>(weights, values, starts.clone(), width, off);
+                }
+                let rest = parts.into_remainder();
+                let off = kv_off + hd - rest.len();
+                for (e, out) in rest.iter_mut().enumerate() {
+                    let [sum] = weighted_sum::<1>(weights, values, starts.clone(), width, off + e);
+                    *out = sum;
                 }
             }
         };
         let context: usize = where_.iter().map(|(_, p)| p + 1).sum();
-        if context * c.heads > 4096 {
-            out.par_chunks_exact_mut(q_width).enumerate().for_each(work);
+        if context * c.heads > 256 {
+            pool::for_each_chunk(out, group * hd, work);
         } else {
-            out.chunks_exact_mut(q_width).enumerate().for_each(work);
+            out.chunks_exact_mut(group * hd)
+                .enumerate()
+                .for_each(|(task, out_group)| work(task, out_group));
         }
     }
 }

@@ -7,6 +7,7 @@
 //! one row of activations in a fixed order, whatever else is in the batch. That is what makes
 //! continuous batching give the same greedy tokens as running a request alone.
 
+pub mod pool;
 mod product;
 mod quant;
 

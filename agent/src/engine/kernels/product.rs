@@ -8,8 +8,8 @@
 //! of eight rows ([`super::quant::PANEL`]), so one int8 dot instruction advances the integer
 //! sums of eight rows and the float steps run eight rows to a register.
 
+use super::pool;
 use super::quant::{BLOCK, Linear, PANEL, Q8Matrix, Q8Panels, Q41Matrix};
-use rayon::prelude::*;
 
 /// Panel `p` of Q8_0 weights · activation row `j` of `x`: the eight rows' products in candle's
 /// order (`acc += Σq·qx · d · dx`, block after block). The vector kernels give the same bits;
@@ -606,16 +606,13 @@ fn for_units<K: Tile>(k: &K, units: usize, n: usize, out: &mut Vec<f32>, scratch
     }
     scratch.resize(units * m * unit, 0.0);
     // Enough units per task to amortise scheduling, few enough to balance two or more threads.
-    let per_task = (units / (rayon::current_num_threads() * 8)).max(16 / unit);
-    scratch
-        .par_chunks_mut(per_task * m * unit)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            run_tiles(k, task * per_task, chunk.len() / (m * unit), chunk);
-        });
+    let per_task = (units / (pool::threads() * 8)).max(16 / unit);
+    pool::for_each_chunk(scratch, per_task * m * unit, |task, chunk| {
+        run_tiles(k, task * per_task, chunk.len() / (m * unit), chunk);
+    });
     // Transpose units and activation rows, writing each output row in order.
     let scratch = &scratch[..];
-    let transpose = |(j, row): (usize, &mut [f32])| {
+    let transpose = |j: usize, row: &mut [f32]| {
         // Element by element: a fixed-size copy the compiler inlines, not a call per unit.
         for (u, o) in row.chunks_mut(K::UNIT).enumerate() {
             let at = (u * m + j) * K::UNIT;
@@ -625,9 +622,11 @@ fn for_units<K: Tile>(k: &K, units: usize, n: usize, out: &mut Vec<f32>, scratch
         }
     };
     if m * n >= 1 << 16 {
-        out.par_chunks_exact_mut(n).enumerate().for_each(transpose);
+        pool::for_each_chunk(out, n, transpose);
     } else {
-        out.chunks_exact_mut(n).enumerate().for_each(transpose);
+        out.chunks_exact_mut(n)
+            .enumerate()
+            .for_each(|(j, row)| transpose(j, row));
     }
 }
 
