@@ -46,13 +46,48 @@ pub fn for_each_chunk<T: Send>(data: &mut [T], size: usize, task: impl Fn(usize,
     assert!(size > 0, "chunks must not be empty");
     let (len, base) = (data.len(), SendPtr(data.as_mut_ptr()));
     for_each(len.div_ceil(size), |i| {
-        let start = i * size;
-        let end = len.min(start + size);
-        // SAFETY: chunk i is `start..end` of `data`, inside it and disjoint from every other
-        // chunk; each index runs once, and `data` stays borrowed until every task has finished.
+        // SAFETY: chunk i lies inside `data` and is disjoint from every other chunk; each index
+        // runs once, and `data` stays borrowed until every task has finished.
         #[allow(unsafe_code)]
-        let chunk = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+        let chunk = unsafe { base.chunk(len, i, size) };
         task(i, chunk)
+    });
+}
+
+/// Runs `task(i, a, b, c)` for the `i`-th chunks of three slices cut into the same number of
+/// chunks, of `sizes.0`, `sizes.1` and `sizes.2` elements (the last ones may be shorter): rows
+/// of a matrix kept in three arrays.
+pub fn for_each_chunk3<A: Send, B: Send, C: Send>(
+    (a, b, c): (&mut [A], &mut [B], &mut [C]),
+    sizes: (usize, usize, usize),
+    task: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync,
+) {
+    assert!(
+        sizes.0 > 0 && sizes.1 > 0 && sizes.2 > 0,
+        "chunks must not be empty"
+    );
+    let tasks = a.len().div_ceil(sizes.0);
+    assert!(
+        tasks == b.len().div_ceil(sizes.1) && tasks == c.len().div_ceil(sizes.2),
+        "the slices cut into different numbers of chunks"
+    );
+    let parts = (
+        (a.len(), SendPtr(a.as_mut_ptr())),
+        (b.len(), SendPtr(b.as_mut_ptr())),
+        (c.len(), SendPtr(c.as_mut_ptr())),
+    );
+    for_each(tasks, |i| {
+        // SAFETY: as in `for_each_chunk`, for each slice: chunk i lies inside it and is disjoint
+        // from the others, each index runs once, and all stay borrowed until every task ends.
+        #[allow(unsafe_code)]
+        unsafe {
+            task(
+                i,
+                parts.0.1.chunk(parts.0.0, i, sizes.0),
+                parts.1.1.chunk(parts.1.0, i, sizes.1),
+                parts.2.1.chunk(parts.2.0, i, sizes.2),
+            )
+        }
     });
 }
 
@@ -66,6 +101,18 @@ unsafe impl<T: Send> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
     fn at(&self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
+    }
+
+    /// Chunk `i` of `size` elements of the `len`-long slice this points at.
+    ///
+    /// # Safety
+    /// The slice must be alive and no other reference to that chunk in use.
+    #[allow(unsafe_code)]
+    unsafe fn chunk<'a>(&self, len: usize, i: usize, size: usize) -> &'a mut [T] {
+        let start = (i * size).min(len);
+        let end = len.min(start + size);
+        // SAFETY: `start..end` lies inside the slice; the caller guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.at(start), end - start) }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Block quantization: activations to int8 per 32 values (GGML's Q8_0 and Q8_1, f16-rounded
 //! scales) and the weight layouts the products read (Q8_0, Q4_1).
 
+use super::pool;
 use half::f16;
 use rayon::prelude::*;
 
@@ -224,23 +225,27 @@ impl Q8Matrix {
         self.quants.resize(rows * cols, 0);
         self.scales.resize(rows * cols / BLOCK, 0.0);
         self.sums.resize(rows * cols / BLOCK, 0.0);
-        if rows * cols >= 1 << 16 {
-            self.quants
-                .par_chunks_mut(cols)
-                .zip(self.scales.par_chunks_mut(cols / BLOCK))
-                .zip(self.sums.par_chunks_mut(cols / BLOCK))
-                .zip(data.par_chunks(cols))
-                .for_each(|(((q, s), sum), x)| quantize_row(x, q, s, sum));
+        if rows > 1 {
+            // A few rows per task: every step quantizes the activations four times a layer.
+            let per_task = rows.div_ceil(pool::threads() * 4);
+            let kb = cols / BLOCK;
+            pool::for_each_chunk3(
+                (&mut self.quants, &mut self.scales, &mut self.sums),
+                (per_task * cols, per_task * kb, per_task * kb),
+                |task, q, s, sums| {
+                    let x = &data[task * per_task * cols..];
+                    for (((q, s), sums), x) in q
+                        .chunks_mut(cols)
+                        .zip(s.chunks_mut(kb))
+                        .zip(sums.chunks_mut(kb))
+                        .zip(x.chunks(cols))
+                    {
+                        quantize_row(x, q, s, sums);
+                    }
+                },
+            );
         } else {
-            for (((q, s), sum), x) in self
-                .quants
-                .chunks_mut(cols)
-                .zip(self.scales.chunks_mut(cols / BLOCK))
-                .zip(self.sums.chunks_mut(cols / BLOCK))
-                .zip(data.chunks(cols))
-            {
-                quantize_row(x, q, s, sum);
-            }
+            quantize_row(data, &mut self.quants, &mut self.scales, &mut self.sums);
         }
     }
 
