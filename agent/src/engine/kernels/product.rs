@@ -73,24 +73,65 @@ fn panel_dot_q41(w: &Q41Matrix, p: usize, x: &Q8Matrix, j: usize) -> [f32; PANEL
     acc
 }
 
-/// A product kernel over one tile: weight units `u0..u0 + W` against activation rows
-/// `j0..j0 + R`. A unit is [`Tile::UNIT`] weight rows (one row, or a Q4_1 panel); unit `u0 + i`
-/// and activation row `j` go to `out[(i·m + j)·UNIT..][..UNIT]`, where `m` is the number of
-/// activation rows and `out` starts at unit `u0`. Every element is one weight row dotted with
-/// one activation row in the fixed order of the portable loops, so the tile shape changes
-/// speed, never bits.
-trait Tile: Sync {
-    const UNIT: usize;
-    /// Activation rows.
-    fn rows(&self) -> usize;
-    fn tile<const W: usize, const R: usize>(&self, u0: usize, j0: usize, out: &mut [f32]);
+/// Where tiles write `out[m × stride]`: activation row `j`'s products with panel `u` are the
+/// eight floats at `j·stride + u·PANEL`. Parallel tasks are given disjoint panels, so their
+/// writes never meet; every write is checked against the bounds.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    rows: usize,
+    stride: usize,
 }
 
-/// Units `u0..u0 + count` against every activation row, into `out` (`count × m × UNIT`). One
-/// activation row (a lone decode) takes four units at a time and two or three take two, so
-/// that at least four independent accumulators hide the instructions' latency; more rows take
-/// one unit against four activation rows.
-fn run_tiles<K: Tile>(k: &K, u0: usize, count: usize, out: &mut [f32]) {
+// SAFETY: tasks sharing an `Out` write disjoint panels of a buffer borrowed for the whole loop.
+#[allow(unsafe_code)]
+unsafe impl Send for Out {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn new(buf: &mut [f32], rows: usize, stride: usize) -> Self {
+        assert!(buf.len() >= rows * stride && stride.is_multiple_of(PANEL));
+        Self {
+            ptr: buf.as_mut_ptr(),
+            rows,
+            stride,
+        }
+    }
+
+    /// Panics unless panels `u0..u0 + units` of rows `j0..j0 + rows` are inside the buffer.
+    #[inline(always)]
+    fn check(&self, u0: usize, units: usize, j0: usize, rows: usize) {
+        assert!(j0 + rows <= self.rows && (u0 + units) * PANEL <= self.stride);
+    }
+
+    /// The eight floats of row `j` and panel `u`, which [`Out::check`] has covered.
+    ///
+    /// # Safety
+    /// `(j, u)` must be inside the checked bounds and belong to the calling task's panels.
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn at(&self, j: usize, u: usize) -> *mut f32 {
+        // SAFETY: inside the buffer, as the caller guarantees.
+        unsafe { self.ptr.add(j * self.stride + u * PANEL) }
+    }
+}
+
+/// A product kernel over one tile: weight panels `u0..u0 + W` against activation rows
+/// `j0..j0 + R`, into `out`. Every element is one weight row dotted with one activation row in
+/// the fixed order of the portable loops, so the tile shape changes speed, never bits.
+trait Tile: Sync {
+    /// Activation rows.
+    fn rows(&self) -> usize;
+    fn tile<const W: usize, const R: usize>(&self, u0: usize, j0: usize, out: Out);
+}
+
+/// Panels `u0..u0 + count` against every activation row. One activation row (a lone decode)
+/// takes four panels at a time and two or three take two, so that at least four independent
+/// accumulators hide the instructions' latency; more rows take one panel against four
+/// activation rows.
+fn run_tiles<K: Tile>(k: &K, u0: usize, count: usize, out: Out) {
     match k.rows() {
         1 => by_units::<K, 4>(k, u0, count, out),
         2 | 3 => by_units::<K, 2>(k, u0, count, out),
@@ -98,19 +139,18 @@ fn run_tiles<K: Tile>(k: &K, u0: usize, count: usize, out: &mut [f32]) {
     }
 }
 
-fn by_units<K: Tile, const W: usize>(k: &K, u0: usize, count: usize, out: &mut [f32]) {
-    let stride = k.rows() * K::UNIT;
+fn by_units<K: Tile, const W: usize>(k: &K, u0: usize, count: usize, out: Out) {
     let mut i = 0;
     while i + W <= count {
-        by_activation_rows::<K, W>(k, u0 + i, &mut out[i * stride..]);
+        by_activation_rows::<K, W>(k, u0 + i, out);
         i += W;
     }
     for i in i..count {
-        by_activation_rows::<K, 1>(k, u0 + i, &mut out[i * stride..]);
+        by_activation_rows::<K, 1>(k, u0 + i, out);
     }
 }
 
-fn by_activation_rows<K: Tile, const W: usize>(k: &K, u: usize, out: &mut [f32]) {
+fn by_activation_rows<K: Tile, const W: usize>(k: &K, u: usize, out: Out) {
     let m = k.rows();
     let mut j = 0;
     while j + 4 <= m {
@@ -132,48 +172,54 @@ fn by_activation_rows<K: Tile, const W: usize>(k: &K, u: usize, out: &mut [f32])
     target_feature = "fma"
 )))]
 mod portable {
-    use super::{PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, panel_dot_q8, panel_dot_q41};
+    use super::{Out, PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, panel_dot_q8, panel_dot_q41};
 
     pub struct Q8<'a>(pub &'a Q8Panels, pub &'a Q8Matrix);
     pub struct Q41<'a>(pub &'a Q41Matrix, pub &'a Q8Matrix);
 
     impl Tile for Q8<'_> {
-        const UNIT: usize = PANEL;
         fn rows(&self) -> usize {
             self.1.rows
         }
-        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
-            let m = self.1.rows;
-            for i in 0..W {
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: Out) {
+            out.check(p0, W, j0, R);
+            for u in p0..p0 + W {
                 for j in j0..j0 + R {
-                    let at = (i * m + j) * PANEL;
-                    out[at..at + PANEL].copy_from_slice(&panel_dot_q8(self.0, p0 + i, self.1, j));
+                    let sums = panel_dot_q8(self.0, u, self.1, j);
+                    // SAFETY: checked above; the panels are this task's.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        out.at(j, u).copy_from_nonoverlapping(sums.as_ptr(), PANEL)
+                    };
                 }
             }
         }
     }
 
     impl Tile for Q41<'_> {
-        const UNIT: usize = PANEL;
         fn rows(&self) -> usize {
             self.1.rows
         }
-        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
-            let m = self.1.rows;
-            for i in 0..W {
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: Out) {
+            out.check(p0, W, j0, R);
+            for u in p0..p0 + W {
                 for j in j0..j0 + R {
-                    let at = (i * m + j) * PANEL;
-                    out[at..at + PANEL].copy_from_slice(&panel_dot_q41(self.0, p0 + i, self.1, j));
+                    let sums = panel_dot_q41(self.0, u, self.1, j);
+                    // SAFETY: checked above; the panels are this task's.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        out.at(j, u).copy_from_nonoverlapping(sums.as_ptr(), PANEL)
+                    };
                 }
             }
         }
     }
 }
 
-/// Panics unless units `u0..u0 + w_units` of a weight matrix with `units` units and `kb` blocks
-/// a unit-row, activation rows `j0..j0 + x_rows` of `x` and their places in `out` exist: what
+/// Panics unless panels `u0..u0 + w_units` of a weight matrix with `units` panels and `kb`
+/// blocks a row, activation rows `j0..j0 + x_rows` of `x` and their places in `out` exist: what
 /// the vector tiles' pointer arithmetic relies on. `parts` are the weight arrays with their
-/// elements per unit and block.
+/// elements per panel and block.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -183,7 +229,6 @@ mod portable {
 #[allow(clippy::too_many_arguments)]
 fn check_tile(
     units: usize,
-    unit: usize,
     kb: usize,
     parts: &[(usize, usize)],
     u0: usize,
@@ -191,7 +236,7 @@ fn check_tile(
     x: &Q8Matrix,
     j0: usize,
     x_rows: usize,
-    out: &[f32],
+    out: Out,
 ) {
     assert!(u0 + w_units <= units && parts.iter().all(|&(len, per)| len == units * kb * per));
     assert!(
@@ -200,8 +245,8 @@ fn check_tile(
             && x.quants.len() >= x.rows * x.cols
             && x.scales.len() >= x.rows * kb
             && x.sums.len() >= x.rows * kb
-            && out.len() >= ((w_units - 1) * x.rows + j0 + x_rows) * unit
     );
+    out.check(u0, w_units, j0, x_rows);
 }
 
 /// AVX2 versions of the block products, used when the build targets AVX2 and FMA (the
@@ -213,7 +258,7 @@ fn check_tile(
 ))]
 #[allow(unsafe_code)]
 mod simd {
-    use super::{BLOCK, PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, check_tile};
+    use super::{BLOCK, Out, PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, check_tile};
     use std::arch::x86_64::*;
 
     /// `acc + Σ a·b` over each 32-bit lane's four bytes, `a` unsigned and `b` signed, exactly:
@@ -246,20 +291,20 @@ mod simd {
         p0: usize,
         x: &Q8Matrix,
         j0: usize,
-        out: &mut [f32],
+        out: Out,
     ) {
-        let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+        let (k, kb) = (w.cols, w.cols / BLOCK);
         let parts = [
             (w.nibbles.len(), 128),
             (w.scales.len(), 8),
             (w.mins.len(), 8),
         ];
-        check_tile(w.panels(), PANEL, kb, &parts, p0, P, x, j0, R, out);
+        check_tile(w.panels(), kb, &parts, p0, P, x, j0, R, out);
         // SAFETY: AVX2 (and with `VNNI` the caller's features) are enabled. The check bounds
         // every pointer: block b reads, for panel p in p0..p0 + P, nibbles[(p·kb + b)·128 ..+128]
         // and scales, mins[(p·kb + b)·8 ..+8]; for activation row j in j0..j0 + R,
         // quants[j·k + 32b ..+32], scales[j·kb + b] and sums[j·kb + b]; it writes
-        // out[((i·m + j)·8 ..+8] for i < P. Loads and stores are unaligned.
+        // panel p0 + i of row j of `out`, which the check covers. Loads and stores are unaligned.
         unsafe {
             let low = _mm256_set1_epi8(0x0f);
             let mut acc = [[_mm256_setzero_ps(); R]; P];
@@ -304,8 +349,7 @@ mod simd {
             }
             for (i, acc) in acc.into_iter().enumerate() {
                 for (t, acc) in acc.into_iter().enumerate() {
-                    let at = (i * m + j0 + t) * PANEL;
-                    _mm256_storeu_ps(out.as_mut_ptr().add(at), acc);
+                    _mm256_storeu_ps(out.at(j0 + t, p0 + i), acc);
                 }
             }
         }
@@ -315,14 +359,12 @@ mod simd {
     pub struct Q41<'a>(pub &'a Q41Matrix, pub &'a Q8Matrix);
 
     impl Tile for Q41<'_> {
-        const UNIT: usize = PANEL;
-
         fn rows(&self) -> usize {
             self.1.rows
         }
 
         #[inline(always)]
-        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: Out) {
             // SAFETY: without VNNI, AVX2 is all it needs, and this build has it.
             unsafe { q41_panels::<false, W, R>(self.0, p0, self.1, j0, out) }
         }
@@ -346,21 +388,21 @@ mod simd {
         x: &Q8Matrix,
         offset: &[u8],
         j0: usize,
-        out: &mut [f32],
+        out: Out,
     ) {
-        let (k, kb, m) = (w.cols, w.cols / BLOCK, x.rows);
+        let (k, kb) = (w.cols, w.cols / BLOCK);
         let parts = [
             (w.quants.len(), 256),
             (w.scales.len(), 8),
             (w.offsets.len(), 8),
         ];
-        check_tile(w.panels(), PANEL, kb, &parts, p0, P, x, j0, R, out);
+        check_tile(w.panels(), kb, &parts, p0, P, x, j0, R, out);
         assert!(!VNNI || offset.len() == x.quants.len());
         // SAFETY: AVX2 (and with `VNNI` the caller's features) are enabled. The check bounds
         // every pointer: block b reads, for panel p in p0..p0 + P, quants[(p·kb + b)·256 ..+256]
         // and scales, offsets[(p·kb + b)·8 ..+8]; for activation row j in j0..j0 + R,
         // quants (or offset) [j·k + 32b ..+32] and scales[j·kb + b]; it writes
-        // out[((i·m + j)·8 ..+8] for i < P. Loads and stores are unaligned.
+        // panel p0 + i of row j of `out`, which the check covers. Loads and stores are unaligned.
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_ps(); R]; P];
@@ -413,8 +455,7 @@ mod simd {
             }
             for (i, acc) in acc.into_iter().enumerate() {
                 for (t, acc) in acc.into_iter().enumerate() {
-                    let at = (i * m + j0 + t) * PANEL;
-                    _mm256_storeu_ps(out.as_mut_ptr().add(at), acc);
+                    _mm256_storeu_ps(out.at(j0 + t, p0 + i), acc);
                 }
             }
         }
@@ -424,14 +465,12 @@ mod simd {
     pub struct Q8<'a>(pub &'a Q8Panels, pub &'a Q8Matrix);
 
     impl Tile for Q8<'_> {
-        const UNIT: usize = PANEL;
-
         fn rows(&self) -> usize {
             self.1.rows
         }
 
         #[inline(always)]
-        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: Out) {
             // SAFETY: without VNNI, AVX2 is all it needs, and this build has it.
             unsafe { q8_panels::<false, W, R>(self.0, p0, self.1, &[], j0, out) }
         }
@@ -448,7 +487,7 @@ mod simd {
 ))]
 #[allow(unsafe_code)]
 mod vnni {
-    use super::{PANEL, Q8Matrix, Q8Panels, Q41Matrix, Tile, simd};
+    use super::{Out, Q8Matrix, Q8Panels, Q41Matrix, Tile, simd};
 
     /// Whether this CPU has the instructions the kernels here use.
     pub fn available() -> bool {
@@ -469,14 +508,12 @@ mod vnni {
     }
 
     impl Tile for Q41<'_> {
-        const UNIT: usize = PANEL;
-
         fn rows(&self) -> usize {
             self.1.rows
         }
 
         #[inline(always)]
-        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: Out) {
             // SAFETY: `Q41::new` checked that the CPU has the features.
             unsafe { q41_tile::<W, R>(self.0, p0, self.1, j0, out) }
         }
@@ -490,7 +527,7 @@ mod vnni {
         p0: usize,
         x: &Q8Matrix,
         j0: usize,
-        out: &mut [f32],
+        out: Out,
     ) {
         // SAFETY: this function is compiled with the features `VNNI` needs and the caller
         // guarantees the CPU has them.
@@ -516,14 +553,12 @@ mod vnni {
     }
 
     impl Tile for Q8<'_> {
-        const UNIT: usize = PANEL;
-
         fn rows(&self) -> usize {
             self.x.rows
         }
 
         #[inline(always)]
-        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: &mut [f32]) {
+        fn tile<const W: usize, const R: usize>(&self, p0: usize, j0: usize, out: Out) {
             // SAFETY: `Q8::new` checked that the CPU has the features.
             unsafe { q8_tile::<W, R>(self.w, p0, self.x, &self.offset, j0, out) }
         }
@@ -538,7 +573,7 @@ mod vnni {
         x: &Q8Matrix,
         offset: &[u8],
         j0: usize,
-        out: &mut [f32],
+        out: Out,
     ) {
         // SAFETY: this function is compiled with the features `VNNI` needs and the caller
         // guarantees the CPU has them.
@@ -596,37 +631,33 @@ fn matmul_q41(x: &Q8Matrix, w: &Q41Matrix, out: &mut Vec<f32>, scratch: &mut Vec
     for_units(&portable::Q41(w, x), w.panels(), w.rows, out, scratch);
 }
 
-/// Runs kernel `k` over all `units` weight units, split between threads, and writes
-/// `out[m × n]`: the first `n` of the units' rows (a padded panel's extra rows are dropped).
+/// Runs kernel `k` over all `units` weight panels, split between threads, and writes
+/// `out[m × n]`: the first `n` of the panels' rows (a padded panel's extra rows are dropped).
 fn for_units<K: Tile>(k: &K, units: usize, n: usize, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
-    let (m, unit) = (k.rows(), K::UNIT);
+    let m = k.rows();
     out.resize(m * n, 0.0);
     if m == 0 {
         return;
     }
-    scratch.resize(units * m * unit, 0.0);
-    // Enough units per task to amortise scheduling, few enough to balance two or more threads.
-    let per_task = (units / (pool::threads() * 8)).max(16 / unit);
-    pool::for_each_chunk(scratch, per_task * m * unit, |task, chunk| {
-        run_tiles(k, task * per_task, chunk.len() / (m * unit), chunk);
-    });
-    // Transpose units and activation rows, writing each output row in order.
-    let scratch = &scratch[..];
-    let transpose = |j: usize, row: &mut [f32]| {
-        // Element by element: a fixed-size copy the compiler inlines, not a call per unit.
-        for (u, o) in row.chunks_mut(K::UNIT).enumerate() {
-            let at = (u * m + j) * K::UNIT;
-            for (o, s) in o.iter_mut().zip(&scratch[at..at + K::UNIT]) {
-                *o = *s;
-            }
-        }
-    };
-    if m * n >= 1 << 16 {
-        pool::for_each_chunk(out, n, transpose);
+    // Whole panels go straight into `out`; otherwise into a wider buffer, then trimmed.
+    let stride = units * PANEL;
+    let buf = if stride == n {
+        &mut out[..]
     } else {
-        out.chunks_exact_mut(n)
-            .enumerate()
-            .for_each(|(j, row)| transpose(j, row));
+        scratch.resize(m * stride, 0.0);
+        &mut scratch[..]
+    };
+    let target = Out::new(buf, m, stride);
+    // Enough panels per task to amortise claiming it, few enough to balance the threads.
+    let per_task = (units / (pool::threads() * 8)).max(2);
+    pool::for_each(units.div_ceil(per_task), |task| {
+        let u0 = task * per_task;
+        run_tiles(k, u0, per_task.min(units - u0), target);
+    });
+    if stride != n {
+        for (o, s) in out.chunks_exact_mut(n).zip(scratch.chunks_exact(stride)) {
+            o.copy_from_slice(&s[..n]);
+        }
     }
 }
 
@@ -818,8 +849,9 @@ mod tests {
         }
     }
 
-    /// Every tile shape of one kernel — 1, 2 or 4 units against 1 to 4 activation rows, at each
-    /// offset — against `expected(weight row, activation row)`, bit for bit.
+    /// Every tile shape of one kernel — 1, 2 or 4 panels against 1 to 4 activation rows, at
+    /// each offset — against `expected(weight row, activation row)`, bit for bit, writing
+    /// nothing outside the tile.
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -831,13 +863,8 @@ mod tests {
         expected: impl Fn(usize, usize) -> f32,
         name: &str,
     ) {
-        type Shape<K> = fn(&K, usize, usize, &mut [f32]);
-        fn shape<K: Tile, const W: usize, const R: usize>(
-            k: &K,
-            u0: usize,
-            j0: usize,
-            out: &mut [f32],
-        ) {
+        type Shape<K> = fn(&K, usize, usize, Out);
+        fn shape<K: Tile, const W: usize, const R: usize>(k: &K, u0: usize, j0: usize, out: Out) {
             k.tile::<W, R>(u0, j0, out)
         }
         let shapes: [(usize, usize, Shape<K>); 12] = [
@@ -854,21 +881,26 @@ mod tests {
             (4, 3, shape::<K, 4, 3>),
             (4, 4, shape::<K, 4, 4>),
         ];
-        let (m, unit) = (k.rows(), K::UNIT);
+        let (m, stride) = (k.rows(), units * PANEL);
         for (w, r, run) in shapes {
             for u0 in 0..=units - w {
                 for j0 in 0..=m - r {
-                    let mut out = vec![f32::NAN; units * m * unit];
-                    run(k, u0, j0, &mut out[u0 * m * unit..]);
-                    for u in u0..u0 + w {
-                        for j in j0..j0 + r {
-                            for l in 0..unit {
+                    let mut out = vec![f32::NAN; m * stride];
+                    run(k, u0, j0, Out::new(&mut out, m, stride));
+                    for j in 0..m {
+                        for c in 0..stride {
+                            let inside = (j0..j0 + r).contains(&j)
+                                && (u0 * PANEL..(u0 + w) * PANEL).contains(&c);
+                            let got = out[j * stride + c];
+                            if inside {
                                 assert_eq!(
-                                    out[(u * m + j) * unit + l].to_bits(),
-                                    expected(u * unit + l, j).to_bits(),
-                                    "{name}: {w}×{r} tile at ({u0}, {j0}), unit {u}, lane {l}, \
+                                    got.to_bits(),
+                                    expected(c, j).to_bits(),
+                                    "{name}: {w}×{r} tile at ({u0}, {j0}), weight row {c}, \
                                      activation {j}"
                                 );
+                            } else {
+                                assert!(got.is_nan(), "{name}: {w}×{r} tile wrote outside");
                             }
                         }
                     }
