@@ -27,16 +27,47 @@ fn reduce_lanes(lanes: [f32; 8]) -> f32 {
     pair[0] + pair[1]
 }
 
-/// RMSNorm of each row of `x` (`rows × weight.len()`) into `out`.
+/// RMSNorm of each row of `x` (`rows × weight.len()`) into `out`, rows in the forward pool.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
     let h = weight.len();
     out.resize(x.len(), 0.0);
-    for (o, x) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+    by_rows(out, h, x, h, |o, x| {
         let rms = (x.iter().map(|v| v * v).sum::<f32>() / h as f32 + eps).sqrt();
         for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
             *o = x / rms * w;
         }
+    });
+}
+
+/// `row(out_row, in_row)` for each row of `out` (`out_width` wide) and of `input`
+/// (`in_width` wide); in the forward pool when there are several rows.
+fn by_rows(
+    out: &mut [f32],
+    out_width: usize,
+    input: &[f32],
+    in_width: usize,
+    row: impl Fn(&mut [f32], &[f32]) + Sync,
+) {
+    let rows = out.len() / out_width.max(1);
+    if rows < 2 {
+        for (o, x) in out
+            .chunks_exact_mut(out_width)
+            .zip(input.chunks_exact(in_width))
+        {
+            row(o, x);
+        }
+        return;
     }
+    let per_task = rows.div_ceil(pool::threads() * 2);
+    pool::for_each_chunk(out, per_task * out_width, |task, out| {
+        let input = &input[task * per_task * in_width..];
+        for (o, x) in out
+            .chunks_exact_mut(out_width)
+            .zip(input.chunks_exact(in_width))
+        {
+            row(o, x);
+        }
+    });
 }
 
 /// How a model pairs the dimensions a rotary embedding rotates.
@@ -130,12 +161,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `gate_up` holds rows of `[gate | up]` (each `ffn` wide); writes `silu(gate) * up` rows.
 pub fn silu_mul(gate_up: &[f32], ffn: usize, out: &mut Vec<f32>) {
     out.resize(gate_up.len() / 2, 0.0);
-    for (o, row) in out.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
+    by_rows(out, ffn, gate_up, 2 * ffn, |o, row| {
         let (gate, up) = row.split_at(ffn);
         for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
             *o = g / (1.0 + (-g).exp()) * u;
         }
-    }
+    });
 }
 
 #[cfg(test)]
