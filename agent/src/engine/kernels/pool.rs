@@ -99,10 +99,6 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
-    fn at(&self, offset: usize) -> *mut T {
-        self.0.wrapping_add(offset)
-    }
-
     /// Chunk `i` of `size` elements of the `len`-long slice this points at.
     ///
     /// # Safety
@@ -112,7 +108,7 @@ impl<T> SendPtr<T> {
         let start = (i * size).min(len);
         let end = len.min(start + size);
         // SAFETY: `start..end` lies inside the slice; the caller guarantees exclusivity.
-        unsafe { std::slice::from_raw_parts_mut(self.at(start), end - start) }
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), end - start) }
     }
 }
 

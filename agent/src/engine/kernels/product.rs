@@ -263,8 +263,8 @@ mod simd {
 
     /// `acc + Σ a·b` over each 32-bit lane's four bytes, `a` unsigned and `b` signed, exactly:
     /// `vpdpbusd` when `VNNI` (the caller must then be compiled with AVX-512 VNNI and VL), else
-    /// two AVX2 steps. The products here are at most 15 · 127 · 2 per 16-bit lane, so `maddubs`
-    /// cannot saturate.
+    /// two AVX2 steps. Without `VNNI`, each pair of products must stay within an i16 (callers
+    /// here stay within 128 · 127 · 2), so that `maddubs` cannot saturate.
     #[inline(always)]
     unsafe fn dot4<const VNNI: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         // SAFETY: register-only operations; with `VNNI` the caller guarantees the features.
@@ -274,6 +274,25 @@ mod simd {
             } else {
                 let pairs = _mm256_maddubs_epi16(a, b);
                 _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+            }
+        }
+    }
+
+    /// Writes panel `p0 + i`'s sums for activation row `j0 + t` from `acc[i][t]`.
+    ///
+    /// # Safety
+    /// The tile `p0..p0 + P` × `j0..j0 + R` must be inside `out` (checked) and the caller's.
+    #[inline(always)]
+    unsafe fn store<const P: usize, const R: usize>(
+        acc: [[__m256; R]; P],
+        out: Out,
+        p0: usize,
+        j0: usize,
+    ) {
+        for (i, acc) in acc.into_iter().enumerate() {
+            for (t, acc) in acc.into_iter().enumerate() {
+                // SAFETY: inside the tile, as the caller guarantees; the store is unaligned.
+                unsafe { _mm256_storeu_ps(out.at(j0 + t, p0 + i), acc) };
             }
         }
     }
@@ -347,11 +366,7 @@ mod simd {
                     }
                 }
             }
-            for (i, acc) in acc.into_iter().enumerate() {
-                for (t, acc) in acc.into_iter().enumerate() {
-                    _mm256_storeu_ps(out.at(j0 + t, p0 + i), acc);
-                }
-            }
+            store(acc, out, p0, j0);
         }
     }
 
@@ -404,7 +419,6 @@ mod simd {
         // quants (or offset) [j·k + 32b ..+32] and scales[j·kb + b]; it writes
         // panel p0 + i of row j of `out`, which the check covers. Loads and stores are unaligned.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_ps(); R]; P];
             for b in 0..kb {
                 let mut sums = [[_mm256_setzero_si256(); P]; R];
@@ -416,24 +430,19 @@ mod simd {
                     }
                     for (t, sums) in sums.iter_mut().enumerate() {
                         let at = (j0 + t) * k + b * BLOCK + 4 * c;
-                        if VNNI {
-                            let xv = _mm256_set1_epi32(
-                                offset.as_ptr().add(at).cast::<i32>().read_unaligned(),
-                            );
-                            for (sum, wv) in sums.iter_mut().zip(&wv) {
-                                *sum = _mm256_dpbusd_epi32(*sum, xv, *wv);
-                            }
+                        let activations = if VNNI {
+                            offset.as_ptr()
                         } else {
-                            let xv = _mm256_set1_epi32(
-                                x.quants.as_ptr().add(at).cast::<i32>().read_unaligned(),
-                            );
-                            for (sum, wv) in sums.iter_mut().zip(&wv) {
-                                let pairs = _mm256_maddubs_epi16(
-                                    _mm256_abs_epi8(*wv),
-                                    _mm256_sign_epi8(xv, *wv),
-                                );
-                                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
-                            }
+                            x.quants.as_ptr().cast()
+                        };
+                        let xv =
+                            _mm256_set1_epi32(activations.add(at).cast::<i32>().read_unaligned());
+                        for (sum, wv) in sums.iter_mut().zip(&wv) {
+                            *sum = if VNNI {
+                                dot4::<true>(*sum, xv, *wv)
+                            } else {
+                                dot4::<false>(*sum, _mm256_abs_epi8(*wv), _mm256_sign_epi8(xv, *wv))
+                            };
                         }
                     }
                 }
@@ -453,11 +462,7 @@ mod simd {
                     }
                 }
             }
-            for (i, acc) in acc.into_iter().enumerate() {
-                for (t, acc) in acc.into_iter().enumerate() {
-                    _mm256_storeu_ps(out.at(j0 + t, p0 + i), acc);
-                }
-            }
+            store(acc, out, p0, j0);
         }
     }
 
