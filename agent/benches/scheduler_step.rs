@@ -2,7 +2,9 @@
 //! sequences decoding and a queue of waiting ones.
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use parallax_agent::engine::admission::{Bin, BinShare, Priority, QueuePolicy, Queued, Ticket};
+use parallax_agent::engine::admission::{
+    Bin, BinShare, EVERY_STEP, Priority, QueuePolicy, Queued, Ticket,
+};
 use parallax_agent::engine::kv_cache::{BlockAllocator, BlockTable};
 use parallax_agent::engine::scheduler::{Schedulable, Scheduler, SchedulerConfig};
 use std::hint::black_box;
@@ -50,7 +52,7 @@ fn decoding_scheduler(allocator: &BlockAllocator) -> Scheduler<Seq> {
         policy: QueuePolicy {
             shares: [share(128, 256, 3), share(64, 128, 2), share(16, 64, 1)],
             // Every running sequence in the step: the most work a step can be.
-            weighted_steps: false,
+            step_weights: EVERY_STEP,
             ..QueuePolicy::multi_bin(256)
         },
     });

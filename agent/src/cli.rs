@@ -1,6 +1,6 @@
 //! The command line: `serve`, `generate`, `bench`, `bench-serve` and `check-config`.
 
-use crate::engine::admission::{Bin, BinShare, Discipline, QueuePolicy};
+use crate::engine::admission::{Bin, BinShare, Discipline, EVERY_STEP, QueuePolicy};
 use crate::engine::{
     self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, NoObserver,
     SamplingParams, StepObserver,
@@ -73,11 +73,35 @@ pub struct EngineArgs {
     #[arg(long = "bin-share", value_parser = parse_bin_share)]
     pub bin_shares: Vec<(Bin, BinShare)>,
     /// With multi-bin: while a faster bin has sequences running, a slower bin's sequences join
-    /// only its weight's share of the steps (weights 3:2:1 → slow ones every third step beside
-    /// fast ones). Pays on CPU, where a step's time grows with its rows; `false` runs every
-    /// running sequence in every step.
+    /// only its step weight's share of the steps (see --step-weights). Pays on CPU, where a
+    /// step's time grows with its rows; `false` runs every running sequence in every step.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub weighted_steps: bool,
+    /// Step weights `FAST:MEDIUM:SLOW`: a slower bin's sequences run `its weight / the leading
+    /// bin's` of the steps while a faster bin has sequences running (12:4:1 → slow ones one step
+    /// in twelve beside fast ones). Apart from the admission weights of --bin-share.
+    #[arg(long, value_parser = parse_step_weights, default_value = "12:4:1")]
+    pub step_weights: StepWeights,
+}
+
+/// Step weights by bin (fast, medium, slow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepWeights(pub [u32; 3]);
+
+/// `12:4:1` → step weights.
+fn parse_step_weights(text: &str) -> Result<StepWeights, String> {
+    let bad =
+        || format!("{text:?} is not FAST:MEDIUM:SLOW with positive whole weights (e.g. 12:4:1)");
+    let weights: Vec<u32> = text
+        .split(':')
+        .map(|w| w.trim().parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    match weights[..] {
+        [fast, medium, slow] if fast > 0 && medium > 0 && slow > 0 => {
+            Ok(StepWeights([fast, medium, slow]))
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// `slow=2-4:1` → the slow bin's share.
@@ -145,7 +169,11 @@ impl EngineArgs {
                 }
                 shares
             }),
-            weighted_steps: self.weighted_steps,
+            step_weights: if self.weighted_steps {
+                self.step_weights.0
+            } else {
+                EVERY_STEP
+            },
             ..EngineConfig::default()
         })
     }
@@ -778,6 +806,23 @@ mod tests {
                 weight: 2
             }
         );
+    }
+
+    #[test]
+    fn step_weights_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_step_weights("6:3:1"), Ok(StepWeights([6, 3, 1])));
+        for bad in ["12:4", "12:4:0", "a:b:c", "1:2:3:4", ""] {
+            let error = parse_step_weights(bad).unwrap_err();
+            assert!(error.contains("FAST:MEDIUM:SLOW"), "{bad}: {error}");
+        }
+        let config = |extra: &[&str]| {
+            let mut args = vec!["--model", "dummy:smollm2-135m"];
+            args.extend_from_slice(extra);
+            serve_args(&args).engine.config().unwrap().step_weights
+        };
+        assert_eq!(config(&[]), [12, 4, 1]);
+        assert_eq!(config(&["--step-weights", "6:2:1"]), [6, 2, 1]);
+        assert_eq!(config(&["--weighted-steps", "false"]), [1, 1, 1]);
     }
 
     #[test]

@@ -119,6 +119,12 @@ pub enum Discipline {
     MultiBin,
 }
 
+/// The default step weights (fast, medium, slow); see [`QueuePolicy::step_weights`].
+pub const STEP_WEIGHTS: [u32; 3] = [12, 4, 1];
+
+/// Step weights under which every running sequence is in every step.
+pub const EVERY_STEP: [u32; 3] = [1, 1, 1];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueuePolicy {
     pub discipline: Discipline,
@@ -128,15 +134,18 @@ pub struct QueuePolicy {
     pub priority_weights: [u32; 3],
     /// A waiting request's priority rises one level per `aging` waited.
     pub aging: Duration,
-    /// While a faster bin has sequences running, a slower bin's running sequences join only
-    /// `its weight / the faster bin's weight` of the steps. Pays where a step's time grows with
-    /// its rows (the CPU engine); off, every running sequence is in every step.
-    pub weighted_steps: bool,
+    /// Each bin's weight in the steps, by [`Bin`]: while a faster bin has sequences running, a
+    /// slower bin's running sequences join only `its step weight / the faster bin's` of the steps.
+    /// Pays where a step's time grows with its rows (the CPU engine); equal weights put every
+    /// running sequence in every step. Apart from the admission weights in `shares`: those order
+    /// who gets a place, these how often a place runs.
+    pub step_weights: [u32; 3],
 }
 
 impl QueuePolicy {
     /// The defaults of the InferencePool API (fast 32–64, medium 16–32, slow 4–16 sequences;
-    /// weights 3:2:1), capped by the batch size; priorities weigh high 4, medium 2, low 1.
+    /// weights 3:2:1), capped by the batch size; priorities weigh high 4, medium 2, low 1. Step
+    /// weights 12:4:1: slow sequences run one step in twelve while fast ones run.
     pub fn multi_bin(max_batch: usize) -> Self {
         let share = |min: usize, max: usize, weight| BinShare {
             min: min.min(max_batch),
@@ -148,7 +157,7 @@ impl QueuePolicy {
             shares: [share(32, 64, 3), share(16, 32, 2), share(4, 16, 1)],
             priority_weights: [1, 2, 4],
             aging: Duration::from_secs(2),
-            weighted_steps: true,
+            step_weights: STEP_WEIGHTS,
         }
     }
 

@@ -3,7 +3,9 @@
 //! [`Event`]s; dropping the stream cancels the request, whose blocks are freed before the next
 //! step.
 
-use super::admission::{Bin, BinShare, Discipline, Priority, QueuePolicy, Queued, Ticket};
+use super::admission::{
+    Bin, BinShare, Discipline, Priority, QueuePolicy, Queued, STEP_WEIGHTS, Ticket,
+};
 use super::breaker::{Breaker, BreakerConfig};
 use super::error::{EngineError, Result};
 use super::kv_cache::{BlockAllocator, BlockTable, KvStore};
@@ -37,9 +39,9 @@ pub struct EngineConfig {
     pub discipline: Discipline,
     /// Each bin's share of the batch (min, max, weight), by [`Bin`]; `None` for the defaults.
     pub bin_shares: Option<[BinShare; 3]>,
-    /// Multi-bin only: slower bins sit out steps by weight while faster ones run
-    /// ([`QueuePolicy::weighted_steps`]).
-    pub weighted_steps: bool,
+    /// Multi-bin only: how often slower bins' sequences run while faster ones do
+    /// ([`QueuePolicy::step_weights`]).
+    pub step_weights: [u32; 3],
     /// When repeated step failures switch the engine to one request at a time.
     pub breaker: BreakerConfig,
     /// Tests only: the forward pass fails whenever this token is in its batch.
@@ -56,7 +58,7 @@ impl Default for EngineConfig {
             kv_cache: KvCacheSize::MemoryFraction(0.1),
             discipline: Discipline::MultiBin,
             bin_shares: None,
-            weighted_steps: true,
+            step_weights: STEP_WEIGHTS,
             breaker: BreakerConfig::default(),
             #[cfg(feature = "fault-injection")]
             poison_token: None,
@@ -372,7 +374,7 @@ pub fn start_observed(
                                 weight: s.weight.max(1),
                             })
                         }),
-                        weighted_steps: config.weighted_steps,
+                        step_weights: config.step_weights,
                         ..defaults
                     }
                 },
@@ -592,6 +594,25 @@ impl EngineLoop {
                 batch = plan.len(),
                 breaker = self.breaker.state(Instant::now()).as_str(),
                 "a step failed: the failing requests were isolated by bisection and end with an error"
+            );
+        }
+        if tracing::enabled!(target: "parallax::step", tracing::Level::DEBUG) {
+            // Rows and prefill tokens by bin (fast, medium, slow).
+            let (mut rows, mut prefill) = ([0usize; 3], [0usize; 3]);
+            for p in &plan {
+                let bin = running[p.index].ticket.bin as usize;
+                if p.tokens > 1 {
+                    prefill[bin] += p.tokens;
+                } else {
+                    rows[bin] += 1;
+                }
+            }
+            tracing::debug!(
+                target: "parallax::step",
+                micros = began.elapsed().as_micros() as u64,
+                ?rows,
+                ?prefill,
+                "step"
             );
         }
         let vocab = self.model.config.vocab_size;

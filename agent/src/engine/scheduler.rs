@@ -226,26 +226,32 @@ impl<S: Schedulable> Scheduler<S> {
         }
     }
 
-    /// With weighted steps, the bins that sit this step out: the fastest bin with a running
-    /// sequence leads and runs every step; a slower bin earns its weight each step and runs when
-    /// it has earned the leader's weight (defaults 3:2:1 — slow sequences run every third step
-    /// while fast ones run, every second while medium ones lead).
+    /// The bins that sit this step out, by step weight: the fastest bin with a running sequence,
+    /// or with a waiting one that may be admitted, leads and runs every step (so the step that
+    /// prefills a fast request leaves slower bins out); a slower bin earns its step weight each
+    /// step and runs when it has earned the leader's (defaults 12:4:1 — slow sequences run one
+    /// step in twelve while fast ones run, one in four while medium ones lead).
     fn resting_bins(&mut self) -> [bool; 3] {
         let mut resting = [false; 3];
         let policy = self.config.policy;
-        if policy.discipline == Discipline::Fcfs || !policy.weighted_steps {
+        if policy.discipline == Discipline::Fcfs {
             return resting;
         }
         let running = self.running_per_bin();
-        let Some(lead) = (0..3).find(|&b| running[b] > 0) else {
+        let admitting = !self.pressure && self.running.len() < self.max_seqs();
+        let waiting = self.waiting.depths();
+        let Some(lead) = (0..3).find(|&b| {
+            running[b] > 0
+                || (admitting && running[b] < policy.shares[b].max && waiting[b] != [0; 3])
+        }) else {
             return resting;
         };
-        let lead_weight = policy.shares[lead].weight.max(1);
+        let lead_weight = policy.step_weights[lead].max(1);
         for b in lead + 1..3 {
             if running[b] == 0 {
                 continue;
             }
-            let mut credit = self.step_credit[b].saturating_add(policy.shares[b].weight);
+            let mut credit = self.step_credit[b].saturating_add(policy.step_weights[b].max(1));
             resting[b] = credit < lead_weight;
             if !resting[b] {
                 credit -= lead_weight;
@@ -263,6 +269,16 @@ impl<S: Schedulable> Scheduler<S> {
     pub fn schedule(&mut self) -> Vec<Scheduled> {
         self.make_room_for_high_priority();
         let resting = self.resting_bins();
+        let plan = self.plan(resting);
+        if plan.is_empty() && resting.contains(&true) {
+            // What led could not run (a waiting request that does not fit): nobody rests.
+            return self.plan([false; 3]);
+        }
+        plan
+    }
+
+    /// The step, with the bins in `resting` sitting it out.
+    fn plan(&mut self, resting: [bool; 3]) -> Vec<Scheduled> {
         let mut budget = self.config.max_batched_tokens;
         let mut plan = Vec::with_capacity(self.running.len() + 1);
         let mut preempted = false;
@@ -337,7 +353,7 @@ impl<S: Schedulable> Scheduler<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::admission::{Bin, Ticket};
+    use crate::engine::admission::{Bin, EVERY_STEP, Ticket};
     use crate::engine::kv_cache::BlockAllocator;
 
     #[derive(Debug)]
@@ -583,6 +599,41 @@ mod tests {
     }
 
     #[test]
+    fn the_step_that_admits_a_fast_request_leaves_slower_bins_out_unless_it_cannot_run() {
+        let allocator = BlockAllocator::new(4);
+        let in_bin = |id, prompt, bin| {
+            let mut q = seq(&allocator, id, prompt);
+            q.ticket.bin = bin;
+            q
+        };
+        let ids = |s: &Scheduler<Seq>, plan: &[Scheduled]| -> Vec<usize> {
+            plan.iter().map(|p| s.running()[p.index].id).collect()
+        };
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
+        s.add(in_bin(0, 8, Bin::Slow));
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        s.add(in_bin(1, 4, Bin::Fast));
+        let plan = s.schedule();
+        assert_eq!(ids(&s, &plan), vec![1], "only the fast prefill");
+        run(&mut s, &plan);
+        // A fast request whose prompt never fits the free blocks waits; slow 0 keeps its one
+        // step in twelve beside fast 1.
+        s.add(in_bin(2, 70, Bin::Fast));
+        let mut slow_ran = 0;
+        for _ in 0..12 {
+            let plan = s.schedule();
+            slow_ran += usize::from(ids(&s, &plan).contains(&0));
+            run(&mut s, &plan);
+        }
+        assert_eq!((slow_ran, s.num_waiting()), (1, 1));
+        // With nothing fast running, what cannot be admitted does not hold the slow one back.
+        drop(s.retain(|q| q.id != 1));
+        let plan = s.schedule();
+        assert_eq!(ids(&s, &plan), vec![0]);
+    }
+
+    #[test]
     fn slower_bins_sit_out_steps_by_weight_while_a_faster_one_runs() {
         let allocator = BlockAllocator::new(100);
         let in_bin = |id, bin| {
@@ -590,7 +641,14 @@ mod tests {
             q.ticket.bin = bin;
             q
         };
-        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
+        let weighted = |step_weights| SchedulerConfig {
+            policy: QueuePolicy {
+                step_weights,
+                ..QueuePolicy::multi_bin(8)
+            },
+            ..SchedulerConfig::new(8, 1000)
+        };
+        let mut s = Scheduler::new(weighted([3, 2, 1]));
         s.add(in_bin(0, Bin::Slow));
         assert_eq!(steps_taken(&mut s, 4)[0], 4, "alone, slow runs every step");
         // Medium (weight 2) leads: slow (1) runs every second step, and a slow request that
@@ -608,18 +666,20 @@ mod tests {
         // Every sequence stayed running: resting keeps a sequence's place and cache.
         assert_eq!(s.running().len(), 4);
 
+        // The defaults, 12:4:1: slow one step in twelve beside fast, medium one in three.
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 1000));
+        s.add(in_bin(0, Bin::Fast));
+        s.add(in_bin(1, Bin::Medium));
+        s.add(in_bin(2, Bin::Slow));
+        steps_taken(&mut s, 1);
+        assert_eq!(&steps_taken(&mut s, 24)[..3], &[24, 8, 2]);
+
         for config in [
             SchedulerConfig {
                 policy: QueuePolicy::fcfs(8),
                 ..SchedulerConfig::new(8, 1000)
             },
-            SchedulerConfig {
-                policy: QueuePolicy {
-                    weighted_steps: false,
-                    ..QueuePolicy::multi_bin(8)
-                },
-                ..SchedulerConfig::new(8, 1000)
-            },
+            weighted(EVERY_STEP),
         ] {
             let mut s = Scheduler::new(config);
             s.add(in_bin(0, Bin::Slow));
