@@ -1,6 +1,8 @@
 //! The command line: `serve`, `generate`, `bench`, `bench-serve` and `check-config`.
 
-use crate::engine::admission::{Bin, BinShare, Discipline, EVERY_STEP, QueuePolicy};
+use crate::engine::admission::{
+    Bin, BinShare, Discipline, EVERY_STEP, QueuePolicy, SLOW_PREFILL_CHUNK,
+};
 use crate::engine::{
     self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, NoObserver,
     SamplingParams, StepObserver,
@@ -82,6 +84,11 @@ pub struct EngineArgs {
     /// in twelve beside fast ones). Apart from the admission weights of --bin-share.
     #[arg(long, value_parser = parse_step_weights, default_value = "12:4:1")]
     pub step_weights: StepWeights,
+    /// With multi-bin: the most prompt tokens a medium or slow request prefills in one step
+    /// (fast ones take up to --max-num-batched-tokens), so that a step stays short for the fast
+    /// requests that arrive meanwhile.
+    #[arg(long, default_value_t = SLOW_PREFILL_CHUNK)]
+    pub slow_prefill_chunk: usize,
 }
 
 /// Step weights by bin (fast, medium, slow).
@@ -146,8 +153,14 @@ impl EngineArgs {
                 self.kv_memory_fraction
             );
         }
-        if self.block_size == 0 || self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
-            bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
+        if self.block_size == 0
+            || self.max_num_seqs == 0
+            || self.max_num_batched_tokens == 0
+            || self.slow_prefill_chunk == 0
+        {
+            bail!(
+                "--block-size, --max-num-seqs, --max-num-batched-tokens and --slow-prefill-chunk must be positive"
+            );
         }
         let kv_cache = match self.kv_blocks {
             Some(n) => KvCacheSize::Blocks(n),
@@ -174,6 +187,7 @@ impl EngineArgs {
             } else {
                 EVERY_STEP
             },
+            slow_prefill_chunk: self.slow_prefill_chunk,
             ..EngineConfig::default()
         })
     }
@@ -823,6 +837,14 @@ mod tests {
         assert_eq!(config(&[]), [12, 4, 1]);
         assert_eq!(config(&["--step-weights", "6:2:1"]), [6, 2, 1]);
         assert_eq!(config(&["--weighted-steps", "false"]), [1, 1, 1]);
+        let error = serve_args(&["--model", "dummy:smollm2-135m", "--slow-prefill-chunk", "0"])
+            .engine
+            .config()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("--slow-prefill-chunk"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub enum Discipline {
 /// The default step weights (fast, medium, slow); see [`QueuePolicy::step_weights`].
 pub const STEP_WEIGHTS: [u32; 3] = [12, 4, 1];
 
+/// The default [`QueuePolicy::slow_prefill_chunk`].
+pub const SLOW_PREFILL_CHUNK: usize = 16;
+
 /// Step weights under which every running sequence is in every step.
 pub const EVERY_STEP: [u32; 3] = [1, 1, 1];
 
@@ -140,12 +143,17 @@ pub struct QueuePolicy {
     /// running sequence in every step. Apart from the admission weights in `shares`: those order
     /// who gets a place, these how often a place runs.
     pub step_weights: [u32; 3],
+    /// The most prompt tokens a medium or slow sequence prefills in one step (fast ones take up
+    /// to the step budget): bounds how long a step makes a fast request that arrives meanwhile
+    /// wait, and how much a slower bin's step adds to a fast request's.
+    pub slow_prefill_chunk: usize,
 }
 
 impl QueuePolicy {
     /// The defaults of the InferencePool API (fast 32–64, medium 16–32, slow 4–16 sequences;
     /// weights 3:2:1), capped by the batch size; priorities weigh high 4, medium 2, low 1. Step
-    /// weights 12:4:1: slow sequences run one step in twelve while fast ones run.
+    /// weights 12:4:1: slow sequences run one step in twelve while fast ones run; medium and slow
+    /// prompts prefill 16 tokens a step.
     pub fn multi_bin(max_batch: usize) -> Self {
         let share = |min: usize, max: usize, weight| BinShare {
             min: min.min(max_batch),
@@ -158,6 +166,7 @@ impl QueuePolicy {
             priority_weights: [1, 2, 4],
             aging: Duration::from_secs(2),
             step_weights: STEP_WEIGHTS,
+            slow_prefill_chunk: SLOW_PREFILL_CHUNK,
         }
     }
 

@@ -4,7 +4,8 @@
 //! step.
 
 use super::admission::{
-    Bin, BinShare, Discipline, Priority, QueuePolicy, Queued, STEP_WEIGHTS, Ticket,
+    Bin, BinShare, Discipline, Priority, QueuePolicy, Queued, SLOW_PREFILL_CHUNK, STEP_WEIGHTS,
+    Ticket,
 };
 use super::breaker::{Breaker, BreakerConfig};
 use super::error::{EngineError, Result};
@@ -42,6 +43,9 @@ pub struct EngineConfig {
     /// Multi-bin only: how often slower bins' sequences run while faster ones do
     /// ([`QueuePolicy::step_weights`]).
     pub step_weights: [u32; 3],
+    /// Multi-bin only: the most prompt tokens a medium or slow sequence prefills in one step
+    /// ([`QueuePolicy::slow_prefill_chunk`]).
+    pub slow_prefill_chunk: usize,
     /// When repeated step failures switch the engine to one request at a time.
     pub breaker: BreakerConfig,
     /// Tests only: the forward pass fails whenever this token is in its batch.
@@ -59,6 +63,7 @@ impl Default for EngineConfig {
             discipline: Discipline::MultiBin,
             bin_shares: None,
             step_weights: STEP_WEIGHTS,
+            slow_prefill_chunk: SLOW_PREFILL_CHUNK,
             breaker: BreakerConfig::default(),
             #[cfg(feature = "fault-injection")]
             poison_token: None,
@@ -375,6 +380,7 @@ pub fn start_observed(
                             })
                         }),
                         step_weights: config.step_weights,
+                        slow_prefill_chunk: config.slow_prefill_chunk,
                         ..defaults
                     }
                 },

@@ -5,7 +5,7 @@
 //! preempted: its blocks are freed and it resumes first, recomputed. A high-priority request that
 //! cannot be admitted preempts the newest low-priority running sequence, which waits again.
 
-use super::admission::{AdmissionQueue, Discipline, Priority, QueuePolicy, Queued};
+use super::admission::{AdmissionQueue, Bin, Discipline, Priority, QueuePolicy, Queued};
 use super::kv_cache::BlockTable;
 use std::time::Instant;
 
@@ -277,6 +277,17 @@ impl<S: Schedulable> Scheduler<S> {
         plan
     }
 
+    /// The most tokens a sequence of `bin` may run in one step beyond the step budget: with
+    /// multi-bin, medium and slow prompts go in chunks of [`QueuePolicy::slow_prefill_chunk`].
+    fn prefill_chunk(&self, bin: Bin) -> usize {
+        let policy = &self.config.policy;
+        if policy.discipline == Discipline::MultiBin && bin != Bin::Fast {
+            policy.slow_prefill_chunk.max(1)
+        } else {
+            usize::MAX
+        }
+    }
+
     /// The step, with the bins in `resting` sitting it out.
     fn plan(&mut self, resting: [bool; 3]) -> Vec<Scheduled> {
         let mut budget = self.config.max_batched_tokens;
@@ -290,7 +301,8 @@ impl<S: Schedulable> Scheduler<S> {
                 continue;
             }
             let (len, computed) = (self.running[i].total_tokens(), self.running[i].computed());
-            let tokens = (len - computed).min(budget);
+            let bin = self.running[i].ticket().bin;
+            let tokens = (len - computed).min(budget).min(self.prefill_chunk(bin));
             loop {
                 if self.running[i].table().reserve(computed + tokens) {
                     plan.push(Scheduled { index: i, tokens });
@@ -331,7 +343,9 @@ impl<S: Schedulable> Scheduler<S> {
                 break;
             }
             let (len, computed) = (seq.total_tokens(), seq.computed());
-            let tokens = (len - computed).min(budget);
+            let tokens = (len - computed)
+                .min(budget)
+                .min(self.prefill_chunk(ticket.bin));
             if !seq.table().reserve(computed + tokens) {
                 self.waiting.push_resumed(seq);
                 break;
@@ -353,7 +367,7 @@ impl<S: Schedulable> Scheduler<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::admission::{Bin, EVERY_STEP, Ticket};
+    use crate::engine::admission::{EVERY_STEP, Ticket};
     use crate::engine::kv_cache::BlockAllocator;
 
     #[derive(Debug)]
@@ -596,6 +610,40 @@ mod tests {
             run(s, &plan);
         }
         taken
+    }
+
+    #[test]
+    fn medium_and_slow_prompts_prefill_in_small_chunks_fast_ones_in_the_step_budget() {
+        let allocator = BlockAllocator::new(100);
+        let in_bin = |id, bin| {
+            let mut q = seq(&allocator, id, 40);
+            q.ticket.bin = bin;
+            q
+        };
+        let chunks = |policy: QueuePolicy, bin| {
+            let mut s = Scheduler::new(SchedulerConfig {
+                policy,
+                ..SchedulerConfig::new(8, 512)
+            });
+            s.add(in_bin(0, bin));
+            let mut chunks = Vec::new();
+            while s.running().first().is_none_or(|q| q.computed < 40) {
+                let plan = s.schedule();
+                chunks.push(plan[0].tokens);
+                run(&mut s, &plan);
+            }
+            chunks
+        };
+        let multi_bin = QueuePolicy::multi_bin(8);
+        assert_eq!(chunks(multi_bin, Bin::Slow), [16, 16, 8]);
+        assert_eq!(chunks(multi_bin, Bin::Medium), [16, 16, 8]);
+        assert_eq!(chunks(multi_bin, Bin::Fast), [40]);
+        assert_eq!(chunks(QueuePolicy::fcfs(8), Bin::Slow), [40]);
+        let coarse = QueuePolicy {
+            slow_prefill_chunk: 32,
+            ..multi_bin
+        };
+        assert_eq!(chunks(coarse, Bin::Slow), [32, 8]);
     }
 
     #[test]
