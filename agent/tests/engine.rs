@@ -4,8 +4,11 @@
 
 mod support;
 
+use parallax_agent::engine::admission::Bin;
+use parallax_agent::engine::runtime::{RequestOptions, RunTime};
 use parallax_agent::engine::{EngineError, Event, FinishReason, SamplingParams};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 use support::{collect, config, greedy, prompts, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,14 +216,14 @@ async fn a_nearly_full_kv_cache_pauses_admissions_until_it_drains() {
     let mut long = engine.submit(long_prompt, greedy(31)).unwrap();
     assert!(matches!(long.next().await, Some(Event::Started { .. })));
     support::http::eventually(
-        std::time::Duration::from_secs(60),
+        Duration::from_secs(60),
         "usage passes 95 %",
         || async { engine.stats.kv_pressure.load(Ordering::Relaxed) },
     )
     .await;
     let short = engine.submit(prompts[6].clone(), greedy(4)).unwrap();
     support::http::eventually(
-        std::time::Duration::from_secs(10),
+        Duration::from_secs(10),
         "the new request waits",
         || async { engine.stats.waiting.load(Ordering::Relaxed) == 1 },
     )
@@ -236,4 +239,44 @@ async fn a_nearly_full_kv_cache_pauses_admissions_until_it_drains() {
     assert_eq!(collect(short).await.completion_tokens, 4);
     assert!(!engine.stats.kv_pressure.load(Ordering::Relaxed));
     assert_eq!(engine.stats.preemptions.load(Ordering::Relaxed), 0);
+}
+
+/// Drains a stream; its run time and the time from `since` to its end.
+async fn run_time_and_wall(
+    mut stream: parallax_agent::engine::RequestStream,
+    since: std::time::Instant,
+) -> (RunTime, Duration) {
+    loop {
+        if let Event::Finished { run_time, .. } = stream.next().await.expect("a Finished event") {
+            return (run_time, since.elapsed());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_time_counts_the_steps_a_request_ran_in_not_those_it_sat_out() {
+    let engine = start(config(512, 512));
+    let prompt = prompts(&engine).swap_remove(0);
+    let since = std::time::Instant::now();
+    let fast = engine.submit(prompt.clone(), greedy(24)).unwrap();
+    let slow = RequestOptions {
+        bin: Bin::Slow,
+        ..RequestOptions::default()
+    };
+    let slow = engine.submit_with(prompt, greedy(24), slow).unwrap();
+    let (fast, fast_wall) = run_time_and_wall(fast, since).await;
+    let (slow, slow_wall) = run_time_and_wall(slow, since).await;
+    for (run, wall) in [(fast, fast_wall), (slow, slow_wall)] {
+        assert!(
+            run.prefill > Duration::ZERO && run.prefill <= run.total,
+            "{run:?}"
+        );
+        assert!(run.total <= wall, "{run:?} against {wall:?}");
+    }
+    // Beside the fast request the slow one ran about one step in twelve: it sat out about half
+    // of the steps between its arrival and its end, and those are not its run time.
+    assert!(
+        slow.total.as_secs_f64() < 0.8 * slow_wall.as_secs_f64(),
+        "{slow:?} against {slow_wall:?}"
+    );
 }

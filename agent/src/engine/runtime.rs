@@ -124,15 +124,25 @@ pub enum Event {
     /// The request failed: the forward pass failed on it alone (found by bisecting its batch).
     /// The last event.
     Failed { message: String },
-    /// The last event: remaining text, why it ended, the token counts and how long the request
-    /// waited before its first step.
+    /// The last event: remaining text, why it ended, the token counts, how long the request
+    /// waited before its first step and how long it spent in steps.
     Finished {
         text: String,
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
         queue_time: Duration,
+        run_time: RunTime,
     },
+}
+
+/// The time a request spent in the steps it ran in: its execution time, without its waits (queue,
+/// steps its bin sat out). What the predictor learns from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunTime {
+    /// Up to its first output token.
+    pub prefill: Duration,
+    pub total: Duration,
 }
 
 /// What one forward step did, for whoever watches the engine (metrics).
@@ -435,6 +445,7 @@ struct Sequence {
     ticket: Ticket,
     /// When the sequence first ran (its queue time ends there).
     started: Option<Instant>,
+    run_time: RunTime,
     tokens: Vec<u32>,
     prompt_len: usize,
     computed: usize,
@@ -534,6 +545,7 @@ impl EngineLoop {
         self.scheduler.add(Sequence {
             ticket: s.ticket,
             started: None,
+            run_time: RunTime::default(),
             prompt_len: s.prompt.len(),
             tokens: s.prompt,
             computed: 0,
@@ -639,9 +651,14 @@ impl EngineLoop {
         // Events go out after the step's bookkeeping, so whoever sees a request finish also sees
         // the counters without it.
         let mut outbox = Vec::new();
+        let took = began.elapsed();
         let running = self.scheduler.running_mut();
         for (k, p) in plan.iter().enumerate() {
             let seq = &mut running[p.index];
+            seq.run_time.total += took;
+            if seq.tokens.len() == seq.prompt_len {
+                seq.run_time.prefill = seq.run_time.total;
+            }
             if failed.contains(&k) {
                 seq.finished = true;
                 outbox.push((
@@ -715,6 +732,7 @@ impl EngineLoop {
                         prompt_tokens: seq.prompt_len,
                         completion_tokens: generated,
                         queue_time: seq.started.unwrap_or(began) - seq.ticket.arrived,
+                        run_time: seq.run_time,
                     },
                 ));
                 seq.finished = true;

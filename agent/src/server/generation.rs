@@ -14,7 +14,7 @@ use super::protocol::{
     TokenLogprob, TopLogprob, Usage,
 };
 use super::validation::{Api, BatchPreference, Scheduling, ValidRequest};
-use crate::engine::runtime::RequestOptions;
+use crate::engine::runtime::{RequestOptions, RunTime};
 use crate::engine::{EngineHandle, Event, RequestStream, TextCodec};
 use axum::Json;
 use axum::http::HeaderMap;
@@ -148,7 +148,6 @@ struct Placing {
     started: Option<Instant>,
     queue_time: Duration,
     batch_size: usize,
-    first_token: Option<Instant>,
 }
 
 /// One request being answered.
@@ -292,7 +291,6 @@ impl Generation {
                 top_logprobs,
             }) => {
                 self.timer.token();
-                self.placement.first_token.get_or_insert_with(Instant::now);
                 let logprobs = self.want_logprobs.then(|| {
                     let mut l = Logprobs::new(self.api);
                     self.offset += l.push(&self.codec, id, logprob, &top_logprobs, self.offset);
@@ -306,9 +304,10 @@ impl Generation {
                 prompt_tokens,
                 completion_tokens,
                 queue_time,
+                run_time,
             }) => {
                 self.timer.finish(reason, queue_time, completion_tokens);
-                self.learn(completion_tokens);
+                self.learn(completion_tokens, run_time);
                 Step::Finished {
                     text,
                     reason: reason.as_str(),
@@ -324,15 +323,16 @@ impl Generation {
     }
 
     /// Teaches the predictor what this request took.
-    fn learn(&self, output_tokens: usize) {
+    fn learn(&self, output_tokens: usize, run_time: RunTime) {
         let p = &self.placement;
-        let Some(started) = p.started else { return };
-        let now = Instant::now();
+        if run_time.total.is_zero() {
+            return;
+        }
         let seen = Observation {
             prompt_tokens: self.prompt_tokens,
             output_tokens,
-            prefill: p.first_token.unwrap_or(now) - started,
-            processing: now - started,
+            prefill: run_time.prefill,
+            processing: run_time.total,
         };
         let error = self
             .state
@@ -589,7 +589,6 @@ pub async fn respond(
             started: None,
             queue_time: Duration::ZERO,
             batch_size: 0,
-            first_token: None,
         },
         class,
         max_tokens,

@@ -67,9 +67,11 @@ pub struct Prediction {
 pub struct Observation {
     pub prompt_tokens: usize,
     pub output_tokens: usize,
-    /// From its first step to its first token.
+    /// Time in the steps it ran in, up to its first token.
     pub prefill: Duration,
-    /// From its first step to its last token.
+    /// Time in the steps it ran in, all of them: execution time, without waits (a bin that sat
+    /// steps out would otherwise teach the predictor that its requests are slower than they are,
+    /// and move requests of one class between bins).
     pub processing: Duration,
 }
 
