@@ -215,18 +215,14 @@ async fn a_nearly_full_kv_cache_pauses_admissions_until_it_drains() {
     let long_prompt: Vec<u32> = prompts[1].iter().copied().cycle().take(977).collect();
     let mut long = engine.submit(long_prompt, greedy(31)).unwrap();
     assert!(matches!(long.next().await, Some(Event::Started { .. })));
-    support::http::eventually(
-        Duration::from_secs(60),
-        "usage passes 95 %",
-        || async { engine.stats.kv_pressure.load(Ordering::Relaxed) },
-    )
+    support::http::eventually(Duration::from_secs(60), "usage passes 95 %", || async {
+        engine.stats.kv_pressure.load(Ordering::Relaxed)
+    })
     .await;
     let short = engine.submit(prompts[6].clone(), greedy(4)).unwrap();
-    support::http::eventually(
-        Duration::from_secs(10),
-        "the new request waits",
-        || async { engine.stats.waiting.load(Ordering::Relaxed) == 1 },
-    )
+    support::http::eventually(Duration::from_secs(10), "the new request waits", || async {
+        engine.stats.waiting.load(Ordering::Relaxed) == 1
+    })
     .await;
     assert_eq!(engine.stats.running.load(Ordering::Relaxed), 1);
     assert!(
