@@ -277,7 +277,7 @@ impl<S: Schedulable> Scheduler<S> {
         plan
     }
 
-    /// The most tokens a sequence of `bin` may run in one step beyond the step budget: with
+    /// A cap, besides the step budget, on the tokens a sequence of `bin` runs in one step: with
     /// multi-bin, medium and slow prompts go in chunks of [`QueuePolicy::slow_prefill_chunk`].
     fn prefill_chunk(&self, bin: Bin) -> usize {
         let policy = &self.config.policy;
