@@ -599,6 +599,8 @@ impl EngineLoop {
             &mut groups,
             &mut failed,
         );
+        // The forward pass's time: the step log's and each sequence's run time.
+        let took = began.elapsed();
         if failed.is_empty() {
             self.breaker.success(began);
         } else {
@@ -627,7 +629,7 @@ impl EngineLoop {
             }
             tracing::debug!(
                 target: "parallax::step",
-                micros = began.elapsed().as_micros() as u64,
+                micros = took.as_micros() as u64,
                 ?rows,
                 ?prefill,
                 "step"
@@ -651,7 +653,6 @@ impl EngineLoop {
         // Events go out after the step's bookkeeping, so whoever sees a request finish also sees
         // the counters without it.
         let mut outbox = Vec::new();
-        let took = began.elapsed();
         let running = self.scheduler.running_mut();
         for (k, p) in plan.iter().enumerate() {
             let seq = &mut running[p.index];

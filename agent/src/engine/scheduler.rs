@@ -413,6 +413,12 @@ mod tests {
         }
     }
 
+    fn seq_in(allocator: &BlockAllocator, id: usize, prompt: usize, bin: Bin) -> Seq {
+        let mut q = seq(allocator, id, prompt);
+        q.ticket.bin = bin;
+        q
+    }
+
     /// Applies a plan as the engine would: cache what ran, append a token to finished prefills.
     fn run(s: &mut Scheduler<Seq>, plan: &[Scheduled]) {
         for p in plan {
@@ -615,11 +621,7 @@ mod tests {
     #[test]
     fn medium_and_slow_prompts_prefill_in_small_chunks_fast_ones_in_the_step_budget() {
         let allocator = BlockAllocator::new(100);
-        let in_bin = |id, bin| {
-            let mut q = seq(&allocator, id, 40);
-            q.ticket.bin = bin;
-            q
-        };
+        let in_bin = |id, bin| seq_in(&allocator, id, 40, bin);
         let chunks = |policy: QueuePolicy, bin| {
             let mut s = Scheduler::new(SchedulerConfig {
                 policy,
@@ -649,11 +651,7 @@ mod tests {
     #[test]
     fn the_step_that_admits_a_fast_request_leaves_slower_bins_out_unless_it_cannot_run() {
         let allocator = BlockAllocator::new(4);
-        let in_bin = |id, prompt, bin| {
-            let mut q = seq(&allocator, id, prompt);
-            q.ticket.bin = bin;
-            q
-        };
+        let in_bin = |id, prompt, bin| seq_in(&allocator, id, prompt, bin);
         let ids = |s: &Scheduler<Seq>, plan: &[Scheduled]| -> Vec<usize> {
             plan.iter().map(|p| s.running()[p.index].id).collect()
         };
@@ -684,11 +682,7 @@ mod tests {
     #[test]
     fn slower_bins_sit_out_steps_by_weight_while_a_faster_one_runs() {
         let allocator = BlockAllocator::new(100);
-        let in_bin = |id, bin| {
-            let mut q = seq(&allocator, id, 4);
-            q.ticket.bin = bin;
-            q
-        };
+        let in_bin = |id, bin| seq_in(&allocator, id, 4, bin);
         let weighted = |step_weights| SchedulerConfig {
             policy: QueuePolicy {
                 step_weights,
