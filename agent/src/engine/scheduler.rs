@@ -230,7 +230,9 @@ impl<S: Schedulable> Scheduler<S> {
     /// or with a waiting one that may be admitted, leads and runs every step (so the step that
     /// prefills a fast request leaves slower bins out); a slower bin earns its step weight each
     /// step and runs when it has earned the leader's (defaults 12:4:1 — slow sequences run one
-    /// step in twelve while fast ones run, one in four while medium ones lead).
+    /// step in twelve while fast ones run, one in four while medium ones lead). A slower bin whose
+    /// share is full while requests wait for it rests no step: resting would only lengthen its
+    /// queue, so it runs with the leader until a place frees.
     fn resting_bins(&mut self) -> [bool; 3] {
         let mut resting = [false; 3];
         let policy = self.config.policy;
@@ -248,7 +250,7 @@ impl<S: Schedulable> Scheduler<S> {
         };
         let lead_weight = policy.step_weights[lead].max(1);
         for b in lead + 1..3 {
-            if running[b] == 0 {
+            if running[b] == 0 || (running[b] >= policy.shares[b].max && waiting[b] != [0; 3]) {
                 continue;
             }
             let mut credit = self.step_credit[b].saturating_add(policy.step_weights[b].max(1));
@@ -715,6 +717,23 @@ mod tests {
         s.add(in_bin(2, Bin::Slow));
         steps_taken(&mut s, 1);
         assert_eq!(&steps_taken(&mut s, 24)[..3], &[24, 8, 2]);
+
+        // A slow bin whose share (here 2) is full while a slow request waits runs every step,
+        // and rests again once nothing waits for it.
+        let mut policy = QueuePolicy::multi_bin(8);
+        policy.shares[Bin::Slow as usize].max = 2;
+        let mut s = Scheduler::new(SchedulerConfig {
+            policy,
+            ..SchedulerConfig::new(8, 1000)
+        });
+        s.add(in_bin(0, Bin::Fast));
+        s.add(in_bin(1, Bin::Slow));
+        s.add(in_bin(2, Bin::Slow));
+        s.add(in_bin(3, Bin::Slow));
+        steps_taken(&mut s, 1);
+        assert_eq!(&steps_taken(&mut s, 12)[..4], &[12, 12, 12, 0]);
+        drop(s.retain(|q| q.id != 3));
+        assert_eq!(&steps_taken(&mut s, 12)[..3], &[12, 1, 1]);
 
         for config in [
             SchedulerConfig {
