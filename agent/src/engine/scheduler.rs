@@ -242,15 +242,15 @@ impl<S: Schedulable> Scheduler<S> {
         let running = self.running_per_bin();
         let admitting = !self.pressure && self.running.len() < self.max_seqs();
         let waiting = self.waiting.depths();
-        let Some(lead) = (0..3).find(|&b| {
-            running[b] > 0
-                || (admitting && running[b] < policy.shares[b].max && waiting[b] != [0; 3])
-        }) else {
+        let full = |b: usize| running[b] >= policy.shares[b].max;
+        let queued = |b: usize| waiting[b] != [0; 3];
+        let Some(lead) = (0..3).find(|&b| running[b] > 0 || (admitting && !full(b) && queued(b)))
+        else {
             return resting;
         };
         let lead_weight = policy.step_weights[lead].max(1);
         for b in lead + 1..3 {
-            if running[b] == 0 || (running[b] >= policy.shares[b].max && waiting[b] != [0; 3]) {
+            if running[b] == 0 || (full(b) && queued(b)) {
                 continue;
             }
             let mut credit = self.step_credit[b].saturating_add(policy.step_weights[b].max(1));

@@ -48,25 +48,21 @@ fn by_rows(
     in_width: usize,
     row: impl Fn(&mut [f32], &[f32]) + Sync,
 ) {
-    let rows = out.len() / out_width.max(1);
-    if rows < 2 {
+    let rows_of = |out: &mut [f32], input: &[f32]| {
         for (o, x) in out
             .chunks_exact_mut(out_width)
             .zip(input.chunks_exact(in_width))
         {
             row(o, x);
         }
-        return;
+    };
+    let rows = out.len() / out_width.max(1);
+    if rows < 2 {
+        return rows_of(out, input);
     }
     let per_task = rows.div_ceil(pool::threads() * 2);
     pool::for_each_chunk(out, per_task * out_width, |task, out| {
-        let input = &input[task * per_task * in_width..];
-        for (o, x) in out
-            .chunks_exact_mut(out_width)
-            .zip(input.chunks_exact(in_width))
-        {
-            row(o, x);
-        }
+        rows_of(out, &input[task * per_task * in_width..]);
     });
 }
 
