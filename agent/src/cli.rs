@@ -7,10 +7,12 @@ use crate::engine::{
     self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, NoObserver,
     SamplingParams, StepObserver,
 };
+use crate::server::prediction::{BinBounds, Binning};
 use crate::server::{self, Server, ServerConfig};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parallax_crds::AgentConfig;
+use parallax_crds::inference_pool::KvCacheDtype;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -89,6 +91,10 @@ pub struct EngineArgs {
     /// requests that arrive meanwhile.
     #[arg(long, default_value_t = SLOW_PREFILL_CHUNK)]
     pub slow_prefill_chunk: usize,
+    /// Turn off prefix caching (vLLM's flag): by default full KV blocks are shared between
+    /// requests whose tokens begin alike, and a repeated prefix is not computed again.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
 }
 
 /// Step weights by bin (fast, medium, slow).
@@ -188,6 +194,7 @@ impl EngineArgs {
                 EVERY_STEP
             },
             slow_prefill_chunk: self.slow_prefill_chunk,
+            prefix_caching: !self.no_enable_prefix_caching,
             ..EngineConfig::default()
         })
     }
@@ -498,7 +505,7 @@ fn report(
         "tpot_ms": {"p50": tpot[0], "p95": tpot[1], "p99": tpot[2]},
         "e2e_ms": {"p50": e2e[0], "p95": e2e[1], "p99": e2e[2]},
         "peak_kv_usage": peak_kv,
-        "preemptions": engine.stats.preemptions.load(Ordering::Relaxed),
+        "preemptions": engine.stats.preemptions_total(),
     });
     if args.json {
         println!("{summary}");
@@ -561,13 +568,28 @@ pub struct ServeArgs {
     /// batch to join.
     #[arg(long, default_value_t = 50)]
     pub max_wait_ms: u64,
-    /// Requests predicted to run under this many milliseconds are in the fast bin.
-    #[arg(long, default_value_t = 100)]
-    pub fast_bin_ms: u64,
+    /// Requests predicted to run under this many milliseconds are in the fast bin (with
+    /// --medium-bin-ms). Without both, the bounds adapt to the traffic: the natural breaks of
+    /// recent predicted times.
+    #[arg(long, requires = "medium_bin_ms")]
+    pub fast_bin_ms: Option<u64>,
     /// Requests predicted under this many milliseconds (and not fast) are in the medium bin;
-    /// the rest are slow.
-    #[arg(long, default_value_t = 500)]
-    pub medium_bin_ms: u64,
+    /// the rest are slow (with --fast-bin-ms).
+    #[arg(long, requires = "fast_bin_ms")]
+    pub medium_bin_ms: Option<u64>,
+}
+
+/// Fixed bounds from two millisecond values, or adaptive ones from none.
+fn binning(fast_ms: Option<u64>, medium_ms: Option<u64>) -> anyhow::Result<Binning> {
+    match (fast_ms, medium_ms) {
+        (None, None) => Ok(Binning::Adaptive),
+        (Some(fast), Some(medium)) if fast < medium => Ok(Binning::Fixed(BinBounds {
+            fast: Duration::from_millis(fast),
+            medium: Duration::from_millis(medium),
+        })),
+        (Some(_), Some(_)) => bail!("the fast bin's bound must be below the medium bin's"),
+        _ => bail!("give both bin bounds (fast and medium) or neither"),
+    }
 }
 
 /// The last path segment of a model source without `.gguf`.
@@ -594,10 +616,7 @@ impl ServeArgs {
             max_queue_requests: self.max_queue_requests,
             max_queue_tokens: self.max_queue_tokens,
             default_max_wait: Duration::from_millis(self.max_wait_ms),
-            bins: server::prediction::BinBounds {
-                fast: Duration::from_millis(self.fast_bin_ms),
-                medium: Duration::from_millis(self.medium_bin_ms),
-            },
+            bins: binning(self.fast_bin_ms, self.medium_bin_ms)?,
         };
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)
@@ -648,13 +667,24 @@ impl ServeArgs {
                     },
                 ),
             ];
-            let millis = |ms: i32| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-            server.default_max_wait = millis(config.batching.batch_timeout_ms);
-            server.bins.fast = millis(config.batching.bins.fast.max_execution_time_ms);
-            server.bins.medium = millis(config.batching.bins.medium.max_execution_time_ms);
-        }
-        if server.bins.fast >= server.bins.medium {
-            bail!("the fast bin's bound must be below the medium bin's");
+            let millis = |ms: i32| u64::try_from(ms).unwrap_or(0);
+            server.default_max_wait =
+                Duration::from_millis(millis(config.batching.batch_timeout_ms));
+            // Flags win over the file.
+            if self.fast_bin_ms.is_none() {
+                server.bins = binning(
+                    bins.fast.max_execution_time_ms.map(millis),
+                    bins.medium.max_execution_time_ms.map(millis),
+                )
+                .context("batching.bins")?;
+            }
+            engine.no_enable_prefix_caching |= !config.kv_cache.prefix_caching;
+            if config.kv_cache.dtype != KvCacheDtype::Auto {
+                tracing::warn!(
+                    dtype = ?config.kv_cache.dtype,
+                    "kvCache.dtype is not supported by this agent yet: the KV cache keeps the engine's own type"
+                );
+            }
         }
         let model = engine.model()?.to_owned();
         engine.config()?;

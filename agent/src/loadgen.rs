@@ -1,7 +1,8 @@
 //! `bench-serve`: an HTTP load generator in the manner of vLLM's serving benchmark. Requests
-//! arrive as a Poisson process at `--rate` per second (or all at once), stream from
-//! `/v1/completions`, and the report gives request and token throughput with TTFT, TPOT, ITL and
-//! end-to-end latency percentiles. It talks to any OpenAI-compatible server.
+//! arrive as a Poisson process at `--rate` per second (or all at once), at most `--concurrency`
+//! in flight, stream from `/v1/completions`, and the report gives request and token throughput
+//! with TTFT, TPOT, ITL and end-to-end latency percentiles, and the prompt tokens the server
+//! found in its prefix cache. It talks to any OpenAI-compatible server.
 
 use crate::engine::sampling::Rng;
 use anyhow::{Context, bail};
@@ -23,9 +24,20 @@ pub struct LoadArgs {
     /// Mean arrivals per second (Poisson); `inf` sends every request at once.
     #[arg(long, default_value_t = f64::INFINITY)]
     pub rate: f64,
+    /// Most requests in flight; an arrival waits for a place (with `--rate inf`, a closed loop
+    /// of this many clients).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// Words per prompt (about one token each).
     #[arg(long, default_value_t = 40)]
     pub prompt_len: usize,
+    /// Words of a prefix common to every prompt (a shared system prompt), before its own
+    /// `--prompt-len` words.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: usize,
+    /// Send the same prompt every time (a repeated request).
+    #[arg(long)]
+    pub repeat_prompt: bool,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// A mixed workload instead of one `--max-tokens`: `TOKENS:SHARE,…`, e.g. `16:0.8,256:0.2`;
@@ -90,16 +102,16 @@ struct Measured {
     /// Gaps between streamed chunks.
     itl: Vec<f64>,
     prompt_tokens: usize,
+    /// Of those, found in the server's prefix cache (`usage.prompt_tokens_details`).
+    cached_tokens: usize,
     output_tokens: usize,
 }
 
-fn prompt(rng: &mut Rng, words: usize) -> String {
-    let mut text = String::from("Continue this text:");
-    for _ in 0..words {
+fn words(rng: &mut Rng, count: usize, text: &mut String) {
+    for _ in 0..count {
         text.push(' ');
         text.push_str(WORDS[(rng.next_u64() % WORDS.len() as u64) as usize]);
     }
-    text
 }
 
 async fn model_name(client: &reqwest::Client, url: &str) -> anyhow::Result<String> {
@@ -155,6 +167,9 @@ async fn one(client: reqwest::Client, url: String, body: Value) -> anyhow::Resul
             }
             if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
                 measured.prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                measured.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as usize;
                 measured.output_tokens = usage["completion_tokens"].as_u64().unwrap_or(0) as usize;
             }
             let has_text = value["choices"][0]["text"]
@@ -198,6 +213,9 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
     if args.rate.is_nan() || args.rate <= 0.0 {
         bail!("--rate must be positive (or inf)");
     }
+    if args.concurrency == Some(0) {
+        bail!("--concurrency must be positive");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -214,6 +232,13 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
         };
         // Separate streams for prompts, classes and arrival gaps.
         let mut rng = Rng::new(args.seed.wrapping_add(1));
+        let mut prefix = String::from("Continue this text:");
+        words(&mut rng, args.shared_prefix, &mut prefix);
+        let mut repeated = None;
+        let places = std::sync::Arc::new(tokio::sync::Semaphore::new(
+            args.concurrency
+                .unwrap_or(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         let mut class_rng = Rng::new(args.seed ^ 0x5eed_c1a5_5000_0001);
         let mut arrival_rng = Rng::new(args.seed ^ 0x5eed_a441_7a10_0002);
         let started = Instant::now();
@@ -231,19 +256,28 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
                     break;
                 }
             }
+            let prompt = repeated.clone().unwrap_or_else(|| {
+                let mut text = prefix.clone();
+                words(&mut rng, args.prompt_len, &mut text);
+                text
+            });
+            if args.repeat_prompt {
+                repeated = Some(prompt.clone());
+            }
             let body = json!({
                 "model": model,
-                "prompt": prompt(&mut rng, args.prompt_len),
+                "prompt": prompt,
                 "max_tokens": max_tokens,
                 "temperature": 0.0,
                 "ignore_eos": args.ignore_eos,
                 "stream": true,
                 "stream_options": {"include_usage": true},
             });
-            let (client, url) = (client.clone(), url.clone());
+            let (client, url, places) = (client.clone(), url.clone(), places.clone());
             let start_at = tokio::time::Instant::from_std(started + at);
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep_until(start_at).await;
+                let _place = places.acquire_owned().await?;
                 one(client, url, body).await
             }));
             if args.rate.is_finite() {
@@ -269,6 +303,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
 fn report(args: &LoadArgs, done: &[Measured], failures: &[String], wall: f64) {
     let output: usize = done.iter().map(|m| m.output_tokens).sum();
     let prompt: usize = done.iter().map(|m| m.prompt_tokens).sum();
+    let cached: usize = done.iter().map(|m| m.cached_tokens).sum();
     let mut ttft: Vec<f64> = done.iter().map(|m| m.ttft).collect();
     let mut e2e: Vec<f64> = done.iter().map(|m| m.e2e).collect();
     let mut tpot: Vec<f64> = done
@@ -289,7 +324,10 @@ fn report(args: &LoadArgs, done: &[Measured], failures: &[String], wall: f64) {
         "request_throughput": done.len() as f64 / wall,
         "output_tokens_per_s": output as f64 / wall,
         "total_tokens_per_s": (output + prompt) as f64 / wall,
+        "concurrency": args.concurrency,
         "prompt_tokens": prompt,
+        "cached_prompt_tokens": cached,
+        "computed_prompt_tokens": prompt - cached,
         "output_tokens": output,
         "ttft_ms": percentiles(&mut ttft),
         "tpot_ms": percentiles(&mut tpot),
@@ -311,6 +349,10 @@ fn report(args: &LoadArgs, done: &[Measured], failures: &[String], wall: f64) {
         summary["request_throughput"].as_f64().unwrap_or(0.0),
         summary["output_tokens_per_s"].as_f64().unwrap_or(0.0),
         summary["total_tokens_per_s"].as_f64().unwrap_or(0.0),
+    );
+    println!(
+        "prompt tokens {prompt}: {cached} from the prefix cache, {} computed",
+        prompt - cached
     );
     for name in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
         let s = &summary[name];

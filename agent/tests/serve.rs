@@ -98,6 +98,7 @@ async fn streamed_chunks_concatenate_to_the_plain_answer_with_the_same_usage() {
             usage["total_tokens"].as_u64().unwrap(),
             prompt_tokens as u64 + completion
         );
+        assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0, "{api}");
 
         let mut streaming = body.clone();
         streaming["stream"] = json!(true);
@@ -111,7 +112,17 @@ async fn streamed_chunks_concatenate_to_the_plain_answer_with_the_same_usage() {
                 .starts_with("text/event-stream")
         );
         let events = sse_events(&response.text().await.unwrap());
-        assert_eq!(streamed_parts(api, &events), (text, finish, usage), "{api}");
+        // The same prompt again: its whole blocks (16 tokens each, the last token computed
+        // again) come from the prefix cache, and the usage says so.
+        let (streamed_text, streamed_finish, mut streamed_usage) = streamed_parts(api, &events);
+        let cached = &mut streamed_usage["prompt_tokens_details"]["cached_tokens"];
+        assert_eq!(*cached, (prompt_tokens - 1) / 16 * 16, "{api}");
+        *cached = json!(0);
+        assert_eq!(
+            (streamed_text, streamed_finish, streamed_usage),
+            (text, finish, usage),
+            "{api}"
+        );
         let object = if api == "chat" {
             "chat.completion.chunk"
         } else {
@@ -228,11 +239,14 @@ async fn thirty_two_concurrent_requests_succeed_and_the_metrics_count_them() {
             })
         })
         .collect();
-    let mut prompt_tokens = 0;
+    let (mut prompt_tokens, mut cached_tokens) = (0, 0);
     for request in requests {
         let usage = request.await.unwrap();
         assert_eq!(usage["completion_tokens"], 8);
         prompt_tokens += usage["prompt_tokens"].as_u64().unwrap();
+        cached_tokens += usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
     }
 
     let text = server.metrics().await;
@@ -248,6 +262,32 @@ async fn thirty_two_concurrent_requests_succeed_and_the_metrics_count_them() {
     );
     assert_eq!(value("vllm:generation_tokens_total"), 32.0 * 8.0);
     assert_eq!(value("vllm:prompt_tokens_total"), prompt_tokens as f64);
+    // Each request looked its prompt up in the prefix cache once (nothing was preempted).
+    assert_eq!(
+        value("vllm:prefix_cache_queries_total"),
+        prompt_tokens as f64
+    );
+    assert_eq!(value("vllm:prefix_cache_hits_total"), cached_tokens as f64);
+    for reason in [
+        "token_budget",
+        "sequence_cap",
+        "blocks",
+        "kv_pressure",
+        "resting_bin",
+        "exclusive",
+        "held",
+        "shared_prefix",
+    ] {
+        let labels = [("model_name", MODEL), ("reason", reason)];
+        assert!(
+            sample(&text, "parallax_admission_stalls_total", &labels).is_some(),
+            "{reason}"
+        );
+    }
+    for bin in ["fast", "medium"] {
+        let bound = sample(&text, "parallax_bin_bound_seconds", &[("bin", bin)]);
+        assert!(bound.is_some_and(|b| b > 0.0), "{bin}: {bound:?}");
+    }
     for histogram in [
         "vllm:time_to_first_token_seconds",
         "vllm:e2e_request_latency_seconds",

@@ -221,7 +221,8 @@ impl Default for GpuResources {
 
 /// Continuous batching limits and the scheduler's execution-time bins.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("self.bins.fast.maxExecutionTimeMs < self.bins.medium.maxExecutionTimeMs").message("bins must be ordered: fast.maxExecutionTimeMs must be below medium.maxExecutionTimeMs").field_path(".bins"))]
+#[x_kube(validation = Rule::new("has(self.bins.fast.maxExecutionTimeMs) == has(self.bins.medium.maxExecutionTimeMs)").message("bins: set both fast.maxExecutionTimeMs and medium.maxExecutionTimeMs (fixed bounds) or neither (bounds that adapt to the traffic)").field_path(".bins"))]
+#[x_kube(validation = Rule::new("!has(self.bins.fast.maxExecutionTimeMs) || !has(self.bins.medium.maxExecutionTimeMs) || self.bins.fast.maxExecutionTimeMs < self.bins.medium.maxExecutionTimeMs").message("bins must be ordered: fast.maxExecutionTimeMs must be below medium.maxExecutionTimeMs").field_path(".bins"))]
 #[serde(rename_all = "camelCase")]
 pub struct BatchingSpec {
     /// Most sequences in one forward step.
@@ -250,7 +251,10 @@ impl Default for BatchingSpec {
 }
 
 /// The three bins. A request whose predicted execution time is below `fast.maxExecutionTimeMs`
-/// is fast, below `medium.maxExecutionTimeMs` medium, otherwise slow.
+/// is fast, below `medium.maxExecutionTimeMs` medium, otherwise slow. Without those two bounds
+/// the agent places them at the natural breaks of recent predicted times, so the bins split the
+/// traffic on any hardware. A bin's batch sizes are a guarantee and a weight, not a ceiling:
+/// places no other bin waits for are lent beyond `maxBatchSize`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Bins {
@@ -277,13 +281,17 @@ impl Default for Bins {
 #[x_kube(validation = Rule::new("self.minBatchSize <= self.maxBatchSize").message("a bin's minBatchSize must not exceed its maxBatchSize"))]
 #[serde(rename_all = "camelCase")]
 pub struct Bin {
-    /// Upper bound of predicted execution time, in milliseconds.
+    /// Upper bound of predicted execution time, in milliseconds; unset (the default), the
+    /// agent derives it from the traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
-    pub max_execution_time_ms: i32,
-    /// Sequences of this bin the scheduler keeps running when it has them.
+    pub max_execution_time_ms: Option<i32>,
+    /// Sequences of this bin the scheduler keeps running when it has them, taking places back
+    /// from bins that borrowed beyond their maximum.
     #[schemars(range(min = 0))]
     pub min_batch_size: i32,
-    /// Most sequences of this bin in the running batch.
+    /// Sequences of this bin in the running batch while other bins wait; beyond it, only places
+    /// no other bin waits for.
     #[schemars(range(min = 1))]
     pub max_batch_size: i32,
     /// Relative weight in the admission order.
@@ -307,7 +315,7 @@ pub struct SlowBin {
 impl Bin {
     fn default_fast() -> Self {
         Self {
-            max_execution_time_ms: 100,
+            max_execution_time_ms: None,
             min_batch_size: 32,
             max_batch_size: 64,
             weight: 3,
@@ -315,7 +323,7 @@ impl Bin {
     }
     fn default_medium() -> Self {
         Self {
-            max_execution_time_ms: 500,
+            max_execution_time_ms: None,
             min_batch_size: 16,
             max_batch_size: 32,
             weight: 2,

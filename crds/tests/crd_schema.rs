@@ -119,6 +119,25 @@ fn bins_must_be_ordered_and_batch_ranges_consistent() {
             .any(|e| e.contains("minBatchSize must not exceed")),
         "{errs:?}"
     );
+    // Both bounds or neither: alone, one would be compared with a bound that moves.
+    let mut one = bins(100, 500);
+    one["medium"]
+        .as_object_mut()
+        .unwrap()
+        .remove("maxExecutionTimeMs");
+    one["slow"]["minBatchSize"] = json!(1);
+    assert_refused(
+        json!({"model": shaped(), "batching": {"bins": one.clone()}}),
+        "set both fast.maxExecutionTimeMs and medium.maxExecutionTimeMs",
+    );
+    one["fast"]
+        .as_object_mut()
+        .unwrap()
+        .remove("maxExecutionTimeMs");
+    assert_eq!(
+        errors(json!({"model": shaped(), "batching": {"bins": one}})),
+        Vec::<String>::new()
+    );
 }
 
 #[test]

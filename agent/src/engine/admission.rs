@@ -8,6 +8,11 @@
 //! priority weight` (defaults 3:2:1 and high 4, medium 2, low 1), oldest first within a class.
 //! Every class with work waiting gets its share, and aging lifts long waiters into heavier
 //! classes, so no request waits unboundedly. Preempted requests resume before anything new.
+//!
+//! Shares are guarantees, not ceilings (work conservation): when no bin below its maximum has a
+//! request ready, bins at or beyond their maximum borrow the places left, by the same fair
+//! queueing. A bin gives borrowed places back by not being admitted while others wait (and, in
+//! the scheduler, by preemption when another bin is below its guaranteed minimum).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -100,6 +105,75 @@ impl Ticket {
 
 pub trait Queued {
     fn ticket(&self) -> Ticket;
+}
+
+/// What the queue needs to know of the running batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Batch {
+    /// Running sequences by [`Bin`].
+    pub running: [usize; 3],
+    /// Bins that admit nothing now (a bin resting this step), by [`Bin`].
+    pub closed: [bool; 3],
+}
+
+impl From<[usize; 3]> for Batch {
+    fn from(running: [usize; 3]) -> Self {
+        Self {
+            running,
+            closed: [false; 3],
+        }
+    }
+}
+
+/// Why a step admitted no more of the requests waiting: one reason per step that left requests
+/// waiting, for metrics (`parallax_admission_stalls_total{reason}`). A bin's share is no reason:
+/// shares are guarantees, and a bin at its maximum borrows places nobody else waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stall {
+    /// The step's token budget was spent.
+    TokenBudget,
+    /// The batch holds `max_num_seqs` sequences (or the breaker's single-request limit).
+    SequenceCap,
+    /// The next request's tokens do not fit the free KV blocks, or the step had to preempt a
+    /// running sequence for blocks.
+    Blocks,
+    /// The KV cache is over the pressure mark.
+    KvPressure,
+    /// The waiting requests' bins sit this step out (weighted steps).
+    RestingBin,
+    /// A request that runs alone is running, or waits for the batch to empty.
+    Exclusive,
+    /// The waiting requests hold out for a batch to join (`X-Batch-Preference: enable`).
+    Held,
+    /// The next request's prompt continues with a block another request is computing in this
+    /// step: it waits for the block to be cached instead of computing it again.
+    SharedPrefix,
+}
+
+impl Stall {
+    pub const ALL: [Stall; 8] = [
+        Stall::TokenBudget,
+        Stall::SequenceCap,
+        Stall::Blocks,
+        Stall::KvPressure,
+        Stall::RestingBin,
+        Stall::Exclusive,
+        Stall::Held,
+        Stall::SharedPrefix,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TokenBudget => "token_budget",
+            Self::SequenceCap => "sequence_cap",
+            Self::Blocks => "blocks",
+            Self::KvPressure => "kv_pressure",
+            Self::RestingBin => "resting_bin",
+            Self::Exclusive => "exclusive",
+            Self::Held => "held",
+            Self::SharedPrefix => "shared_prefix",
+        }
+    }
 }
 
 /// One bin's share of the running batch and its weight in the admission order.
@@ -270,9 +344,9 @@ impl<T: Queued> AdmissionQueue<T> {
         }
     }
 
-    /// Where the next request to admit is, given how many of each bin are running: `None` for
-    /// nothing, `Some(None)` for the first resumed request, else the chosen class's head.
-    fn choose(&self, running: [usize; 3], now: Instant) -> Option<Option<Head>> {
+    /// Where the next request to admit is, given the running batch: `None` for nothing,
+    /// `Some(None)` for the first resumed request, else the chosen class's head.
+    fn choose(&self, batch: Batch, now: Instant) -> Option<Option<Head>> {
         if !self.resumed.is_empty() {
             return Some(None);
         }
@@ -290,7 +364,7 @@ impl<T: Queued> AdmissionQueue<T> {
                 .min_by_key(|h| h.arrived)
                 .map(Some);
         }
-        self.choose_multi_bin(running, now).map(Some)
+        self.choose_multi_bin(batch, now).map(Some)
     }
 
     /// The start tag a class would be admitted at.
@@ -298,15 +372,16 @@ impl<T: Queued> AdmissionQueue<T> {
         self.finish[head.bin][head.priority as usize].max(self.clock)
     }
 
-    fn choose_multi_bin(&self, running: [usize; 3], now: Instant) -> Option<Head> {
+    /// Each class's oldest ready request, in the open bins that `admits`.
+    fn heads(&self, batch: Batch, now: Instant, admits: impl Fn(usize) -> bool) -> Vec<Head> {
         // A request holding out for company may go once there is a batch to join, or its wait
         // is over.
-        let batch = running.iter().sum::<usize>() > 0;
-        let ready = |t: &Ticket| batch || t.hold_until.is_none_or(|h| h <= now);
-        // Each class's oldest ready request (queues are in arrival order).
+        let company = batch.running.iter().sum::<usize>() > 0;
+        let ready = |t: &Ticket| company || t.hold_until.is_none_or(|h| h <= now);
         let mut heads = Vec::with_capacity(9);
-        for b in (0..3).filter(|&b| running[b] < self.policy.shares[b].max) {
+        for b in (0..3).filter(|&b| !batch.closed[b] && admits(b)) {
             let mut found = [false; 3];
+            // Queues are in arrival order.
             for (index, item) in self.queues[b].iter().enumerate() {
                 let ticket = item.ticket();
                 let priority = self.policy.effective(&ticket, now);
@@ -325,7 +400,19 @@ impl<T: Queued> AdmissionQueue<T> {
                 }
             }
         }
-        let below_min = |h: &Head| running[h.bin] < self.policy.shares[h.bin].min;
+        heads
+    }
+
+    fn choose_multi_bin(&self, batch: Batch, now: Instant) -> Option<Head> {
+        let running = batch.running;
+        let shares = &self.policy.shares;
+        // Bins below their maximum first; when none of them has a request ready, the places
+        // left are borrowed (work conservation).
+        let mut heads = self.heads(batch, now, |b| running[b] < shares[b].max);
+        if heads.is_empty() {
+            heads = self.heads(batch, now, |_| true);
+        }
+        let below_min = |h: &Head| running[h.bin] < shares[h.bin].min;
         let pool_below_min = heads.iter().any(below_min);
         heads
             .into_iter()
@@ -338,17 +425,31 @@ impl<T: Queued> AdmissionQueue<T> {
             })
     }
 
+    /// Why nothing may be admitted while requests wait (when [`Self::pop`] gives nothing):
+    /// their bins rest, or they hold out for company.
+    pub fn why_waiting(&self, batch: Batch) -> Option<Stall> {
+        if self.is_empty() {
+            return None;
+        }
+        let resting = (0..3).any(|b| batch.closed[b] && !self.queues[b].is_empty());
+        Some(if resting {
+            Stall::RestingBin
+        } else {
+            Stall::Held
+        })
+    }
+
     /// The request that should run next, without taking it.
-    pub fn peek(&self, running: [usize; 3], now: Instant) -> Option<&T> {
-        match self.choose(running, now)? {
+    pub fn peek(&self, batch: impl Into<Batch>, now: Instant) -> Option<&T> {
+        match self.choose(batch.into(), now)? {
             None => self.resumed.front(),
             Some(head) => self.queues[head.bin].get(head.index),
         }
     }
 
-    /// Takes the request that should run next, given how many of each bin are running.
-    pub fn pop(&mut self, running: [usize; 3], now: Instant) -> Option<T> {
-        let Some(head) = self.choose(running, now)? else {
+    /// Takes the request that should run next, given the running batch.
+    pub fn pop(&mut self, batch: impl Into<Batch>, now: Instant) -> Option<T> {
+        let Some(head) = self.choose(batch.into(), now)? else {
             return self.resumed.pop_front();
         };
         let start = self.start(&head);
@@ -406,15 +507,17 @@ mod tests {
         );
     }
 
-    /// Admissions over a run where every bin always has more waiting than it can take, and
-    /// each running request finishes after its bin's service time.
+    /// Admissions over a run of mixed arrivals, more than fit, where each running request
+    /// finishes after its bin's service time (fast ones drain at once, so slower bins often
+    /// have places to borrow).
     #[test]
-    fn bin_shares_hold_under_mixed_arrivals() {
+    fn shares_order_admissions_and_places_are_borrowed_only_when_no_bin_below_its_maximum_waits() {
         let t0 = Instant::now();
         let policy = QueuePolicy::multi_bin(64);
+        let shares = policy.shares;
         let mut queue = AdmissionQueue::new(policy);
         let mut id = 0;
-        // Mixed arrivals: 70 % fast, 20 % medium, 10 % slow, far more than fit.
+        // Mixed arrivals: 70 % fast, 20 % medium, 10 % slow.
         for i in 0..1000 {
             let bin = match i % 10 {
                 0..=6 => Bin::Fast,
@@ -432,35 +535,34 @@ mod tests {
         // Running: (bin, finishes at step).
         let mut running: Vec<(Bin, usize)> = Vec::new();
         let service = [1, 5, 20];
+        let mut borrowed = 0;
         for step in 0..200 {
             running.retain(|&(_, end)| end > step);
             let now = t0 + Duration::from_secs(1);
-            loop {
+            while running.len() < 64 {
                 let mut counts = [0; 3];
                 for (b, _) in &running {
                     counts[*b as usize] += 1;
                 }
-                if running.len() >= 64 {
-                    for b in Bin::ALL {
-                        let share = policy.shares[b as usize];
-                        assert!(counts[b as usize] <= share.max, "step {step}: {counts:?}");
-                    }
-                    // Every bin that has work waiting holds at least its minimum.
-                    let depths = queue.depths();
-                    for b in Bin::ALL {
-                        let share = policy.shares[b as usize];
-                        let waiting: usize = depths[b as usize].iter().sum();
-                        assert!(
-                            waiting == 0 || counts[b as usize] >= share.min,
-                            "step {step}: {counts:?}, {waiting} waiting in {b:?}"
-                        );
-                    }
-                    break;
-                }
+                let waiting = queue.depths().map(|d| d.iter().sum::<usize>());
                 let Some(next) = queue.pop(counts, now) else {
+                    assert_eq!(waiting, [0; 3], "step {step}: a place stayed idle");
                     break;
                 };
-                running.push((next.0.bin, step + service[next.0.bin as usize]));
+                let b = next.0.bin as usize;
+                if counts[b] >= shares[b].max {
+                    borrowed += 1;
+                    assert!(
+                        (0..3).all(|o| waiting[o] == 0 || counts[o] >= shares[o].max),
+                        "step {step}: {counts:?} borrowed while {waiting:?} waited"
+                    );
+                }
+                let below_min = |o: usize| waiting[o] > 0 && counts[o] < shares[o].min;
+                assert!(
+                    below_min(b) || !(0..3).any(below_min),
+                    "step {step}: {counts:?}, bin {b} went before a bin below its minimum"
+                );
+                running.push((next.0.bin, step + service[b]));
             }
             for i in 0..20 {
                 let bin = [Bin::Fast, Bin::Fast, Bin::Medium, Bin::Slow][i % 4];
@@ -468,6 +570,7 @@ mod tests {
                 id += 1;
             }
         }
+        assert!(borrowed > 0, "the run never had a place to lend");
     }
 
     #[test]
@@ -483,12 +586,22 @@ mod tests {
             Priority::Medium,
             t0 + Duration::from_millis(5),
         ));
-        // The slow bin is at its maximum share: only the fast request may go.
+        // The slow bin is at its maximum share: the fast request goes first, though it came
+        // last.
         let next = queue
             .pop([0, 0, 16], t0 + Duration::from_millis(5))
             .unwrap();
         assert_eq!(next.1, 999);
-        assert!(queue.pop([1, 0, 16], t0).is_none());
+        // With nothing else waiting, the slow bin borrows the places left; a resting bin
+        // borrows nothing.
+        let next = queue.pop([1, 0, 16], t0).unwrap();
+        assert_eq!(next.0.bin, Bin::Slow);
+        let resting = Batch {
+            running: [1, 0, 17],
+            closed: [false, false, true],
+        };
+        assert!(queue.pop(resting, t0).is_none());
+        assert_eq!(queue.why_waiting(resting), Some(Stall::RestingBin));
     }
 
     #[test]

@@ -5,11 +5,11 @@
 
 use super::admission::{
     Bin, BinShare, Discipline, Priority, QueuePolicy, Queued, SLOW_PREFILL_CHUNK, STEP_WEIGHTS,
-    Ticket,
+    Stall, Ticket,
 };
 use super::breaker::{Breaker, BreakerConfig};
 use super::error::{EngineError, Result};
-use super::kv_cache::{BlockAllocator, BlockTable, KvStore};
+use super::kv_cache::{BlockAllocator, BlockHash, BlockTable, KvStore};
 use super::model::{Llama, SeqInput, Workspace};
 use super::sampling::{Rng, SamplingParams, sample};
 use super::scheduler::{Preemption, Schedulable, Scheduled, Scheduler, SchedulerConfig};
@@ -46,6 +46,8 @@ pub struct EngineConfig {
     /// Multi-bin only: the most prompt tokens a medium or slow sequence prefills in one step
     /// ([`QueuePolicy::slow_prefill_chunk`]).
     pub slow_prefill_chunk: usize,
+    /// Share the KV blocks of common prompt prefixes between requests (on by default, as vLLM).
+    pub prefix_caching: bool,
     /// When repeated step failures switch the engine to one request at a time.
     pub breaker: BreakerConfig,
     /// Tests only: the forward pass fails whenever this token is in its batch.
@@ -64,6 +66,7 @@ impl Default for EngineConfig {
             bin_shares: None,
             step_weights: STEP_WEIGHTS,
             slow_prefill_chunk: SLOW_PREFILL_CHUNK,
+            prefix_caching: true,
             breaker: BreakerConfig::default(),
             #[cfg(feature = "fault-injection")]
             poison_token: None,
@@ -124,13 +127,15 @@ pub enum Event {
     /// The request failed: the forward pass failed on it alone (found by bisecting its batch).
     /// The last event.
     Failed { message: String },
-    /// The last event: remaining text, why it ended, the token counts, how long the request
+    /// The last event: remaining text, why it ended, the token counts (`cached_tokens`: prompt
+    /// tokens found in the prefix cache when it was first scheduled), how long the request
     /// waited before its first step and how long it spent in steps.
     Finished {
         text: String,
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        cached_tokens: usize,
         queue_time: Duration,
         run_time: RunTime,
     },
@@ -179,8 +184,16 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_peak: AtomicUsize,
-    pub preemptions: AtomicU64,
-    pub preemptions_for_priority: AtomicU64,
+    /// Blocks whose content is in the prefix cache, held or not.
+    pub kv_blocks_cached: AtomicUsize,
+    /// Preemptions by reason, indexed like [`Preemption::ALL`].
+    pub preemptions: [AtomicU64; Preemption::ALL.len()],
+    /// Prefix cache look-ups: tokens looked up (each admission's, resumed ones too) and tokens
+    /// found.
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
+    /// Steps that left requests waiting, by why, indexed like [`Stall::ALL`].
+    pub admission_stalls: [AtomicU64; Stall::ALL.len()],
     pub steps: AtomicU64,
     /// Admissions stopped because the KV cache is nearly full.
     pub kv_pressure: AtomicBool,
@@ -197,6 +210,14 @@ pub struct EngineStats {
 }
 
 impl EngineStats {
+    /// Preemptions so far, every reason.
+    pub fn preemptions_total(&self) -> u64 {
+        self.preemptions
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// KV usage, 0.0–1.0.
     pub fn kv_usage(&self) -> f64 {
         let total = self.kv_blocks_total.load(Ordering::Relaxed);
@@ -374,7 +395,7 @@ pub fn start_observed(
             // Marks the engine stopped however the thread ends, a panic included.
             let _alive = AliveGuard(alive);
             let kv = KvStore::new(model.config.layers, blocks, config.block_size, width);
-            let allocator = BlockAllocator::new(blocks);
+            let allocator = BlockAllocator::with_prefix_caching(blocks, config.prefix_caching);
             let scheduler = Scheduler::new(SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
                 max_batched_tokens: config.max_batched_tokens,
@@ -450,6 +471,11 @@ struct Sequence {
     prompt_len: usize,
     computed: usize,
     table: BlockTable,
+    /// The last prefix-cache look-up (tokens looked up, tokens found), until the engine counts
+    /// it.
+    lookup: Option<(usize, usize)>,
+    /// Prompt tokens found in the prefix cache when it was first scheduled.
+    cached_tokens: Option<usize>,
     params: SamplingParams,
     rng: Rng,
     decoder: IncrementalDecoder,
@@ -468,6 +494,16 @@ impl Schedulable for Sequence {
     }
     fn reset(&mut self) {
         self.computed = 0;
+        self.lookup = None;
+    }
+    fn reuse_cached_prefix(&mut self) {
+        if self.computed == 0 {
+            self.computed = self.table.reuse_cached_prefix(&self.tokens);
+            self.lookup = Some((self.tokens.len(), self.computed));
+        }
+    }
+    fn frontier(&self) -> Option<BlockHash> {
+        self.table.frontier(&self.tokens, self.computed)
     }
     fn table(&mut self) -> &mut BlockTable {
         &mut self.table
@@ -550,6 +586,8 @@ impl EngineLoop {
             tokens: s.prompt,
             computed: 0,
             table: BlockTable::new(&self.allocator, self.block_size),
+            lookup: None,
+            cached_tokens: None,
             rng: Rng::new(seed),
             params: s.params,
             decoder: IncrementalDecoder::default(),
@@ -572,6 +610,7 @@ impl EngineLoop {
             self.publish();
             return false;
         }
+        self.count_prefix_lookups(&plan);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let began = Instant::now();
         let running = self.scheduler.running();
@@ -681,6 +720,7 @@ impl EngineLoop {
                 ));
             }
             seq.computed += p.tokens;
+            seq.table.cache_computed(&seq.tokens, seq.computed);
             let Some(row) = row_of[k] else {
                 continue;
             };
@@ -732,6 +772,7 @@ impl EngineLoop {
                         reason,
                         prompt_tokens: seq.prompt_len,
                         completion_tokens: generated,
+                        cached_tokens: seq.cached_tokens.unwrap_or(0),
                         queue_time: seq.started.unwrap_or(began) - seq.ticket.arrived,
                         run_time: seq.run_time,
                     },
@@ -751,6 +792,24 @@ impl EngineLoop {
             let _ = events.send(event);
         }
         true
+    }
+
+    /// Counts the prefix-cache look-ups of the sequences admitted into this step; a request's
+    /// first one is its `cached_tokens`.
+    fn count_prefix_lookups(&mut self, plan: &[Scheduled]) {
+        let running = self.scheduler.running_mut();
+        for p in plan {
+            let seq = &mut running[p.index];
+            if let Some((queried, hit)) = seq.lookup.take() {
+                self.stats
+                    .prefix_queries
+                    .fetch_add(queried as u64, Ordering::Relaxed);
+                self.stats
+                    .prefix_hits
+                    .fetch_add(hit as u64, Ordering::Relaxed);
+                seq.cached_tokens.get_or_insert(hit);
+            }
+        }
     }
 
     fn publish(&mut self) {
@@ -773,10 +832,15 @@ impl EngineLoop {
                 self.stats.queue_depths[bin][priority].store(*depth, Ordering::Relaxed);
             }
         }
-        self.stats.preemptions_for_priority.store(
-            self.scheduler.preemptions_for(Preemption::Priority),
-            Ordering::Relaxed,
-        );
+        for (counter, reason) in self.stats.preemptions.iter().zip(Preemption::ALL) {
+            counter.store(self.scheduler.preemptions_for(reason), Ordering::Relaxed);
+        }
+        for (counter, reason) in self.stats.admission_stalls.iter().zip(Stall::ALL) {
+            counter.store(self.scheduler.stalls(reason), Ordering::Relaxed);
+        }
+        self.stats
+            .kv_blocks_cached
+            .store(self.allocator.cached(), Ordering::Relaxed);
         self.stats.kv_blocks_used.store(used, Ordering::Relaxed);
         self.stats.kv_blocks_peak.fetch_max(used, Ordering::Relaxed);
         self.stats
@@ -785,9 +849,6 @@ impl EngineLoop {
         self.stats
             .waiting
             .store(self.scheduler.num_waiting(), Ordering::Relaxed);
-        self.stats
-            .preemptions
-            .store(self.scheduler.preemptions(), Ordering::Relaxed);
     }
 }
 

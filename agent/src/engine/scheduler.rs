@@ -1,12 +1,17 @@
 //! Iteration-level scheduling, without a model: which sequences run in the next step and how many
 //! of their tokens, under a token budget (chunked prefill), a sequence cap and the free KV blocks.
 //! Waiting sequences are admitted in the order the [`AdmissionQueue`] gives (first come first
-//! served, or bins and priorities). When blocks run out the most recently admitted sequence is
-//! preempted: its blocks are freed and it resumes first, recomputed. A high-priority request that
-//! cannot be admitted preempts the newest low-priority running sequence, which waits again.
+//! served, or bins and priorities); a sequence admitted takes the longest cached prefix of its
+//! tokens first. When blocks run out the most recently admitted sequence is preempted: its blocks
+//! are freed and it resumes first, recomputed. A high-priority request that cannot be admitted
+//! preempts the newest low-priority running sequence, and a bin below its guaranteed minimum
+//! takes places back from bins running beyond their maximum; the victims wait again. Every step
+//! that leaves requests waiting counts why ([`Stall`]).
 
-use super::admission::{AdmissionQueue, Bin, Discipline, Priority, QueuePolicy, Queued};
-use super::kv_cache::BlockTable;
+use super::admission::{
+    AdmissionQueue, Batch, Bin, Discipline, Priority, QueuePolicy, Queued, Stall,
+};
+use super::kv_cache::{BlockHash, BlockTable};
 use std::time::Instant;
 
 /// What the scheduler needs of a sequence.
@@ -17,6 +22,14 @@ pub trait Schedulable: Queued {
     fn computed(&self) -> usize;
     /// Forgets the cache (preemption): `computed` becomes 0.
     fn reset(&mut self);
+    /// On admission, with nothing computed: takes the longest cached prefix of the tokens into
+    /// the table and counts it as computed.
+    fn reuse_cached_prefix(&mut self) {}
+    /// The content hash of the KV block the sequence computes next (see
+    /// [`BlockTable::frontier`]); `None` without prefix caching.
+    fn frontier(&self) -> Option<BlockHash> {
+        None
+    }
     fn table(&mut self) -> &mut BlockTable;
     fn table_ref(&self) -> &BlockTable;
 }
@@ -55,13 +68,23 @@ pub enum Preemption {
     OutOfBlocks,
     /// A high-priority request needed its place.
     Priority,
+    /// A bin below its guaranteed minimum took back a place borrowed beyond another bin's
+    /// maximum.
+    BinShare,
 }
 
 impl Preemption {
+    pub const ALL: [Preemption; 3] = [
+        Preemption::OutOfBlocks,
+        Preemption::Priority,
+        Preemption::BinShare,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OutOfBlocks => "out_of_blocks",
             Self::Priority => "priority",
+            Self::BinShare => "bin_share",
         }
     }
 }
@@ -73,7 +96,9 @@ pub struct Scheduler<S> {
     waiting: AdmissionQueue<S>,
     running: Vec<S>,
     /// Indexed by [`Preemption`].
-    preemptions: [u64; 2],
+    preemptions: [u64; 3],
+    /// Steps that left requests waiting, by why: indexed like [`Stall::ALL`].
+    stalls: [u64; Stall::ALL.len()],
     /// Under memory pressure nothing new is admitted.
     pressure: bool,
     /// A lower cap on sequences per step than the configured one (the circuit breaker's
@@ -90,7 +115,8 @@ impl<S: Schedulable> Scheduler<S> {
             config,
             waiting: AdmissionQueue::new(config.policy),
             running: Vec::new(),
-            preemptions: [0; 2],
+            preemptions: [0; 3],
+            stalls: [0; Stall::ALL.len()],
             pressure: false,
             limit: None,
             step_credit: [0; 3],
@@ -170,6 +196,11 @@ impl<S: Schedulable> Scheduler<S> {
         self.preemptions[reason as usize]
     }
 
+    /// Steps so far that left requests waiting for this reason.
+    pub fn stalls(&self, reason: Stall) -> u64 {
+        self.stalls[reason as usize]
+    }
+
     /// Removes (and so frees) every sequence, waiting or running, for which `keep` is false.
     pub fn retain(&mut self, mut keep: impl FnMut(&S) -> bool) -> Vec<S> {
         let mut removed = Vec::new();
@@ -192,37 +223,59 @@ impl<S: Schedulable> Scheduler<S> {
         self.preemptions[reason as usize] += 1;
         match reason {
             Preemption::OutOfBlocks => self.waiting.push_resumed(victim),
-            Preemption::Priority => self.waiting.push(victim),
+            Preemption::Priority | Preemption::BinShare => self.waiting.push(victim),
         }
     }
 
-    /// When the next request is of high priority and cannot be admitted (the batch is full, or
-    /// its prompt does not fit the free blocks), preempts the newest low-priority running
-    /// sequence, which waits again in its place.
-    fn make_room_for_high_priority(&mut self) {
+    /// Preempts to make room for waiting requests the policy owes a place: the newest
+    /// low-priority running sequence when the next request is of high priority and cannot be
+    /// admitted (the batch is full, or its prompt does not fit the free blocks); and sequences
+    /// borrowed beyond their bin's maximum, newest first, while a bin with requests waiting is
+    /// below its guaranteed minimum and the batch has no place for them.
+    fn make_room(&mut self) {
         if self.pressure || self.config.policy.discipline == Discipline::Fcfs {
             return;
         }
         // The most urgent waiting request, whatever its bin's share: a preemption makes room.
-        let Some(head) = self.waiting.peek([0; 3], Instant::now()) else {
-            return;
-        };
-        if head.ticket().priority != Priority::High {
-            return;
-        }
-        let wanted = head
-            .total_tokens()
-            .min(head.computed() + self.config.max_batched_tokens);
-        let full = self.running.len() >= self.max_seqs();
-        if !full && head.table_ref().fits(wanted) {
-            return;
-        }
-        if let Some(i) = self
-            .running
-            .iter()
-            .rposition(|s| s.ticket().priority == Priority::Low)
+        if let Some(head) = self.waiting.peek([0; 3], Instant::now())
+            && head.ticket().priority == Priority::High
         {
-            self.preempt(i, Preemption::Priority);
+            let wanted = head
+                .total_tokens()
+                .min(head.computed() + self.config.max_batched_tokens);
+            let full = self.running.len() >= self.max_seqs();
+            if (full || !head.table_ref().fits(wanted))
+                && let Some(i) = self
+                    .running
+                    .iter()
+                    .rposition(|s| s.ticket().priority == Priority::Low)
+            {
+                self.preempt(i, Preemption::Priority);
+            }
+        }
+        self.return_borrowed_places();
+    }
+
+    /// Gives a bin below its minimum, with requests waiting, the places it is owed from bins
+    /// running beyond their maximum (work conservation lends places; this takes them back).
+    fn return_borrowed_places(&mut self) {
+        let shares = self.config.policy.shares;
+        let waiting = self.waiting.depths();
+        for bin in 0..3 {
+            let running = self.running_per_bin();
+            let queued: usize = waiting[bin].iter().sum();
+            let owed = queued.min(shares[bin].min.saturating_sub(running[bin]));
+            let places = self.max_seqs().saturating_sub(self.running.len());
+            for _ in places..owed {
+                let running = self.running_per_bin();
+                let Some(i) = self.running.iter().rposition(|s| {
+                    let b = s.ticket().bin as usize;
+                    b != bin && running[b] > shares[b].max
+                }) else {
+                    break;
+                };
+                self.preempt(i, Preemption::BinShare);
+            }
         }
     }
 
@@ -269,12 +322,17 @@ impl<S: Schedulable> Scheduler<S> {
     /// sequence cap and blocks allow — but not in a step that had to preempt, so memory pressure
     /// is not made worse at once, and not into a resting bin.
     pub fn schedule(&mut self) -> Vec<Scheduled> {
-        self.make_room_for_high_priority();
+        self.make_room();
         let resting = self.resting_bins();
-        let plan = self.plan(resting);
+        let (mut plan, mut stall) = self.plan(resting);
         if plan.is_empty() && resting.contains(&true) {
             // What led could not run (a waiting request that does not fit): nobody rests.
-            return self.plan([false; 3]);
+            (plan, stall) = self.plan([false; 3]);
+        }
+        if let Some(stall) = stall
+            && !self.waiting.is_empty()
+        {
+            self.stalls[stall as usize] += 1;
         }
         plan
     }
@@ -290,8 +348,8 @@ impl<S: Schedulable> Scheduler<S> {
         }
     }
 
-    /// The step, with the bins in `resting` sitting it out.
-    fn plan(&mut self, resting: [bool; 3]) -> Vec<Scheduled> {
+    /// The step, with the bins in `resting` sitting it out, and why it admitted no more.
+    fn plan(&mut self, resting: [bool; 3]) -> (Vec<Scheduled>, Option<Stall>) {
         let mut budget = self.config.max_batched_tokens;
         let mut plan = Vec::with_capacity(self.running.len() + 1);
         let mut preempted = false;
@@ -320,56 +378,116 @@ impl<S: Schedulable> Scheduler<S> {
                 }
             }
         }
-        if preempted || self.pressure {
-            return plan;
+        let stall = self.admit(&mut plan, budget, resting, preempted);
+        (plan, stall)
+    }
+
+    /// Admits waiting sequences into the step under what is left of its `budget`, in the queue's
+    /// order, none into a `resting` bin; says why it stopped.
+    fn admit(
+        &mut self,
+        plan: &mut Vec<Scheduled>,
+        budget: usize,
+        resting: [bool; 3],
+        preempted: bool,
+    ) -> Option<Stall> {
+        if preempted {
+            return Some(Stall::Blocks);
+        }
+        if self.pressure {
+            return Some(Stall::KvPressure);
         }
         // A sequence that runs alone admits no company.
         if self.running.iter().any(|s| s.ticket().exclusive) {
-            return plan;
+            return Some(Stall::Exclusive);
         }
+        // The blocks being computed in this step, by the sequences that run in it.
+        let mut in_flight: Vec<BlockHash> = plan
+            .iter()
+            .filter_map(|p| self.running[p.index].frontier())
+            .collect();
+        let mut deferred = Vec::new();
+        let stall = self.admit_into(plan, budget, resting, &mut in_flight, &mut deferred);
+        let waited_for_prefix = !deferred.is_empty();
+        for seq in deferred {
+            self.waiting.push(seq);
+        }
+        match stall {
+            Some(Stall::Held) | None if waited_for_prefix => Some(Stall::SharedPrefix),
+            stall => stall,
+        }
+    }
+
+    /// The admission loop of [`Self::admit`]; sequences that wait for a block in flight go to
+    /// `deferred`.
+    fn admit_into(
+        &mut self,
+        plan: &mut Vec<Scheduled>,
+        mut budget: usize,
+        resting: [bool; 3],
+        in_flight: &mut Vec<BlockHash>,
+        deferred: &mut Vec<S>,
+    ) -> Option<Stall> {
+        let max_seqs = self.max_seqs();
         let now = Instant::now();
-        while budget > 0 && self.running.len() < max_seqs {
-            // A resting bin admits nothing this step, as if its share were full.
-            let mut running = self.running_per_bin();
-            for (b, count) in running.iter_mut().enumerate() {
-                if resting[b] {
-                    *count = (*count).max(self.config.policy.shares[b].max);
-                }
+        loop {
+            if budget == 0 {
+                return Some(Stall::TokenBudget);
             }
-            let Some(mut seq) = self.waiting.pop(running, now) else {
-                break;
+            if self.running.len() >= max_seqs {
+                return Some(Stall::SequenceCap);
+            }
+            let batch = Batch {
+                running: self.running_per_bin(),
+                closed: resting,
+            };
+            let Some(mut seq) = self.waiting.pop(batch, now) else {
+                return self.waiting.why_waiting(batch);
             };
             let ticket = seq.ticket();
             if ticket.exclusive && !self.running.is_empty() {
                 self.waiting.push_resumed(seq);
-                break;
+                return Some(Stall::Exclusive);
+            }
+            seq.reuse_cached_prefix();
+            // A block another sequence is computing now will be cached after this step: wait for
+            // it rather than compute it twice (a prompt shared by requests that arrive together).
+            let frontier = seq.frontier();
+            if frontier.is_some_and(|f| in_flight.contains(&f)) {
+                seq.table().clear();
+                seq.reset();
+                deferred.push(seq);
+                continue;
             }
             let (len, computed) = (seq.total_tokens(), seq.computed());
             let tokens = (len - computed)
                 .min(budget)
                 .min(self.prefill_chunk(ticket.bin));
             if !seq.table().reserve(computed + tokens) {
+                // What it took from the prefix cache goes back until it can run.
+                seq.table().clear();
+                seq.reset();
                 self.waiting.push_resumed(seq);
-                break;
+                return Some(Stall::Blocks);
             }
             budget -= tokens;
             plan.push(Scheduled {
                 index: self.running.len(),
                 tokens,
             });
+            in_flight.extend(frontier);
             self.running.push(seq);
             if ticket.exclusive {
-                break;
+                return Some(Stall::Exclusive);
             }
         }
-        plan
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::admission::{EVERY_STEP, Ticket};
+    use crate::engine::admission::{BinShare, EVERY_STEP, Ticket};
     use crate::engine::kv_cache::BlockAllocator;
 
     #[derive(Debug)]
@@ -718,13 +836,17 @@ mod tests {
         steps_taken(&mut s, 1);
         assert_eq!(&steps_taken(&mut s, 24)[..3], &[24, 8, 2]);
 
-        // A slow bin whose share (here 2) is full while a slow request waits runs every step,
-        // and rests again once nothing waits for it.
-        let mut policy = QueuePolicy::multi_bin(8);
-        policy.shares[Bin::Slow as usize].max = 2;
+        // A slow bin whose share (here 2) is full while a slow request waits (the batch of 3
+        // has no place to lend) runs every step, and rests again once nothing waits for it.
+        let mut policy = QueuePolicy::multi_bin(3);
+        policy.shares[Bin::Slow as usize] = BinShare {
+            min: 0,
+            max: 2,
+            weight: 1,
+        };
         let mut s = Scheduler::new(SchedulerConfig {
             policy,
-            ..SchedulerConfig::new(8, 1000)
+            ..SchedulerConfig::new(3, 1000)
         });
         s.add(in_bin(0, Bin::Fast));
         s.add(in_bin(1, Bin::Slow));
@@ -747,5 +869,134 @@ mod tests {
             s.add(in_bin(1, Bin::Fast));
             assert_eq!(&steps_taken(&mut s, 6)[..2], &[6, 6], "{:?}", config.policy);
         }
+    }
+
+    #[test]
+    fn identical_slow_requests_fill_the_batch_beyond_the_slow_bins_maximum() {
+        // The default shares (slow 4–16) with a batch of 64: 48 long requests all run.
+        let allocator = BlockAllocator::new(1000);
+        let mut s = Scheduler::new(SchedulerConfig::new(64, 512));
+        for id in 0..48 {
+            s.add(seq_in(&allocator, id, 40, Bin::Slow));
+        }
+        let mut most = 0;
+        for _ in 0..8 {
+            let plan = s.schedule();
+            run(&mut s, &plan);
+            most = most.max(s.running().len());
+        }
+        assert_eq!((most, s.num_waiting()), (48, 0));
+    }
+
+    #[test]
+    fn a_faster_bin_arriving_later_takes_its_guaranteed_places_back_at_once() {
+        // A batch of 16 full of slow sequences (slow share 1–4, so 12 borrowed); then fast
+        // requests arrive, their bin guaranteed 6 places.
+        let allocator = BlockAllocator::new(1000);
+        let mut policy = QueuePolicy::multi_bin(16);
+        policy.shares = [
+            BinShare {
+                min: 6,
+                max: 16,
+                weight: 3,
+            },
+            BinShare {
+                min: 0,
+                max: 16,
+                weight: 2,
+            },
+            BinShare {
+                min: 1,
+                max: 4,
+                weight: 1,
+            },
+        ];
+        let mut s = Scheduler::new(SchedulerConfig {
+            policy,
+            ..SchedulerConfig::new(16, 1000)
+        });
+        for id in 0..20 {
+            s.add(seq_in(&allocator, id, 8, Bin::Slow));
+        }
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        assert_eq!(s.running_per_bin(), [0, 0, 16]);
+        for id in 100..110 {
+            s.add(seq_in(&allocator, id, 8, Bin::Fast));
+        }
+        // The next step admits six fast requests: six borrowed slow places went back (their
+        // sequences wait again), and no more than that.
+        let plan = s.schedule();
+        assert_eq!(s.running_per_bin(), [6, 0, 10]);
+        assert_eq!(s.preemptions_for(Preemption::BinShare), 6);
+        assert_eq!(plan.len(), 16);
+        // A bin at its minimum takes nothing more back: the other fast requests wait for places.
+        run(&mut s, &plan);
+        s.schedule();
+        assert_eq!(s.running_per_bin(), [6, 0, 10]);
+        assert_eq!(s.preemptions_for(Preemption::BinShare), 6);
+        // Fast requests get the next free places before slow ones, which borrow again only
+        // when no fast request waits.
+        drop(s.retain(|q| q.id >= 100 || q.id % 2 == 0));
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        assert_eq!(s.running_per_bin(), [10, 0, 6]);
+    }
+
+    #[test]
+    fn each_step_that_leaves_requests_waiting_counts_why() {
+        let total = |s: &Scheduler<Seq>| Stall::ALL.iter().map(|r| s.stalls(*r)).sum::<u64>();
+        let allocator = BlockAllocator::new(100);
+        let mut s = Scheduler::new(SchedulerConfig::new(2, 20));
+        for id in 0..3 {
+            s.add(seq(&allocator, id, 16));
+        }
+        // 16 + 4 tokens spend the budget; then two running are the cap.
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        assert_eq!(s.stalls(Stall::TokenBudget), 1);
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        assert_eq!(s.stalls(Stall::SequenceCap), 1);
+        // With nothing left waiting, a full batch is no stall.
+        drop(s.retain(|q| q.id == 2));
+        s.schedule();
+        assert_eq!((s.num_waiting(), total(&s)), (0, 2));
+        s.set_pressure(true);
+        s.add(seq(&allocator, 3, 4));
+        s.schedule();
+        assert_eq!(s.stalls(Stall::KvPressure), 1);
+
+        // One block: the second prompt does not fit.
+        let allocator = BlockAllocator::new(1);
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 100));
+        s.add(seq(&allocator, 0, 16));
+        s.add(seq(&allocator, 1, 4));
+        s.schedule();
+        assert_eq!(s.stalls(Stall::Blocks), 1);
+
+        // A request that runs alone.
+        let allocator = BlockAllocator::new(100);
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 100));
+        let mut alone = seq(&allocator, 0, 4);
+        alone.ticket.exclusive = true;
+        s.add(alone);
+        s.add(seq(&allocator, 1, 4));
+        s.schedule();
+        assert_eq!(s.stalls(Stall::Exclusive), 1);
+
+        // A slow request waiting while the slow bin rests (fast 12 : slow 1).
+        let mut s = Scheduler::new(SchedulerConfig::new(8, 100));
+        s.add(seq_in(&allocator, 0, 4, Bin::Fast));
+        s.add(seq_in(&allocator, 1, 4, Bin::Slow));
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        s.add(seq_in(&allocator, 2, 4, Bin::Slow));
+        let plan = s.schedule();
+        assert!(
+            plan.iter().all(|p| s.running()[p.index].id == 0),
+            "slow ones rest"
+        );
+        assert_eq!(s.stalls(Stall::RestingBin), 1);
     }
 }

@@ -303,15 +303,16 @@ impl Generation {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
                 queue_time,
                 run_time,
             }) => {
                 self.timer.finish(reason, queue_time, completion_tokens);
-                self.learn(completion_tokens, run_time);
+                self.learn(completion_tokens, cached_tokens, run_time);
                 Step::Finished {
                     text,
                     reason: reason.as_str(),
-                    usage: Usage::new(prompt_tokens, completion_tokens),
+                    usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
                 }
             }
             Some(Event::Failed { message }) => {
@@ -322,14 +323,15 @@ impl Generation {
         }
     }
 
-    /// Teaches the predictor what this request took.
-    fn learn(&self, output_tokens: usize, run_time: RunTime) {
+    /// Teaches the predictor what this request took: its prefill time was spent on the prompt
+    /// tokens not found in the prefix cache.
+    fn learn(&self, output_tokens: usize, cached_tokens: usize, run_time: RunTime) {
         let p = &self.placement;
         if run_time.total.is_zero() {
             return;
         }
         let seen = Observation {
-            prompt_tokens: self.prompt_tokens,
+            prompt_tokens: self.prompt_tokens.saturating_sub(cached_tokens),
             output_tokens,
             prefill: run_time.prefill,
             processing: run_time.total,
@@ -555,11 +557,12 @@ pub async fn respond(
         scheduling.task_class.as_deref(),
     );
     let prompt_tokens = request.prompt.len();
-    let prediction = state
-        .predictor
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .predict(&class, prompt_tokens, max_tokens);
+    let (prediction, bounds) = {
+        let mut predictor = state.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let prediction = predictor.predict(&class, prompt_tokens, max_tokens);
+        (prediction, predictor.bounds())
+    };
+    state.metrics.set_bin_bounds(bounds);
     let slot = match state.budget.reserve(prompt_tokens) {
         Ok(slot) => slot,
         Err(refusal) => {

@@ -5,18 +5,21 @@
 //! step metrics come from the engine thread through [`StepObserver`].
 
 use super::degradation::{DegradationWatch, WatchConfig};
-use crate::engine::admission::{Bin, Priority};
+use super::prediction::BinBounds;
+use crate::engine::admission::{Bin, Priority, Stall};
 use crate::engine::runtime::{EngineInfo, EngineStats};
+use crate::engine::scheduler::Preemption;
 use crate::engine::{FinishReason, StepObserver, StepReport};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::borrow::Cow;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -56,6 +59,11 @@ struct ClassLabel {
 }
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BinLabel {
+    bin: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -85,6 +93,7 @@ pub struct Metrics {
     admissions: Family<ClassLabel, Counter>,
     rejections: Family<ReasonLabel, Counter>,
     prediction_error: Histogram,
+    bin_bounds: Family<BinLabel, Gauge<f64, AtomicU64>>,
     engine: Arc<OnceLock<EngineView>>,
     watch: Arc<Mutex<DegradationWatch>>,
 }
@@ -112,6 +121,7 @@ impl Metrics {
             admissions: Family::default(),
             rejections: Family::default(),
             prediction_error: histogram(ERROR_BUCKETS),
+            bin_bounds: Family::default(),
             engine: Arc::new(OnceLock::new()),
             watch: Arc::new(Mutex::new(DegradationWatch::new(
                 WatchConfig::default(),
@@ -179,6 +189,11 @@ impl Metrics {
             "Relative error of the predicted execution time, |predicted - actual| / actual",
             metrics.prediction_error.clone(),
         );
+        registry.register(
+            "parallax_bin_bound_seconds",
+            "Predicted execution time below which a request is in the bin (fast, medium): fixed, or adapted to the traffic",
+            metrics.bin_bounds.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector {
             engine: metrics.engine.clone(),
         }));
@@ -233,6 +248,15 @@ impl Metrics {
 
     pub fn record_prediction_error(&self, relative: f64) {
         self.prediction_error.observe(relative);
+    }
+
+    /// The bin bounds in force.
+    pub fn set_bin_bounds(&self, bounds: BinBounds) {
+        for (bin, bound) in [(Bin::Fast, bounds.fast), (Bin::Medium, bounds.medium)] {
+            self.bin_bounds
+                .get_or_create(&BinLabel { bin: bin.as_str() })
+                .set(bound.as_secs_f64());
+        }
     }
 
     /// Starts timing a request that arrived at `arrived`.
@@ -331,7 +355,19 @@ impl Collector for EngineCollector {
             &mut encoder,
             "vllm:num_preemptions",
             "Sequences preempted (their KV freed, to be recomputed)",
-            stat(|s| s.preemptions.load(Relaxed)),
+            stat(EngineStats::preemptions_total),
+        )?;
+        counter(
+            &mut encoder,
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (each admission, resumed ones too)",
+            stat(|s| s.prefix_queries.load(Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not computed again)",
+            stat(|s| s.prefix_hits.load(Relaxed)),
         )?;
         counter(
             &mut encoder,
@@ -364,20 +400,36 @@ impl Collector for EngineCollector {
                     ConstGauge::new(depth as i64).encode(metric.encode_family(&labels)?)?;
                 }
             }
-            let preempted = stats.preemptions.load(Relaxed);
-            let for_priority = stats.preemptions_for_priority.load(Relaxed);
             let mut metric = encoder.encode_descriptor(
                 "parallax_preemptions",
-                "Sequences preempted, by reason (out_of_blocks, priority)",
+                "Sequences preempted, by reason (out_of_blocks, priority, bin_share)",
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for (reason, n) in [
-                ("out_of_blocks", preempted.saturating_sub(for_priority)),
-                ("priority", for_priority),
-            ] {
-                ConstCounter::new(n).encode(metric.encode_family(&ReasonLabel { reason })?)?;
+            for (reason, n) in Preemption::ALL.iter().zip(&stats.preemptions) {
+                let labels = ReasonLabel {
+                    reason: reason.as_str(),
+                };
+                ConstCounter::new(n.load(Relaxed)).encode(metric.encode_family(&labels)?)?;
             }
+            let mut metric = encoder.encode_descriptor(
+                "parallax_admission_stalls",
+                "Engine steps that left requests waiting, by why admission stopped (token_budget, sequence_cap, blocks, kv_pressure, resting_bin, exclusive, held)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, n) in Stall::ALL.iter().zip(&stats.admission_stalls) {
+                let labels = ReasonLabel {
+                    reason: reason.as_str(),
+                };
+                ConstCounter::new(n.load(Relaxed)).encode(metric.encode_family(&labels)?)?;
+            }
+            gauge(
+                &mut encoder,
+                "parallax_prefix_cache_blocks",
+                "KV blocks whose content is in the prefix cache, held by a request or not",
+                ConstGauge::new(stats.kv_blocks_cached.load(Relaxed) as i64),
+            )?;
             gauge(
                 &mut encoder,
                 "parallax_batch_utilization",

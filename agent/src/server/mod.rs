@@ -24,7 +24,7 @@ use axum::routing::{get, post};
 use error::ApiError;
 use metrics::{EngineView, Metrics};
 use overload::QueueBudget;
-use prediction::{BinBounds, Predictor};
+use prediction::{Binning, Predictor};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -48,8 +48,8 @@ pub struct ServerConfig {
     pub max_queue_tokens: usize,
     /// `X-Max-Wait-Time` when a request does not say.
     pub default_max_wait: Duration,
-    /// Predicted-time boundaries of the fast and medium bins.
-    pub bins: BinBounds,
+    /// How requests are put into bins by predicted time.
+    pub bins: Binning,
 }
 
 impl Default for ServerConfig {
@@ -61,7 +61,7 @@ impl Default for ServerConfig {
             max_queue_requests: 256,
             max_queue_tokens: 256 * 1024,
             default_max_wait: Duration::from_millis(50),
-            bins: BinBounds::default(),
+            bins: Binning::Adaptive,
         }
     }
 }

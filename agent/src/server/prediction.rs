@@ -5,6 +5,10 @@
 //! the optional `X-Task-Class`) as an exponentially weighted mean of the fraction of `max_tokens`
 //! that finished requests of the class used. Time is `prompt × prefill time per token + output ×
 //! decode time per token`, both per-token times also weighted means of what was observed.
+//!
+//! Bins: fixed bounds when the operator sets them, else [`AdaptiveBounds`] — the natural breaks
+//! of recent predicted times, so that the same defaults split real traffic on a CPU (where
+//! almost every request takes longer than the GPU-scale 100/500 ms) and on a GPU alike.
 
 use crate::engine::admission::Bin;
 use std::collections::HashMap;
@@ -39,16 +43,166 @@ impl RequestClass {
 pub struct BinBounds {
     /// Below this: fast.
     pub fast: Duration,
-    /// Below this (and not fast): medium; slow above.
+    /// Below this (and not fast): medium; slow above. Equal to `fast` when there is no medium
+    /// class.
     pub medium: Duration,
 }
 
 impl Default for BinBounds {
+    /// The GPU-scale reference: 100 and 500 ms (the pool API's seed values).
     fn default() -> Self {
         Self {
             fast: Duration::from_millis(100),
             medium: Duration::from_millis(500),
         }
+    }
+}
+
+impl BinBounds {
+    pub fn bin(&self, time: Duration) -> Bin {
+        if time < self.fast {
+            Bin::Fast
+        } else if time < self.medium {
+            Bin::Medium
+        } else {
+            Bin::Slow
+        }
+    }
+}
+
+/// How requests are put into bins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binning {
+    /// These bounds, always (flags or the pool spec).
+    Fixed(BinBounds),
+    /// Bounds at the natural breaks of recent predicted times (the default).
+    Adaptive,
+}
+
+/// Predicted times remembered for the adaptive bounds.
+const WINDOW: usize = 256;
+/// Below this many predictions the adaptive bounds are the GPU-scale reference.
+const MIN_SAMPLES: usize = 32;
+/// The adaptive bounds are recomputed after this many predictions.
+const REFIT_EVERY: usize = 16;
+/// Classes whose median times are less than this factor apart are one class.
+const SEPARATION: f64 = 2.0;
+/// The smallest share of the window a class must hold.
+const MIN_CLASS_SHARE: f64 = 0.05;
+
+/// Bin bounds from the recent predicted times: their logarithms are split into three, else two
+/// classes by least squares (Jenks' natural breaks, exact for one dimension), a split kept only
+/// when its classes' median times are at least [`SEPARATION`] apart and each holds
+/// [`MIN_CLASS_SHARE`] of the window. A bound lies halfway (geometrically) between the two
+/// predicted times it separates. Three classes are fast, medium and slow; two are fast and slow;
+/// one is fast, with anything over twice its longest time medium and over eight times slow.
+/// Identical requests therefore share one bin, a mix of short and long requests is split where
+/// the gap is, on any hardware, and a class is never cut in two by a bound that lies within it.
+#[derive(Debug, Clone)]
+pub struct AdaptiveBounds {
+    /// Recent predicted times in seconds, a ring.
+    recent: Vec<f64>,
+    next: usize,
+    since_fit: usize,
+    bounds: BinBounds,
+}
+
+impl Default for AdaptiveBounds {
+    fn default() -> Self {
+        Self {
+            recent: Vec::with_capacity(WINDOW),
+            next: 0,
+            since_fit: 0,
+            bounds: BinBounds::default(),
+        }
+    }
+}
+
+impl AdaptiveBounds {
+    pub fn bounds(&self) -> BinBounds {
+        self.bounds
+    }
+
+    /// Remembers a predicted time; refits now and then.
+    pub fn record(&mut self, time: Duration) {
+        let seconds = time.as_secs_f64().max(1e-6);
+        if self.recent.len() < WINDOW {
+            self.recent.push(seconds);
+        } else {
+            self.recent[self.next] = seconds;
+        }
+        self.next = (self.next + 1) % WINDOW;
+        self.since_fit += 1;
+        if self.recent.len() >= MIN_SAMPLES && self.since_fit >= REFIT_EVERY {
+            self.since_fit = 0;
+            self.bounds = fit_bounds(&self.recent);
+        }
+    }
+}
+
+/// The bounds for these predicted times (see [`AdaptiveBounds`]).
+fn fit_bounds(times: &[f64]) -> BinBounds {
+    let mut x: Vec<f64> = times.iter().map(|t| t.ln()).collect();
+    x.sort_by(f64::total_cmp);
+    let n = x.len();
+    // Prefix sums: the squared error of a class x[a..b] in O(1).
+    let mut sum = vec![0.0; n + 1];
+    let mut squares = vec![0.0; n + 1];
+    for (i, v) in x.iter().enumerate() {
+        sum[i + 1] = sum[i] + v;
+        squares[i + 1] = squares[i] + v * v;
+    }
+    // A class's median: robust to a few outliers that would drag a mean across a gap.
+    let median = |a: usize, b: usize| (x[a + (b - a - 1) / 2] + x[a + (b - a) / 2]) / 2.0;
+    let error = |a: usize, b: usize| {
+        let s = sum[b] - sum[a];
+        squares[b] - squares[a] - s * s / (b - a) as f64
+    };
+    let smallest = ((n as f64 * MIN_CLASS_SHARE).ceil() as usize).max(1);
+    // A partition at these cuts, if its classes are large enough and far enough apart.
+    let valid = |cuts: &[usize]| {
+        let mut edges = Vec::with_capacity(cuts.len() + 2);
+        edges.push(0);
+        edges.extend_from_slice(cuts);
+        edges.push(n);
+        edges.windows(2).all(|w| w[1] - w[0] >= smallest)
+            && edges
+                .windows(3)
+                .all(|w| median(w[1], w[2]) - median(w[0], w[1]) >= SEPARATION.ln())
+    };
+    let between = |i: usize| Duration::from_secs_f64(((x[i - 1] + x[i]) / 2.0).exp());
+    // Three classes: the pair of cuts with the least squared error, if valid.
+    let three = (1..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .min_by(|&(a, b), &(c, d)| {
+            let e = |i, j| error(0, i) + error(i, j) + error(j, n);
+            e(a, b).total_cmp(&e(c, d))
+        });
+    if let Some((i, j)) = three
+        && valid(&[i, j])
+    {
+        return BinBounds {
+            fast: between(i),
+            medium: between(j),
+        };
+    }
+    // Two classes: the cut with the least squared error, if valid.
+    let two =
+        (1..n).min_by(|&a, &b| (error(0, a) + error(a, n)).total_cmp(&(error(0, b) + error(b, n))));
+    if let Some(i) = two
+        && valid(&[i])
+    {
+        let bound = between(i);
+        return BinBounds {
+            fast: bound,
+            medium: bound,
+        };
+    }
+    // One class.
+    let longest = x.last().map_or(0.0, |v| v.exp());
+    BinBounds {
+        fast: Duration::from_secs_f64(2.0 * longest),
+        medium: Duration::from_secs_f64(8.0 * longest),
     }
 }
 
@@ -78,7 +232,8 @@ pub struct Observation {
 /// The online model.
 #[derive(Debug, Clone)]
 pub struct Predictor {
-    bounds: BinBounds,
+    binning: Binning,
+    adaptive: AdaptiveBounds,
     /// Fraction of `max_tokens` used, per class.
     output_ratio: HashMap<RequestClass, f64>,
     /// Seconds per prompt token, and per output token after the first.
@@ -93,9 +248,10 @@ fn mean(old: f64, new: f64) -> f64 {
 impl Predictor {
     /// Starts from a CPU-sized guess (2 ms per prompt token, 25 ms per output token) and a full
     /// `max_tokens`, both corrected by the first requests.
-    pub fn new(bounds: BinBounds) -> Self {
+    pub fn new(binning: Binning) -> Self {
         Self {
-            bounds,
+            binning,
+            adaptive: AdaptiveBounds::default(),
             output_ratio: HashMap::new(),
             prefill_per_token: 0.002,
             decode_per_token: 0.025,
@@ -116,8 +272,17 @@ impl Predictor {
         }
     }
 
+    /// The bin bounds in force.
+    pub fn bounds(&self) -> BinBounds {
+        match self.binning {
+            Binning::Fixed(bounds) => bounds,
+            Binning::Adaptive => self.adaptive.bounds(),
+        }
+    }
+
+    /// Predicts a request's time and bin; adaptive bounds learn the time.
     pub fn predict(
-        &self,
+        &mut self,
         class: &RequestClass,
         prompt_tokens: usize,
         max_tokens: usize,
@@ -131,13 +296,10 @@ impl Predictor {
         let seconds = prompt_tokens as f64 * self.prefill_per_token
             + (output_tokens - 1.0).max(0.0) * self.decode_per_token;
         let time = Duration::from_secs_f64(seconds.max(0.0));
-        let bin = if time < self.bounds.fast {
-            Bin::Fast
-        } else if time < self.bounds.medium {
-            Bin::Medium
-        } else {
-            Bin::Slow
-        };
+        let bin = self.bounds().bin(time);
+        if self.binning == Binning::Adaptive {
+            self.adaptive.record(time);
+        }
         let millis = (seconds * 1e3).max(1e-3);
         let complexity = (1.0 + ((millis / 10.0).log10() * 3.0).floor()).clamp(1.0, 10.0) as u8;
         Prediction {
@@ -188,7 +350,7 @@ mod tests {
     fn the_predictor_converges_on_a_synthetic_workload() {
         // Two kinds of work: summaries use about 30 % of max_tokens, stories 90 %; the machine
         // prefills at 1 ms and decodes at 20 ms per token, with ±10 % noise.
-        let mut predictor = Predictor::new(BinBounds::default());
+        let mut predictor = Predictor::new(Binning::Fixed(BinBounds::default()));
         let mut rng = Rng::new(7);
         let classes = [
             (RequestClass::new(false, 200, Some("summary")), 200, 0.3),
@@ -230,7 +392,7 @@ mod tests {
 
     #[test]
     fn bins_and_complexity_follow_the_predicted_time() {
-        let predictor = Predictor::new(BinBounds::default());
+        let mut predictor = Predictor::new(Binning::Fixed(BinBounds::default()));
         let class = RequestClass::new(false, 1, None);
         // One output token: only the prompt costs (2 ms a token before any observation).
         let short = predictor.predict(&class, 10, 1);
@@ -240,5 +402,103 @@ mod tests {
         let long = predictor.predict(&RequestClass::new(false, 1000, None), 10, 1000);
         assert_eq!((long.bin, long.complexity), (Bin::Slow, 10));
         assert!(short.complexity < medium.complexity && medium.complexity < long.complexity);
+    }
+
+    /// The bounds after `times` (seconds) were predicted, in that order.
+    fn adapted(times: impl IntoIterator<Item = f64>) -> BinBounds {
+        let mut adaptive = AdaptiveBounds::default();
+        for t in times {
+            adaptive.record(Duration::from_secs_f64(t));
+        }
+        adaptive.bounds()
+    }
+
+    /// `n` times around `center`, ±10 %, from a seeded generator.
+    fn around(rng: &mut Rng, center: f64, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|_| center * (0.9 + 0.2 * f64::from(rng.next_f32())))
+            .collect()
+    }
+
+    #[test]
+    fn adaptive_bounds_split_a_mix_where_its_gap_is_on_any_hardware() {
+        let mut rng = Rng::new(3);
+        // 80 % short and 20 % long requests, at CPU scale (0.2 s and 2.5 s) and at GPU scale
+        // (a hundred times faster): the same split, fast and slow.
+        for scale in [1.0, 0.01] {
+            let mut times = Vec::new();
+            for _ in 0..40 {
+                times.extend(around(&mut rng, 0.2 * scale, 4));
+                times.extend(around(&mut rng, 2.5 * scale, 1));
+            }
+            let bounds = adapted(times.iter().copied());
+            for t in &times {
+                let expected = if *t < 1.0 * scale {
+                    Bin::Fast
+                } else {
+                    Bin::Slow
+                };
+                assert_eq!(
+                    bounds.bin(Duration::from_secs_f64(*t)),
+                    expected,
+                    "{t} s at {scale}"
+                );
+            }
+        }
+        // Three classes far apart: fast, medium, slow.
+        let mut times = Vec::new();
+        for _ in 0..30 {
+            times.extend(around(&mut rng, 0.05, 3));
+            times.extend(around(&mut rng, 0.5, 2));
+            times.extend(around(&mut rng, 5.0, 1));
+        }
+        let bounds = adapted(times);
+        let bin = |t: f64| bounds.bin(Duration::from_secs_f64(t));
+        assert_eq!(
+            [bin(0.05), bin(0.5), bin(5.0)],
+            [Bin::Fast, Bin::Medium, Bin::Slow]
+        );
+    }
+
+    #[test]
+    fn adaptive_bounds_keep_one_class_together_and_start_from_the_gpu_reference() {
+        // Before enough predictions: 100 / 500 ms.
+        assert_eq!(adapted([3.0; 10]), BinBounds::default());
+        // Identical requests, or one class spread by ±10 %: all fast, never cut in two; one
+        // far longer than any seen goes to a slower bin.
+        let mut rng = Rng::new(5);
+        for times in [vec![3.0; 64], around(&mut rng, 3.0, 64)] {
+            let bounds = adapted(times.iter().copied());
+            assert!(
+                times
+                    .iter()
+                    .all(|t| bounds.bin(Duration::from_secs_f64(*t)) == Bin::Fast)
+            );
+            assert_eq!(bounds.bin(Duration::from_secs_f64(30.0)), Bin::Slow);
+        }
+        // A handful of outliers (under 5 %) make no class of their own.
+        let mut times = around(&mut rng, 1.0, 100);
+        times.extend([20.0, 25.0]);
+        let bounds = adapted(times);
+        assert_eq!(bounds.bin(Duration::from_secs_f64(1.05)), Bin::Fast);
+    }
+
+    #[test]
+    fn fixed_bounds_win_over_adaptive_ones() {
+        let fixed = BinBounds {
+            fast: Duration::from_secs(10),
+            medium: Duration::from_secs(20),
+        };
+        let mut predictor = Predictor::new(Binning::Fixed(fixed));
+        let class = RequestClass::new(false, 16, None);
+        for _ in 0..64 {
+            predictor.predict(&class, 10, 16);
+        }
+        assert_eq!(predictor.bounds(), fixed);
+        let mut adaptive = Predictor::new(Binning::Adaptive);
+        for _ in 0..64 {
+            adaptive.predict(&class, 10, 16);
+        }
+        assert_ne!(adaptive.bounds(), BinBounds::default(), "it adapted");
     }
 }

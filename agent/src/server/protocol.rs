@@ -143,17 +143,26 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
     /// Parallax's extension, in a stream's usage chunk: how the request was placed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parallax: Option<Placement>,
 }
 
+/// What the prompt's tokens cost.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, JsonSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens found in the prefix cache: their keys and values were not computed again.
+    pub cached_tokens: usize,
+}
+
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
             parallax: None,
         }
     }

@@ -49,6 +49,10 @@ def main() -> None:
     assert streamed == choice.message.content, f"stream {streamed!r} != {choice.message.content!r}"
     assert finish == choice.finish_reason, finish
     assert usage is not None and usage.completion_tokens == plain.usage.completion_tokens, usage
+    # The repeated prompt's whole KV blocks came from the prefix cache.
+    assert plain.usage.prompt_tokens_details.cached_tokens == 0, plain.usage
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < usage.prompt_tokens, usage
 
     completion = client.completions.create(
         model=model, prompt="Once upon a time", max_tokens=8, temperature=0

@@ -55,7 +55,12 @@ pub struct Output {
 }
 
 /// Drains a stream to its end.
-pub async fn collect(mut stream: engine::RequestStream) -> Output {
+pub async fn collect(stream: engine::RequestStream) -> Output {
+    collect_counted(stream).await.0
+}
+
+/// Drains a stream to its end; with the prompt tokens found in the prefix cache.
+pub async fn collect_counted(mut stream: engine::RequestStream) -> (Output, usize) {
     let (mut tokens, mut text) = (Vec::new(), String::new());
     loop {
         match stream.next().await.expect("the stream ends with Finished") {
@@ -71,15 +76,17 @@ pub async fn collect(mut stream: engine::RequestStream) -> Output {
                 text: rest,
                 reason,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 text.push_str(&rest);
-                return Output {
+                let output = Output {
                     tokens,
                     text,
                     reason,
                     completion_tokens,
                 };
+                return (output, cached_tokens);
             }
         }
     }
