@@ -49,7 +49,7 @@ pub struct BinBounds {
 }
 
 impl Default for BinBounds {
-    /// The GPU-scale reference: 100 and 500 ms (the pool API's seed values).
+    /// The GPU-scale reference of the product brief: 100 and 500 ms.
     fn default() -> Self {
         Self {
             fast: Duration::from_millis(100),
@@ -81,68 +81,71 @@ pub enum Binning {
 
 /// Predicted times remembered for the adaptive bounds.
 const WINDOW: usize = 256;
-/// Below this many predictions the adaptive bounds are the GPU-scale reference.
+/// Below this many predictions the adaptive bounds see one class (every request fast).
 const MIN_SAMPLES: usize = 32;
 /// The adaptive bounds are recomputed after this many predictions.
 const REFIT_EVERY: usize = 16;
 /// Classes whose median times are less than this factor apart are one class.
 const SEPARATION: f64 = 2.0;
+/// A bound that nothing reaches, in seconds (a day).
+const UNBOUNDED: f64 = 86_400.0;
 /// The smallest share of the window a class must hold.
 const MIN_CLASS_SHARE: f64 = 0.05;
 
-/// Bin bounds from the recent predicted times: their logarithms are split into three, else two
-/// classes by least squares (Jenks' natural breaks, exact for one dimension), a split kept only
-/// when its classes' median times are at least [`SEPARATION`] apart and each holds
-/// [`MIN_CLASS_SHARE`] of the window. A bound lies halfway (geometrically) between the two
-/// predicted times it separates. Three classes are fast, medium and slow; two are fast and slow;
-/// one is fast, with anything over twice its longest time medium and over eight times slow.
-/// Identical requests therefore share one bin, a mix of short and long requests is split where
-/// the gap is, on any hardware, and a class is never cut in two by a bound that lies within it.
-#[derive(Debug, Clone)]
+/// Bin bounds from the recent predicted sizes — predicted times in units of the decode time per
+/// token then learned, so that a machine that slows under load does not make one kind of
+/// request look like two. Their logarithms are split into three, else two classes by least
+/// squares (Jenks' natural breaks, exact for one dimension), a split kept only when its classes'
+/// median sizes are at least [`SEPARATION`] apart and each holds [`MIN_CLASS_SHARE`] of the
+/// window. A bound lies halfway (geometrically) between the two sizes it separates. Three classes
+/// are fast, medium and slow; two are fast and slow; one is fast, with anything over twice its
+/// largest size medium and over eight times slow. Identical requests therefore share one bin, a
+/// mix of short and long requests is split where the gap is, on any hardware, and a class is
+/// never cut in two by a bound that lies within it.
+#[derive(Debug, Clone, Default)]
 pub struct AdaptiveBounds {
-    /// Recent predicted times in seconds, a ring.
+    /// Recent predicted sizes, a ring.
     recent: Vec<f64>,
     next: usize,
     since_fit: usize,
-    bounds: BinBounds,
-}
-
-impl Default for AdaptiveBounds {
-    fn default() -> Self {
-        Self {
-            recent: Vec::with_capacity(WINDOW),
-            next: 0,
-            since_fit: 0,
-            bounds: BinBounds::default(),
-        }
-    }
+    /// The fast and medium bounds in size units, once fitted.
+    fitted: Option<(f64, f64)>,
 }
 
 impl AdaptiveBounds {
-    pub fn bounds(&self) -> BinBounds {
-        self.bounds
+    /// The bounds in seconds where one size unit takes `unit` seconds. Until enough sizes were
+    /// seen nothing tells requests apart, and all are fast (one class, as for identical
+    /// requests); a fixed seed such as the GPU-scale 100/500 ms would put every request of a CPU,
+    /// and every chat request of a GPU, in the slow bin.
+    pub fn bounds(&self, unit: f64) -> BinBounds {
+        let (fast, medium) = self.fitted.unwrap_or((f64::INFINITY, f64::INFINITY));
+        let seconds = |size: f64| Duration::from_secs_f64((size * unit).min(UNBOUNDED));
+        BinBounds {
+            fast: seconds(fast),
+            medium: seconds(medium),
+        }
     }
 
-    /// Remembers a predicted time; refits now and then.
-    pub fn record(&mut self, time: Duration) {
-        let seconds = time.as_secs_f64().max(1e-6);
+    /// Remembers a predicted size; refits now and then.
+    pub fn record(&mut self, size: f64) {
+        let size = size.max(1e-6);
         if self.recent.len() < WINDOW {
-            self.recent.push(seconds);
+            self.recent.push(size);
         } else {
-            self.recent[self.next] = seconds;
+            self.recent[self.next] = size;
         }
         self.next = (self.next + 1) % WINDOW;
         self.since_fit += 1;
         if self.recent.len() >= MIN_SAMPLES && self.since_fit >= REFIT_EVERY {
             self.since_fit = 0;
-            self.bounds = fit_bounds(&self.recent);
+            self.fitted = Some(fit_bounds(&self.recent));
         }
     }
 }
 
-/// The bounds for these predicted times (see [`AdaptiveBounds`]).
-fn fit_bounds(times: &[f64]) -> BinBounds {
-    let mut x: Vec<f64> = times.iter().map(|t| t.ln()).collect();
+/// The fast and medium bounds for these predicted sizes (see [`AdaptiveBounds`]).
+fn fit_bounds(sizes: &[f64]) -> (f64, f64) {
+    let mut x: Vec<f64> = sizes.iter().map(|t| t.ln()).collect();
     x.sort_by(f64::total_cmp);
     let n = x.len();
     // Prefix sums: the squared error of a class x[a..b] in O(1).
@@ -170,7 +173,7 @@ fn fit_bounds(times: &[f64]) -> BinBounds {
                 .windows(3)
                 .all(|w| median(w[1], w[2]) - median(w[0], w[1]) >= SEPARATION.ln())
     };
-    let between = |i: usize| Duration::from_secs_f64(((x[i - 1] + x[i]) / 2.0).exp());
+    let between = |i: usize| ((x[i - 1] + x[i]) / 2.0).exp();
     // Three classes: the pair of cuts with the least squared error, if valid.
     let three = (1..n)
         .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
@@ -181,10 +184,7 @@ fn fit_bounds(times: &[f64]) -> BinBounds {
     if let Some((i, j)) = three
         && valid(&[i, j])
     {
-        return BinBounds {
-            fast: between(i),
-            medium: between(j),
-        };
+        return (between(i), between(j));
     }
     // Two classes: the cut with the least squared error, if valid.
     let two =
@@ -192,18 +192,11 @@ fn fit_bounds(times: &[f64]) -> BinBounds {
     if let Some(i) = two
         && valid(&[i])
     {
-        let bound = between(i);
-        return BinBounds {
-            fast: bound,
-            medium: bound,
-        };
+        return (between(i), between(i));
     }
     // One class.
-    let longest = x.last().map_or(0.0, |v| v.exp());
-    BinBounds {
-        fast: Duration::from_secs_f64(2.0 * longest),
-        medium: Duration::from_secs_f64(8.0 * longest),
-    }
+    let largest = x.last().map_or(0.0, |v| v.exp());
+    (2.0 * largest, 8.0 * largest)
 }
 
 /// What the predictor says of a request.
@@ -276,7 +269,7 @@ impl Predictor {
     pub fn bounds(&self) -> BinBounds {
         match self.binning {
             Binning::Fixed(bounds) => bounds,
-            Binning::Adaptive => self.adaptive.bounds(),
+            Binning::Adaptive => self.adaptive.bounds(self.decode_per_token),
         }
     }
 
@@ -298,7 +291,8 @@ impl Predictor {
         let time = Duration::from_secs_f64(seconds.max(0.0));
         let bin = self.bounds().bin(time);
         if self.binning == Binning::Adaptive {
-            self.adaptive.record(time);
+            self.adaptive
+                .record(seconds / self.decode_per_token.max(1e-9));
         }
         let millis = (seconds * 1e3).max(1e-3);
         let complexity = (1.0 + ((millis / 10.0).log10() * 3.0).floor()).clamp(1.0, 10.0) as u8;
@@ -404,13 +398,14 @@ mod tests {
         assert!(short.complexity < medium.complexity && medium.complexity < long.complexity);
     }
 
-    /// The bounds after `times` (seconds) were predicted, in that order.
+    /// The bounds after `times` (seconds, one second a size unit) were predicted, in that
+    /// order.
     fn adapted(times: impl IntoIterator<Item = f64>) -> BinBounds {
         let mut adaptive = AdaptiveBounds::default();
         for t in times {
-            adaptive.record(Duration::from_secs_f64(t));
+            adaptive.record(t);
         }
-        adaptive.bounds()
+        adaptive.bounds(1.0)
     }
 
     /// `n` times around `center`, ±10 %, from a seeded generator.
@@ -461,9 +456,14 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_bounds_keep_one_class_together_and_start_from_the_gpu_reference() {
-        // Before enough predictions: 100 / 500 ms.
-        assert_eq!(adapted([3.0; 10]), BinBounds::default());
+    fn adaptive_bounds_keep_one_class_together_and_start_with_one_class() {
+        // Before enough predictions: every request fast.
+        let unknown = adapted([0.01, 0.1, 1.0, 10.0, 100.0]);
+        assert!(
+            [0.01, 100.0, 10_000.0]
+                .iter()
+                .all(|t| unknown.bin(Duration::from_secs_f64(*t)) == Bin::Fast)
+        );
         // Identical requests, or one class spread by ±10 %: all fast, never cut in two; one
         // far longer than any seen goes to a slower bin.
         let mut rng = Rng::new(5);
@@ -481,6 +481,39 @@ mod tests {
         times.extend([20.0, 25.0]);
         let bounds = adapted(times);
         assert_eq!(bounds.bin(Duration::from_secs_f64(1.05)), Bin::Fast);
+    }
+
+    #[test]
+    fn a_machine_that_slows_under_load_does_not_split_a_class() {
+        // Short requests (16 output tokens) while the learned decode time per token grows from
+        // 25 ms to 150 ms (a batch that fills up), and now and then a long one (256 tokens).
+        let mut predictor = Predictor::new(Binning::Adaptive);
+        let short = RequestClass::new(false, 16, None);
+        let long = RequestClass::new(false, 256, None);
+        for i in 0..200u32 {
+            let per_token = 0.025 + 0.125 * f64::from(i) / 200.0;
+            let seen = |output_tokens: usize| Observation {
+                prompt_tokens: 40,
+                output_tokens,
+                prefill: Duration::from_secs_f64(0.05),
+                processing: Duration::from_secs_f64(0.05 + per_token * (output_tokens - 1) as f64),
+            };
+            let (class, max_tokens) = if i % 5 == 0 {
+                (&long, 256)
+            } else {
+                (&short, 16)
+            };
+            let predicted = predictor.predict(class, 40, max_tokens);
+            if i >= 64 {
+                let expected = if max_tokens == 16 {
+                    Bin::Fast
+                } else {
+                    Bin::Slow
+                };
+                assert_eq!(predicted.bin, expected, "request {i}");
+            }
+            predictor.observe(class, max_tokens, &predicted, &seen(max_tokens));
+        }
     }
 
     #[test]
