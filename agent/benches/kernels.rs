@@ -4,7 +4,9 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::f16;
-use parallax_agent::engine::kernels::{Linear, Q8Matrix, Q8Panels, Q41Matrix, matmul};
+use parallax_agent::engine::backend::int8::kernels::{
+    Linear, Q8Matrix, Q8Panels, Q41Matrix, matmul,
+};
 use std::hint::black_box;
 
 fn values(len: usize, seed: u32) -> Vec<f32> {

@@ -2,11 +2,11 @@
 //! sequences decoding and a queue of waiting ones.
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use parallax_agent::engine::admission::{
+use parallax_agent::engine::scheduling::admission::{
     Bin, BinShare, EVERY_STEP, Priority, QueuePolicy, Queued, Ticket,
 };
-use parallax_agent::engine::kv_cache::{BlockAllocator, BlockTable};
-use parallax_agent::engine::scheduler::{Schedulable, Scheduler, SchedulerConfig};
+use parallax_agent::engine::scheduling::blocks::{BlockAllocator, BlockTable};
+use parallax_agent::engine::scheduling::scheduler::{Schedulable, Scheduler, SchedulerConfig};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

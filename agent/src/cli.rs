@@ -1,11 +1,11 @@
 //! The command line: `serve`, `generate`, `bench`, `bench-serve` and `check-config`.
 
-use crate::engine::admission::{
+use crate::engine::scheduling::admission::{
     Bin, BinShare, Discipline, EVERY_STEP, QueuePolicy, SLOW_PREFILL_CHUNK,
 };
 use crate::engine::{
-    self, EngineConfig, EngineHandle, Event, KvCacheSize, Message, ModelSource, NoObserver,
-    SamplingParams, StepObserver,
+    self, BackendConfig, BackendKind, DeviceSpec, EngineConfig, EngineHandle, Event, KvCacheSize,
+    Message, ModelSource, NoObserver, Precision, SamplingParams, StepObserver,
 };
 use crate::server::prediction::{BinBounds, Binning};
 use crate::server::{self, Server, ServerConfig};
@@ -69,6 +69,16 @@ pub struct EngineArgs {
     /// Worker threads for the forward pass (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Which backend runs the model: `int8` (the CPU engine's own kernels), `candle` (candle
+    /// tensors on any device), or `auto` (candle on CUDA, int8 on the CPU).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// The device: `cpu`, `cuda` (device 0) or `cuda:N`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
+    /// The candle backend's weight and activation type (`auto`: bf16 on CUDA, f32 on the CPU).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
     /// Admission order: `multi-bin` (bins by predicted time, priorities, aging) or `fcfs`.
     #[arg(long, value_enum, default_value_t = SchedulerKind::MultiBin)]
     pub scheduler: SchedulerKind,
@@ -95,6 +105,25 @@ pub struct EngineArgs {
     /// requests whose tokens begin alike, and a repeated prefix is not computed again.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    Auto,
+    Int8,
+    Candle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+fn parse_device(text: &str) -> Result<DeviceSpec, String> {
+    DeviceSpec::parse(text).map_err(|e| e.to_string())
 }
 
 /// Step weights by bin (fast, medium, slow).
@@ -199,6 +228,24 @@ impl EngineArgs {
         })
     }
 
+    /// Where and how the model runs.
+    pub fn backend(&self) -> BackendConfig {
+        BackendConfig {
+            kind: match self.backend {
+                BackendArg::Auto => BackendKind::Auto,
+                BackendArg::Int8 => BackendKind::Int8,
+                BackendArg::Candle => BackendKind::Candle,
+            },
+            device: self.device,
+            precision: match self.dtype {
+                DtypeArg::Auto => None,
+                DtypeArg::F32 => Some(Precision::F32),
+                DtypeArg::F16 => Some(Precision::F16),
+                DtypeArg::Bf16 => Some(Precision::Bf16),
+            },
+        }
+    }
+
     pub fn model(&self) -> anyhow::Result<&str> {
         self.model
             .as_deref()
@@ -219,7 +266,7 @@ impl EngineArgs {
                 .build_global()
                 .context("setting the thread count")?;
             anyhow::ensure!(
-                engine::kernels::pool::configure(threads),
+                engine::backend::int8::kernels::pool::configure(threads),
                 "setting the thread count: the forward pool had already started"
             );
         }
@@ -227,10 +274,12 @@ impl EngineArgs {
         let source = ModelSource::parse(model)?;
         let started = Instant::now();
         tracing::info!(model, "loading");
-        let (weights, codec) = engine::load_with_tokenizer(&source, self.tokenizer.as_deref())?;
-        let handle = engine::start_observed(weights, codec, config, observer)?;
+        let (executor, codec) =
+            engine::load_with_tokenizer(&source, self.tokenizer.as_deref(), &self.backend())?;
+        let handle = engine::start_observed(executor, codec, config, observer)?;
         tracing::info!(
             model,
+            backend = handle.info.backend,
             seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
             weights_mib = handle.info.weight_bytes >> 20,
             kv_blocks = handle.info.kv_blocks,

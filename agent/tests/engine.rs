@@ -1,20 +1,22 @@
 //! The engine on the real test model: batching changes nothing of greedy output, preemption and
-//! cancellation lose nothing and leak no blocks, and outputs end as asked.
+//! cancellation lose nothing and leak no blocks, and outputs end as asked. The behaviours that
+//! depend on the executor run on every backend from one body each (`per_backend!`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
-use parallax_agent::engine::admission::Bin;
+use parallax_agent::engine::BackendConfig;
 use parallax_agent::engine::runtime::{RequestOptions, RunTime};
+use parallax_agent::engine::scheduling::admission::Bin;
 use parallax_agent::engine::{EngineError, Event, FinishReason, SamplingParams};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::{collect, config, greedy, prompts, start};
+use support::{collect, config, greedy, prompts, start, start_on};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_and_chunked_greedy_output_equals_each_prompt_alone() {
+per_backend!(batched_and_chunked_greedy_output_equals_each_prompt_alone);
+async fn batched_and_chunked_greedy_output_equals_each_prompt_alone(backend: BackendConfig) {
     // A 16-token budget forces the longer prompts to prefill in chunks, mixed with decodes.
-    let engine = start(config(16, 512));
+    let engine = start_on(backend, config(16, 512));
     let prompts = prompts(&engine);
     let mut alone = Vec::new();
     for p in &prompts {
@@ -38,9 +40,9 @@ async fn batched_and_chunked_greedy_output_equals_each_prompt_alone() {
     assert!(engine.stats.steps.load(Ordering::Relaxed) > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tiny_kv_pool_preempts_yet_every_request_completes_identically() {
-    let large = start(config(256, 512));
+per_backend!(a_tiny_kv_pool_preempts_yet_every_request_completes_identically);
+async fn a_tiny_kv_pool_preempts_yet_every_request_completes_identically(backend: BackendConfig) {
+    let large = start_on(backend, config(256, 512));
     let prompts: Vec<Vec<u32>> = prompts(&large).into_iter().cycle().take(16).collect();
     let mut expected = Vec::new();
     for p in &prompts {
@@ -49,7 +51,7 @@ async fn a_tiny_kv_pool_preempts_yet_every_request_completes_identically() {
     drop(large);
 
     // 12 blocks of 16 tokens hold about four of these requests at once.
-    let small = start(config(256, 12));
+    let small = start_on(backend, config(256, 12));
     let streams: Vec<_> = prompts
         .iter()
         .map(|p| small.submit(p.clone(), greedy(20)).unwrap())
@@ -71,9 +73,9 @@ async fn a_tiny_kv_pool_preempts_yet_every_request_completes_identically() {
     assert!(small.stats.kv_blocks_peak.load(Ordering::Relaxed) <= 12);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_requests_free_their_blocks() {
-    let engine = start(config(64, 64));
+per_backend!(cancelled_requests_free_their_blocks);
+async fn cancelled_requests_free_their_blocks(backend: BackendConfig) {
+    let engine = start_on(backend, config(64, 64));
     let prompts = prompts(&engine);
     let keep = engine.submit(prompts[1].clone(), greedy(40)).unwrap();
     let mut dropped: Vec<_> = prompts[2..5]
@@ -151,9 +153,9 @@ async fn outputs_end_at_max_tokens_stop_strings_and_stop_ids() {
     assert_eq!(by_id.tokens, free.tokens[..=first_at]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seeded_sampling_is_reproducible_while_batched() {
-    let engine = start(config(256, 256));
+per_backend!(seeded_sampling_is_reproducible_while_batched);
+async fn seeded_sampling_is_reproducible_while_batched(backend: BackendConfig) {
+    let engine = start_on(backend, config(256, 256));
     let prompt = engine.codec.encode("Once upon a time").unwrap();
     let params = SamplingParams {
         temperature: 0.8,
@@ -274,5 +276,22 @@ async fn run_time_counts_the_steps_a_request_ran_in_not_those_it_sat_out() {
     assert!(
         slow.total.as_secs_f64() < 0.8 * slow_wall.as_secs_f64(),
         "{slow:?} against {slow_wall:?}"
+    );
+}
+
+#[test]
+fn a_cuda_device_on_a_build_without_cuda_names_the_feature_and_the_build_script() {
+    let backend = BackendConfig {
+        device: parallax_agent::engine::DeviceSpec::Cuda(0),
+        ..BackendConfig::default()
+    };
+    let source = parallax_agent::engine::ModelSource::Dummy("smollm2-135m".into());
+    let error = parallax_agent::engine::load(&source, &backend)
+        .err()
+        .expect("no CUDA here");
+    let text = error.to_string();
+    assert!(
+        text.contains("`cuda` cargo feature") && text.contains("scripts/build-cuda"),
+        "{text}"
     );
 }

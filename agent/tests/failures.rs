@@ -6,7 +6,7 @@
 
 mod support;
 
-use parallax_agent::engine::breaker::BreakerConfig;
+use parallax_agent::engine::scheduling::breaker::BreakerConfig;
 use parallax_agent::engine::{self, EngineConfig, EngineHandle, Event, ModelSource};
 use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
@@ -20,10 +20,14 @@ fn poison(engine: &EngineHandle) -> u32 {
 }
 
 fn poisoned_engine(poison_token: u32, breaker: BreakerConfig) -> EngineHandle {
-    let (model, codec) =
-        engine::load_with_tokenizer(&ModelSource::Gguf(support::model_path()), None).unwrap();
+    let (executor, codec) = engine::load_with_tokenizer(
+        &ModelSource::Gguf(support::model_path()),
+        None,
+        &engine::BackendConfig::default(),
+    )
+    .unwrap();
     engine::start(
-        model,
+        executor,
         codec,
         EngineConfig {
             poison_token: Some(poison_token),

@@ -3,7 +3,8 @@
 
 mod support;
 
-use parallax_agent::engine::{self, EngineError, Message, ModelSource, TextCodec, loader};
+use parallax_agent::engine::model::loader;
+use parallax_agent::engine::{self, BackendConfig, EngineError, Message, ModelSource, TextCodec};
 use std::path::PathBuf;
 use support::model_path;
 
@@ -73,7 +74,10 @@ fn the_models_chat_template_renders_chatml_with_its_default_system_prompt() {
 }
 
 fn load_error(path: &std::path::Path) -> EngineError {
-    match engine::load(&ModelSource::Gguf(path.to_owned())) {
+    match engine::load(
+        &ModelSource::Gguf(path.to_owned()),
+        &BackendConfig::default(),
+    ) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => e,
     }
@@ -193,118 +197,38 @@ fn an_unknown_quantization_type_is_an_error() {
 
 #[test]
 fn dummy_shapes_load_and_unknown_ones_are_named() {
-    let err = engine::load(&ModelSource::Dummy("gpt-5".into()))
-        .err()
-        .unwrap();
+    let err = engine::load(
+        &ModelSource::Dummy("gpt-5".into()),
+        &BackendConfig::default(),
+    )
+    .err()
+    .unwrap();
     assert!(
         err.to_string().contains("unknown dummy shape \"gpt-5\""),
         "{err}"
     );
-    let (model, tokenizer) = engine::load(&ModelSource::Dummy("smollm2-135m".into())).unwrap();
-    assert!(tokenizer.is_none());
-    assert_eq!(
-        (
-            model.config.layers,
-            model.config.hidden_size,
-            model.config.kv_heads
-        ),
-        (30, 576, 3)
-    );
-}
-
-/// A tiny Llama in the Hugging Face layout: config.json, bf16 safetensors, tokenizer files.
-fn tiny_hf_model(dir: &std::path::Path) {
-    use candle_core::{DType, Device, Tensor};
-    std::fs::create_dir_all(dir).unwrap();
-    let (vocab, hidden, ffn, heads, kv_heads) = (300, 64, 128, 4, 2);
-    let hd = hidden / heads;
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::json!({
-            "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": ffn,
-            "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": true
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let mut seed = 1u32;
-    let mut random = |rows: usize, cols: usize| {
-        let data: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.2
-            })
-            .collect();
-        Tensor::from_vec(data, (rows, cols), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap()
-    };
-    let mut tensors = std::collections::HashMap::new();
-    tensors.insert(
-        "model.embed_tokens.weight".to_owned(),
-        random(vocab, hidden),
-    );
-    tensors.insert(
-        "model.norm.weight".to_owned(),
-        Tensor::ones(hidden, DType::BF16, &Device::Cpu).unwrap(),
-    );
-    for i in 0..2 {
-        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-        tensors.insert(
-            p("input_layernorm"),
-            Tensor::ones(hidden, DType::BF16, &Device::Cpu).unwrap(),
+    let dummy = ModelSource::Dummy("smollm2-135m".into());
+    for (name, backend) in support::backends() {
+        let model = engine::load(&dummy, &backend).unwrap();
+        let c = model.config();
+        assert_eq!(
+            (c.layers, c.hidden_size, c.kv_heads),
+            (30, 576, 3),
+            "{name}"
         );
-        tensors.insert(
-            p("post_attention_layernorm"),
-            Tensor::ones(hidden, DType::BF16, &Device::Cpu).unwrap(),
-        );
-        tensors.insert(p("self_attn.q_proj"), random(heads * hd, hidden));
-        tensors.insert(p("self_attn.k_proj"), random(kv_heads * hd, hidden));
-        tensors.insert(p("self_attn.v_proj"), random(kv_heads * hd, hidden));
-        tensors.insert(p("self_attn.o_proj"), random(hidden, heads * hd));
-        tensors.insert(p("mlp.gate_proj"), random(ffn, hidden));
-        tensors.insert(p("mlp.up_proj"), random(ffn, hidden));
-        tensors.insert(p("mlp.down_proj"), random(hidden, ffn));
     }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    // A byte-level tokenizer whose 256 byte tokens need no merges.
-    let bytes = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet();
-    let mut alphabet: Vec<char> = bytes.into_iter().collect();
-    alphabet.sort();
-    let vocab_json: serde_json::Map<String, serde_json::Value> = alphabet
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), serde_json::json!(i)))
-        .collect();
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "normalizer": null, "post_processor": null,
-        "added_tokens": [{"id": 256, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab_json, "merges": []}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({"eos_token": "</s>", "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"}).to_string()).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hugging_face_directory_loads_and_generates() {
     let dir = std::env::temp_dir().join(format!("parallax-{}-hf", std::process::id()));
-    tiny_hf_model(&dir);
+    support::tiny::TinyLlama::default().write(&dir);
     let source = ModelSource::parse(dir.to_str().unwrap()).unwrap();
     assert_eq!(source, ModelSource::HuggingFace(dir.clone()));
-    let (model, codec) = engine::load_with_tokenizer(&source, None).unwrap();
-    assert_eq!(
-        (
-            model.config.layers,
-            model.config.kv_heads,
-            model.config.context_length
-        ),
-        (2, 2, 256)
-    );
+    let (model, codec) =
+        engine::load_with_tokenizer(&source, None, &BackendConfig::default()).unwrap();
+    let c = model.config();
+    assert_eq!((c.layers, c.kv_heads, c.context_length), (2, 2, 256));
     assert_eq!(codec.eos, vec![256]);
     assert_eq!(
         codec

@@ -6,8 +6,8 @@
 
 mod support;
 
-use parallax_agent::engine::admission::Bin;
 use parallax_agent::engine::runtime::RequestOptions;
+use parallax_agent::engine::scheduling::admission::Bin;
 use parallax_agent::engine::{EngineConfig, EngineHandle, Event};
 use std::sync::atomic::Ordering;
 use support::{Output, collect, collect_counted, config, greedy, prompts, start};

@@ -62,6 +62,15 @@ pub enum EngineError {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
+    #[error("not supported: {0}")]
+    Unsupported(String),
+
+    #[error("{backend} backend: {reason}")]
+    Backend {
+        backend: &'static str,
+        reason: String,
+    },
+
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -78,6 +87,8 @@ impl EngineError {
             | Self::MissingConfig(_)
             | Self::ShapeMismatch { .. }
             | Self::UnknownShape(_) => "model",
+            Self::Unsupported(_) => "unsupported",
+            Self::Backend { .. } => "backend",
             Self::Tokenizer(_) | Self::Template(_) => "tokenizer",
             Self::ContextExceeded { .. }
             | Self::RequestTooLarge { .. }

@@ -6,9 +6,9 @@
 
 use super::degradation::{DegradationWatch, WatchConfig};
 use super::prediction::BinBounds;
-use crate::engine::admission::{Bin, Priority, Stall};
 use crate::engine::runtime::{EngineInfo, EngineStats};
-use crate::engine::scheduler::Preemption;
+use crate::engine::scheduling::admission::{Bin, Priority, Stall};
+use crate::engine::scheduling::scheduler::Preemption;
 use crate::engine::{FinishReason, StepObserver, StepReport};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};

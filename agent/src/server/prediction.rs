@@ -10,7 +10,7 @@
 //! of recent predicted times, so that the same defaults split real traffic on a CPU (where
 //! almost every request takes longer than the GPU-scale 100/500 ms) and on a GPU alike.
 
-use crate::engine::admission::Bin;
+use crate::engine::scheduling::admission::Bin;
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use super::protocol::{ChatCompletionRequest, CompletionRequest, Content, Prompt, Stop};
-use crate::engine::admission::Priority;
+use crate::engine::scheduling::admission::Priority;
 use crate::engine::{Message, SamplingParams, TextCodec};
 use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;

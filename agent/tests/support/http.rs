@@ -30,9 +30,13 @@ pub fn server_config() -> ServerConfig {
 
 /// Loads the test model, reporting steps to `server`'s metrics, and attaches it.
 pub fn load_into(server: &Server, engine_config: EngineConfig) -> EngineHandle {
-    let (model, codec) = engine::load_with_tokenizer(&ModelSource::Gguf(model_path()), None)
-        .expect("the test model loads");
-    let handle = engine::start_observed(model, codec, engine_config, server.metrics())
+    let (executor, codec) = engine::load_with_tokenizer(
+        &ModelSource::Gguf(model_path()),
+        None,
+        &engine::BackendConfig::default(),
+    )
+    .expect("the test model loads");
+    let handle = engine::start_observed(executor, codec, engine_config, server.metrics())
         .expect("the engine starts");
     server.attach(handle.clone());
     handle

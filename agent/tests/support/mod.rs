@@ -2,7 +2,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use parallax_agent::engine::{
-    self, EngineConfig, EngineHandle, Event, FinishReason, KvCacheSize, ModelSource, SamplingParams,
+    self, BackendConfig, BackendKind, EngineConfig, EngineHandle, Event, FinishReason, KvCacheSize,
+    ModelSource, SamplingParams,
 };
 use std::path::PathBuf;
 
@@ -20,11 +21,49 @@ pub fn model_path() -> PathBuf {
     path
 }
 
-/// Starts an engine on the test model.
+/// Starts an engine on the test model (the default backend: int8 on the CPU).
 pub fn start(config: EngineConfig) -> EngineHandle {
-    let (model, codec) = engine::load_with_tokenizer(&ModelSource::Gguf(model_path()), None)
-        .expect("the test model loads");
-    engine::start(model, codec, config).expect("the engine starts")
+    start_on(BackendConfig::default(), config)
+}
+
+/// Starts an engine on the test model with `backend`.
+pub fn start_on(backend: BackendConfig, config: EngineConfig) -> EngineHandle {
+    let (executor, codec) =
+        engine::load_with_tokenizer(&ModelSource::Gguf(model_path()), None, &backend)
+            .expect("the test model loads");
+    engine::start(executor, codec, config).expect("the engine starts")
+}
+
+/// The backends every engine behaviour is tested on: int8, and candle in f32 on the CPU.
+pub fn backends() -> [(&'static str, BackendConfig); 2] {
+    [
+        ("int8", BackendConfig::default()),
+        (
+            "candle",
+            BackendConfig {
+                kind: BackendKind::Candle,
+                ..BackendConfig::default()
+            },
+        ),
+    ]
+}
+
+/// One test per backend from one body, as candle's `test_device!` does: `per_backend!(name)`
+/// runs `async fn name(backend: BackendConfig)` as the tests `name::int8` and `name::candle`.
+#[macro_export]
+macro_rules! per_backend {
+    ($body:ident) => {
+        mod $body {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn int8() {
+                super::$body(super::support::backends()[0].1).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn candle() {
+                super::$body(super::support::backends()[1].1).await
+            }
+        }
+    };
 }
 
 pub fn config(max_batched_tokens: usize, kv_blocks: usize) -> EngineConfig {
@@ -110,3 +149,4 @@ pub fn prompts(engine: &EngineHandle) -> Vec<Vec<u32>> {
 }
 
 pub mod http;
+pub mod tiny;

@@ -2,7 +2,7 @@
 //! `tokenizer.ggml.tokens` and `.merges`) or a `tokenizer.json`, through the `tokenizers` crate;
 //! the chat template is the model's own Jinja template, rendered with minijinja.
 
-use super::error::{EngineError, Result};
+use crate::engine::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::Content;
 use serde::Serialize;
 use serde_json::json;

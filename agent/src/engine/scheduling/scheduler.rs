@@ -11,7 +11,7 @@
 use super::admission::{
     AdmissionQueue, Batch, Bin, Discipline, Priority, QueuePolicy, Queued, Stall,
 };
-use super::kv_cache::{BlockHash, BlockTable};
+use super::blocks::{BlockHash, BlockTable};
 use std::time::Instant;
 
 /// What the scheduler needs of a sequence.
@@ -487,8 +487,8 @@ impl<S: Schedulable> Scheduler<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::admission::{BinShare, EVERY_STEP, Ticket};
-    use crate::engine::kv_cache::BlockAllocator;
+    use crate::engine::scheduling::admission::{BinShare, EVERY_STEP, Ticket};
+    use crate::engine::scheduling::blocks::BlockAllocator;
 
     #[derive(Debug)]
     struct Seq {

@@ -4,33 +4,12 @@
 //! each sequence's block table, logits only for the sequences that sample.
 
 use super::kernels::{
-    Linear, Q8Matrix, Q8Panels, Rope, RopeStyle, dot, matmul, matmul_q8, pool, rms_norm, silu_mul,
+    Linear, Q8Matrix, Q8Panels, Rope, dot, matmul, matmul_q8, pool, rms_norm, silu_mul,
 };
-use super::kv_cache::{BlockId, KvStore};
+use super::kv::KvStore;
+use crate::engine::backend::{RowOutput, SeqInput};
+use crate::engine::model::LlamaConfig;
 use std::sync::Arc;
-
-/// Shape and constants of a Llama-family model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub rms_eps: f32,
-    pub rope_theta: f32,
-    pub rope_style: RopeStyle,
-    pub context_length: usize,
-}
-
-impl LlamaConfig {
-    /// Floats one token caches per layer for keys (and again for values).
-    pub fn kv_width(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-}
 
 /// One transformer block, with Q/K/V and gate/up fused into single matrices.
 #[derive(Debug)]
@@ -55,19 +34,6 @@ pub struct Llama {
     /// The embedding itself when the model ties them.
     pub lm_head: Arc<Q8Panels>,
     pub rope: Rope,
-}
-
-/// One sequence's part of a step.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqInput<'a> {
-    /// Tokens to run now (a prefill chunk, or the one token to decode).
-    pub tokens: &'a [u32],
-    /// Position of `tokens[0]`; earlier positions are already in the cache.
-    pub start: usize,
-    /// Blocks holding positions `0..start + tokens.len()`.
-    pub blocks: &'a [BlockId],
-    /// Whether to return logits for the last token.
-    pub logits: bool,
 }
 
 /// Buffers reused from step to step.
@@ -101,7 +67,8 @@ impl Llama {
         self.embed.bytes() + head + self.layers.iter().map(layer).sum::<usize>()
     }
 
-    /// Runs one step; returns `vocab_size` logits for each sequence with `logits: true`, in order.
+    /// Runs one step; returns `vocab_size` logits for each sequence that wants an output (logits or
+    /// its greedy token), in order.
     pub fn forward(
         &self,
         batch: &[SeqInput<'_>],
@@ -162,7 +129,7 @@ impl Llama {
         let mut end = 0;
         for seq in batch {
             end += seq.tokens.len();
-            if seq.logits {
+            if seq.output != RowOutput::None {
                 last.extend_from_slice(&ws.x[(end - 1) * h..end * h]);
             }
         }

@@ -7,6 +7,8 @@
 //! one row of activations in a fixed order, whatever else is in the batch. That is what makes
 //! continuous batching give the same greedy tokens as running a request alone.
 
+use crate::engine::model::RopeStyle;
+
 pub mod pool;
 mod product;
 mod quant;
@@ -66,15 +68,6 @@ fn by_rows(
     });
 }
 
-/// How a model pairs the dimensions a rotary embedding rotates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// (0, 1), (2, 3), …: GGUF Llama files (llama.cpp permutes Q and K at conversion).
-    Interleaved,
-    /// (i, i + d/2): Hugging Face Llama checkpoints.
-    HalfSplit,
-}
-
 /// Precomputed cos and sin for every position and frequency.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -85,13 +78,14 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(style: RopeStyle, head_dim: usize, max_positions: usize, theta: f32) -> Self {
-        let half = head_dim / 2;
+    /// The tables of a model: its pairing, `head_dim / 2` inverse frequencies
+    /// ([`crate::engine::model::LlamaConfig::inverse_frequencies`]) and its context.
+    pub fn new(style: RopeStyle, inverse_frequencies: &[f32], max_positions: usize) -> Self {
+        let half = inverse_frequencies.len();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
-            for i in 0..half {
-                let freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
+            for &freq in inverse_frequencies {
                 let angle = p as f32 * freq;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
@@ -171,13 +165,13 @@ mod tests {
 
     #[test]
     fn rope_styles_rotate_the_pairs_they_name() {
-        let rope = Rope::new(RopeStyle::Interleaved, 4, 8, 10_000.0);
+        let rope = Rope::new(RopeStyle::Interleaved, &[1.0, 0.01], 8);
         let mut x = vec![1.0, 0.0, 1.0, 0.0];
         rope.apply(&mut x, 0);
         assert_eq!(x, vec![1.0, 0.0, 1.0, 0.0], "position 0 is the identity");
         rope.apply(&mut x, 1);
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
-        let split = Rope::new(RopeStyle::HalfSplit, 4, 8, 10_000.0);
+        let split = Rope::new(RopeStyle::HalfSplit, &[1.0, 0.01], 8);
         let mut y = vec![1.0, 1.0, 0.0, 0.0];
         split.apply(&mut y, 1);
         assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[2] - 1f32.sin()).abs() < 1e-6);

@@ -1,16 +1,15 @@
-//! Loading weights into the engine's layout — int8 blocks for every matrix, f32 norms — from a
-//! GGUF file, a Hugging Face directory (config.json + safetensors), or random weights of a named
-//! shape (`dummy`). candle reads and dequantizes the files; the engine owns the layout.
+//! Model files: a GGUF file, a Hugging Face directory (config.json and safetensors, sharded with an
+//! index or not), or random weights of a named shape (`dummy`). This reads configurations and
+//! tensors (candle parses and dequantizes the files); each backend lays the weights out its own
+//! way.
 
-use super::error::{EngineError, Result};
-use super::kernels::{BLOCK, Linear, Q8Matrix, Q8Panels, Q41Matrix, Rope, RopeStyle};
-use super::model::{Layer, Llama, LlamaConfig};
+use super::{LlamaConfig, RopeScaling, RopeStyle};
+use crate::engine::error::{EngineError, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,17 +43,18 @@ impl ModelSource {
 }
 
 /// A tensor as stored: GGML type, shape (rows first) and bytes.
-struct RawTensor {
-    name: String,
-    dtype: GgmlDType,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+#[derive(Debug)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: GgmlDType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
     /// The tensor as read, for dequantizing without reading it again.
     tensor: candle_core::quantized::QTensor,
 }
 
 impl RawTensor {
-    fn dequantize(&self) -> Result<Vec<f32>> {
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
         let t = self
             .tensor
             .dequantize(&Device::Cpu)
@@ -63,9 +63,13 @@ impl RawTensor {
     }
 }
 
-/// Reads named f32 tensors, whatever their stored type.
+/// Reads named tensors, whatever their stored type.
 trait TensorReader {
-    fn read(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)>;
+    /// The tensor on the CPU, in its stored type (dequantized to f32 if quantized).
+    fn tensor(&mut self, name: &str) -> Result<Tensor>;
+    fn read(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        to_vec(name, &self.tensor(name)?)
+    }
     fn has(&self, name: &str) -> bool;
     /// The stored bytes, where the format has quantized tensors.
     fn read_raw(&mut self, _name: &str) -> Result<Option<RawTensor>> {
@@ -81,7 +85,7 @@ struct GgufReader {
 
 impl GgufReader {
     /// The tensor as stored, read from the file.
-    fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+    fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
         if !self.content.tensor_infos.contains_key(name) {
             return Err(EngineError::MissingTensor(name.to_owned()));
         }
@@ -102,18 +106,16 @@ fn unsupported(name: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
 }
 
 impl TensorReader for GgufReader {
-    fn read(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let t = self
-            .tensor(name)?
+    fn tensor(&mut self, name: &str) -> Result<Tensor> {
+        self.qtensor(name)?
             .dequantize(&Device::Cpu)
-            .map_err(unsupported(name))?;
-        to_vec(name, &t)
+            .map_err(unsupported(name))
     }
     fn has(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
     fn read_raw(&mut self, name: &str) -> Result<Option<RawTensor>> {
-        let q = self.tensor(name)?;
+        let q = self.qtensor(name)?;
         let bytes = q.data().map_err(unsupported(name))?.into_owned();
         Ok(Some(RawTensor {
             name: name.to_owned(),
@@ -131,15 +133,13 @@ struct SafetensorsReader {
 }
 
 impl TensorReader for SafetensorsReader {
-    fn read(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    fn tensor(&mut self, name: &str) -> Result<Tensor> {
         if !self.has(name) {
             return Err(EngineError::MissingTensor(name.to_owned()));
         }
-        let t = self
-            .tensors
+        self.tensors
             .load(name, &Device::Cpu)
-            .map_err(unsupported(name))?;
-        to_vec(name, &t)
+            .map_err(unsupported(name))
     }
     fn has(&self, name: &str) -> bool {
         self.names.contains(name)
@@ -164,7 +164,7 @@ struct Names {
     embed: &'static str,
     norm: &'static str,
     lm_head: &'static str,
-    layer: fn(usize, &str) -> String,
+    layer: fn(usize, LayerWeight) -> String,
 }
 
 const GGUF_NAMES: Names = Names {
@@ -173,15 +173,15 @@ const GGUF_NAMES: Names = Names {
     lm_head: "output.weight",
     layer: |i, part| {
         let name = match part {
-            "attn_norm" => "attn_norm",
-            "q" => "attn_q",
-            "k" => "attn_k",
-            "v" => "attn_v",
-            "o" => "attn_output",
-            "ffn_norm" => "ffn_norm",
-            "gate" => "ffn_gate",
-            "up" => "ffn_up",
-            _ => "ffn_down",
+            LayerWeight::AttnNorm => "attn_norm",
+            LayerWeight::Q => "attn_q",
+            LayerWeight::K => "attn_k",
+            LayerWeight::V => "attn_v",
+            LayerWeight::O => "attn_output",
+            LayerWeight::FfnNorm => "ffn_norm",
+            LayerWeight::Gate => "ffn_gate",
+            LayerWeight::Up => "ffn_up",
+            LayerWeight::Down => "ffn_down",
         };
         format!("blk.{i}.{name}.weight")
     },
@@ -193,48 +193,203 @@ const HF_NAMES: Names = Names {
     lm_head: "lm_head.weight",
     layer: |i, part| {
         let name = match part {
-            "attn_norm" => "input_layernorm",
-            "q" => "self_attn.q_proj",
-            "k" => "self_attn.k_proj",
-            "v" => "self_attn.v_proj",
-            "o" => "self_attn.o_proj",
-            "ffn_norm" => "post_attention_layernorm",
-            "gate" => "mlp.gate_proj",
-            "up" => "mlp.up_proj",
-            _ => "mlp.down_proj",
+            LayerWeight::AttnNorm => "input_layernorm",
+            LayerWeight::Q => "self_attn.q_proj",
+            LayerWeight::K => "self_attn.k_proj",
+            LayerWeight::V => "self_attn.v_proj",
+            LayerWeight::O => "self_attn.o_proj",
+            LayerWeight::FfnNorm => "post_attention_layernorm",
+            LayerWeight::Gate => "mlp.gate_proj",
+            LayerWeight::Up => "mlp.up_proj",
+            LayerWeight::Down => "mlp.down_proj",
         };
         format!("model.layers.{i}.{name}.weight")
     },
 };
 
-/// Loads a model and, for files that carry one, what the tokenizer needs.
-pub fn load(source: &ModelSource) -> Result<(Llama, Option<gguf_file::Content>)> {
-    match source {
-        ModelSource::Gguf(path) => {
-            let mut file = File::open(path).map_err(|source| EngineError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let content = read_content(path, &mut file)?;
-            let config = gguf_config(path, &content)?;
-            let mut reader = GgufReader {
-                path: path.clone(),
-                file,
-                content,
-            };
-            let model = build(config, &mut reader, &GGUF_NAMES)?;
-            Ok((model, Some(reader.content)))
+/// GGUF's per-frequency rotary factors (Llama 3.1).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// A model's files, opened: its configuration, and its tensors to read by [`Weight`].
+pub struct ModelFiles {
+    pub source: ModelSource,
+    pub config: LlamaConfig,
+    tensors: Tensors,
+}
+
+enum Tensors {
+    Gguf(GgufReader),
+    Safetensors(SafetensorsReader),
+    /// Random weights of a named shape: each backend makes its own.
+    Dummy,
+}
+
+impl std::fmt::Debug for ModelFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFiles")
+            .field("source", &self.source)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A weight of a Llama model, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    Embed,
+    /// The final norm.
+    Norm,
+    /// The output head (absent when it is tied to the embedding).
+    LmHead,
+    Layer(usize, LayerWeight),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerWeight {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl ModelFiles {
+    /// Opens `source`: reads its configuration (GGUF metadata or config.json) and indexes its
+    /// tensors; weights are read when a backend asks for them.
+    pub fn open(source: &ModelSource) -> Result<Self> {
+        let (config, tensors) = match source {
+            ModelSource::Gguf(path) => {
+                let mut file = File::open(path).map_err(|source| EngineError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let content = read_content(path, &mut file)?;
+                let mut config = gguf_config(path, &content)?;
+                let mut reader = GgufReader {
+                    path: path.clone(),
+                    file,
+                    content,
+                };
+                if reader.has(ROPE_FREQS) {
+                    let (factors, _) = reader.read(ROPE_FREQS)?;
+                    if factors.len() != config.head_dim / 2 {
+                        return Err(EngineError::ShapeMismatch {
+                            tensor: ROPE_FREQS.into(),
+                            expected: vec![config.head_dim / 2],
+                            found: vec![factors.len()],
+                        });
+                    }
+                    config.rope_scaling = Some(RopeScaling::Factors(factors));
+                }
+                (config, Tensors::Gguf(reader))
+            }
+            ModelSource::HuggingFace(dir) => {
+                let config = hf_config(dir)?;
+                let files = safetensors_files(dir)?;
+                let tensors = load_safetensors(&files)?;
+                let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
+                (
+                    config,
+                    Tensors::Safetensors(SafetensorsReader { tensors, names }),
+                )
+            }
+            ModelSource::Dummy(shape) => (dummy_config(shape)?, Tensors::Dummy),
+        };
+        Ok(Self {
+            source: source.clone(),
+            config,
+            tensors,
+        })
+    }
+
+    /// Whether the weights are random (`dummy:<shape>`): backends generate them.
+    pub fn is_dummy(&self) -> bool {
+        matches!(self.tensors, Tensors::Dummy)
+    }
+
+    /// The GGUF header, for a GGUF file (its tokenizer lives there).
+    pub fn gguf(&self) -> Option<&gguf_file::Content> {
+        match &self.tensors {
+            Tensors::Gguf(g) => Some(&g.content),
+            _ => None,
         }
-        ModelSource::HuggingFace(dir) => {
-            let config = hf_config(dir)?;
-            let files = safetensors_files(dir)?;
-            // SAFETY of the mapping is candle's concern; files are opened read-only.
-            let tensors = load_safetensors(&files)?;
-            let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
-            let mut reader = SafetensorsReader { tensors, names };
-            Ok((build(config, &mut reader, &HF_NAMES)?, None))
+    }
+
+    /// The file's name of a weight.
+    pub fn name(&self, weight: Weight) -> String {
+        let names = match self.tensors {
+            Tensors::Safetensors(_) => &HF_NAMES,
+            _ => &GGUF_NAMES,
+        };
+        match weight {
+            Weight::Embed => names.embed.to_owned(),
+            Weight::Norm => names.norm.to_owned(),
+            Weight::LmHead => names.lm_head.to_owned(),
+            Weight::Layer(i, part) => (names.layer)(i, part),
         }
-        ModelSource::Dummy(shape) => Ok((dummy(shape)?, None)),
+    }
+
+    pub fn has(&self, weight: Weight) -> bool {
+        let name = self.name(weight);
+        self.reader_ref().is_some_and(|r| r.has(&name))
+    }
+
+    fn reader_ref(&self) -> Option<&dyn TensorReader> {
+        match &self.tensors {
+            Tensors::Gguf(g) => Some(g),
+            Tensors::Safetensors(s) => Some(s),
+            Tensors::Dummy => None,
+        }
+    }
+
+    fn reader(&mut self) -> Result<&mut dyn TensorReader> {
+        match &mut self.tensors {
+            Tensors::Gguf(g) => Ok(g),
+            Tensors::Safetensors(s) => Ok(s),
+            Tensors::Dummy => Err(EngineError::MissingTensor(
+                "any: a dummy model has no files".into(),
+            )),
+        }
+    }
+
+    /// A weight as f32 values and its shape (rows first), dequantized if stored quantized.
+    pub fn read(&mut self, weight: Weight) -> Result<(Vec<f32>, Vec<usize>)> {
+        let name = self.name(weight);
+        self.reader()?.read(&name)
+    }
+
+    /// A weight as stored, where the format keeps quantized blocks (GGUF).
+    pub fn read_raw(&mut self, weight: Weight) -> Result<Option<RawTensor>> {
+        let name = self.name(weight);
+        self.reader()?.read_raw(&name)
+    }
+
+    /// A weight as a candle tensor of `dtype` on `device`, checked against `shape`.
+    pub fn tensor(
+        &mut self,
+        weight: Weight,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let name = self.name(weight);
+        let err = unsupported(&name);
+        let t = self.reader()?.tensor(&name)?;
+        if t.dims() != shape {
+            return Err(EngineError::ShapeMismatch {
+                tensor: name.clone(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        t.to_dtype(dtype)
+            .map_err(&err)?
+            .to_device(device)
+            .map_err(&err)
     }
 }
 
@@ -296,6 +451,8 @@ fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaConfig>
         rms_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
         rope_style: RopeStyle::Interleaved,
+        // Llama 3.1 files carry per-frequency factors as a tensor, read when the file opens.
+        rope_scaling: None,
         context_length: int("context_length").unwrap_or(4096),
     })
 }
@@ -334,8 +491,37 @@ fn hf_config(dir: &Path) -> Result<LlamaConfig> {
         rms_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
         rope_theta: v["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
         rope_style: RopeStyle::HalfSplit,
+        rope_scaling: hf_rope_scaling(&v["rope_scaling"])?,
         context_length: int("max_position_embeddings").unwrap_or(4096),
     })
+}
+
+/// config.json's `rope_scaling`: absent or null, or of type `llama3`; any other type is refused
+/// by name rather than ignored.
+fn hf_rope_scaling(v: &serde_json::Value) -> Result<Option<RopeScaling>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let kind = v["rope_type"].as_str().or(v["type"].as_str()).unwrap_or("");
+    if kind == "default" {
+        return Ok(None);
+    }
+    if kind != "llama3" {
+        return Err(EngineError::Unsupported(format!(
+            "rope_scaling of type {kind:?} (supported: llama3)"
+        )));
+    }
+    let number = |key: &str| {
+        v[key]
+            .as_f64()
+            .ok_or_else(|| EngineError::MissingConfig(format!("rope_scaling.{key}")))
+    };
+    Ok(Some(RopeScaling::Llama3 {
+        factor: number("factor")? as f32,
+        low_freq_factor: number("low_freq_factor")? as f32,
+        high_freq_factor: number("high_freq_factor")? as f32,
+        original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
+    }))
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -369,168 +555,6 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-fn matrix(reader: &mut dyn TensorReader, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let (data, shape) = reader.read(name)?;
-    if shape != [rows, cols] {
-        return Err(EngineError::ShapeMismatch {
-            tensor: name.to_owned(),
-            expected: vec![rows, cols],
-            found: shape,
-        });
-    }
-    Ok(data)
-}
-
-/// The matrices `parts` (name, rows) stacked by rows into one weight matrix of `cols` columns,
-/// kept in their file's Q4_1 or Q8_0 blocks when they all share one, else requantized to Q8_0.
-fn linear(reader: &mut dyn TensorReader, parts: &[(String, usize)], cols: usize) -> Result<Linear> {
-    let rows: usize = parts.iter().map(|(_, r)| r).sum();
-    let mut raws = Vec::with_capacity(parts.len());
-    for (name, r) in parts {
-        match reader.read_raw(name)? {
-            Some(raw) if raw.shape == [*r, cols] => raws.push(raw),
-            Some(raw) => {
-                return Err(EngineError::ShapeMismatch {
-                    tensor: name.clone(),
-                    expected: vec![*r, cols],
-                    found: raw.shape,
-                });
-            }
-            None => break,
-        }
-    }
-    if raws.len() == parts.len() {
-        let bytes: Vec<u8> = raws.iter().flat_map(|r| r.bytes.iter().copied()).collect();
-        if raws.iter().all(|r| r.dtype == GgmlDType::Q4_1) {
-            if let Some(m) = Q41Matrix::from_ggml(&bytes, rows, cols) {
-                return Ok(Linear::Q41(m));
-            }
-        } else if raws.iter().all(|r| r.dtype == GgmlDType::Q8_0)
-            && let Some(m) = Q8Matrix::from_ggml(&bytes, rows, cols)
-        {
-            return Ok(Linear::Q8(Q8Panels::from_matrix(&m)));
-        }
-    }
-    let mut data = Vec::with_capacity(rows * cols);
-    if raws.len() == parts.len() {
-        // Already read: dequantize what is in hand.
-        for raw in &raws {
-            data.extend(raw.dequantize()?);
-        }
-    } else {
-        for (name, r) in parts {
-            data.extend(matrix(reader, name, *r, cols)?);
-        }
-    }
-    Ok(Linear::Q8(Q8Panels::from_matrix(&Q8Matrix::quantize(
-        &data, rows, cols,
-    ))))
-}
-
-/// A Q8_0 matrix: the file's own blocks when it has Q8_0, else requantized.
-fn q8_matrix(
-    reader: &mut dyn TensorReader,
-    name: &str,
-    rows: usize,
-    cols: usize,
-) -> Result<Q8Panels> {
-    match linear(reader, &[(name.to_owned(), rows)], cols)? {
-        Linear::Q8(m) => Ok(m),
-        Linear::Q41(_) => Ok(Q8Panels::from_matrix(&Q8Matrix::quantize(
-            &matrix(reader, name, rows, cols)?,
-            rows,
-            cols,
-        ))),
-    }
-}
-
-fn vector(reader: &mut dyn TensorReader, name: &str, len: usize) -> Result<Vec<f32>> {
-    let (data, shape) = reader.read(name)?;
-    if shape != [len] {
-        return Err(EngineError::ShapeMismatch {
-            tensor: name.to_owned(),
-            expected: vec![len],
-            found: shape,
-        });
-    }
-    Ok(data)
-}
-
-fn check_blocks(c: &LlamaConfig) -> Result<()> {
-    for (what, n) in [
-        ("hidden size", c.hidden_size),
-        ("intermediate size", c.intermediate_size),
-        ("heads × head dim", c.heads * c.head_dim),
-    ] {
-        if n % BLOCK != 0 {
-            return Err(EngineError::UnsupportedTensor {
-                tensor: what.into(),
-                reason: format!("{n} is not a multiple of {BLOCK}"),
-            });
-        }
-    }
-    if !c.heads.is_multiple_of(c.kv_heads) {
-        return Err(EngineError::MissingConfig(format!(
-            "a head count ({}) divisible by the KV head count ({})",
-            c.heads, c.kv_heads
-        )));
-    }
-    Ok(())
-}
-
-fn build(config: LlamaConfig, reader: &mut dyn TensorReader, names: &Names) -> Result<Llama> {
-    check_blocks(&config)?;
-    let c = &config;
-    let (h, hd) = (c.hidden_size, c.head_dim);
-    let embed = Arc::new(q8_matrix(reader, names.embed, c.vocab_size, h)?);
-    let lm_head = if reader.has(names.lm_head) {
-        Arc::new(q8_matrix(reader, names.lm_head, c.vocab_size, h)?)
-    } else {
-        embed.clone()
-    };
-    let mut layers = Vec::with_capacity(c.layers);
-    for i in 0..c.layers {
-        // Progress in tenths, so a large model shows it is moving and a small one stays quiet.
-        if i > 0 && (i * 10 / c.layers) != ((i - 1) * 10 / c.layers) {
-            tracing::info!(layer = i, layers = c.layers, "loading weights");
-        }
-        let name = |part| (names.layer)(i, part);
-        layers.push(Layer {
-            attn_norm: vector(reader, &name("attn_norm"), h)?,
-            qkv: linear(
-                reader,
-                &[
-                    (name("q"), c.heads * hd),
-                    (name("k"), c.kv_heads * hd),
-                    (name("v"), c.kv_heads * hd),
-                ],
-                h,
-            )?,
-            out: linear(reader, &[(name("o"), h)], c.heads * hd)?,
-            ffn_norm: vector(reader, &name("ffn_norm"), h)?,
-            gate_up: linear(
-                reader,
-                &[
-                    (name("gate"), c.intermediate_size),
-                    (name("up"), c.intermediate_size),
-                ],
-                h,
-            )?,
-            down: linear(reader, &[(name("down"), h)], c.intermediate_size)?,
-        });
-    }
-    let norm = vector(reader, names.norm, h)?;
-    let rope = Rope::new(c.rope_style, hd, c.context_length, c.rope_theta);
-    Ok(Llama {
-        config,
-        embed,
-        layers,
-        norm,
-        lm_head,
-        rope,
-    })
-}
-
 /// Shapes of the `dummy` load format.
 pub fn dummy_config(shape: &str) -> Result<LlamaConfig> {
     let (vocab, hidden, ffn, layers, heads, kv_heads, theta) = match shape {
@@ -550,52 +574,8 @@ pub fn dummy_config(shape: &str) -> Result<LlamaConfig> {
         rms_eps: 1e-5,
         rope_theta: theta,
         rope_style: RopeStyle::HalfSplit,
+        rope_scaling: None,
         context_length: 8192,
-    })
-}
-
-/// Random int8 weights with small scales, generated straight into the engine's layout.
-fn dummy(shape: &str) -> Result<Llama> {
-    let config = dummy_config(shape)?;
-    let c = &config;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut random = |rows: usize, cols: usize| {
-        let mut quants = vec![0i8; rows * cols];
-        for q in quants.iter_mut() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            *q = (seed >> 56) as i8;
-        }
-        let scale = 0.5 / (127.0 * (cols as f32).sqrt());
-        Q8Panels::from_matrix(&Q8Matrix {
-            rows,
-            cols,
-            quants,
-            scales: vec![scale; rows * cols / BLOCK],
-            sums: Vec::new(),
-        })
-    };
-    let hd = c.head_dim;
-    let embed = Arc::new(random(c.vocab_size, c.hidden_size));
-    let layers = (0..c.layers)
-        .map(|_| Layer {
-            attn_norm: vec![1.0; c.hidden_size],
-            qkv: Linear::Q8(random((c.heads + 2 * c.kv_heads) * hd, c.hidden_size)),
-            out: Linear::Q8(random(c.hidden_size, c.heads * hd)),
-            ffn_norm: vec![1.0; c.hidden_size],
-            gate_up: Linear::Q8(random(2 * c.intermediate_size, c.hidden_size)),
-            down: Linear::Q8(random(c.hidden_size, c.intermediate_size)),
-        })
-        .collect();
-    let rope = Rope::new(c.rope_style, hd, c.context_length, c.rope_theta);
-    Ok(Llama {
-        norm: vec![1.0; c.hidden_size],
-        lm_head: embed.clone(),
-        embed,
-        layers,
-        rope,
-        config,
     })
 }
 

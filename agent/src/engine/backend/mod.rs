@@ -1,0 +1,201 @@
+//! Execution backends: the one boundary between scheduling and devices. An [`Executor`] owns a
+//! model's weights and its KV memory; each step it takes what every scheduled sequence runs
+//! (token ids, positions, block table, what to return) and gives back the logits of the rows that
+//! sample, or their greedy token ids where the device can pick them. The scheduler, admission,
+//! sampling decisions and block tables above it know nothing of tensors or devices.
+//!
+//! - [`int8`]: the CPU engine's own int8 kernels (Q4_1/Q8_0 weights, f32 activations).
+//! - [`candle`]: a Llama over candle tensors on any candle device — the CPU now, CUDA with the
+//!   `cuda` feature — in f32, f16 or bf16.
+
+pub mod candle;
+pub mod int8;
+
+use super::error::{EngineError, Result};
+use super::model::LlamaConfig;
+use super::model::loader::ModelFiles;
+use super::scheduling::blocks::BlockId;
+
+/// What a sequence wants back for the last token it runs in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOutput {
+    /// Nothing: it is mid-prefill.
+    None,
+    /// The vocabulary's logits (sampling with temperature, log-probabilities).
+    Logits,
+    /// The greedy token id alone (picked on the device; nothing vocabulary-wide is copied).
+    Argmax,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// Tokens to run now (a prefill chunk, or the one token to decode).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; earlier positions are already in the cache.
+    pub start: usize,
+    /// Blocks holding positions `0..start + tokens.len()`.
+    pub blocks: &'a [BlockId],
+    pub output: RowOutput,
+}
+
+/// What a step gives back, in batch order: one vocabulary row per `Logits` sequence, one id per
+/// `Argmax` sequence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    pub logits: Vec<f32>,
+    pub argmax: Vec<u32>,
+}
+
+/// A model's weights and KV memory on one device.
+pub trait Executor: Send {
+    fn config(&self) -> &LlamaConfig;
+    /// Which backend runs on which device, in which type (for logs and `info`).
+    fn describe(&self) -> String;
+    /// Bytes the weights take.
+    fn weight_bytes(&self) -> usize;
+    /// Bytes one KV block of `block_size` tokens takes (every layer, keys and values).
+    fn kv_block_bytes(&self, block_size: usize) -> usize;
+    /// Bytes of device memory free for the KV cache now, the weights loaded.
+    fn available_memory(&self) -> usize;
+    /// Allocates the KV cache: `blocks` blocks of `block_size` tokens.
+    fn allocate_kv(&mut self, blocks: usize, block_size: usize) -> Result<()>;
+    /// Runs one step: every sequence's tokens in one forward pass, their keys and values written
+    /// through their block tables.
+    fn execute(&mut self, batch: &[SeqInput<'_>]) -> Result<StepOutput>;
+}
+
+/// Which backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// candle on CUDA, int8 on the CPU.
+    #[default]
+    Auto,
+    Int8,
+    Candle,
+}
+
+/// Which device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// `cpu`, `cuda` (device 0) or `cuda:N`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.trim() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| {
+                    EngineError::InvalidRequest(format!(
+                        "device {other:?} is not cpu, cuda or cuda:N"
+                    ))
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The element type of the candle backend's weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Where and how a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    pub device: DeviceSpec,
+    /// `None`: bf16 on CUDA, f32 on the CPU.
+    pub precision: Option<Precision>,
+}
+
+impl BackendConfig {
+    /// The backend `auto` means on this device.
+    pub fn resolved_kind(&self) -> BackendKind {
+        match (self.kind, self.device) {
+            (BackendKind::Auto, DeviceSpec::Cpu) => BackendKind::Int8,
+            (BackendKind::Auto, DeviceSpec::Cuda(_)) => BackendKind::Candle,
+            (kind, _) => kind,
+        }
+    }
+
+    pub fn resolved_precision(&self) -> Precision {
+        self.precision.unwrap_or(match self.device {
+            DeviceSpec::Cpu => Precision::F32,
+            DeviceSpec::Cuda(_) => Precision::Bf16,
+        })
+    }
+}
+
+/// Builds the executor `backend` names from the model's files.
+pub fn load(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn Executor>> {
+    match (backend.resolved_kind(), backend.device) {
+        (BackendKind::Int8, DeviceSpec::Cpu) => Ok(Box::new(int8::Int8Executor::load(files)?)),
+        (BackendKind::Int8, DeviceSpec::Cuda(_)) => Err(EngineError::Unsupported(
+            "the int8 backend runs on the CPU only: use --backend candle (or auto) on CUDA".into(),
+        )),
+        (_, device) => Ok(Box::new(candle::CandleExecutor::load(
+            files,
+            device,
+            backend.resolved_precision(),
+        )?)),
+    }
+}
+
+/// The greedy token of a logits row: the first largest.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_auto_picks_the_backend_per_device() {
+        assert_eq!(DeviceSpec::parse("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(DeviceSpec::parse("cuda").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(DeviceSpec::parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        for bad in ["gpu", "cuda:x", "cuda:"] {
+            let error = DeviceSpec::parse(bad).unwrap_err().to_string();
+            assert!(error.contains("cpu, cuda or cuda:N"), "{bad}: {error}");
+        }
+        let on = |device| BackendConfig {
+            device,
+            ..BackendConfig::default()
+        };
+        assert_eq!(on(DeviceSpec::Cpu).resolved_kind(), BackendKind::Int8);
+        assert_eq!(on(DeviceSpec::Cuda(0)).resolved_kind(), BackendKind::Candle);
+        assert_eq!(on(DeviceSpec::Cpu).resolved_precision(), Precision::F32);
+        assert_eq!(
+            on(DeviceSpec::Cuda(1)).resolved_precision(),
+            Precision::Bf16
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! The engine thread's loop: it owns the executor, the block pool and the scheduler, takes
+//! submissions, drops cancelled requests, and runs steps — plan, execute, sample, emit.
+
+use super::sequence::Sequence;
+use super::{
+    EngineStats, Event, KV_PRESSURE_OFF, KV_PRESSURE_ON, RunTime, StepObserver, StepReport,
+    Submission,
+};
+use crate::engine::backend::{Executor, RowOutput, SeqInput, StepOutput};
+use crate::engine::model::tokenizer::{IncrementalDecoder, TextCodec};
+use crate::engine::sampling::{Rng, Sampled, sample};
+use crate::engine::scheduling::admission::Stall;
+use crate::engine::scheduling::blocks::{BlockAllocator, BlockTable};
+use crate::engine::scheduling::breaker::Breaker;
+use crate::engine::scheduling::scheduler::{Preemption, Scheduled, Scheduler};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+pub(super) struct EngineLoop {
+    pub executor: Box<dyn Executor>,
+    pub codec: Arc<TextCodec>,
+    pub allocator: BlockAllocator,
+    pub scheduler: Scheduler<Sequence>,
+    pub stats: Arc<EngineStats>,
+    pub observer: Arc<dyn StepObserver>,
+    pub breaker: Breaker,
+    /// A token that makes the forward pass fail (fault injection; always `None` in builds
+    /// without the `fault-injection` feature).
+    pub fault: Option<u32>,
+    pub block_size: usize,
+    pub next_id: u64,
+}
+
+/// What a step gave one scheduled sequence.
+enum Outcome<'a> {
+    /// The forward pass failed on it alone.
+    Failed,
+    /// It ran mid-prefill: nothing to sample.
+    Ran,
+    Logits(&'a [f32]),
+    Token(u32),
+}
+
+impl EngineLoop {
+    pub(super) fn run(mut self, submissions: std_mpsc::Receiver<Submission>) {
+        let mut idle_step = false;
+        loop {
+            if self.scheduler.is_idle() {
+                match submissions.recv() {
+                    Ok(s) => self.admit(s),
+                    Err(_) => return,
+                }
+            } else if idle_step {
+                // Only requests holding out for company wait: sleep until one may go alone, or
+                // until a new request arrives.
+                let wait = self
+                    .scheduler
+                    .next_release()
+                    .map_or(Duration::from_millis(5), |at| {
+                        at.saturating_duration_since(Instant::now())
+                    });
+                match submissions.recv_timeout(wait) {
+                    Ok(s) => self.admit(s),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(s) = submissions.try_recv() {
+                self.admit(s);
+            }
+            // Requests whose receiver went away are dropped before the step (their blocks too).
+            drop(self.scheduler.retain(|s| !s.events.is_closed()));
+            idle_step = !self.step();
+        }
+    }
+
+    fn admit(&mut self, s: Submission) {
+        self.next_id += 1;
+        let seed = s
+            .params
+            .seed
+            .unwrap_or(self.next_id.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        self.stats
+            .prompt_tokens
+            .fetch_add(s.prompt.len() as u64, Ordering::Relaxed);
+        self.scheduler.add(Sequence {
+            ticket: s.ticket,
+            started: None,
+            run_time: RunTime::default(),
+            prompt_len: s.prompt.len(),
+            tokens: s.prompt,
+            computed: 0,
+            table: BlockTable::new(&self.allocator, self.block_size),
+            lookup: None,
+            cached_tokens: None,
+            rng: Rng::new(seed),
+            params: s.params,
+            decoder: IncrementalDecoder::default(),
+            pending: String::new(),
+            events: s.events,
+            finished: false,
+        });
+    }
+
+    /// One step — plan, execute, sample, emit; false if nothing could run.
+    fn step(&mut self) -> bool {
+        let plan = self.plan();
+        if plan.is_empty() {
+            self.publish();
+            return false;
+        }
+        let began = Instant::now();
+        let outputs: Vec<RowOutput> = plan
+            .iter()
+            .map(|p| self.scheduler.running()[p.index].output(p.tokens))
+            .collect();
+        let (groups, failed) = self.execute(&plan, &outputs);
+        // The forward pass's time: the step log's and each sequence's run time.
+        let took = began.elapsed();
+        self.log_step(&plan, took);
+        let outcomes = outcomes(
+            &outputs,
+            &groups,
+            &failed,
+            self.executor.config().vocab_size,
+        );
+        let outbox = self.advance(&plan, outcomes, began, took);
+        drop(self.scheduler.retain(|s| !s.finished));
+        self.observer.step(&StepReport {
+            duration: began.elapsed(),
+            sequences: plan.len(),
+            tokens: plan.iter().map(|p| p.tokens).sum(),
+            sampled: outputs.iter().filter(|o| **o != RowOutput::None).count(),
+        });
+        self.publish();
+        // Events go out after the step's bookkeeping, so whoever sees a request finish also sees
+        // the counters without it.
+        for (events, event) in outbox {
+            let _ = events.send(event);
+        }
+        true
+    }
+
+    /// The step's plan (one request at a time while the breaker is open), its prefix-cache
+    /// look-ups counted.
+    fn plan(&mut self) -> Vec<Scheduled> {
+        let now = Instant::now();
+        let single = self.breaker.single_request(now);
+        self.scheduler.set_batch_limit(single.then_some(1));
+        self.stats
+            .breaker_state
+            .store(self.breaker.state(now).code(), Ordering::Relaxed);
+        let plan = self.scheduler.schedule();
+        if !plan.is_empty() {
+            self.count_prefix_lookups(&plan);
+            self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        }
+        plan
+    }
+
+    /// Runs the plan on the executor, isolating the sequences it fails on; tells the breaker.
+    fn execute(
+        &mut self,
+        plan: &[Scheduled],
+        outputs: &[RowOutput],
+    ) -> (Vec<(usize, StepOutput)>, Vec<usize>) {
+        let began = Instant::now();
+        let mut groups = Vec::new();
+        let mut failed = Vec::new();
+        let running = self.scheduler.running();
+        let inputs: Vec<SeqInput<'_>> = plan
+            .iter()
+            .zip(outputs)
+            .map(|(p, &output)| {
+                let seq = &running[p.index];
+                SeqInput {
+                    tokens: &seq.tokens[seq.computed..seq.computed + p.tokens],
+                    start: seq.computed,
+                    blocks: seq.table.blocks(),
+                    output,
+                }
+            })
+            .collect();
+        execute_isolating(
+            self.executor.as_mut(),
+            &inputs,
+            self.fault,
+            0,
+            0,
+            &mut groups,
+            &mut failed,
+        );
+        if failed.is_empty() {
+            self.breaker.success(began);
+        } else {
+            self.breaker.failure(Instant::now());
+            self.stats.failed_steps.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .isolated_requests
+                .fetch_add(failed.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                failed = failed.len(),
+                batch = plan.len(),
+                breaker = self.breaker.state(Instant::now()).as_str(),
+                "a step failed: the failing requests were isolated by bisection and end with an error"
+            );
+        }
+        (groups, failed)
+    }
+
+    /// Rows and prefill tokens by bin (fast, medium, slow), at debug level.
+    fn log_step(&self, plan: &[Scheduled], took: Duration) {
+        if !tracing::enabled!(target: "parallax::step", tracing::Level::DEBUG) {
+            return;
+        }
+        let running = self.scheduler.running();
+        let (mut rows, mut prefill) = ([0usize; 3], [0usize; 3]);
+        for p in plan {
+            let bin = running[p.index].ticket.bin as usize;
+            if p.tokens > 1 {
+                prefill[bin] += p.tokens;
+            } else {
+                rows[bin] += 1;
+            }
+        }
+        tracing::debug!(
+            target: "parallax::step",
+            micros = took.as_micros() as u64,
+            ?rows,
+            ?prefill,
+            "step"
+        );
+    }
+
+    /// Moves every planned sequence on by what the step gave it: cache what ran, sample, stop.
+    /// Returns the events to send.
+    fn advance(
+        &mut self,
+        plan: &[Scheduled],
+        outcomes: Vec<Outcome<'_>>,
+        began: Instant,
+        took: Duration,
+    ) -> Vec<(tokio::sync::mpsc::UnboundedSender<Event>, Event)> {
+        let context = self.executor.config().context_length;
+        let mut outbox = Vec::new();
+        let running = self.scheduler.running_mut();
+        for (p, outcome) in plan.iter().zip(outcomes) {
+            let seq = &mut running[p.index];
+            seq.run_time.total += took;
+            if seq.tokens.len() == seq.prompt_len {
+                seq.run_time.prefill = seq.run_time.total;
+            }
+            if let Outcome::Failed = outcome {
+                seq.finished = true;
+                outbox.push((
+                    seq.events.clone(),
+                    Event::Failed {
+                        message: "the model failed on this request (isolated from its batch; the other requests were not affected)".into(),
+                    },
+                ));
+                continue;
+            }
+            if seq.started.is_none() {
+                seq.started = Some(began);
+                outbox.push((
+                    seq.events.clone(),
+                    Event::Started {
+                        queue_time: began - seq.ticket.arrived,
+                        batch_size: plan.len(),
+                    },
+                ));
+            }
+            seq.computed += p.tokens;
+            seq.table.cache_computed(&seq.tokens, seq.computed);
+            let sampled = match outcome {
+                Outcome::Logits(row) => sample(row, &seq.params, &mut seq.rng),
+                Outcome::Token(token) => Sampled {
+                    token,
+                    logprob: 0.0,
+                    top: Vec::new(),
+                },
+                Outcome::Ran | Outcome::Failed => continue,
+            };
+            self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+            let events = seq.accept(sampled, &self.codec, context, began);
+            outbox.extend(events.into_iter().map(|e| (seq.events.clone(), e)));
+        }
+        outbox
+    }
+
+    /// Counts the prefix-cache look-ups of the sequences admitted into this step; a request's
+    /// first one is its `cached_tokens`.
+    fn count_prefix_lookups(&mut self, plan: &[Scheduled]) {
+        let running = self.scheduler.running_mut();
+        for p in plan {
+            let seq = &mut running[p.index];
+            if let Some((queried, hit)) = seq.lookup.take() {
+                self.stats
+                    .prefix_queries
+                    .fetch_add(queried as u64, Ordering::Relaxed);
+                self.stats
+                    .prefix_hits
+                    .fetch_add(hit as u64, Ordering::Relaxed);
+                seq.cached_tokens.get_or_insert(hit);
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let used = self.allocator.used();
+        let usage = used as f64 / self.allocator.total().max(1) as f64;
+        let pressure = self.scheduler.under_pressure();
+        if !pressure && usage > KV_PRESSURE_ON {
+            tracing::warn!(usage, "KV cache nearly full: admissions paused");
+            self.scheduler.set_pressure(true);
+        } else if pressure && usage < KV_PRESSURE_OFF {
+            tracing::info!(usage, "KV cache usage down again: admissions resumed");
+            self.scheduler.set_pressure(false);
+        }
+        self.stats
+            .kv_pressure
+            .store(self.scheduler.under_pressure(), Ordering::Relaxed);
+        let depths = self.scheduler.queue_depths();
+        for (bin, row) in depths.iter().enumerate() {
+            for (priority, depth) in row.iter().enumerate() {
+                self.stats.queue_depths[bin][priority].store(*depth, Ordering::Relaxed);
+            }
+        }
+        for (counter, reason) in self.stats.preemptions.iter().zip(Preemption::ALL) {
+            counter.store(self.scheduler.preemptions_for(reason), Ordering::Relaxed);
+        }
+        for (counter, reason) in self.stats.admission_stalls.iter().zip(Stall::ALL) {
+            counter.store(self.scheduler.stalls(reason), Ordering::Relaxed);
+        }
+        self.stats
+            .kv_blocks_cached
+            .store(self.allocator.cached(), Ordering::Relaxed);
+        self.stats.kv_blocks_used.store(used, Ordering::Relaxed);
+        self.stats.kv_blocks_peak.fetch_max(used, Ordering::Relaxed);
+        self.stats
+            .running
+            .store(self.scheduler.running().len(), Ordering::Relaxed);
+        self.stats
+            .waiting
+            .store(self.scheduler.num_waiting(), Ordering::Relaxed);
+    }
+}
+
+/// What the step gave each planned sequence, from the successful groups' outputs (in plan
+/// order) and the failures.
+fn outcomes<'a>(
+    outputs: &[RowOutput],
+    groups: &'a [(usize, StepOutput)],
+    failed: &[usize],
+    vocab: usize,
+) -> Vec<Outcome<'a>> {
+    let mut outcomes: Vec<Outcome<'a>> = outputs
+        .iter()
+        .enumerate()
+        .map(|(k, _)| {
+            if failed.contains(&k) {
+                Outcome::Failed
+            } else {
+                Outcome::Ran
+            }
+        })
+        .collect();
+    for (i, (first, out)) in groups.iter().enumerate() {
+        let end = groups.get(i + 1).map_or(outputs.len(), |g| g.0);
+        let mut rows = out.logits.chunks_exact(vocab);
+        let mut ids = out.argmax.iter();
+        for k in *first..end {
+            if matches!(outcomes[k], Outcome::Failed) {
+                continue;
+            }
+            outcomes[k] = match outputs[k] {
+                RowOutput::None => Outcome::Ran,
+                RowOutput::Logits => rows.next().map_or(Outcome::Ran, Outcome::Logits),
+                RowOutput::Argmax => ids.next().map_or(Outcome::Ran, |id| Outcome::Token(*id)),
+            };
+        }
+    }
+    outcomes
+}
+
+/// Runs the step for `inputs` (the plan from index `first` on); if it fails (an error or a
+/// panic), splits the batch in two and retries each half after an exponential backoff, down to
+/// single sequences, which are the failures. A sequence's outputs do not depend on its batch, so
+/// the others' tokens are unchanged; their cache writes are simply repeated. Successful groups
+/// land in `groups` as (index of their first plan entry, their output), in plan order; failures
+/// in `failed`.
+fn execute_isolating(
+    executor: &mut dyn Executor,
+    inputs: &[SeqInput<'_>],
+    fault: Option<u32>,
+    first: usize,
+    depth: u32,
+    groups: &mut Vec<(usize, StepOutput)>,
+    failed: &mut Vec<usize>,
+) {
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Some(poison) = fault
+            && inputs.iter().any(|i| i.tokens.contains(&poison))
+        {
+            panic!("injected fault: token {poison} is in the batch");
+        }
+        executor.execute(inputs)
+    }));
+    let error = match attempt {
+        Ok(Ok(output)) => return groups.push((first, output)),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "a panic".to_owned(),
+    };
+    if inputs.len() == 1 {
+        tracing::warn!(%error, "the forward pass failed on one request alone");
+        return failed.push(first);
+    }
+    // A transient failure gets time to pass; a real one is found in log₂(batch) rounds.
+    std::thread::sleep(Duration::from_millis(1 << depth.min(6)));
+    let mid = inputs.len() / 2;
+    for (part, at) in [(&inputs[..mid], first), (&inputs[mid..], first + mid)] {
+        execute_isolating(executor, part, fault, at, depth + 1, groups, failed);
+    }
+}
