@@ -283,3 +283,76 @@ fn greedy_tokens_equal_the_reference_where_it_is_decisive() {
         assert_eq!(&got[..decided], &want[..decided], "prompt {s}");
     }
 }
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / norm(a) / norm(b)
+}
+
+#[test]
+fn on_the_gguf_test_model_the_candle_and_int8_backends_agree() {
+    // The GGUF path (interleaved rotary pairs, dequantized Q4_1) against the int8 engine, which
+    // quantizes activations to 8 bits: close, not equal. Two sequences: one prefilled in a chunk
+    // then decoded, one prefilled whole; batched, out of order.
+    let source = ModelSource::Gguf(support::model_path());
+    let mut rows = Vec::new();
+    for (name, backend) in support::backends() {
+        let (mut executor, codec) = engine::load_with_tokenizer(&source, None, &backend).unwrap();
+        executor.allocate_kv(64, 16).unwrap();
+        let a = codec
+            .encode("The capital of France is Paris. The capital of Germany is")
+            .unwrap();
+        let b = codec.encode("Hello there, my friend").unwrap();
+        let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..8).collect(), (20..28).collect());
+        let n = a.len();
+        let first = executor
+            .execute(&[
+                SeqInput {
+                    tokens: &a[..n - 1],
+                    start: 0,
+                    blocks: &ta,
+                    output: RowOutput::None,
+                },
+                SeqInput {
+                    tokens: &b,
+                    start: 0,
+                    blocks: &tb,
+                    output: RowOutput::Logits,
+                },
+            ])
+            .unwrap();
+        let next = [engine::backend::argmax(&first.logits)];
+        let second = executor
+            .execute(&[
+                SeqInput {
+                    tokens: &next,
+                    start: b.len(),
+                    blocks: &tb,
+                    output: RowOutput::Logits,
+                },
+                SeqInput {
+                    tokens: &a[n - 1..],
+                    start: n - 1,
+                    blocks: &ta,
+                    output: RowOutput::Logits,
+                },
+            ])
+            .unwrap();
+        let vocab = executor.config().vocab_size;
+        let mut all = vec![first.logits];
+        all.extend(second.logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+        rows.push((name, all));
+    }
+    let (int8, candle) = (&rows[0].1, &rows[1].1);
+    for (k, (x, y)) in int8.iter().zip(candle).enumerate() {
+        let c = cosine(x, y);
+        eprintln!("row {k}: cosine {c}");
+        assert!(c > 0.998, "row {k}: cosine {c}");
+        assert_eq!(
+            engine::backend::argmax(x),
+            engine::backend::argmax(y),
+            "row {k}"
+        );
+    }
+}
