@@ -22,6 +22,9 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cli::generate(&args),
         Command::Bench(args) => cli::bench(&args),
         Command::BenchServe(args) => loadgen::run(&args),
+        Command::Info(args) => cli::info(&args),
+        Command::CheckKernels(args) => cli::check_kernels(&args),
+        Command::CheckModel(args) => cli::check_model(&args),
         Command::CheckConfig { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;

@@ -195,6 +195,30 @@ fn llama3_rope_scaling_gives_the_reference_logits() {
         ..TinyLlama::default()
     };
     check_logits(&tiny, "llama3");
+    // The same checkpoint with config.json as transformers 5 writes it gives the same logits.
+    for config in [tiny.config_json(), tiny.config_json_v5()] {
+        let dir = std::env::temp_dir().join(format!("parallax-{}-v5", std::process::id()));
+        tiny.write(&dir);
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let mut executor =
+            engine::load(&ModelSource::HuggingFace(dir.clone()), &candle_backend()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        executor.allocate_kv(16, 4).unwrap();
+        let prompt = &prompts()[2];
+        let table = blocks(0, prompt.len());
+        let out = executor
+            .execute(&[SeqInput {
+                tokens: prompt,
+                start: 0,
+                blocks: &table,
+                output: RowOutput::Logits,
+            }])
+            .unwrap();
+        let (_, model, reference_config) = both(&tiny, "llama3-v5-reference");
+        let expected = reference_logits(&model, &reference_config, prompt);
+        let d = max_difference(&out.logits, &expected[prompt.len() - 1]);
+        assert!(d < TOLERANCE, "{config}: {d}");
+    }
     // The premise: scaling changes the logits (else this test would prove nothing).
     let plain = TinyLlama {
         seed: 11,

@@ -208,3 +208,57 @@ async fn over_http_the_poisoned_request_gets_a_500_and_the_others_complete() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_fault_ends_every_request_with_its_reason_and_turns_readiness_off() {
+    // A device failure (a CUDA error poisons its context) is nobody's request: nothing is
+    // retried on it, every request in flight ends with an explicit error, and the engine stops.
+    let probe = support::start(support::config(64, 64));
+    let fault_token = poison(&probe);
+    drop(probe);
+    let config = EngineConfig {
+        device_fault_token: Some(fault_token),
+        ..support::config(512, 2048)
+    };
+    let (server, engine) = TestServer::start_with(server_config(), config).await;
+    assert_eq!(server.get("/ready").await.0, 200);
+    let mut bystander = engine
+        .submit(
+            engine.codec.encode("Once upon a time").unwrap(),
+            greedy(200),
+        )
+        .unwrap();
+    started(&mut bystander).await;
+    let mut culprit = engine.submit(vec![1, 2, fault_token], greedy(4)).unwrap();
+    for stream in [&mut culprit, &mut bystander] {
+        loop {
+            match stream.next().await {
+                Some(Event::Failed { message }) => {
+                    assert!(message.contains("device failed"), "{message}");
+                    break;
+                }
+                Some(Event::Token { .. } | Event::Started { .. }) => {}
+                other => panic!("expected Failed, got {other:?}"),
+            }
+        }
+    }
+    support::http::eventually(Duration::from_secs(10), "the engine stops", || async {
+        !engine.is_running()
+    })
+    .await;
+    let (status, body) = server.get("/ready").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("device failed") && body.contains("injected device fault"),
+        "{body}"
+    );
+    assert!(engine.fault().is_some());
+    // New work is refused, not queued forever.
+    let (status, body) = server
+        .post_json(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4}),
+        )
+        .await;
+    assert!(status >= 500, "{status}: {body}");
+}

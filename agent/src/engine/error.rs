@@ -71,6 +71,15 @@ pub enum EngineError {
         reason: String,
     },
 
+    /// The model, its KV cache and its largest step do not fit the device's memory.
+    #[error("the model does not fit: {0}")]
+    DoesNotFit(String),
+
+    /// The device failed in a way that leaves it unusable (a CUDA error poisons its context):
+    /// the engine stops.
+    #[error("device fault: {0}")]
+    DeviceFault(String),
+
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -89,6 +98,8 @@ impl EngineError {
             | Self::UnknownShape(_) => "model",
             Self::Unsupported(_) => "unsupported",
             Self::Backend { .. } => "backend",
+            Self::DeviceFault(_) => "device",
+            Self::DoesNotFit(_) => "memory",
             Self::Tokenizer(_) | Self::Template(_) => "tokenizer",
             Self::ContextExceeded { .. }
             | Self::RequestTooLarge { .. }

@@ -59,6 +59,11 @@ struct ClassLabel {
 }
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BinLabel {
     bin: &'static str,
 }
@@ -462,11 +467,29 @@ impl Collector for EngineCollector {
                 "1 while admissions are paused because the KV cache is over 95 % full (until 85 %)",
                 ConstGauge::new(i64::from(stats.kv_pressure.load(Relaxed))),
             )?;
+            if let Some(plan) = view.info.memory {
+                let mut metric = encoder.encode_descriptor(
+                    "parallax_gpu_memory_bytes",
+                    "How the GPU's memory was shared at start: total, in use before the KV cache (weights, context, libraries), weights, the largest step's activation peak, KV cache",
+                    None,
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?;
+                for (kind, bytes) in [
+                    ("total", plan.total),
+                    ("in_use", plan.in_use),
+                    ("weights", plan.weights),
+                    ("activation_peak", plan.activation_peak),
+                    ("kv_cache", plan.kv_bytes),
+                ] {
+                    ConstGauge::new(bytes as i64)
+                        .encode(metric.encode_family(&KindLabel { kind })?)?;
+                }
+            }
             // vLLM's label names; on CPU the blocks are in host memory all the same.
             let info = Info::new(vec![
                 ("block_size", view.info.block_size.to_string()),
                 ("num_gpu_blocks", view.info.kv_blocks.to_string()),
-                ("cache_dtype", "float32".to_owned()),
+                ("cache_dtype", view.info.kv_dtype.to_owned()),
                 ("max_model_len", view.info.context_length.to_string()),
             ]);
             let metric = encoder.encode_descriptor(

@@ -113,13 +113,16 @@ impl AppState {
         self.abort.subscribe()
     }
 
-    fn readiness(&self) -> Result<(), &'static str> {
+    fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
-            return Err("shutting down");
+            return Err("shutting down".into());
         }
         match self.engine.get() {
-            None => Err("loading the model"),
-            Some(engine) if !engine.is_running() => Err("the engine stopped"),
+            None => Err("loading the model".into()),
+            Some(engine) if !engine.is_running() => Err(match engine.fault() {
+                Some(reason) => format!("the engine stopped: the device failed ({reason})"),
+                None => "the engine stopped".into(),
+            }),
             Some(_) => Ok(()),
         }
     }

@@ -105,6 +105,21 @@ impl TinyLlama {
         })
     }
 
+    /// config.json as transformers 5 writes it: theta and scaling together in
+    /// `rope_parameters`, no `rope_theta` or `rope_scaling`.
+    pub fn config_json_v5(&self) -> serde_json::Value {
+        let mut config = self.config_json();
+        let object = config.as_object_mut().unwrap();
+        object.remove("rope_theta");
+        let mut parameters = match object.remove("rope_scaling") {
+            Some(serde_json::Value::Object(scaling)) => scaling,
+            _ => serde_json::Map::from_iter([("rope_type".into(), "default".into())]),
+        };
+        parameters.insert("rope_theta".into(), self.rope_theta.into());
+        object.insert("rope_parameters".into(), parameters.into());
+        config
+    }
+
     /// Writes the checkpoint into `dir`.
     pub fn write(&self, dir: &Path) {
         std::fs::create_dir_all(dir).unwrap();

@@ -10,6 +10,7 @@
 
 pub mod candle;
 pub mod int8;
+pub mod profile;
 
 use super::error::{EngineError, Result};
 use super::model::LlamaConfig;
@@ -54,15 +55,36 @@ pub trait Executor: Send {
     fn describe(&self) -> String;
     /// Bytes the weights take.
     fn weight_bytes(&self) -> usize;
+    /// The element type of the cached keys and values, as vLLM names it (`float32`, `bfloat16`,
+    /// `float16`).
+    fn kv_dtype(&self) -> &'static str;
     /// Bytes one KV block of `block_size` tokens takes (every layer, keys and values).
     fn kv_block_bytes(&self, block_size: usize) -> usize;
-    /// Bytes of device memory free for the KV cache now, the weights loaded.
+    /// Bytes of memory free for the KV cache now, the weights loaded (host memory on the CPU).
     fn available_memory(&self) -> usize;
+    /// The device's own memory, where the backend knows it (a GPU): total and free now.
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+    /// Runs the largest step the scheduler can form — `tokens` tokens over `sequences`
+    /// sequences, every one sampling — once, on a temporary cache of `block_size`-token blocks,
+    /// and returns the bytes its activations took at their peak (as far as the device shows it).
+    /// Where nothing is measured (the CPU), 0.
+    fn profile(&mut self, _tokens: usize, _sequences: usize, _block_size: usize) -> Result<usize> {
+        Ok(0)
+    }
     /// Allocates the KV cache: `blocks` blocks of `block_size` tokens.
     fn allocate_kv(&mut self, blocks: usize, block_size: usize) -> Result<()>;
     /// Runs one step: every sequence's tokens in one forward pass, their keys and values written
     /// through their block tables.
     fn execute(&mut self, batch: &[SeqInput<'_>]) -> Result<StepOutput>;
+}
+
+/// A device's memory in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub total: usize,
+    pub free: usize,
 }
 
 /// Which backend.
@@ -159,6 +181,15 @@ pub fn load(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn E
             device,
             backend.resolved_precision(),
         )?)),
+    }
+}
+
+/// What the GPU `device` names says of itself; `None` for the CPU. An error where this build
+/// or machine has no such device.
+pub fn gpu_facts(device: DeviceSpec) -> Result<Option<profile::GpuFacts>> {
+    match device {
+        DeviceSpec::Cpu => Ok(None),
+        DeviceSpec::Cuda(_) => candle::gpu_facts(&candle::device(device)?),
     }
 }
 

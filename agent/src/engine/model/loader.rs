@@ -489,9 +489,18 @@ fn hf_config(dir: &Path) -> Result<LlamaConfig> {
         kv_heads: int("num_key_value_heads").unwrap_or(heads),
         head_dim: int("head_dim").unwrap_or(hidden / heads),
         rms_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
-        rope_theta: v["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+        // transformers 5 writes `rope_parameters` (theta and scaling together); earlier versions
+        // `rope_theta` and `rope_scaling`.
+        rope_theta: v["rope_theta"]
+            .as_f64()
+            .or(v["rope_parameters"]["rope_theta"].as_f64())
+            .unwrap_or(10_000.0) as f32,
         rope_style: RopeStyle::HalfSplit,
-        rope_scaling: hf_rope_scaling(&v["rope_scaling"])?,
+        rope_scaling: hf_rope_scaling(if v["rope_parameters"].is_object() {
+            &v["rope_parameters"]
+        } else {
+            &v["rope_scaling"]
+        })?,
         context_length: int("max_position_embeddings").unwrap_or(4096),
     })
 }
@@ -503,7 +512,7 @@ fn hf_rope_scaling(v: &serde_json::Value) -> Result<Option<RopeScaling>> {
         return Ok(None);
     }
     let kind = v["rope_type"].as_str().or(v["type"].as_str()).unwrap_or("");
-    if kind == "default" {
+    if kind == "default" || (kind.is_empty() && v["factor"].is_null()) {
         return Ok(None);
     }
     if kind != "llama3" {

@@ -6,6 +6,7 @@ use super::{
     EngineStats, Event, KV_PRESSURE_OFF, KV_PRESSURE_ON, RunTime, StepObserver, StepReport,
     Submission,
 };
+use crate::engine::EngineError;
 use crate::engine::backend::{Executor, RowOutput, SeqInput, StepOutput};
 use crate::engine::model::tokenizer::{IncrementalDecoder, TextCodec};
 use crate::engine::sampling::{Rng, Sampled, sample};
@@ -26,11 +27,32 @@ pub(super) struct EngineLoop {
     pub stats: Arc<EngineStats>,
     pub observer: Arc<dyn StepObserver>,
     pub breaker: Breaker,
-    /// A token that makes the forward pass fail (fault injection; always `None` in builds
-    /// without the `fault-injection` feature).
-    pub fault: Option<u32>,
+    /// Tokens that make the forward pass fail (fault injection; none in builds without the
+    /// `fault-injection` feature).
+    pub fault: Faults,
     pub block_size: usize,
     pub next_id: u64,
+}
+
+/// Injected faults (tests): a token that makes the forward pass panic, and one that makes the
+/// device fail for good.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Faults {
+    pub poison: Option<u32>,
+    pub device: Option<u32>,
+}
+
+/// The successful groups of a step (index of their first plan entry, their output) and the
+/// plan entries it failed on.
+type Executed = (Vec<(usize, StepOutput)>, Vec<usize>);
+
+/// How a step went.
+enum Stepped {
+    Ran,
+    /// Nothing could run.
+    Idle,
+    /// The device failed for good (the reason).
+    DeviceFault(String),
 }
 
 /// What a step gave one scheduled sequence.
@@ -72,7 +94,11 @@ impl EngineLoop {
             }
             // Requests whose receiver went away are dropped before the step (their blocks too).
             drop(self.scheduler.retain(|s| !s.events.is_closed()));
-            idle_step = !self.step();
+            match self.step() {
+                Stepped::Ran => idle_step = false,
+                Stepped::Idle => idle_step = true,
+                Stepped::DeviceFault(reason) => return self.stop_for(reason),
+            }
         }
     }
 
@@ -104,19 +130,35 @@ impl EngineLoop {
         });
     }
 
-    /// One step — plan, execute, sample, emit; false if nothing could run.
-    fn step(&mut self) -> bool {
+    /// The device failed for good: every request ends with the reason, the fault is recorded
+    /// for readiness and health, and the loop ends (no new work is taken).
+    fn stop_for(&mut self, reason: String) {
+        tracing::error!(%reason, "the device failed: the engine stops and readiness fails");
+        *self.stats.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+        for seq in self.scheduler.retain(|_| false) {
+            let _ = seq.events.send(Event::Failed {
+                message: format!("the device failed and the engine stopped: {reason}"),
+            });
+        }
+        self.publish();
+    }
+
+    /// One step — plan, execute, sample, emit.
+    fn step(&mut self) -> Stepped {
         let plan = self.plan();
         if plan.is_empty() {
             self.publish();
-            return false;
+            return Stepped::Idle;
         }
         let began = Instant::now();
         let outputs: Vec<RowOutput> = plan
             .iter()
             .map(|p| self.scheduler.running()[p.index].output(p.tokens))
             .collect();
-        let (groups, failed) = self.execute(&plan, &outputs);
+        let (groups, failed) = match self.execute(&plan, &outputs) {
+            Ok(executed) => executed,
+            Err(reason) => return Stepped::DeviceFault(reason),
+        };
         // The forward pass's time: the step log's and each sequence's run time.
         let took = began.elapsed();
         self.log_step(&plan, took);
@@ -140,7 +182,7 @@ impl EngineLoop {
         for (events, event) in outbox {
             let _ = events.send(event);
         }
-        true
+        Stepped::Ran
     }
 
     /// The step's plan (one request at a time while the breaker is open), its prefix-cache
@@ -161,11 +203,8 @@ impl EngineLoop {
     }
 
     /// Runs the plan on the executor, isolating the sequences it fails on; tells the breaker.
-    fn execute(
-        &mut self,
-        plan: &[Scheduled],
-        outputs: &[RowOutput],
-    ) -> (Vec<(usize, StepOutput)>, Vec<usize>) {
+    /// A device fault is no request's: it ends the step, and the engine, with its reason.
+    fn execute(&mut self, plan: &[Scheduled], outputs: &[RowOutput]) -> Result<Executed, String> {
         let began = Instant::now();
         let mut groups = Vec::new();
         let mut failed = Vec::new();
@@ -191,7 +230,7 @@ impl EngineLoop {
             0,
             &mut groups,
             &mut failed,
-        );
+        )?;
         if failed.is_empty() {
             self.breaker.success(began);
         } else {
@@ -207,7 +246,7 @@ impl EngineLoop {
                 "a step failed: the failing requests were isolated by bisection and end with an error"
             );
         }
-        (groups, failed)
+        Ok((groups, failed))
     }
 
     /// Rows and prefill tokens by bin (fast, medium, slow), at debug level.
@@ -390,37 +429,49 @@ fn outcomes<'a>(
 /// single sequences, which are the failures. A sequence's outputs do not depend on its batch, so
 /// the others' tokens are unchanged; their cache writes are simply repeated. Successful groups
 /// land in `groups` as (index of their first plan entry, their output), in plan order; failures
-/// in `failed`.
+/// in `failed`. A device fault is not retried (a poisoned CUDA context fails whatever runs next):
+/// its reason comes back as the error.
 fn execute_isolating(
     executor: &mut dyn Executor,
     inputs: &[SeqInput<'_>],
-    fault: Option<u32>,
+    fault: Faults,
     first: usize,
     depth: u32,
     groups: &mut Vec<(usize, StepOutput)>,
     failed: &mut Vec<usize>,
-) {
+) -> Result<(), String> {
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if let Some(poison) = fault
-            && inputs.iter().any(|i| i.tokens.contains(&poison))
-        {
+        let has =
+            |token: Option<u32>| token.filter(|t| inputs.iter().any(|i| i.tokens.contains(t)));
+        if let Some(poison) = has(fault.poison) {
             panic!("injected fault: token {poison} is in the batch");
+        }
+        if let Some(token) = has(fault.device) {
+            return Err(EngineError::DeviceFault(format!(
+                "injected device fault: token {token} is in the batch"
+            )));
         }
         executor.execute(inputs)
     }));
     let error = match attempt {
-        Ok(Ok(output)) => return groups.push((first, output)),
+        Ok(Ok(output)) => {
+            groups.push((first, output));
+            return Ok(());
+        }
+        Ok(Err(EngineError::DeviceFault(reason))) => return Err(reason),
         Ok(Err(e)) => e.to_string(),
         Err(_) => "a panic".to_owned(),
     };
     if inputs.len() == 1 {
         tracing::warn!(%error, "the forward pass failed on one request alone");
-        return failed.push(first);
+        failed.push(first);
+        return Ok(());
     }
     // A transient failure gets time to pass; a real one is found in log₂(batch) rounds.
     std::thread::sleep(Duration::from_millis(1 << depth.min(6)));
     let mid = inputs.len() / 2;
     for (part, at) in [(&inputs[..mid], first), (&inputs[mid..], first + mid)] {
-        execute_isolating(executor, part, fault, at, depth + 1, groups, failed);
+        execute_isolating(executor, part, fault, at, depth + 1, groups, failed)?;
     }
+    Ok(())
 }

@@ -4,6 +4,7 @@
 //! blocks are freed before the next step.
 
 mod engine_loop;
+pub mod memory;
 mod sequence;
 
 use super::backend::Executor;
@@ -17,7 +18,7 @@ use super::scheduling::admission::{
 use super::scheduling::blocks::BlockAllocator;
 use super::scheduling::breaker::{Breaker, BreakerConfig};
 use super::scheduling::scheduler::{Preemption, Scheduler, SchedulerConfig};
-use engine_loop::EngineLoop;
+use engine_loop::{EngineLoop, Faults};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -29,7 +30,9 @@ use tokio::sync::mpsc;
 pub enum KvCacheSize {
     /// Exactly this many blocks.
     Blocks(usize),
-    /// This fraction of the memory available after the weights are loaded.
+    /// On the CPU: this fraction of the memory available after the weights are loaded. On a
+    /// GPU: this fraction of the card for everything (vLLM's `gpu_memory_utilization`), the KV
+    /// cache getting what the weights and the largest step leave ([`memory::MemoryPlan`]).
     MemoryFraction(f64),
 }
 
@@ -57,6 +60,10 @@ pub struct EngineConfig {
     /// Tests only: the forward pass fails whenever this token is in its batch.
     #[cfg(feature = "fault-injection")]
     pub poison_token: Option<u32>,
+    /// Tests only: the device fails for good (as a CUDA error would) when this token is in a
+    /// batch.
+    #[cfg(feature = "fault-injection")]
+    pub device_fault_token: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +81,8 @@ impl Default for EngineConfig {
             breaker: BreakerConfig::default(),
             #[cfg(feature = "fault-injection")]
             poison_token: None,
+            #[cfg(feature = "fault-injection")]
+            device_fault_token: None,
         }
     }
 }
@@ -211,6 +220,8 @@ pub struct EngineStats {
     pub breaker_state: std::sync::atomic::AtomicU8,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
+    /// Why the engine stopped, when its device failed for good.
+    pub fault: std::sync::Mutex<Option<String>>,
 }
 
 impl EngineStats {
@@ -238,12 +249,16 @@ impl EngineStats {
 pub struct EngineInfo {
     /// Which backend runs on which device (`int8 on cpu`, …).
     pub backend: String,
+    /// The cached keys' and values' element type (`float32`, `bfloat16`, …).
+    pub kv_dtype: &'static str,
     pub context_length: usize,
     pub vocab_size: usize,
     pub block_size: usize,
     pub kv_blocks: usize,
     pub weight_bytes: usize,
     pub max_num_seqs: usize,
+    /// How the GPU's memory was shared, on a GPU sized by memory fraction.
+    pub memory: Option<memory::MemoryPlan>,
 }
 
 struct Submission {
@@ -285,6 +300,15 @@ impl EngineHandle {
     /// False once the engine thread has ended (it stopped or panicked).
     pub fn is_running(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Why the engine stopped, if its device failed.
+    pub fn fault(&self) -> Option<String> {
+        self.stats
+            .fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Validates and queues a request (medium priority, fast bin, no batching preference).
@@ -367,10 +391,41 @@ pub fn start_observed(
     let c = executor.config().clone();
     let per_block = executor.kv_block_bytes(config.block_size);
     let most_useful = config.max_num_seqs.max(1) * c.context_length.div_ceil(config.block_size);
-    let blocks = match config.kv_cache {
-        KvCacheSize::Blocks(n) => n,
-        KvCacheSize::MemoryFraction(f) => {
+    let mut plan = None;
+    let blocks = match (config.kv_cache, executor.device_memory()) {
+        (KvCacheSize::Blocks(n), _) => n,
+        (KvCacheSize::MemoryFraction(f), None) => {
             ((executor.available_memory() as f64 * f) as usize / per_block).min(most_useful)
+        }
+        (KvCacheSize::MemoryFraction(utilization), Some(_)) => {
+            let peak = executor.profile(
+                config.max_batched_tokens,
+                config.max_num_seqs,
+                config.block_size,
+            )?;
+            let after = executor.device_memory().ok_or_else(|| {
+                EngineError::Unsupported("the device stopped reporting its memory".into())
+            })?;
+            let memory = memory::MemoryPlan::new(
+                after.total,
+                after.free,
+                executor.weight_bytes(),
+                peak,
+                utilization,
+                per_block,
+            )?;
+            tracing::info!(
+                total_gib = gib(memory.total),
+                utilization = memory.utilization,
+                in_use_gib = gib(memory.in_use),
+                weights_gib = gib(memory.weights),
+                activation_peak_gib = gib(memory.activation_peak),
+                kv_cache_gib = gib(memory.kv_bytes),
+                kv_blocks = memory.kv_blocks,
+                "GPU memory"
+            );
+            plan = Some(memory);
+            memory.kv_blocks.min(most_useful)
         }
     };
     if blocks == 0 {
@@ -382,12 +437,14 @@ pub fn start_observed(
     executor.allocate_kv(blocks, config.block_size)?;
     let info = Arc::new(EngineInfo {
         backend: executor.describe(),
+        kv_dtype: executor.kv_dtype(),
         context_length: c.context_length,
         vocab_size: c.vocab_size,
         block_size: config.block_size,
         kv_blocks: blocks,
         weight_bytes: executor.weight_bytes(),
         max_num_seqs: config.max_num_seqs,
+        memory: plan,
     });
     let stats = Arc::new(EngineStats::default());
     stats.kv_blocks_total.store(blocks, Ordering::Relaxed);
@@ -436,9 +493,12 @@ pub fn start_observed(
                 observer,
                 breaker: Breaker::new(config.breaker),
                 #[cfg(feature = "fault-injection")]
-                fault: config.poison_token,
+                fault: Faults {
+                    poison: config.poison_token,
+                    device: config.device_fault_token,
+                },
                 #[cfg(not(feature = "fault-injection"))]
-                fault: None,
+                fault: Faults::default(),
                 block_size: config.block_size,
                 next_id: 0,
             }
@@ -449,6 +509,10 @@ pub fn start_observed(
             source: e,
         })?;
     Ok(handle)
+}
+
+fn gib(bytes: usize) -> String {
+    format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)
 }
 
 struct AliveGuard(Arc<AtomicBool>);

@@ -75,6 +75,7 @@ pub fn build(files: &mut ModelFiles, device: &Device, dtype: DType) -> Result<Ll
         tied,
         cos,
         sin,
+        paged: None,
     })
 }
 

@@ -4,9 +4,14 @@
 //! attention kernel is the CUDA build's job). Only the rows that sample come back: logits where
 //! they are needed, the greedy token id (argmax on the device) where that is all.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod load;
 mod model;
 
+#[cfg(feature = "cuda")]
+use super::DeviceMemory;
+use super::profile::GpuFacts;
 use super::{Executor, Precision, RowOutput, SeqInput, StepOutput};
 use crate::engine::backend::DeviceSpec;
 use crate::engine::error::{EngineError, Result};
@@ -14,7 +19,10 @@ use crate::engine::model::LlamaConfig;
 use crate::engine::model::loader::ModelFiles;
 use candle_core::{DType, Device, Tensor};
 use load::backend_error;
-use model::{Batch, DecodeRows, LayerCache, Llama, PrefillChunk};
+use model::{
+    AttentionInputs, Batch, DecodeRows, GatheredInputs, LayerCache, Llama, PagedInputs,
+    PrefillChunk,
+};
 
 /// The candle model, its KV cache and its device.
 #[derive(Debug)]
@@ -25,6 +33,29 @@ pub struct CandleExecutor {
     dtype: DType,
     cache: Vec<LayerCache>,
     block_size: usize,
+    /// The device's kernels while the gathering path is chosen ([`Self::use_kernels`]).
+    set_aside: Option<Box<dyn model::PagedKernels>>,
+}
+
+/// The cache row of a sequence's `position`, through its block table.
+fn slot(blocks: &[u32], block_size: usize, position: usize) -> u32 {
+    blocks[position / block_size] * block_size as u32 + (position % block_size) as u32
+}
+
+fn u32s(values: Vec<u32>, device: &Device) -> candle_core::Result<Tensor> {
+    let n = values.len();
+    Tensor::from_vec(values, n, device)
+}
+
+/// What the largest step's activations take at least: the residual stream and its norm, the
+/// Q/K/V and gate/up products, the attention output, and the logits rows (in the model's type
+/// and in f32), with a fifth more for what the libraries keep.
+fn activation_estimate(c: &LlamaConfig, tokens: usize, rows: usize, dtype: DType) -> usize {
+    let qkv = (c.heads + 2 * c.kv_heads) * c.head_dim;
+    let per_token = 3 * c.hidden_size + qkv + c.heads * c.head_dim + 3 * c.intermediate_size;
+    let bytes = tokens * per_token * dtype.size_in_bytes()
+        + rows * c.vocab_size * (dtype.size_in_bytes() + 4);
+    bytes + bytes / 5
 }
 
 fn dtype(precision: Precision) -> DType {
@@ -47,16 +78,46 @@ pub fn device(spec: DeviceSpec) -> Result<Device> {
                         .into(),
                 ));
             }
+            #[cfg(feature = "cuda")]
+            if !cuda::driver_present() {
+                return Err(EngineError::Unsupported(
+                    "--device cuda: no NVIDIA driver here (libcuda.so cannot be opened); use \
+                     --device cpu"
+                        .into(),
+                ));
+            }
             Device::new_cuda(ordinal).map_err(backend_error)
         }
     }
+}
+
+/// What a GPU says of itself; `None` for the CPU.
+pub fn gpu_facts(device: &Device) -> Result<Option<GpuFacts>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let facts = cuda::facts(device).map_err(backend_error)?;
+        return Ok(Some(GpuFacts {
+            name: facts.name,
+            total_memory: facts.total_memory,
+        }));
+    }
+    let _ = device;
+    Ok(None)
 }
 
 impl CandleExecutor {
     pub fn load(files: &mut ModelFiles, spec: DeviceSpec, precision: Precision) -> Result<Self> {
         let device = device(spec)?;
         let dtype = dtype(precision);
-        let model = load::build(files, &device, dtype)?;
+        #[allow(unused_mut)]
+        let mut model = load::build(files, &device, dtype)?;
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let kernels = cuda::Kernels::compile(&device, &model.config, dtype).map_err(|e| {
+                EngineError::DeviceFault(format!("compiling the CUDA kernels: {e}"))
+            })?;
+            model.paged = Some(Box::new(kernels));
+        }
         Ok(Self {
             model,
             device,
@@ -64,42 +125,107 @@ impl CandleExecutor {
             dtype,
             cache: Vec::new(),
             block_size: 0,
+            set_aside: None,
         })
+    }
+
+    /// Whether the device has fused kernels (the CUDA build on a GPU).
+    pub fn has_kernels(&self) -> bool {
+        self.model.paged.is_some() || self.set_aside.is_some()
+    }
+
+    /// Chooses the device's fused kernels (`true`, the default where there are any) or the
+    /// gathering path, their reference (`false`).
+    pub fn use_kernels(&mut self, on: bool) {
+        if on && self.model.paged.is_none() {
+            self.model.paged = self.set_aside.take();
+        } else if !on && self.model.paged.is_some() {
+            self.set_aside = self.model.paged.take();
+        }
     }
 
     /// The device tensors of one step.
     fn batch(&self, batch: &[SeqInput<'_>]) -> candle_core::Result<Batch> {
         let bs = self.block_size;
         let device = &self.device;
-        let width = self.model.config.kv_width();
-        let slot = |blocks: &[u32], position: usize| {
-            blocks[position / bs] * bs as u32 + (position % bs) as u32
-        };
-        let u32s = |v: Vec<u32>| {
-            let n = v.len();
-            Tensor::from_vec(v, n, device)
-        };
         let (mut ids, mut positions, mut slots, mut last) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        // Single-token rows attend together; longer chunks one by one.
-        let (mut singles, mut chunks) = (Vec::new(), Vec::new());
         for seq in batch {
-            let first = ids.len();
             ids.extend_from_slice(seq.tokens);
             for i in 0..seq.tokens.len() {
                 positions.push((seq.start + i) as u32);
-                slots.push(slot(seq.blocks, seq.start + i));
+                slots.push(slot(seq.blocks, bs, seq.start + i));
             }
             if seq.output != RowOutput::None {
                 last.push((ids.len() - 1) as u32);
             }
-            if seq.tokens.len() == 1 {
-                singles.push((first, seq));
-            } else {
-                chunks.push((first, seq));
-            }
         }
-        let tokens = ids.len();
+        let attention = if self.model.paged.is_some() {
+            AttentionInputs::Paged(self.paged_inputs(batch, slots)?)
+        } else {
+            AttentionInputs::Gathered(self.gathered_inputs(batch, slots)?)
+        };
+        Ok(Batch {
+            ids: u32s(ids, device)?,
+            positions: u32s(positions, device)?,
+            last: if last.is_empty() {
+                None
+            } else {
+                Some(u32s(last, device)?)
+            },
+            attention,
+        })
+    }
+
+    /// The kernels' inputs: each token's slot and sequence, and the block tables padded to the
+    /// longest (with block 0, never read: a token reads only up to its own position).
+    fn paged_inputs(
+        &self,
+        batch: &[SeqInput<'_>],
+        slots: Vec<u32>,
+    ) -> candle_core::Result<PagedInputs> {
+        let device = &self.device;
+        let longest = batch
+            .iter()
+            .map(|s| s.blocks.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut tables = Vec::with_capacity(batch.len() * longest);
+        let mut token_seq = Vec::with_capacity(slots.len());
+        for (s, seq) in batch.iter().enumerate() {
+            tables.extend_from_slice(seq.blocks);
+            tables.extend(std::iter::repeat_n(0, longest - seq.blocks.len()));
+            token_seq.extend(std::iter::repeat_n(s as u32, seq.tokens.len()));
+        }
+        Ok(PagedInputs {
+            slots: u32s(slots, device)?,
+            tables: Tensor::from_vec(tables, (batch.len(), longest), device)?,
+            token_seq: u32s(token_seq, device)?,
+            block_size: self.block_size,
+        })
+    }
+
+    /// The gathering path's inputs: single-token rows attend together, padded to the longest
+    /// context and masked; longer chunks one by one.
+    fn gathered_inputs(
+        &self,
+        batch: &[SeqInput<'_>],
+        slots: Vec<u32>,
+    ) -> candle_core::Result<GatheredInputs> {
+        let bs = self.block_size;
+        let device = &self.device;
+        let width = self.model.config.kv_width();
+        let (mut singles, mut chunks) = (Vec::new(), Vec::new());
+        let mut tokens = 0;
+        for seq in batch {
+            if seq.tokens.len() == 1 {
+                singles.push((tokens, seq));
+            } else {
+                chunks.push((tokens, seq));
+            }
+            tokens += seq.tokens.len();
+        }
         let decode = if singles.is_empty() {
             None
         } else {
@@ -110,13 +236,13 @@ impl CandleExecutor {
                 let len = seq.start + 1;
                 for p in 0..longest {
                     // Padding reads a valid row (this sequence's first) and is masked out.
-                    context.push(slot(seq.blocks, if p < len { p } else { 0 }));
+                    context.push(slot(seq.blocks, bs, if p < len { p } else { 0 }));
                     mask.push(if p < len { 0f32 } else { f32::NEG_INFINITY });
                 }
             }
             let rows = singles.len();
             Some(DecodeRows {
-                tokens: u32s(singles.iter().map(|(t, _)| *t as u32).collect())?,
+                tokens: u32s(singles.iter().map(|(t, _)| *t as u32).collect(), device)?,
                 context: Tensor::from_vec(context, (rows, longest), device)?,
                 mask: Tensor::from_vec(mask, (rows, 1, 1, longest), device)?,
             })
@@ -125,13 +251,13 @@ impl CandleExecutor {
             .iter()
             .map(|(first, seq)| {
                 let context = (0..seq.start + seq.tokens.len())
-                    .map(|p| slot(seq.blocks, p))
+                    .map(|p| slot(seq.blocks, bs, p))
                     .collect();
                 Ok(PrefillChunk {
                     first: *first,
                     count: seq.tokens.len(),
                     start: seq.start,
-                    context: u32s(context)?,
+                    context: u32s(context, device)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -149,20 +275,17 @@ impl CandleExecutor {
             }
         }
         let in_order = at.iter().enumerate().all(|(i, a)| *a as usize == i);
-        Ok(Batch {
-            ids: u32s(ids)?,
-            positions: u32s(positions)?,
-            slots: u32s(slots)?
+        Ok(GatheredInputs {
+            slots: u32s(slots, device)?
                 .unsqueeze(1)?
                 .broadcast_as((tokens, width))?
                 .contiguous()?,
             decode,
             prefill,
-            order: if in_order { None } else { Some(u32s(at)?) },
-            last: if last.is_empty() {
+            order: if in_order {
                 None
             } else {
-                Some(u32s(last)?)
+                Some(u32s(at, device)?)
             },
         })
     }
@@ -210,6 +333,14 @@ impl Executor for CandleExecutor {
         format!("candle {:?} on {}", self.dtype, self.spec).to_lowercase()
     }
 
+    fn kv_dtype(&self) -> &'static str {
+        match self.dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        }
+    }
+
     fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let m = &self.model;
@@ -240,12 +371,73 @@ impl Executor for CandleExecutor {
     }
 
     fn available_memory(&self) -> usize {
-        match self.spec {
-            DeviceSpec::Cpu => super::int8::available_memory(),
-            // Sizing the cache from the card's free memory comes with the CUDA build; until
-            // then `--kv-blocks` sizes it there.
-            DeviceSpec::Cuda(_) => 0,
+        match self.device_memory() {
+            Some(memory) => memory.free,
+            None => super::int8::available_memory(),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        if !self.device.is_cuda() {
+            return None;
+        }
+        let facts = cuda::facts(&self.device).ok()?;
+        Some(DeviceMemory {
+            total: facts.total_memory,
+            free: facts.free_memory,
+        })
+    }
+
+    fn profile(&mut self, tokens: usize, sequences: usize, block_size: usize) -> Result<usize> {
+        let Some(before_cache) = self.device_memory() else {
+            return Ok(0);
+        };
+        let estimate = activation_estimate(&self.model.config, tokens, sequences, self.dtype);
+        // A temporary cache for the profiling step: every sequence needs its own blocks.
+        let c = &self.model.config;
+        let (vocab, context) = (c.vocab_size as u32, c.context_length);
+        let sequences = sequences.clamp(1, tokens.max(1));
+        let first = tokens.saturating_sub(sequences - 1).clamp(1, context);
+        let blocks_each = first.div_ceil(block_size);
+        self.allocate_kv(blocks_each * sequences, block_size)?;
+        let tables: Vec<Vec<u32>> = (0..sequences as u32)
+            .map(|s| {
+                (0..blocks_each as u32)
+                    .map(|b| s * blocks_each as u32 + b)
+                    .collect()
+            })
+            .collect();
+        let ids: Vec<u32> = (0..first as u32).map(|i| i % vocab).collect();
+        let batch: Vec<SeqInput<'_>> = tables
+            .iter()
+            .enumerate()
+            .map(|(s, blocks)| SeqInput {
+                tokens: if s == 0 { &ids } else { &ids[..1] },
+                start: 0,
+                blocks,
+                output: RowOutput::Logits,
+            })
+            .collect();
+        let before = self.device_memory().unwrap_or(before_cache);
+        let stepped = self.execute(&batch).and_then(|_| {
+            self.device.synchronize().map_err(backend_error)?;
+            Ok(self.device_memory().unwrap_or(before))
+        });
+        self.cache.clear();
+        let after = stepped.map_err(|e| {
+            EngineError::DoesNotFit(format!(
+                "the largest step ({tokens} tokens over {sequences} sequences) failed on the \
+                 device before the KV cache was sized: {e}"
+            ))
+        })?;
+        let measured = before.free.saturating_sub(after.free);
+        tracing::info!(
+            estimate_mib = estimate >> 20,
+            measured_mib = measured >> 20,
+            "profiled the largest step"
+        );
+        Ok(measured.max(estimate))
     }
 
     fn allocate_kv(&mut self, blocks: usize, block_size: usize) -> Result<()> {
@@ -271,6 +463,13 @@ impl Executor for CandleExecutor {
                 reason: "a step before the KV cache was allocated".into(),
             });
         }
-        self.step(batch).map_err(backend_error)
+        self.step(batch).map_err(|e| {
+            if self.device.is_cuda() {
+                // A CUDA error may have poisoned the context: nothing runs on it again.
+                EngineError::DeviceFault(e.to_string())
+            } else {
+                backend_error(e)
+            }
+        })
     }
 }

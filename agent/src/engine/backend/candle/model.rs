@@ -1,9 +1,11 @@
 //! The Llama architecture over candle tensors, on any candle device and in any float type: one
 //! forward pass over a ragged batch (prefill chunks and decode tokens of many sequences), keys
 //! and values written into a paged cache of device tensors through each token's slot, attention
-//! read through each sequence's block table by gathering its cached rows. Decode rows are
-//! attended together, padded to the longest context and masked; prefill chunks one sequence at a
-//! time with a causal mask. Softmax and norms accumulate in f32.
+//! read through each sequence's block table. Two ways to attend: fused kernels where the device
+//! has them ([`PagedKernels`]: the CUDA build's rotary-and-cache-write and paged attention), else
+//! by gathering each sequence's cached rows — single-token rows together, padded to the longest
+//! context and masked, prefill chunks one sequence at a time with a causal mask — which is also
+//! the kernels' reference. Softmax and norms accumulate in f32.
 
 use crate::engine::model::{LlamaConfig, RopeStyle};
 use candle_core::{DType, Device, Result, Tensor};
@@ -21,6 +23,39 @@ pub struct Layer {
     pub down: Tensor,
 }
 
+/// Device kernels that replace the gathered attention: the rotary embedding fused with the
+/// KV-cache write, and attention read through the block tables.
+pub trait PagedKernels: std::fmt::Debug + Send + Sync {
+    /// Rotates the query and key heads of `qkv` (`[tokens, (heads + 2 kv) × dim]`) in place at
+    /// `positions` (rotary tables `cos`/`sin` of every position) and writes keys and values into
+    /// the caches at `slots` (`[tokens]`).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_cache(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        positions: &Tensor,
+        slots: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+    ) -> Result<()>;
+
+    /// Every token's attention over its sequence's cached positions up to its own: `tables`
+    /// `[sequences, max_blocks]`, `token_seq` and `token_pos` `[tokens]`. `[tokens, heads × dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_attention(
+        &self,
+        qkv: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        tables: &Tensor,
+        token_seq: &Tensor,
+        token_pos: &Tensor,
+        block_size: usize,
+    ) -> Result<Tensor>;
+}
+
 /// The weights, and the rotary tables, on one device in one type.
 #[derive(Debug)]
 pub struct Llama {
@@ -34,6 +69,8 @@ pub struct Llama {
     /// `[context, head_dim / 2]`, in the model's type.
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The device's fused kernels, where it has them.
+    pub paged: Option<Box<dyn PagedKernels>>,
 }
 
 /// Keys and values of one layer: `[blocks × block_size, kv_heads × head_dim]` each.
@@ -50,6 +87,31 @@ pub struct Batch {
     pub ids: Tensor,
     /// Each token's position, `[tokens]`.
     pub positions: Tensor,
+    /// The tokens whose final hidden state gives logits, `[rows]`.
+    pub last: Option<Tensor>,
+    pub attention: AttentionInputs,
+}
+
+/// What attention reads, for the kernels or for the gathering path.
+#[derive(Debug)]
+pub enum AttentionInputs {
+    Paged(PagedInputs),
+    Gathered(GatheredInputs),
+}
+
+#[derive(Debug)]
+pub struct PagedInputs {
+    /// Each token's cache row, `[tokens]`.
+    pub slots: Tensor,
+    /// Each sequence's blocks, padded: `[sequences, max_blocks]`.
+    pub tables: Tensor,
+    /// Each token's sequence, `[tokens]`.
+    pub token_seq: Tensor,
+    pub block_size: usize,
+}
+
+#[derive(Debug)]
+pub struct GatheredInputs {
     /// Each token's cache row, repeated across the cache width: `[tokens, width]`.
     pub slots: Tensor,
     /// Rows of one token each (decodes, mostly), attended together.
@@ -60,8 +122,6 @@ pub struct Batch {
     /// Token order of the attention outputs (decode rows first, then prefill chunks) back to the
     /// batch's order, when they differ.
     pub order: Option<Tensor>,
-    /// The tokens whose final hidden state gives logits, `[rows]`.
-    pub last: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -87,11 +147,43 @@ impl Llama {
     pub fn forward(&self, batch: &Batch, cache: &[LayerCache]) -> Result<Option<Tensor>> {
         let c = &self.config;
         let mut x = self.embed.index_select(&batch.ids, 0)?;
-        let cos = self.cos.index_select(&batch.positions, 0)?;
-        let sin = self.sin.index_select(&batch.positions, 0)?;
+        // The gathering path rotates with each token's own angles.
+        let angles = match &batch.attention {
+            AttentionInputs::Gathered(_) => Some((
+                self.cos.index_select(&batch.positions, 0)?,
+                self.sin.index_select(&batch.positions, 0)?,
+            )),
+            AttentionInputs::Paged(_) => None,
+        };
         for (layer, kv) in self.layers.iter().zip(cache) {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let attn = self.attention(layer, kv, batch, &h, &cos, &sin)?;
+            let qkv = h.matmul(&layer.qkv.t()?)?;
+            let attn = match (&batch.attention, &self.paged, &angles) {
+                (AttentionInputs::Paged(inputs), Some(kernels), _) => {
+                    kernels.rope_and_cache(
+                        &qkv,
+                        &self.cos,
+                        &self.sin,
+                        &batch.positions,
+                        &inputs.slots,
+                        &kv.keys,
+                        &kv.values,
+                    )?;
+                    kernels.paged_attention(
+                        &qkv,
+                        &kv.keys,
+                        &kv.values,
+                        &inputs.tables,
+                        &inputs.token_seq,
+                        &batch.positions,
+                        inputs.block_size,
+                    )?
+                }
+                (AttentionInputs::Gathered(inputs), _, Some((cos, sin))) => {
+                    self.gathered_attention(kv, inputs, &qkv, cos, sin)?
+                }
+                _ => candle_core::bail!("paged attention inputs without paged kernels"),
+            };
             x = (x + attn.matmul(&layer.out.t()?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate_up = h.matmul(&layer.gate_up.t()?)?;
@@ -107,21 +199,20 @@ impl Llama {
         Ok(Some(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?))
     }
 
-    /// Self-attention of one layer for every token: Q/K/V, rotary embedding, the cache write,
-    /// then attention over each sequence's cached context. `[tokens, heads × head_dim]`.
-    fn attention(
+    /// Self-attention of one layer for every token by gathering: rotary embedding of `qkv`,
+    /// the cache write, then attention over each sequence's cached context gathered from the
+    /// cache. `[tokens, heads × head_dim]`.
+    fn gathered_attention(
         &self,
-        layer: &Layer,
         kv: &LayerCache,
-        batch: &Batch,
-        h: &Tensor,
+        inputs: &GatheredInputs,
+        qkv: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (hd, heads, kv_heads) = (c.head_dim, c.heads, c.kv_heads);
-        let tokens = h.dim(0)?;
-        let qkv = h.matmul(&layer.qkv.t()?)?;
+        let tokens = qkv.dim(0)?;
         let rotate = |x: Tensor, n: usize| -> Result<Tensor> {
             // Each token is its own batch row, so each gets its own position's angles.
             let x = x.contiguous()?.reshape((tokens, n, 1, hd))?;
@@ -137,19 +228,19 @@ impl Llama {
         let v = qkv.narrow(1, (heads + kv_heads) * hd, kv_heads * hd)?;
         let width = kv_heads * hd;
         kv.keys
-            .scatter_set(&batch.slots, &k.reshape((tokens, width))?, 0)?;
-        kv.values.scatter_set(&batch.slots, &v.contiguous()?, 0)?;
-        let mut parts = Vec::with_capacity(batch.prefill.len() + 1);
-        if let Some(decode) = &batch.decode {
+            .scatter_set(&inputs.slots, &k.reshape((tokens, width))?, 0)?;
+        kv.values.scatter_set(&inputs.slots, &v.contiguous()?, 0)?;
+        let mut parts = Vec::with_capacity(inputs.prefill.len() + 1);
+        if let Some(decode) = &inputs.decode {
             let q = q.index_select(&decode.tokens, 0)?;
             parts.push(self.decode_attention(kv, decode, &q)?);
         }
-        for chunk in &batch.prefill {
+        for chunk in &inputs.prefill {
             let q = q.narrow(0, chunk.first, chunk.count)?;
             parts.push(self.prefill_attention(kv, chunk, &q)?);
         }
         let out = Tensor::cat(&parts, 0)?;
-        match &batch.order {
+        match &inputs.order {
             Some(order) => out.index_select(order, 0),
             None => Ok(out),
         }

@@ -42,6 +42,10 @@ impl Executor for Int8Executor {
         "int8 on cpu".into()
     }
 
+    fn kv_dtype(&self) -> &'static str {
+        "float32"
+    }
+
     fn weight_bytes(&self) -> usize {
         self.model.weight_bytes()
     }

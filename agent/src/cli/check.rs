@@ -1,0 +1,247 @@
+//! Device checks for `scripts/gpu-check` (they run anywhere candle does):
+//! - `check-kernels`: the device's fused kernels against the gathering path they replace, over a
+//!   few steps of a mixed batch (prefill chunks, decode rows, a one-token prompt) with shuffled
+//!   block tables; the largest logit difference and the lowest cosine per step, as JSON.
+//! - `check-model`: for token-id prompts, the last-position logits (all prompts in one step,
+//!   written as little-endian f32 rows) and greedy continuations through the real scheduler
+//!   (every prompt submitted at once), for comparing with another implementation.
+
+use super::EngineArgs;
+use crate::engine::backend::candle::CandleExecutor;
+use crate::engine::backend::{Executor, RowOutput, SeqInput};
+use crate::engine::model::loader::ModelFiles;
+use crate::engine::sampling::Rng;
+use crate::engine::{BackendKind, ModelSource};
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct CheckKernelsArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckModelArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// A JSON file: a list of prompts, each a list of token ids.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Where to write the logits: one row of `vocab` f32 per prompt, little-endian.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Greedy tokens to generate per prompt through the scheduler.
+    #[arg(long, default_value_t = 32)]
+    pub greedy: usize,
+}
+
+/// The candle backend on the arguments' device, whatever `--backend` says.
+fn candle(engine: &EngineArgs) -> anyhow::Result<CandleExecutor> {
+    let source = ModelSource::parse(engine.model()?)?;
+    let mut files = ModelFiles::open(&source)?;
+    let mut backend = engine.backend();
+    backend.kind = BackendKind::Candle;
+    Ok(CandleExecutor::load(
+        &mut files,
+        backend.device,
+        backend.resolved_precision(),
+    )?)
+}
+
+/// A sequence of the check: its tokens, its shuffled blocks, and how it runs (token counts per
+/// step, 0 when it sits a step out).
+struct Scenario {
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+    steps: Vec<usize>,
+}
+
+fn scenario(vocab: usize, block_size: usize) -> Vec<Scenario> {
+    let mut rng = Rng::new(17);
+    // (prompt length, tokens per step): a prompt prefilled whole then decoded; one in three
+    // chunks; a one-token prompt; a long prompt whose decode starts late.
+    let shapes: [(usize, Vec<usize>); 4] = [
+        (37, vec![37, 1, 1, 1]),
+        (40, vec![16, 16, 8, 1]),
+        (1, vec![1, 1, 1, 1]),
+        (100, vec![0, 100, 1, 1]),
+    ];
+    let total_blocks: usize = shapes
+        .iter()
+        .map(|(n, _)| (n + 4).div_ceil(block_size))
+        .sum();
+    // Every block id once, shuffled, dealt out to the sequences.
+    let mut ids: Vec<u32> = (0..total_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let mut next = 0;
+    shapes
+        .into_iter()
+        .map(|(len, steps)| {
+            let count = (len + 4).div_ceil(block_size);
+            let blocks = ids[next..next + count].to_vec();
+            next += count;
+            let tokens = (0..len + 4)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect();
+            Scenario {
+                tokens,
+                blocks,
+                steps,
+            }
+        })
+        .collect()
+}
+
+/// Runs the scenario from a fresh cache; every step's logits rows.
+fn run(
+    executor: &mut CandleExecutor,
+    scenario: &[Scenario],
+    block_size: usize,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let blocks: usize = scenario.iter().map(|s| s.blocks.len()).sum();
+    executor.allocate_kv(blocks, block_size)?;
+    let mut at = vec![0usize; scenario.len()];
+    let mut steps = Vec::new();
+    for step in 0..scenario[0].steps.len() {
+        let batch: Vec<SeqInput<'_>> = scenario
+            .iter()
+            .zip(&at)
+            .filter(|(s, _)| s.steps[step] > 0)
+            .map(|(s, &start)| SeqInput {
+                tokens: &s.tokens[start..start + s.steps[step]],
+                start,
+                blocks: &s.blocks,
+                output: RowOutput::Logits,
+            })
+            .collect();
+        steps.push(executor.execute(&batch)?.logits);
+        for (s, start) in scenario.iter().zip(at.iter_mut()) {
+            *start += s.steps[step];
+        }
+    }
+    Ok(steps)
+}
+
+pub fn check_kernels(args: &CheckKernelsArgs) -> anyhow::Result<()> {
+    let mut executor = candle(&args.engine)?;
+    if !executor.has_kernels() {
+        bail!("this device has no fused kernels to check (run with --device cuda on a CUDA build)");
+    }
+    let config = executor.config().clone();
+    let block_size = 16;
+    let scenario = scenario(config.vocab_size, block_size);
+    executor.use_kernels(true);
+    let kernels = run(&mut executor, &scenario, block_size)?;
+    executor.use_kernels(false);
+    let gathered = run(&mut executor, &scenario, block_size)?;
+    executor.use_kernels(true);
+    let mut steps = Vec::new();
+    let (mut worst, mut lowest) = (0f32, 1f32);
+    for (step, (k, g)) in kernels.iter().zip(&gathered).enumerate() {
+        let mut rows = Vec::new();
+        for (a, b) in k
+            .chunks_exact(config.vocab_size)
+            .zip(g.chunks_exact(config.vocab_size))
+        {
+            let difference = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let cosine = cosine(a, b);
+            worst = worst.max(difference);
+            lowest = lowest.min(cosine);
+            rows.push(json!({"max_abs_difference": difference, "cosine": cosine,
+                             "same_top1": crate::engine::backend::argmax(a) == crate::engine::backend::argmax(b)}));
+        }
+        steps.push(json!({"step": step, "rows": rows}));
+    }
+    println!(
+        "{}",
+        json!({"check": "kernels", "backend": executor.describe(), "max_abs_difference": worst,
+               "lowest_cosine": lowest, "steps": steps})
+    );
+    Ok(())
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b)).max(f32::MIN_POSITIVE)
+}
+
+pub fn check_model(args: &CheckModelArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("cannot read {}", args.prompts.display()))?;
+    let prompts: Vec<Vec<u32>> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a list of token-id lists", args.prompts.display()))?;
+    let source = ModelSource::parse(args.engine.model()?)?;
+    let mut backend = args.engine.backend();
+    backend.kind = BackendKind::Candle;
+    let (mut executor, codec) =
+        crate::engine::load_with_tokenizer(&source, args.engine.tokenizer.as_deref(), &backend)?;
+    // The logits: every prompt in one step, on a fresh cache.
+    let block_size = 16;
+    let mut next = 0u32;
+    let tables: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let n = p.len().div_ceil(block_size) as u32;
+            next += n;
+            (next - n..next).collect()
+        })
+        .collect();
+    executor.allocate_kv(next as usize, block_size)?;
+    let batch: Vec<SeqInput<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, blocks)| SeqInput {
+            tokens: p,
+            start: 0,
+            blocks,
+            output: RowOutput::Logits,
+        })
+        .collect();
+    let logits = executor.execute(&batch)?.logits;
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&args.out, bytes)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let described = executor.describe();
+    let vocab = executor.config().vocab_size;
+    // Greedy continuations: the same executor behind the real engine, every prompt at once.
+    let profile = args.engine.profile()?;
+    let engine = crate::engine::start(executor, codec, args.engine.config(&profile)?)?;
+    let params = crate::engine::SamplingParams {
+        max_tokens: args.greedy.max(1),
+        ignore_eos: true,
+        ..crate::engine::SamplingParams::default()
+    };
+    let streams = prompts
+        .iter()
+        .map(|p| engine.submit(p.clone(), params.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut greedy = Vec::new();
+    for mut stream in streams {
+        let mut ids = Vec::new();
+        while let Some(event) = stream.next_blocking() {
+            match event {
+                crate::engine::Event::Token { id, .. } => ids.push(id),
+                crate::engine::Event::Failed { message } => bail!("a prompt failed: {message}"),
+                crate::engine::Event::Finished { .. } => break,
+                crate::engine::Event::Started { .. } => {}
+            }
+        }
+        greedy.push(ids);
+    }
+    println!(
+        "{}",
+        json!({"prompts": prompts.len(), "vocab": vocab, "backend": described,
+               "logits": args.out, "greedy": greedy})
+    );
+    Ok(())
+}

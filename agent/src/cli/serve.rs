@@ -1,0 +1,325 @@
+//! `serve`: the OpenAI-compatible server over the engine, configured by flags or by the
+//! operator's agent configuration file.
+
+use super::EngineArgs;
+use crate::engine::scheduling::admission::{Bin, BinShare};
+use crate::server::prediction::{BinBounds, Binning};
+use crate::server::{self, Server, ServerConfig};
+use anyhow::{Context, bail};
+use clap::Args;
+use parallax_crds::AgentConfig;
+use parallax_crds::inference_pool::KvCacheDtype;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// An agent configuration file (the operator mounts one): model, served name, port, batch
+    /// size and KV block size. --model, --port and --served-model-name override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (default 8000).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The model's name in the API (default: the model file's name without `.gguf`).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds requests in flight may run on after SIGTERM/SIGINT before they are ended.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Most requests waiting to start; more are refused with 429 and Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue_requests: usize,
+    /// Most prompt tokens waiting to start; more are refused with 429 and Retry-After.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub max_queue_tokens: usize,
+    /// Default X-Max-Wait-Time (milliseconds): how long `X-Batch-Preference: enable` waits for a
+    /// batch to join.
+    #[arg(long, default_value_t = 50)]
+    pub max_wait_ms: u64,
+    /// Requests predicted to run under this many milliseconds are in the fast bin (with
+    /// --medium-bin-ms). Without both, the bounds adapt to the traffic: the natural breaks of
+    /// recent predicted times.
+    #[arg(long, requires = "medium_bin_ms")]
+    pub fast_bin_ms: Option<u64>,
+    /// Requests predicted under this many milliseconds (and not fast) are in the medium bin;
+    /// the rest are slow (with --fast-bin-ms).
+    #[arg(long, requires = "fast_bin_ms")]
+    pub medium_bin_ms: Option<u64>,
+}
+
+/// Fixed bounds from two millisecond values, or adaptive ones from none.
+fn binning(fast_ms: Option<u64>, medium_ms: Option<u64>) -> anyhow::Result<Binning> {
+    match (fast_ms, medium_ms) {
+        (None, None) => Ok(Binning::Adaptive),
+        (Some(fast), Some(medium)) if fast < medium => Ok(Binning::Fixed(BinBounds {
+            fast: Duration::from_millis(fast),
+            medium: Duration::from_millis(medium),
+        })),
+        (Some(_), Some(_)) => bail!("the fast bin's bound must be below the medium bin's"),
+        _ => bail!("give both bin bounds (fast and medium) or neither"),
+    }
+}
+
+/// The last path segment of a model source without `.gguf`.
+fn default_served_name(model: &str) -> String {
+    let last = model
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(model);
+    last.strip_suffix(".gguf").unwrap_or(last).to_owned()
+}
+
+impl ServeArgs {
+    /// The engine options, the port and the server's configuration (the served name with it),
+    /// with the configuration file applied.
+    fn resolve(&self) -> anyhow::Result<(EngineArgs, u16, ServerConfig)> {
+        let mut engine = self.engine.clone();
+        let mut served = self.served_model_name.clone();
+        let mut port = self.port;
+        let mut server = ServerConfig {
+            served_name: String::new(),
+            max_body_bytes: self.max_body_bytes,
+            shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout.max(0.0)),
+            max_queue_requests: self.max_queue_requests,
+            max_queue_tokens: self.max_queue_tokens,
+            default_max_wait: Duration::from_millis(self.max_wait_ms),
+            bins: binning(self.fast_bin_ms, self.medium_bin_ms)?,
+        };
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let config: AgentConfig = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a valid agent configuration", path.display())
+            })?;
+            if config.tensor_parallel_size != 1 {
+                bail!(
+                    "{}: tensorParallelSize {} is not supported by this agent yet (only 1)",
+                    path.display(),
+                    config.tensor_parallel_size
+                );
+            }
+            engine.model.get_or_insert(config.model.source);
+            served.get_or_insert(config.model.served_name);
+            port.get_or_insert(config.port);
+            // Flags win over the file, the file over the hardware profile.
+            engine.max_num_seqs.get_or_insert(
+                usize::try_from(config.batching.max_batch_size)
+                    .context("batching.maxBatchSize must be positive")?,
+            );
+            engine.block_size.get_or_insert(
+                usize::try_from(config.kv_cache.block_size)
+                    .context("kvCache.blockSize must be positive")?,
+            );
+            engine
+                .gpu_memory_utilization
+                .get_or_insert(config.kv_cache.gpu_memory_fraction);
+            let bins = &config.batching.bins;
+            let count = |n: i32| usize::try_from(n).unwrap_or(0);
+            let weight = |n: i32| u32::try_from(n).unwrap_or(1);
+            engine.bin_shares = vec![
+                (
+                    Bin::Fast,
+                    BinShare {
+                        min: count(bins.fast.min_batch_size),
+                        max: count(bins.fast.max_batch_size),
+                        weight: weight(bins.fast.weight),
+                    },
+                ),
+                (
+                    Bin::Medium,
+                    BinShare {
+                        min: count(bins.medium.min_batch_size),
+                        max: count(bins.medium.max_batch_size),
+                        weight: weight(bins.medium.weight),
+                    },
+                ),
+                (
+                    Bin::Slow,
+                    BinShare {
+                        min: count(bins.slow.min_batch_size),
+                        max: count(bins.slow.max_batch_size),
+                        weight: weight(bins.slow.weight),
+                    },
+                ),
+            ];
+            let millis = |ms: i32| u64::try_from(ms).unwrap_or(0);
+            server.default_max_wait =
+                Duration::from_millis(millis(config.batching.batch_timeout_ms));
+            if self.fast_bin_ms.is_none() {
+                server.bins = binning(
+                    bins.fast.max_execution_time_ms.map(millis),
+                    bins.medium.max_execution_time_ms.map(millis),
+                )
+                .context("batching.bins")?;
+            }
+            engine.no_enable_prefix_caching |= !config.kv_cache.prefix_caching;
+            if config.kv_cache.dtype != KvCacheDtype::Auto {
+                tracing::warn!(
+                    dtype = ?config.kv_cache.dtype,
+                    "kvCache.dtype is not supported by this agent yet: the KV cache keeps the engine's own type"
+                );
+            }
+        }
+        let model = engine.model()?.to_owned();
+        engine.config(&engine.profile()?)?;
+        if !(self.shutdown_timeout >= 0.0 && self.shutdown_timeout.is_finite()) {
+            bail!("--shutdown-timeout must be a number of seconds ≥ 0");
+        }
+        server.served_name = served.unwrap_or_else(|| default_served_name(&model));
+        Ok((
+            engine,
+            port.unwrap_or(parallax_crds::agent_config::AGENT_HTTP_PORT),
+            server,
+        ))
+    }
+}
+
+pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let (engine, port, server_config) = args.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{port}", args.host))?;
+        tracing::info!(address = %listener.local_addr()?, model = %server_config.served_name, "listening");
+        let server = Server::new(server_config);
+        // The model loads while the server already answers /health (and /ready says 503).
+        let loading = {
+            let server = server.clone();
+            tokio::task::spawn_blocking(move || {
+                let handle = engine.start_observed(server.metrics())?;
+                server.attach(handle);
+                Ok::<_, anyhow::Error>(())
+            })
+        };
+        let serving = server.run(listener, server::termination());
+        tokio::pin!(serving);
+        tokio::select! {
+            served = &mut serving => served?,
+            loaded = loading => {
+                loaded.context("the loading thread failed")??;
+                serving.await?;
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::engine::backend::profile::CPU;
+    use clap::Parser;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["parallax-agent", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)
+            .expect("the arguments parse")
+            .command
+        {
+            Command::Serve(args) => args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn config_file(name: &str, tensor_parallel_size: u32) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("parallax-{name}-{}.json", std::process::id()));
+        let config = serde_json::json!({
+            "model": {"source": "dummy:smollm2-135m", "format": "auto", "servedName": "small"},
+            "tensorParallelSize": tensor_parallel_size,
+            "port": 8000,
+            "batching": {"maxBatchSize": 48},
+            "kvCache": {"blockSize": 32},
+        });
+        std::fs::write(&path, config.to_string()).expect("the temp folder is writable");
+        path
+    }
+
+    #[test]
+    fn the_configuration_file_sets_what_flags_do_not() {
+        let path = config_file("serve-config", 1);
+        let file = path.to_string_lossy().into_owned();
+        let (engine, port, server) = serve_args(&["--config", &file]).resolve().unwrap();
+        assert_eq!(engine.model.as_deref(), Some("dummy:smollm2-135m"));
+        assert_eq!((server.served_name.as_str(), port), ("small", 8000));
+        assert_eq!(
+            (engine.max_num_seqs, engine.block_size),
+            (Some(48), Some(32))
+        );
+        assert_eq!(
+            engine.gpu_memory_utilization,
+            Some(0.9),
+            "the pool's default fraction"
+        );
+        // The pool's bins (the API's defaults here) become the batch shares.
+        let shares = engine.config(&CPU).unwrap().bin_shares.unwrap();
+        assert_eq!(
+            shares[Bin::Slow as usize],
+            BinShare {
+                min: 4,
+                max: 16,
+                weight: 1
+            }
+        );
+        assert_eq!(
+            shares[Bin::Fast as usize],
+            BinShare {
+                min: 32,
+                max: 64,
+                weight: 3
+            }
+        );
+        let (_, port, server) = serve_args(&[
+            "--config",
+            &file,
+            "--port",
+            "9000",
+            "--served-model-name",
+            "x",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!((server.served_name.as_str(), port), ("x", 9000));
+        // A flag wins over the file.
+        let (engine, _, _) = serve_args(&["--config", &file, "--max-num-seqs", "7"])
+            .resolve()
+            .unwrap();
+        assert_eq!(engine.max_num_seqs, Some(7));
+        std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn serve_refuses_what_it_cannot_do_by_name() {
+        let path = config_file("serve-tp", 2);
+        let file = path.to_string_lossy().into_owned();
+        let error = serve_args(&["--config", &file]).resolve().unwrap_err();
+        assert!(
+            error.to_string().contains("tensorParallelSize 2"),
+            "{error}"
+        );
+        std::fs::remove_file(path).ok();
+        let error = serve_args(&[]).resolve().unwrap_err();
+        assert!(error.to_string().contains("--model is required"), "{error}");
+        assert_eq!(
+            default_served_name("/models/SmolLM2.Q4_1.gguf"),
+            "SmolLM2.Q4_1"
+        );
+    }
+}

@@ -1,0 +1,193 @@
+// Kernels of the candle backend on CUDA, compiled at start-up with NVRTC for the loaded model's
+// shape: the host prepends `#define DIM <head dim>` and `#define GROUP <query heads per KV head>`.
+// No headers: 16-bit floats are converted with bit operations and PTX.
+//
+// rope_and_cache_<type>: rotates each token's query and key heads in place (half-split or
+// interleaved pairs) and writes its keys and values into the paged cache at the token's slot.
+// paged_attention_<type>: every token's attention over its own sequence's cached positions
+// 0..=position, read through the sequence's block table — prefill chunks and decode tokens alike.
+// One block of WARPS warps per (token, KV head): the GROUP query heads that share the KV head
+// read each cached key and value once; each warp takes every WARPS-th position with an online
+// softmax in f32, and the warps' partial results are merged at the end.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define WARPS 4
+#define PER_LANE (DIM / 32)
+
+__device__ __forceinline__ float neg_infinity() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    return (u16)(u >> 16);
+}
+__device__ __forceinline__ float f16_to_f32(u16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+struct Bf16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(T x) { return bf16_to_f32(x); }
+    static __device__ __forceinline__ T store(float f) { return f32_to_bf16(f); }
+};
+struct F16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(T x) { return f16_to_f32(x); }
+    static __device__ __forceinline__ T store(float f) { return f32_to_f16(f); }
+};
+struct F32 {
+    typedef float T;
+    static __device__ __forceinline__ float load(T x) { return x; }
+    static __device__ __forceinline__ T store(float f) { return f; }
+};
+
+// grid (tokens, heads + kv_heads), block (DIM / 2): one thread per rotated pair.
+template <typename D>
+__device__ void rope_and_cache(
+    typename D::T* __restrict__ qkv,  // [tokens, (heads + 2 kv_heads) * DIM]
+    const typename D::T* __restrict__ cos,  // [positions, DIM / 2]
+    const typename D::T* __restrict__ sin,
+    const u32* __restrict__ positions,  // [tokens]
+    const u32* __restrict__ slots,  // [tokens]
+    typename D::T* __restrict__ k_cache,  // [slots, kv_heads, DIM]
+    typename D::T* __restrict__ v_cache,
+    int heads, int kv_heads, int interleaved) {
+    const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
+    const int half = DIM / 2;
+    if (i >= half) return;
+    const u64 stride = (u64)(heads + 2 * kv_heads) * DIM;
+    const u64 p = positions[t];
+    const float c = D::load(cos[p * half + i]), s = D::load(sin[p * half + i]);
+    const int a = interleaved ? 2 * i : i;
+    const int b = interleaved ? 2 * i + 1 : i + half;
+    typename D::T* x = qkv + t * stride + (u64)h * DIM;
+    const float xa = D::load(x[a]), xb = D::load(x[b]);
+    const typename D::T ra = D::store(xa * c - xb * s), rb = D::store(xa * s + xb * c);
+    x[a] = ra;
+    x[b] = rb;
+    if (h >= heads) {
+        const int g = h - heads;
+        const u64 at = ((u64)slots[t] * kv_heads + g) * DIM;
+        const typename D::T* v = qkv + t * stride + (u64)(heads + kv_heads + g) * DIM;
+        k_cache[at + a] = ra;
+        k_cache[at + b] = rb;
+        v_cache[at + a] = v[a];
+        v_cache[at + b] = v[b];
+    }
+}
+
+// grid (tokens, kv_heads), block (32 * WARPS).
+template <typename D>
+__device__ void paged_attention(
+    typename D::T* __restrict__ out,  // [tokens, heads * DIM]
+    const typename D::T* __restrict__ q,  // [tokens, q_stride]: query head h at h * DIM
+    u64 q_stride,
+    const typename D::T* __restrict__ k_cache,  // [slots, kv_heads, DIM]
+    const typename D::T* __restrict__ v_cache,
+    const u32* __restrict__ block_tables,  // [sequences, max_blocks]
+    const u32* __restrict__ token_seq,  // [tokens]
+    const u32* __restrict__ token_pos,  // [tokens]
+    float scale, int kv_heads, int block_size, int max_blocks) {
+    const int t = blockIdx.x, g = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const u32* table = block_tables + (u64)token_seq[t] * max_blocks;
+    const int len = (int)token_pos[t] + 1;
+    const int heads = kv_heads * GROUP;
+
+    float qv[GROUP][PER_LANE], acc[GROUP][PER_LANE], m[GROUP], l[GROUP];
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+        const typename D::T* qh = q + t * q_stride + (u64)(g * GROUP + h) * DIM;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            qv[h][i] = D::load(qh[lane + 32 * i]) * scale;
+            acc[h][i] = 0.0f;
+        }
+        m[h] = neg_infinity();
+        l[h] = 0.0f;
+    }
+    for (int j = warp; j < len; j += WARPS) {
+        const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
+        const typename D::T* kr = k_cache + (slot * kv_heads + g) * DIM;
+        const typename D::T* vr = v_cache + (slot * kv_heads + g) * DIM;
+        float kv[PER_LANE], vv[PER_LANE];
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            kv[i] = D::load(kr[lane + 32 * i]);
+            vv[i] = D::load(vr[lane + 32 * i]);
+        }
+#pragma unroll
+        for (int h = 0; h < GROUP; ++h) {
+            float s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) s += qv[h][i] * kv[i];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            const float top = fmaxf(m[h], s);
+            const float rescale = __expf(m[h] - top);  // 0 at the first position (m = -inf)
+            const float p = __expf(s - top);
+            l[h] = l[h] * rescale + p;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) acc[h][i] = acc[h][i] * rescale + p * vv[i];
+            m[h] = top;
+        }
+    }
+    __shared__ float shared_m[WARPS][GROUP], shared_l[WARPS][GROUP];
+    __shared__ float shared_acc[WARPS][GROUP][DIM];
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+        if (lane == 0) {
+            shared_m[warp][h] = m[h];
+            shared_l[warp][h] = l[h];
+        }
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) shared_acc[warp][h][lane + 32 * i] = acc[h][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < GROUP * DIM; idx += blockDim.x) {
+        const int h = idx / DIM, e = idx % DIM;
+        float top = neg_infinity();
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) top = fmaxf(top, shared_m[w][h]);
+        float num = 0.0f, den = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            if (shared_l[w][h] == 0.0f) continue;  // a warp that saw no position
+            const float c = __expf(shared_m[w][h] - top);
+            num += shared_acc[w][h][e] * c;
+            den += shared_l[w][h] * c;
+        }
+        out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(num / den);
+    }
+}
+
+#define INSTANTIATE(NAME, D)                                                                    \
+    extern "C" __global__ void rope_and_cache_##NAME(                                           \
+        D::T* qkv, const D::T* cos, const D::T* sin, const u32* positions, const u32* slots,    \
+        D::T* k_cache, D::T* v_cache, int heads, int kv_heads, int interleaved) {               \
+        rope_and_cache<D>(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads,   \
+                          interleaved);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_##NAME(            \
+        D::T* out, const D::T* q, u64 q_stride, const D::T* k_cache, const D::T* v_cache,       \
+        const u32* block_tables, const u32* token_seq, const u32* token_pos, float scale,       \
+        int kv_heads, int block_size, int max_blocks) {                                         \
+        paged_attention<D>(out, q, q_stride, k_cache, v_cache, block_tables, token_seq,          \
+                           token_pos, scale, kv_heads, block_size, max_blocks);                 \
+    }
+
+INSTANTIATE(bf16, Bf16)
+INSTANTIATE(f16, F16)
+INSTANTIATE(f32, F32)

@@ -1,0 +1,327 @@
+//! The candle backend's own CUDA kernels (`kernels.cu`), compiled at start-up with NVRTC for the
+//! device's compute capability and the model's head size and grouping, and launched on candle's
+//! stream over candle's device memory: the rotary embedding fused with the KV-cache write, and
+//! paged attention read through the block tables. Also what the device says of itself (name,
+//! memory) and a probe for the driver, made before anything can panic for its absence.
+
+#![allow(unsafe_code)]
+
+use super::model::PagedKernels;
+use crate::engine::model::{LlamaConfig, RopeStyle};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+
+use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, cudarc};
+use candle_core::{DType, Device, Result, Storage, Tensor, bail};
+
+const SOURCE: &str = include_str!("kernels.cu");
+/// Threads of a paged-attention block (`WARPS` warps in `kernels.cu`).
+const ATTENTION_THREADS: u32 = 128;
+
+/// Whether the CUDA driver library can be opened: cudarc would panic on first use otherwise.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library (dlopen) and closes it again.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// What the device says of itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceFacts {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_memory: usize,
+    pub free_memory: usize,
+}
+
+pub fn facts(device: &Device) -> Result<DeviceFacts> {
+    let cuda = device.as_cuda_device()?;
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    let (free, total) = context.mem_get_info().map_err(candle_core::Error::wrap)?;
+    Ok(DeviceFacts {
+        name: context.name().map_err(candle_core::Error::wrap)?,
+        compute_capability: context
+            .compute_capability()
+            .map_err(candle_core::Error::wrap)?,
+        total_memory: total,
+        free_memory: free,
+    })
+}
+
+/// The kernels, compiled for one model on one device.
+#[derive(Debug)]
+pub struct Kernels {
+    device: CudaDevice,
+    module: String,
+    ptx: String,
+    suffix: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    interleaved: bool,
+}
+
+/// NVRTC's `--gpu-architecture` for a compute capability.
+fn architecture(capability: (i32, i32)) -> Result<&'static str> {
+    Ok(match capability {
+        (9, 0) => "sm_90",
+        (8, 9) => "sm_89",
+        (8, 6) => "sm_86",
+        (8, 0) => "sm_80",
+        (7, 5) => "sm_75",
+        (7, 0) => "sm_70",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        other => bail!("no kernels for compute capability {}.{}", other.0, other.1),
+    })
+}
+
+impl PagedKernels for Kernels {
+    fn rope_and_cache(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        positions: &Tensor,
+        slots: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+    ) -> Result<()> {
+        Kernels::rope_and_cache(self, qkv, cos, sin, positions, slots, k_cache, v_cache)
+    }
+
+    fn paged_attention(
+        &self,
+        qkv: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        tables: &Tensor,
+        token_seq: &Tensor,
+        token_pos: &Tensor,
+        block_size: usize,
+    ) -> Result<Tensor> {
+        Kernels::paged_attention(
+            self, qkv, k_cache, v_cache, tables, token_seq, token_pos, block_size,
+        )
+    }
+}
+
+impl Kernels {
+    /// Compiles the kernels for `config` in `dtype` on `device` (NVRTC, no nvcc).
+    pub fn compile(device: &Device, config: &LlamaConfig, dtype: DType) -> Result<Self> {
+        let cuda = device.as_cuda_device()?.clone();
+        let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
+        if head_dim % 32 != 0 || head_dim > 256 {
+            bail!(
+                "the CUDA kernels need a head size that is a multiple of 32 up to 256, not {head_dim}"
+            );
+        }
+        let group = heads / kv_heads;
+        if group > 16 {
+            bail!("the CUDA kernels take up to 16 query heads per KV head, not {group}");
+        }
+        let suffix = match dtype {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+            other => bail!("no CUDA kernels for {other:?}"),
+        };
+        let capability = facts(device)?.compute_capability;
+        let ptx = ptx(head_dim, group, architecture(capability)?)?;
+        Ok(Self {
+            device: cuda,
+            module: format!("parallax_d{head_dim}_g{group}"),
+            ptx,
+            suffix,
+            heads,
+            kv_heads,
+            head_dim,
+            interleaved: config.rope_style == RopeStyle::Interleaved,
+        })
+    }
+
+    /// Launches kernel `name` (of this model's type) on candle's stream.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and type, and every pointer
+    /// must be into live device memory as large as the launch reads and writes.
+    unsafe fn launch(&self, name: &str, config: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let function = self.device.get_or_load_custom_func(
+            &format!("{name}_{}", self.suffix),
+            &self.module,
+            &self.ptx,
+        )?;
+        let mut launch = function.builder();
+        for arg in args {
+            match arg {
+                Arg::U64(v) => launch.arg(v),
+                Arg::I32(v) => launch.arg(v),
+                Arg::F32(v) => launch.arg(v),
+            };
+        }
+        // SAFETY: as the caller promises.
+        unsafe { launch.launch(config) }.map_err(candle_core::Error::wrap)?;
+        Ok(())
+    }
+
+    /// Rotates the query and key heads of `qkv` (`[tokens, (heads + 2 kv) × dim]`, contiguous) in
+    /// place at `positions`, and writes keys and values into the caches at `slots`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_and_cache(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        positions: &Tensor,
+        slots: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+    ) -> Result<()> {
+        let tokens = qkv.dim(0)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let stream = self.device.cuda_stream();
+        let mut args = [qkv, cos, sin, positions, slots, k_cache, v_cache]
+            .iter()
+            .map(|t| pointer(t, &stream).map(Arg::U64))
+            .collect::<Result<Vec<Arg>>>()?;
+        args.extend([
+            Arg::I32(self.heads as i32),
+            Arg::I32(self.kv_heads as i32),
+            Arg::I32(i32::from(self.interleaved)),
+        ]);
+        let config = LaunchConfig {
+            grid_dim: (tokens as u32, (self.heads + self.kv_heads) as u32, 1),
+            block_dim: ((self.head_dim / 2) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are the kernel's parameters in number, order and type; every
+        // pointer is into live device memory of the sizes the shapes say (contiguous tensors of
+        // the model's widths, u32 positions below the rotary tables' length, slots below the
+        // caches' rows: the executor builds them so).
+        unsafe { self.launch("rope_and_cache", config, &args) }
+    }
+
+    /// Attention of every token over its sequence's cached positions `0..=position`: `qkv` holds
+    /// the rotated queries (`[tokens, (heads + 2 kv) × dim]`); `tables` is `[sequences,
+    /// max_blocks]`, `token_seq` and `token_pos` `[tokens]` (u32). `[tokens, heads × dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        qkv: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        tables: &Tensor,
+        token_seq: &Tensor,
+        token_pos: &Tensor,
+        block_size: usize,
+    ) -> Result<Tensor> {
+        let (tokens, width) = qkv.dims2()?;
+        let out = Tensor::zeros(
+            (tokens, self.heads * self.head_dim),
+            qkv.dtype(),
+            qkv.device(),
+        )?;
+        if tokens == 0 {
+            return Ok(out);
+        }
+        let stream = self.device.cuda_stream();
+        let pointers = |tensors: &[&Tensor]| {
+            tensors
+                .iter()
+                .map(|t| pointer(t, &stream).map(Arg::U64))
+                .collect::<Result<Vec<Arg>>>()
+        };
+        let mut args = pointers(&[&out, qkv])?;
+        args.push(Arg::U64(width as u64));
+        args.extend(pointers(&[k_cache, v_cache, tables, token_seq, token_pos])?);
+        args.extend([
+            Arg::F32(1.0 / (self.head_dim as f32).sqrt()),
+            Arg::I32(self.kv_heads as i32),
+            Arg::I32(block_size as i32),
+            Arg::I32(tables.dim(1)? as i32),
+        ]);
+        let config = LaunchConfig {
+            grid_dim: (tokens as u32, self.kv_heads as u32, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as for `rope_and_cache`; `out` is a fresh contiguous tensor of the output's
+        // size, and every block-table entry the tokens' positions reach is a block of the caches.
+        unsafe { self.launch("paged_attention", config, &args)? };
+        Ok(out)
+    }
+}
+
+/// The kernels' PTX for one head size and grouping, from NVRTC.
+fn ptx(head_dim: usize, group: usize, arch: &'static str) -> Result<String> {
+    let source = format!("#define DIM {head_dim}\n#define GROUP {group}\n{SOURCE}");
+    let ptx = compile_ptx_with_opts(
+        source,
+        CompileOptions {
+            arch: Some(arch),
+            options: vec!["--std=c++17".into()],
+            ..CompileOptions::default()
+        },
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("NVRTC: {e}")))?;
+    Ok(ptx.to_src())
+}
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy)]
+enum Arg {
+    U64(u64),
+    I32(i32),
+    F32(f32),
+}
+
+/// The device address of a contiguous CUDA tensor's first element.
+fn pointer(t: &Tensor, stream: &cudarc::driver::CudaStream) -> Result<u64> {
+    if !t.is_contiguous() {
+        bail!("the CUDA kernels take contiguous tensors");
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        bail!("the CUDA kernels take tensors on a CUDA device");
+    };
+    let base = match &cuda.slice {
+        CudaStorageSlice::BF16(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::F16(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::F32(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::U32(s) => s.device_ptr(stream).0,
+        _ => bail!("the CUDA kernels take bf16, f16, f32 and u32 tensors"),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC needs no GPU: the kernels compile for the shapes the dummy models and common
+    /// checkpoints have (head size, query heads per KV head), wherever libnvrtc can be opened
+    /// (scripts/build-cuda's venv has one).
+    #[test]
+    fn the_kernels_compile_with_nvrtc_for_the_shapes_served() {
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIPPED: libnvrtc cannot be opened here");
+            return;
+        }
+        for (head_dim, group) in [(64, 3), (64, 4), (128, 1), (128, 4), (128, 8)] {
+            for arch in ["sm_90", "sm_80"] {
+                let ptx = ptx(head_dim, group, arch).expect("the kernels compile");
+                for kernel in ["rope_and_cache", "paged_attention"] {
+                    for suffix in ["bf16", "f16", "f32"] {
+                        assert!(
+                            ptx.contains(&format!("{kernel}_{suffix}")),
+                            "{kernel}_{suffix}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+"""The transformers side of scripts/gpu-check, run on the GPU machine with its torch and
+transformers. Commands:
+
+  reference DIR      a Llama-3.2-1B-shaped model with random weights from a fixed seed, saved by
+                     transformers as safetensors in DIR/model (with a byte-level tokenizer.json so
+                     the agent can serve it), 8 token-id prompts in DIR/prompts.json, and the
+                     model's last-position logits (DIR/reference.f32) and 32 greedy tokens with
+                     each step's top-1 margin (DIR/reference.json)
+  compare DIR PARALLAX_JSON   cosine and top-1 agreement of the agent's logits (DIR/parallax.f32)
+                     against the reference's, and greedy agreement where the reference is decisive
+  throughput SHAPE BATCH...   generate() with static batches: 512-token prompts, 128 new tokens
+                     (EOS never ends them), output tokens per second
+  summarize WORK     every part's output under WORK (one JSON file per part, *.json, and its exit
+                     code in *.rc) in one object, with the issue's ratios where their parts ran
+
+Each prints one JSON object.
+"""
+
+import json
+import os
+import sys
+import time
+
+
+SHAPES = {
+    "llama-3.2-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+    "llama-3.1-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+}
+DECISIVE = 0.1
+
+
+def model(shape, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0, **SHAPES[shape])
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(config).to(torch.bfloat16)
+    return m.eval()
+
+
+def byte_tokenizer(directory):
+    """A tokenizer.json whose 256 byte tokens need no merges, and an end token."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    alphabet = sorted(chr(c) for c in cs)
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "post_processor": None,
+        "added_tokens": [{"id": 256, "content": "</s>", "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                          "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False, "vocab": vocab, "merges": []},
+    }
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer, f)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>"}, f)
+
+
+def reference(directory):
+    import torch
+
+    m = model("llama-3.2-1b")
+    path = os.path.join(directory, "model")
+    m.save_pretrained(path, safe_serialization=True)
+    byte_tokenizer(path)
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 17, 33, 64, 100, 128, 200, 256]
+    prompts = [torch.randint(0, 128000, (n,), generator=g).tolist() for n in lengths]
+    with open(os.path.join(directory, "prompts.json"), "w") as f:
+        json.dump(prompts, f)
+    rows, greedy, margins = [], [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device="cuda")
+            rows.append(m(ids).logits[0, -1].float().cpu())
+            out = m.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+            greedy.append(out.sequences[0, len(p):].tolist())
+            step_margins = []
+            for scores in out.scores:
+                top = torch.topk(scores[0].float(), 2).values
+                step_margins.append(float(top[0] - top[1]))
+            margins.append(step_margins)
+    torch.stack(rows).numpy().astype("<f4").tofile(os.path.join(directory, "reference.f32"))
+    with open(os.path.join(directory, "reference.json"), "w") as f:
+        json.dump({"greedy": greedy, "margins": margins}, f)
+    print(json.dumps({"reference": "llama-3.2-1b", "prompts": len(prompts),
+                      "transformers": __import__("transformers").__version__,
+                      "torch": torch.__version__}))
+
+
+def compare(directory, parallax_json):
+    import numpy as np
+
+    with open(parallax_json) as f:
+        ours = json.load(f)
+    with open(os.path.join(directory, "reference.json")) as f:
+        theirs = json.load(f)
+    vocab = ours["vocab"]
+    a = np.fromfile(os.path.join(directory, "reference.f32"), dtype="<f4").reshape(-1, vocab)
+    b = np.fromfile(os.path.join(directory, "parallax.f32"), dtype="<f4").reshape(-1, vocab)
+    cosines = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
+    top1 = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)]
+    agree, decisive, first_disagreement = 0, 0, []
+    for want, got, margin in zip(theirs["greedy"], ours["greedy"], theirs["margins"]):
+        # Up to the first step where the reference is not decisive, tokens must match.
+        stop = next((i for i, m in enumerate(margin) if m <= DECISIVE), len(margin))
+        decisive += stop
+        agree += sum(int(w == g) for w, g in zip(want[:stop], got[:stop]))
+        first_disagreement.append(next((i for i, (w, g) in enumerate(zip(want, got)) if w != g), None))
+    print(json.dumps({
+        "cosine_min": min(cosines), "cosines": cosines, "cosine_ok": min(cosines) >= 0.999,
+        "top1_agreement": sum(top1) / len(top1),
+        "greedy_decisive_positions": decisive, "greedy_agreement_where_decisive":
+            agree / decisive if decisive else None,
+        "first_disagreement": first_disagreement,
+    }))
+
+
+def throughput(shape, batches):
+    import torch
+
+    m = model(shape)
+    g = torch.Generator().manual_seed(2)
+    results = {}
+    with torch.no_grad():
+        for batch in batches:
+            ids = torch.randint(0, 128000, (batch, 512), generator=g).to("cuda")
+            m.generate(ids[:, :16], max_new_tokens=2, do_sample=False)  # warm-up
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            m.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            results[str(batch)] = {"seconds": seconds, "output_tokens_per_s": batch * 128 / seconds}
+    print(json.dumps({"engine": "transformers", "shape": shape, "batches": results,
+                      "card": torch.cuda.get_device_name()}))
+
+
+# Memory bandwidth of the cards the check meets, bytes per second (NVIDIA's data sheets).
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def summarize(work):
+    parts = {}
+    for name in sorted(os.listdir(work)):
+        if not name.endswith(".rc"):
+            continue
+        part = name[:-3]
+        with open(os.path.join(work, name)) as f:
+            rc = int(f.read().strip() or 1)
+        result = None
+        try:
+            with open(os.path.join(work, part + ".json")) as f:
+                result = json.loads(f.read().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError):
+            pass
+        parts[part] = {"rc": rc, "result": result}
+    summary = {"parts": parts}
+    card = next((p["result"]["card"] for n, p in parts.items()
+                 if n.startswith("transformers-") and (p["result"] or {}).get("card")), "")
+    for shape in SHAPES:
+        theirs = (parts.get(f"transformers-{shape}", {}).get("result") or {}).get("batches", {})
+        ours = {b: (parts.get(f"parallax-{shape}-{b}", {}).get("result") or {})
+                for b in ("1", "64", "256")}
+        if not theirs or not all(ours.values()):
+            continue
+        best_static = max(r["output_tokens_per_s"] for r in theirs.values())
+        best_ours = max(r["output_tokens_per_s"] for r in ours.values())
+        entry = {
+            "parallax_output_tokens_per_s": {b: r["output_tokens_per_s"] for b, r in ours.items()},
+            "transformers_output_tokens_per_s": {b: r["output_tokens_per_s"] for b, r in theirs.items()},
+            "vs_transformers_batch_1": best_ours / theirs["1"]["output_tokens_per_s"],
+            "vs_transformers_best_static": best_ours / best_static,
+        }
+        bandwidth = next((v for k, v in BANDWIDTH.items() if k in card), None)
+        weights = {"llama-3.2-1b": 2.47e9, "llama-3.1-8b": 16.06e9}[shape]
+        tpot = ours["1"].get("tpot_ms", {}).get("p50")
+        if bandwidth and tpot:
+            bound_ms = weights / bandwidth * 1e3
+            entry["decode_step_batch_1_ms"] = tpot
+            entry["bandwidth_bound_ms"] = bound_ms
+            entry["over_bound"] = tpot / bound_ms
+        summary[shape] = entry
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "reference":
+        reference(*args)
+    elif command == "compare":
+        compare(*args)
+    elif command == "throughput":
+        throughput(args[0], [int(b) for b in args[1:]])
+    elif command == "summarize":
+        summarize(*args)
+    else:
+        sys.exit(f"unknown command {command}")
