@@ -286,9 +286,7 @@ fn a_cuda_device_on_a_build_without_cuda_names_the_feature_and_the_build_script(
         ..BackendConfig::default()
     };
     let source = parallax_agent::engine::ModelSource::Dummy("smollm2-135m".into());
-    let error = parallax_agent::engine::load(&source, &backend)
-        .err()
-        .expect("no CUDA here");
+    let error = parallax_agent::engine::load(&source, &backend).expect_err("no CUDA here");
     let text = error.to_string();
     assert!(
         text.contains("`cuda` cargo feature") && text.contains("scripts/build-cuda"),

@@ -58,6 +58,11 @@ pub struct EngineArgs {
     /// The candle backend's weight and activation type (`auto`: bf16 on CUDA, f32 on the CPU).
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
+    /// Split the model over this many ranks (vLLM's flag): on CUDA one GPU each from --device on,
+    /// on the CPU one thread each. Needs the candle backend; must divide the model's attention
+    /// and KV heads.
+    #[arg(long, short = 't', default_value_t = 1)]
+    pub tensor_parallel_size: usize,
     /// Admission order: `multi-bin` (bins by predicted time, priorities, aging) or `fcfs`.
     #[arg(long, value_enum, default_value_t = SchedulerKind::MultiBin)]
     pub scheduler: SchedulerKind,
@@ -242,6 +247,7 @@ impl EngineArgs {
                 BackendArg::Candle => BackendKind::Candle,
             },
             device: self.device,
+            tensor_parallel_size: self.tensor_parallel_size,
             precision: match self.dtype {
                 DtypeArg::Auto => None,
                 DtypeArg::F32 => Some(Precision::F32),

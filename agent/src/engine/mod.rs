@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod error;
 pub mod model;
+pub mod parallel;
 pub mod runtime;
 pub mod sampling;
 pub mod scheduling;

@@ -49,7 +49,7 @@ pub struct StepOutput {
 }
 
 /// A model's weights and KV memory on one device.
-pub trait Executor: Send {
+pub trait Executor: Send + std::fmt::Debug {
     fn config(&self) -> &LlamaConfig;
     /// Which backend runs on which device, in which type (for logs and `info`).
     fn describe(&self) -> String;
@@ -149,15 +149,28 @@ pub struct BackendConfig {
     pub device: DeviceSpec,
     /// `None`: bf16 on CUDA, f32 on the CPU.
     pub precision: Option<Precision>,
+    /// Ranks the model is split over in this process (one per GPU from `device` on, or threads
+    /// on the CPU); 0 or 1 for the whole model.
+    pub tensor_parallel_size: usize,
 }
 
 impl BackendConfig {
     /// The backend `auto` means on this device.
     pub fn resolved_kind(&self) -> BackendKind {
         match (self.kind, self.device) {
+            // Tensor parallelism runs on the candle backend.
+            (BackendKind::Auto, _) if self.tensor_parallel_size > 1 => BackendKind::Candle,
             (BackendKind::Auto, DeviceSpec::Cpu) => BackendKind::Int8,
             (BackendKind::Auto, DeviceSpec::Cuda(_)) => BackendKind::Candle,
             (kind, _) => kind,
+        }
+    }
+
+    /// The device of tensor-parallel rank `rank`: one GPU each from `device` on, or the CPU.
+    pub fn rank_device(&self, rank: usize) -> DeviceSpec {
+        match self.device {
+            DeviceSpec::Cpu => DeviceSpec::Cpu,
+            DeviceSpec::Cuda(first) => DeviceSpec::Cuda(first + rank),
         }
     }
 
@@ -171,6 +184,9 @@ impl BackendConfig {
 
 /// Builds the executor `backend` names from the model's files.
 pub fn load(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn Executor>> {
+    if backend.tensor_parallel_size > 1 {
+        return crate::engine::parallel::group::in_process(files, backend);
+    }
     match (backend.resolved_kind(), backend.device) {
         (BackendKind::Int8, DeviceSpec::Cpu) => Ok(Box::new(int8::Int8Executor::load(files)?)),
         (BackendKind::Int8, DeviceSpec::Cuda(_)) => Err(EngineError::Unsupported(

@@ -368,6 +368,37 @@ impl ModelFiles {
         self.reader()?.read_raw(&name)
     }
 
+    /// Part of a weight, checked against its whole `shape`: `len` rows (dimension 0) or columns
+    /// (dimension 1) from `start`, as a candle tensor of `dtype` on `device` (a tensor-parallel
+    /// rank's slice; only the part reaches the device).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tensor_part(
+        &mut self,
+        weight: Weight,
+        shape: &[usize],
+        dim: usize,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let whole = self.tensor(weight, shape, DType::F32, &Device::Cpu)?;
+        if start == 0 && len == shape[dim] {
+            return whole
+                .to_dtype(dtype)
+                .and_then(|t| t.to_device(device))
+                .map_err(unsupported(&self.name(weight)));
+        }
+        let name = self.name(weight);
+        let err = unsupported(&name);
+        whole
+            .narrow(dim, start, len)
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_device(device))
+            .map_err(err)
+    }
+
     /// A weight as a candle tensor of `dtype` on `device`, checked against `shape`.
     pub fn tensor(
         &mut self,

@@ -5,7 +5,10 @@
 use super::model::{Layer, Llama, rotary_tables};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::model::loader::{LayerWeight, ModelFiles, Weight};
+use crate::engine::parallel::Shard;
+use crate::engine::parallel::collective::Collective;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 pub(super) fn backend_error(e: candle_core::Error) -> EngineError {
     EngineError::Backend {
@@ -14,56 +17,75 @@ pub(super) fn backend_error(e: candle_core::Error) -> EngineError {
     }
 }
 
-/// The weights of a model's files as tensors of `dtype` on `device` (random for a dummy shape).
-pub fn build(files: &mut ModelFiles, device: &Device, dtype: DType) -> Result<Llama> {
-    let c = files.config.clone();
-    if !c.heads.is_multiple_of(c.kv_heads) {
+/// The weights of a model's files — `shard`'s part of them — as tensors of `dtype` on `device`
+/// (random for a dummy shape). A rank holds its heads' rows of Q, K and V and columns of the
+/// output projection, its slice of the FFN's rows (gate, up) and columns (down); the embedding
+/// and norms whole; the output head only on rank 0, which alone computes logits.
+pub fn build(
+    files: &mut ModelFiles,
+    device: &Device,
+    dtype: DType,
+    shard: Shard,
+    collective: Option<Arc<dyn Collective>>,
+) -> Result<Llama> {
+    let full = files.config.clone();
+    if !full.heads.is_multiple_of(full.kv_heads) {
         return Err(EngineError::MissingConfig(format!(
             "a head count ({}) divisible by the KV head count ({})",
-            c.heads, c.kv_heads
+            full.heads, full.kv_heads
         )));
     }
-    let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (q_rows, kv_rows) = (c.heads * hd, c.kv_heads * hd);
+    Shard::check(&full, shard.world)?;
+    let c = shard.config(&full);
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let (q, kv, ffn) = (c.heads * hd, c.kv_heads * hd, c.intermediate_size);
+    let r = shard.rank;
     let dummy = files.is_dummy();
-    let mut read = |weight: Weight, shape: &[usize]| -> Result<Tensor> {
-        match (dummy, shape) {
+    // `len` rows or columns (`dim`) from `start` of a weight whose whole shape is `shape`.
+    let mut read = |weight: Weight, shape: &[usize], dim: usize, start: usize, len: usize| {
+        let mut part = shape.to_vec();
+        part[dim] = len;
+        match (dummy, part.as_slice()) {
             // A dummy model's norms are ones, its matrices random.
             (true, [len]) => Tensor::ones(*len, dtype, device).map_err(backend_error),
-            (true, _) => random(shape, dtype, device),
-            (false, _) => files.tensor(weight, shape, dtype, device),
+            (true, _) => random(&part, dtype, device),
+            (false, _) => files.tensor_part(weight, shape, dim, start, len, dtype, device),
         }
     };
     let cat = |parts: &[Tensor]| Tensor::cat(parts, 0).map_err(backend_error);
-    let embed = read(Weight::Embed, &[c.vocab_size, h])?;
+    let embed = read(Weight::Embed, &[full.vocab_size, h], 0, 0, full.vocab_size)?;
     let mut layers = Vec::with_capacity(c.layers);
     for i in 0..c.layers {
         if i > 0 && (i * 10 / c.layers) != ((i - 1) * 10 / c.layers) {
             tracing::info!(layer = i, layers = c.layers, "loading weights");
         }
-        let mut w = |part, shape: &[usize]| read(Weight::Layer(i, part), shape);
+        let mut w = |part, shape: &[usize], dim, start, len| {
+            read(Weight::Layer(i, part), shape, dim, start, len)
+        };
+        let (full_q, full_kv, full_ffn) =
+            (full.heads * hd, full.kv_heads * hd, full.intermediate_size);
         layers.push(Layer {
-            attn_norm: w(LayerWeight::AttnNorm, &[h])?,
+            attn_norm: w(LayerWeight::AttnNorm, &[h], 0, 0, h)?,
             qkv: cat(&[
-                w(LayerWeight::Q, &[q_rows, h])?,
-                w(LayerWeight::K, &[kv_rows, h])?,
-                w(LayerWeight::V, &[kv_rows, h])?,
+                w(LayerWeight::Q, &[full_q, h], 0, r * q, q)?,
+                w(LayerWeight::K, &[full_kv, h], 0, r * kv, kv)?,
+                w(LayerWeight::V, &[full_kv, h], 0, r * kv, kv)?,
             ])?,
-            out: w(LayerWeight::O, &[h, q_rows])?,
-            ffn_norm: w(LayerWeight::FfnNorm, &[h])?,
+            out: w(LayerWeight::O, &[h, full_q], 1, r * q, q)?,
+            ffn_norm: w(LayerWeight::FfnNorm, &[h], 0, 0, h)?,
             gate_up: cat(&[
-                w(LayerWeight::Gate, &[ffn, h])?,
-                w(LayerWeight::Up, &[ffn, h])?,
+                w(LayerWeight::Gate, &[full_ffn, h], 0, r * ffn, ffn)?,
+                w(LayerWeight::Up, &[full_ffn, h], 0, r * ffn, ffn)?,
             ])?,
-            down: w(LayerWeight::Down, &[h, ffn])?,
+            down: w(LayerWeight::Down, &[h, full_ffn], 1, r * ffn, ffn)?,
         });
     }
-    let norm = read(Weight::Norm, &[h])?;
+    let norm = read(Weight::Norm, &[h], 0, 0, h)?;
     let tied = dummy || !files.has(Weight::LmHead);
-    let lm_head = if tied {
-        embed.clone()
-    } else {
-        files.tensor(Weight::LmHead, &[c.vocab_size, h], dtype, device)?
+    let lm_head = match (r, tied) {
+        (0, true) => Some(embed.clone()),
+        (0, false) => Some(files.tensor(Weight::LmHead, &[c.vocab_size, h], dtype, device)?),
+        _ => None,
     };
     let (cos, sin) = rotary_tables(&c, dtype, device).map_err(backend_error)?;
     Ok(Llama {
@@ -76,6 +98,7 @@ pub fn build(files: &mut ModelFiles, device: &Device, dtype: DType) -> Result<Ll
         cos,
         sin,
         paged: None,
+        collective,
     })
 }
 

@@ -17,12 +17,15 @@ use crate::engine::backend::DeviceSpec;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::model::LlamaConfig;
 use crate::engine::model::loader::ModelFiles;
+use crate::engine::parallel::Shard;
+use crate::engine::parallel::collective::Collective;
 use candle_core::{DType, Device, Tensor};
 use load::backend_error;
 use model::{
     AttentionInputs, Batch, DecodeRows, GatheredInputs, LayerCache, Llama, PagedInputs,
     PrefillChunk,
 };
+use std::sync::Arc;
 
 /// The candle model, its KV cache and its device.
 #[derive(Debug)]
@@ -106,11 +109,24 @@ pub fn gpu_facts(device: &Device) -> Result<Option<GpuFacts>> {
 }
 
 impl CandleExecutor {
+    /// The whole model on one device.
     pub fn load(files: &mut ModelFiles, spec: DeviceSpec, precision: Precision) -> Result<Self> {
+        Self::load_shard(files, spec, precision, Shard::WHOLE, None)
+    }
+
+    /// `shard`'s part of the model on one device, its partial sums all-reduced through
+    /// `collective` (see [`crate::engine::parallel`]).
+    pub fn load_shard(
+        files: &mut ModelFiles,
+        spec: DeviceSpec,
+        precision: Precision,
+        shard: Shard,
+        collective: Option<Arc<dyn Collective>>,
+    ) -> Result<Self> {
         let device = device(spec)?;
         let dtype = dtype(precision);
         #[allow(unused_mut)]
-        let mut model = load::build(files, &device, dtype)?;
+        let mut model = load::build(files, &device, dtype, shard, collective)?;
         #[cfg(feature = "cuda")]
         if device.is_cuda() {
             let kernels = cuda::Kernels::compile(&device, &model.config, dtype).map_err(|e| {
@@ -361,7 +377,10 @@ impl Executor for CandleExecutor {
                 .sum::<usize>()
             })
             .sum();
-        let head = if m.tied { 0 } else { bytes(&m.lm_head) };
+        let head = match &m.lm_head {
+            Some(head) if !m.tied => bytes(head),
+            _ => 0,
+        };
         bytes(&m.embed) + head + bytes(&m.norm) + layers
     }
 

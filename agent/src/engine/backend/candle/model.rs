@@ -8,7 +8,9 @@
 //! the kernels' reference. Softmax and norms accumulate in f32.
 
 use crate::engine::model::{LlamaConfig, RopeStyle};
+use crate::engine::parallel::collective::Collective;
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
 
 /// One transformer block, Q/K/V and gate/up fused into one matrix each (one GEMM each).
 #[derive(Debug)]
@@ -63,14 +65,18 @@ pub struct Llama {
     pub embed: Tensor,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
-    /// The embedding itself when the model ties them (`tied`).
-    pub lm_head: Tensor,
+    /// The embedding itself when the model ties them (`tied`); only on the rank that computes
+    /// logits (rank 0 of a tensor-parallel group).
+    pub lm_head: Option<Tensor>,
     pub tied: bool,
     /// `[context, head_dim / 2]`, in the model's type.
     pub cos: Tensor,
     pub sin: Tensor,
     /// The device's fused kernels, where it has them.
     pub paged: Option<Box<dyn PagedKernels>>,
+    /// The other ranks of a tensor-parallel group: attention and MLP outputs are partial sums
+    /// until all-reduced (`config` is then this rank's slice).
+    pub collective: Option<Arc<dyn Collective>>,
 }
 
 /// Keys and values of one layer: `[blocks × block_size, kv_heads × head_dim]` each.
@@ -184,19 +190,37 @@ impl Llama {
                 }
                 _ => candle_core::bail!("paged attention inputs without paged kernels"),
             };
-            x = (x + attn.matmul(&layer.out.t()?)?)?;
+            x = (x + self.all_reduce(attn.matmul(&layer.out.t()?)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate_up = h.matmul(&layer.gate_up.t()?)?;
             let ffn = c.intermediate_size;
             let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, ffn)?)?
                 * gate_up.narrow(1, ffn, ffn)?)?;
-            x = (x + act.matmul(&layer.down.t()?)?)?;
+            x = (x + self.all_reduce(act.matmul(&layer.down.t()?)?)?)?;
         }
-        let Some(last) = &batch.last else {
+        let (Some(last), Some(lm_head)) = (&batch.last, &self.lm_head) else {
             return Ok(None);
         };
         let h = candle_nn::ops::rms_norm(&x.index_select(last, 0)?, &self.norm, c.rms_eps)?;
-        Ok(Some(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?))
+        Ok(Some(h.matmul(&lm_head.t()?)?.to_dtype(DType::F32)?))
+    }
+
+    /// The sum of a partial result over the tensor-parallel group (in f32 on the host), or the
+    /// result itself without one.
+    fn all_reduce(&self, partial: Tensor) -> Result<Tensor> {
+        let Some(collective) = &self.collective else {
+            return Ok(partial);
+        };
+        let (shape, dtype, device) = (
+            partial.shape().clone(),
+            partial.dtype(),
+            partial.device().clone(),
+        );
+        let mut data: Vec<f32> = partial.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        collective
+            .all_reduce(&mut data)
+            .map_err(candle_core::Error::Msg)?;
+        Tensor::from_vec(data, shape, &device)?.to_dtype(dtype)
     }
 
     /// Self-attention of one layer for every token by gathering: rotary embedding of `qkv`,
