@@ -1,6 +1,6 @@
 //! Tensor parallelism in one process (a thread per rank) on the CPU: the test model split three
-//! ways (its 9 heads and 3 KV heads allow 1 or 3), and a generated model whose 8 heads and 4 KV
-//! heads allow 2 and 4, against the same model whole. Logits agree within a stated tolerance
+//! ways (its 9 heads and 3 KV heads allow 1, 3 or 9), and a generated model whose 8 heads and 4
+//! KV heads allow 2, 4 and 8 (KV heads replicated), against the same model whole. Logits agree within a stated tolerance
 //! (an all-reduce adds partial sums in another order than one rank's matmul), and greedy tokens
 //! are equal wherever the whole model is decisive — batched, chunked and preempted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -205,6 +205,8 @@ fn a_generated_model_split_two_and_four_ways_gives_the_whole_models_logits() {
     for world in [2, 4] {
         split_logits_agree(&source, world, &prompts);
     }
+    // Past the KV head count: 8 ranks of one query head each, two to a copy of a KV head.
+    split_logits_agree(&source, 8, &prompts);
     // 8 heads and 4 KV heads do not split 3 ways: refused by name.
     let error = engine::load(&source, &candle(3)).unwrap_err().to_string();
     assert!(

@@ -154,6 +154,17 @@ pub struct ModelShape {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub context_length: Option<i64>,
+
+    /// Attention (query) heads. With `kvHeads`, a tensor-parallel size must divide both: every
+    /// GPU of a group holds whole heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub attention_heads: Option<i64>,
+
+    /// Key-value heads (grouped-query attention; equal to `attentionHeads` without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub kv_heads: Option<i64>,
 }
 
 /// Architectures whose sizes Parallax knows.

@@ -14,6 +14,8 @@ pub struct ResolvedShape {
     pub hidden_size: u64,
     pub kv_hidden_size: u64,
     pub context_length: u64,
+    /// Attention and KV heads, where known: a tensor-parallel size must divide both.
+    pub heads: Option<(u64, u64)>,
 }
 
 /// Why a shape cannot be resolved.
@@ -42,19 +44,27 @@ impl std::error::Error for ShapeError {}
 impl ShapePreset {
     /// The preset's size with 16-bit weights.
     pub fn shape(self) -> ResolvedShape {
-        let (params, layers, hidden_size, kv_hidden_size): (u64, u64, u64, u64) = match self {
-            Self::Smollm2_135m => (134_515_008, 30, 576, 3 * 64),
-            Self::Llama3_2_1b => (1_235_814_400, 16, 2048, 8 * 64),
-            Self::Llama3_1_8b => (8_030_261_248, 32, 4096, 8 * 128),
-            Self::Llama3_1_70b => (70_553_706_496, 80, 8192, 8 * 128),
-            Self::Llama3_1_405b => (405_853_388_800, 126, 16384, 8 * 128),
+        let (params, layers, hidden_size, heads, kv_heads, head_dim): (
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+        ) = match self {
+            Self::Smollm2_135m => (134_515_008, 30, 576, 9, 3, 64),
+            Self::Llama3_2_1b => (1_235_814_400, 16, 2048, 32, 8, 64),
+            Self::Llama3_1_8b => (8_030_261_248, 32, 4096, 32, 8, 128),
+            Self::Llama3_1_70b => (70_553_706_496, 80, 8192, 64, 8, 128),
+            Self::Llama3_1_405b => (405_853_388_800, 126, 16384, 128, 8, 128),
         };
         ResolvedShape {
             weight_bytes: params * 2,
             layers,
             hidden_size,
-            kv_hidden_size,
+            kv_hidden_size: kv_heads * head_dim,
             context_length: DEFAULT_CONTEXT_LENGTH,
+            heads: Some((heads, kv_heads)),
         }
     }
 }
@@ -86,17 +96,42 @@ impl ModelShape {
             Some(base.map_or(DEFAULT_CONTEXT_LENGTH, |b| b.context_length)),
             "contextLength",
         )?;
+        let positive = |value: Option<i64>, field| match value {
+            Some(v) if v > 0 => Ok(Some(v as u64)),
+            Some(_) => Err(ShapeError::NotPositive(field)),
+            None => Ok(None),
+        };
+        let heads = positive(self.attention_heads, "attentionHeads")?;
+        let kv_heads = positive(self.kv_heads, "kvHeads")?;
+        let preset_heads = base.and_then(|b| b.heads);
+        let heads = match (heads, kv_heads, preset_heads) {
+            (Some(h), Some(k), _) => Some((h, k)),
+            (Some(h), None, _) => Some((h, h)),
+            (None, Some(k), Some((h, _))) => Some((h, k)),
+            (None, None, preset) => preset,
+            (None, Some(_), None) => return Err(ShapeError::Missing("attentionHeads")),
+        };
         Ok(ResolvedShape {
             weight_bytes,
             layers,
             hidden_size,
             kv_hidden_size,
             context_length,
+            heads,
         })
     }
 }
 
 impl ResolvedShape {
+    /// Whether `size` GPUs can split the model: each needs whole attention heads, and whole KV
+    /// heads — its own, or, past the KV head count, a copy of one (`size` a multiple of it, as
+    /// vLLM replicates them). True where the heads are not known.
+    pub fn splits_into(&self, size: u64) -> bool {
+        self.heads.is_none_or(|(h, k)| {
+            size > 0 && h.is_multiple_of(size) && (k.is_multiple_of(size) || size.is_multiple_of(k))
+        })
+    }
+
     /// KV cache bytes for `batch` sequences of the full context: batch × context × 2 (K and V) ×
     /// layers × KV width × bytes per element.
     pub fn kv_cache_bytes(&self, batch: u64, bytes_per_element: u64) -> u64 {

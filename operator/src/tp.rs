@@ -48,6 +48,12 @@ pub enum LayoutError {
     },
     /// `tensorParallelSize` is neither `auto` nor a positive power of two.
     InvalidSize(String),
+    /// A tensor-parallel size that does not divide the model's attention and KV heads.
+    IndivisibleHeads {
+        size: u32,
+        heads: u64,
+        kv_heads: u64,
+    },
 }
 
 impl LayoutError {
@@ -55,7 +61,9 @@ impl LayoutError {
     pub fn reason(&self) -> Reason {
         match self {
             Self::NoGpuNodes { .. } => Reason::NoGpuNodes,
-            Self::InvalidShape(_) | Self::InvalidSize(_) => Reason::InvalidSpec,
+            Self::InvalidShape(_) | Self::InvalidSize(_) | Self::IndivisibleHeads { .. } => {
+                Reason::InvalidSpec
+            }
             Self::InsufficientGpuMemory { .. } => Reason::InsufficientGpuMemory,
             Self::NotEnoughNodes { .. } => Reason::NotEnoughNodes,
         }
@@ -86,6 +94,14 @@ impl fmt::Display for LayoutError {
             Self::InvalidSize(s) => write!(
                 f,
                 "tensorParallelSize {s:?} is neither auto nor a power of two"
+            ),
+            Self::IndivisibleHeads {
+                size,
+                heads,
+                kv_heads,
+            } => write!(
+                f,
+                "tensorParallelSize {size} does not divide the model's {heads} attention heads and {kv_heads} KV heads (nor is it a multiple of the KV heads): every GPU of a group needs whole heads"
             ),
             Self::InsufficientGpuMemory {
                 need,
@@ -142,17 +158,29 @@ pub fn resolve(
     spec: &InferencePoolSpec,
     inventory: &GpuInventory,
 ) -> Result<GroupLayout, LayoutError> {
-    match &spec.tensor_parallel_size {
-        IntOrString::Int(n) if *n > 0 && (*n as u32).is_power_of_two() => {
-            explicit(*n as u32, inventory)
-        }
-        IntOrString::String(s) if s == "auto" => auto(spec, inventory),
+    let size = match &spec.tensor_parallel_size {
+        IntOrString::Int(n) if *n > 0 && (*n as u32).is_power_of_two() => *n as u32,
+        IntOrString::String(s) if s == "auto" => return auto(spec, inventory),
         IntOrString::String(s) => match s.parse::<u32>() {
-            Ok(n) if n.is_power_of_two() => explicit(n, inventory),
-            _ => Err(LayoutError::InvalidSize(s.clone())),
+            Ok(n) if n.is_power_of_two() => n,
+            _ => return Err(LayoutError::InvalidSize(s.clone())),
         },
-        IntOrString::Int(n) => Err(LayoutError::InvalidSize(n.to_string())),
+        IntOrString::Int(n) => return Err(LayoutError::InvalidSize(n.to_string())),
+    };
+    // Where the shape says how many heads the model has, the size must divide them.
+    if let Some(shape) = &spec.model.shape {
+        let shape = shape.resolve().map_err(LayoutError::InvalidShape)?;
+        if let Some((heads, kv_heads)) = shape.heads
+            && !shape.splits_into(u64::from(size))
+        {
+            return Err(LayoutError::IndivisibleHeads {
+                size,
+                heads,
+                kv_heads,
+            });
+        }
     }
+    explicit(size, inventory)
 }
 
 fn explicit(size: u32, inventory: &GpuInventory) -> Result<GroupLayout, LayoutError> {
@@ -251,9 +279,17 @@ fn auto(spec: &InferencePoolSpec, inventory: &GpuInventory) -> Result<GroupLayou
         }
     }
     let latency = spec.parallelism_preference == ParallelismPreference::Latency;
-    let chosen = candidates
+    let fitting: Vec<&Candidate> = candidates.iter().filter(|c| usable(c) >= need).collect();
+    // Every GPU of a group holds whole attention and KV heads.
+    let splitting: Vec<&Candidate> = fitting
         .iter()
-        .filter(|c| usable(c) >= need)
+        .copied()
+        .filter(|c| shape.splits_into(u64::from(c.size)))
+        .collect();
+    let order = |c: &&Candidate| (c.size, c.pods, std::cmp::Reverse(c.memory));
+    let chosen = splitting
+        .iter()
+        .copied()
         // Latency wants a whole node at least: drop single-node layouts smaller than the node.
         .filter(|c| {
             !latency
@@ -263,7 +299,25 @@ fn auto(spec: &InferencePoolSpec, inventory: &GpuInventory) -> Result<GroupLayou
                     .iter()
                     .any(|n| floor_pow2(n.gpus) == c.size && n.memory_per_gpu == c.memory)
         })
-        .min_by_key(|c| (c.size, c.pods, std::cmp::Reverse(c.memory)));
+        .min_by_key(order)
+        // A whole node that would split heads: the largest group that does not.
+        .or_else(|| {
+            latency
+                .then(|| splitting.iter().copied().max_by_key(order))
+                .flatten()
+        });
+    if let (None, Some(smallest), Some((heads, kv_heads))) = (
+        chosen,
+        fitting.iter().copied().min_by_key(order),
+        shape.heads,
+    ) && splitting.is_empty()
+    {
+        return Err(LayoutError::IndivisibleHeads {
+            size: smallest.size,
+            heads,
+            kv_heads,
+        });
+    }
     let Some(c) = chosen.copied() else {
         let largest = candidates
             .iter()
@@ -445,5 +499,45 @@ mod tests {
         // Without inventory an explicit size is taken at its word.
         let layout = resolve(&s, &GpuInventory::default()).unwrap();
         assert_eq!((layout.pods_per_group, layout.gpus_per_pod), (1, 8));
+    }
+
+    #[test]
+    fn a_size_that_does_not_divide_the_heads_is_refused_and_auto_avoids_it() {
+        // SmolLM2 has 9 attention heads and 3 KV heads: no power of two above 1 splits them.
+        let mut s = spec(
+            json!({"model": {"source": "/m.gguf", "shape": {"preset": "smollm2-135m"}},
+                                "tensorParallelSize": 2}),
+        );
+        let error = resolve(&s, &inventory(&[("a", 8, H100_MIB)])).unwrap_err();
+        assert_eq!(error.reason(), Reason::InvalidSpec);
+        assert_eq!(
+            error.to_string(),
+            "tensorParallelSize 2 does not divide the model's 9 attention heads and 3 KV heads (nor is it a multiple of the KV heads): every GPU of a group needs whole heads"
+        );
+        // Latency would take the whole node; the largest group that splits the heads is 1 GPU.
+        s.tensor_parallel_size = IntOrString::String("auto".into());
+        s.parallelism_preference = ParallelismPreference::Latency;
+        let layout = resolve(&s, &inventory(&[("a", 8, H100_MIB)])).unwrap();
+        assert_eq!(layout.tensor_parallel_size, 1);
+        // Explicit heads in the shape count too; without them nothing is checked.
+        let custom = |heads: serde_json::Value| {
+            spec(
+                json!({"model": {"source": "/m", "shape": {"weightBytes": "1Gi", "layers": 2,
+                        "hiddenSize": 96, "attentionHeads": heads, "kvHeads": 3}},
+                        "tensorParallelSize": 4}),
+            )
+        };
+        let error = resolve(&custom(json!(12)), &inventory(&[("a", 8, H100_MIB)])).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("12 attention heads and 3 KV heads"),
+            "{error}"
+        );
+        let unknown = spec(
+            json!({"model": {"source": "/m", "shape": {"weightBytes": "1Gi",
+                               "layers": 2, "hiddenSize": 96}}, "tensorParallelSize": 4}),
+        );
+        assert!(resolve(&unknown, &inventory(&[("a", 8, H100_MIB)])).is_ok());
     }
 }

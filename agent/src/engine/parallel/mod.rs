@@ -25,30 +25,45 @@ impl Shard {
     /// The whole model (no tensor parallelism).
     pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
 
-    /// Checks that `world` ranks can split `config`: every rank needs whole attention heads, whole
-    /// KV heads and an equal slice of the FFN.
+    /// Checks that `world` ranks can split `config`: every rank needs whole attention heads, an
+    /// equal slice of the FFN, and whole KV heads — its own share, or past the KV head count a
+    /// copy of the one its query heads read (`world` a multiple of it, as vLLM replicates them).
     pub fn check(config: &LlamaConfig, world: usize) -> Result<()> {
+        let kv_fits =
+            config.kv_heads.is_multiple_of(world) || world.is_multiple_of(config.kv_heads);
         if world == 0
             || !config.heads.is_multiple_of(world)
-            || !config.kv_heads.is_multiple_of(world)
+            || !kv_fits
             || !config.intermediate_size.is_multiple_of(world)
         {
             return Err(EngineError::Unsupported(format!(
                 "tensor parallel size {world} does not divide the model's {} attention heads and \
-                 {} KV heads (and its FFN of {}): a size that divides both heads counts is needed",
+                 {} KV heads (nor is it a multiple of the KV heads), or its FFN of {}: every rank \
+                 needs whole heads",
                 config.heads, config.kv_heads, config.intermediate_size
             )));
         }
         Ok(())
     }
 
-    /// The configuration of this rank's slice: its heads, KV heads and FFN width.
+    /// The configuration of this rank's slice: its heads, KV heads (one, replicated, past the
+    /// KV head count) and FFN width.
     pub fn config(&self, config: &LlamaConfig) -> LlamaConfig {
         LlamaConfig {
             heads: config.heads / self.world,
-            kv_heads: config.kv_heads / self.world,
+            kv_heads: (config.kv_heads / self.world).max(1),
             intermediate_size: config.intermediate_size / self.world,
             ..config.clone()
+        }
+    }
+
+    /// The first of the whole model's KV heads this rank holds: its own share, or the one its
+    /// query heads read where KV heads are replicated.
+    pub fn first_kv_head(&self, config: &LlamaConfig) -> usize {
+        if config.kv_heads >= self.world {
+            self.rank * (config.kv_heads / self.world)
+        } else {
+            self.rank / (self.world / config.kv_heads)
         }
     }
 }
@@ -188,7 +203,7 @@ mod tests {
         let config = LlamaConfig {
             vocab_size: 10,
             hidden_size: 576,
-            intermediate_size: 1536,
+            intermediate_size: 1152,
             layers: 1,
             heads: 9,
             kv_heads: 3,
@@ -200,6 +215,16 @@ mod tests {
             context_length: 64,
         };
         assert!(Shard::check(&config, 3).is_ok());
+        // Nine heads split nine ways: each rank reads a copy of one of the three KV heads.
+        assert!(Shard::check(&config, 9).is_ok());
+        let ninth = |rank| Shard { rank, world: 9 };
+        assert_eq!(ninth(4).config(&config).kv_heads, 1);
+        assert_eq!(
+            (0..9)
+                .map(|r| ninth(r).first_kv_head(&config))
+                .collect::<Vec<_>>(),
+            [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        );
         let error = Shard::check(&config, 2).unwrap_err().to_string();
         assert!(
             error.contains("tensor parallel size 2")
@@ -210,7 +235,7 @@ mod tests {
         let third = Shard { rank: 1, world: 3 }.config(&config);
         assert_eq!(
             (third.heads, third.kv_heads, third.intermediate_size),
-            (3, 1, 512)
+            (3, 1, 384)
         );
     }
 }

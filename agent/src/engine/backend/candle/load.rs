@@ -40,6 +40,7 @@ pub fn build(
     let (h, hd) = (c.hidden_size, c.head_dim);
     let (q, kv, ffn) = (c.heads * hd, c.kv_heads * hd, c.intermediate_size);
     let r = shard.rank;
+    let first_kv = shard.first_kv_head(&full);
     let dummy = files.is_dummy();
     // `len` rows or columns (`dim`) from `start` of a weight whose whole shape is `shape`.
     let mut read = |weight: Weight, shape: &[usize], dim: usize, start: usize, len: usize| {
@@ -68,8 +69,8 @@ pub fn build(
             attn_norm: w(LayerWeight::AttnNorm, &[h], 0, 0, h)?,
             qkv: cat(&[
                 w(LayerWeight::Q, &[full_q, h], 0, r * q, q)?,
-                w(LayerWeight::K, &[full_kv, h], 0, r * kv, kv)?,
-                w(LayerWeight::V, &[full_kv, h], 0, r * kv, kv)?,
+                w(LayerWeight::K, &[full_kv, h], 0, first_kv * hd, kv)?,
+                w(LayerWeight::V, &[full_kv, h], 0, first_kv * hd, kv)?,
             ])?,
             out: w(LayerWeight::O, &[h, full_q], 1, r * q, q)?,
             ffn_norm: w(LayerWeight::FfnNorm, &[h], 0, 0, h)?,
