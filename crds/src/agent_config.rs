@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 /// Port the agent serves the OpenAI-compatible API, health and metrics on.
 pub const AGENT_HTTP_PORT: u16 = 8000;
 
+/// Port a multi-pod group's leader accepts its worker pods on (`serve --group-port`): commands
+/// go out, and the all-reduce sums of every layer come in and go back.
+pub const AGENT_GROUP_PORT: u16 = 8001;
+
 /// File name of the configuration inside the ConfigMap and the mounted folder.
 pub const AGENT_CONFIG_FILE: &str = "agent.json";
 

@@ -14,7 +14,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use parallax_crds::{AGENT_CONFIG_FILE, AGENT_HTTP_PORT, AgentConfig, InferencePool};
+use parallax_crds::{
+    AGENT_CONFIG_FILE, AGENT_GROUP_PORT, AGENT_HTTP_PORT, AgentConfig, InferencePool,
+};
 use std::collections::BTreeMap;
 
 pub const POOL_LABEL: &str = "parallax.dev/pool";
@@ -142,6 +144,17 @@ impl<'a> ChildBuilder<'a> {
         }
     }
 
+    /// Where a multi-pod group's leader accepts its workers.
+    fn group_port() -> ServicePort {
+        ServicePort {
+            name: Some("group".into()),
+            port: i32::from(AGENT_GROUP_PORT),
+            target_port: Some(IntOrString::String("group".into())),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        }
+    }
+
     /// The OpenAI endpoint: group leaders only, the pods that serve HTTP for their group.
     fn service(&self) -> Service {
         let mut selector = BTreeMap::from([(POOL_LABEL.to_owned(), self.name.clone())]);
@@ -167,7 +180,7 @@ impl<'a> ChildBuilder<'a> {
                 cluster_ip: Some("None".into()),
                 publish_not_ready_addresses: Some(true),
                 selector: Some(BTreeMap::from([(POOL_LABEL.to_owned(), self.name.clone())])),
-                ports: Some(vec![Self::http_port()]),
+                ports: Some(vec![Self::http_port(), Self::group_port()]),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
@@ -302,12 +315,20 @@ impl<'a> ChildBuilder<'a> {
             image_pull_policy: spec.agent.image_pull_policy.clone(),
             args: Some(args),
             env: Some(env),
-            ports: Some(vec![ContainerPort {
-                name: Some("http".into()),
-                container_port: i32::from(AGENT_HTTP_PORT),
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            }]),
+            ports: Some(vec![
+                ContainerPort {
+                    name: Some("http".into()),
+                    container_port: i32::from(AGENT_HTTP_PORT),
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some("group".into()),
+                    container_port: i32::from(AGENT_GROUP_PORT),
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+            ]),
             resources: Some(ResourceRequirements {
                 limits: Some(limits),
                 requests: (!requests.is_empty()).then_some(requests),
@@ -563,6 +584,15 @@ mod tests {
             ]
         );
         assert_eq!(env["PARALLAX_TENSOR_PARALLEL_SIZE"], "8");
+        // Workers reach their leader on the group port.
+        let group_port = spec.containers[0]
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|p| p.name.as_deref() == Some("group"))
+            .expect("a group port");
+        assert_eq!(group_port.container_port, i32::from(AGENT_GROUP_PORT));
         assert_eq!(
             env["PARALLAX_LEADER_ADDRESS"],
             "llama-3-0.llama-pods.ml.svc"

@@ -4,8 +4,8 @@
 use crate::engine::backend::profile::HardwareProfile;
 use crate::engine::scheduling::admission::{Bin, BinShare, Discipline, EVERY_STEP, QueuePolicy};
 use crate::engine::{
-    self, BackendConfig, BackendKind, DeviceSpec, EngineConfig, EngineHandle, KvCacheSize,
-    ModelSource, NoObserver, Precision, StepObserver,
+    self, BackendConfig, BackendKind, DeviceSpec, EngineConfig, EngineHandle, Executor,
+    KvCacheSize, ModelFiles, ModelSource, NoObserver, Precision, StepObserver,
 };
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
@@ -60,9 +60,9 @@ pub struct EngineArgs {
     pub dtype: DtypeArg,
     /// Split the model over this many ranks (vLLM's flag): on CUDA one GPU each from --device on,
     /// on the CPU one thread each. Needs the candle backend; must divide the model's attention
-    /// and KV heads.
-    #[arg(long, short = 't', default_value_t = 1)]
-    pub tensor_parallel_size: usize,
+    /// and KV heads. Default: the agent configuration's, or 1.
+    #[arg(long, short = 't')]
+    pub tensor_parallel_size: Option<usize>,
     /// Admission order: `multi-bin` (bins by predicted time, priorities, aging) or `fcfs`.
     #[arg(long, value_enum, default_value_t = SchedulerKind::MultiBin)]
     pub scheduler: SchedulerKind,
@@ -189,6 +189,9 @@ impl EngineArgs {
                 bail!("{flag} must be in (0, 1], got {fraction}");
             }
         }
+        if self.tensor_parallel_size == Some(0) {
+            bail!("--tensor-parallel-size must be at least 1");
+        }
         let max_num_seqs = self.max_num_seqs.unwrap_or(profile.max_num_seqs);
         let max_batched_tokens = self
             .max_num_batched_tokens
@@ -247,7 +250,7 @@ impl EngineArgs {
                 BackendArg::Candle => BackendKind::Candle,
             },
             device: self.device,
-            tensor_parallel_size: self.tensor_parallel_size,
+            tensor_parallel_size: self.tensor_parallel_size(),
             precision: match self.dtype {
                 DtypeArg::Auto => None,
                 DtypeArg::F32 => Some(Precision::F32),
@@ -255,6 +258,11 @@ impl EngineArgs {
                 DtypeArg::Bf16 => Some(Precision::Bf16),
             },
         }
+    }
+
+    /// Ranks the model is split over in all (1: whole).
+    pub fn tensor_parallel_size(&self) -> usize {
+        self.tensor_parallel_size.unwrap_or(1).max(1)
     }
 
     pub fn model(&self) -> anyhow::Result<&str> {
@@ -270,7 +278,11 @@ impl EngineArgs {
 
     /// Loads the model and starts the engine, telling `observer` about every step.
     pub fn start_observed(&self, observer: Arc<dyn StepObserver>) -> anyhow::Result<EngineHandle> {
-        let model = self.model()?;
+        self.start_with(observer, engine::backend::load)
+    }
+
+    /// Sets the forward pass's threads (once per process).
+    pub fn set_threads(&self) -> anyhow::Result<()> {
         if let Some(threads) = self.threads {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -281,13 +293,25 @@ impl EngineArgs {
                 "setting the thread count: the forward pool had already started"
             );
         }
+        Ok(())
+    }
+
+    /// Loads the model, builds its executor with `build` (the backend, or a group's leader),
+    /// and starts the engine, telling `observer` about every step.
+    pub fn start_with(
+        &self,
+        observer: Arc<dyn StepObserver>,
+        build: impl FnOnce(&mut ModelFiles, &BackendConfig) -> engine::error::Result<Box<dyn Executor>>,
+    ) -> anyhow::Result<EngineHandle> {
+        let model = self.model()?;
+        self.set_threads()?;
         let profile = self.profile()?;
         let config = self.config(&profile)?;
         let source = ModelSource::parse(model)?;
         let started = Instant::now();
         tracing::info!(model, "loading");
-        let (executor, codec) =
-            engine::load_with_tokenizer(&source, self.tokenizer.as_deref(), &self.backend())?;
+        let (mut files, codec) = engine::open_with_tokenizer(&source, self.tokenizer.as_deref())?;
+        let executor = build(&mut files, &self.backend())?;
         let handle = engine::start_observed(executor, codec, config, observer)?;
         tracing::info!(
             model,

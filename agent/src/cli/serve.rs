@@ -2,13 +2,15 @@
 //! operator's agent configuration file.
 
 use super::EngineArgs;
+use crate::engine::parallel::{group, link};
 use crate::engine::scheduling::admission::{Bin, BinShare};
+use crate::engine::{ModelFiles, ModelSource};
 use crate::server::prediction::{BinBounds, Binning};
 use crate::server::{self, Server, ServerConfig};
 use anyhow::{Context, bail};
 use clap::Args;
-use parallax_crds::AgentConfig;
 use parallax_crds::inference_pool::KvCacheDtype;
+use parallax_crds::{AGENT_GROUP_PORT, AgentConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -54,6 +56,50 @@ pub struct ServeArgs {
     /// the rest are slow (with --fast-bin-ms).
     #[arg(long, requires = "fast_bin_ms")]
     pub medium_bin_ms: Option<u64>,
+    /// This pod's rank in its multi-pod tensor-parallel group (the operator sets PARALLAX_RANK):
+    /// rank 0 leads — it serves the API, schedules and commands the others — and the others
+    /// hold their shards and follow.
+    #[arg(long, env = "PARALLAX_RANK", default_value_t = 0)]
+    pub group_rank: usize,
+    /// Pods (processes) in the group (PARALLAX_WORLD_SIZE); the tensor-parallel ranks are split
+    /// evenly over them. 1: this process holds every rank.
+    #[arg(long, env = "PARALLAX_WORLD_SIZE", default_value_t = 1)]
+    pub group_size: usize,
+    /// The leader's address, `HOST` or `HOST:PORT` (PARALLAX_LEADER_ADDRESS): where the other
+    /// ranks connect (on --group-port unless a port is given).
+    #[arg(long, env = "PARALLAX_LEADER_ADDRESS")]
+    pub group_leader: Option<String>,
+    /// Port the group's leader accepts the other pods on (on --host).
+    #[arg(long, default_value_t = AGENT_GROUP_PORT)]
+    pub group_port: u16,
+}
+
+/// This process's part in its tensor-parallel group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupRole {
+    /// Every rank is here (threads, one GPU each).
+    Whole,
+    /// Pod rank 0 of `pods`: serves the API and commands the others.
+    Leader { pods: usize },
+    /// Pod rank `rank` of `pods`: follows the leader at `leader` (`HOST:PORT`).
+    Worker {
+        rank: usize,
+        pods: usize,
+        leader: String,
+    },
+}
+
+/// `host` with `port` unless it names one already (`HOST:PORT`, `[V6]:PORT`).
+fn with_port(host: &str, port: u16) -> String {
+    let has_port = match host.rsplit_once(':') {
+        Some((name, p)) => p.parse::<u16>().is_ok() && (!name.contains(':') || name.ends_with(']')),
+        None => false,
+    };
+    match (has_port, host.contains(':')) {
+        (true, _) => host.to_owned(),
+        (false, true) => format!("[{host}]:{port}"),
+        (false, false) => format!("{host}:{port}"),
+    }
 }
 
 /// Fixed bounds from two millisecond values, or adaptive ones from none.
@@ -101,13 +147,9 @@ impl ServeArgs {
             let config: AgentConfig = serde_json::from_str(&text).with_context(|| {
                 format!("{} is not a valid agent configuration", path.display())
             })?;
-            if config.tensor_parallel_size != 1 {
-                bail!(
-                    "{}: tensorParallelSize {} is not supported by this agent yet (only 1)",
-                    path.display(),
-                    config.tensor_parallel_size
-                );
-            }
+            engine
+                .tensor_parallel_size
+                .get_or_insert(config.tensor_parallel_size as usize);
             engine.model.get_or_insert(config.model.source);
             served.get_or_insert(config.model.served_name);
             port.get_or_insert(config.port);
@@ -184,39 +226,137 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    /// This process's part in a group of `tensor_parallel_size` ranks.
+    pub fn role(&self, tensor_parallel_size: usize) -> anyhow::Result<GroupRole> {
+        let (rank, pods) = (self.group_rank, self.group_size);
+        if pods == 0 || rank >= pods {
+            bail!(
+                "--group-rank {rank} must be below --group-size {pods} (PARALLAX_RANK, PARALLAX_WORLD_SIZE)"
+            );
+        }
+        if pods == 1 {
+            return Ok(GroupRole::Whole);
+        }
+        if tensor_parallel_size < pods || !tensor_parallel_size.is_multiple_of(pods) {
+            bail!(
+                "tensor parallel size {tensor_parallel_size} cannot be split evenly over {pods} pods (--group-size)"
+            );
+        }
+        if rank == 0 {
+            return Ok(GroupRole::Leader { pods });
+        }
+        let leader = self
+            .group_leader
+            .as_deref()
+            .filter(|l| !l.is_empty())
+            .context("--group-leader (PARALLAX_LEADER_ADDRESS) is required on pod ranks above 0")?;
+        Ok(GroupRole::Worker {
+            rank,
+            pods,
+            leader: with_port(leader, self.group_port),
+        })
+    }
+}
+
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let (engine, port, server_config) = args.resolve()?;
+    let role = args.role(engine.tensor_parallel_size())?;
+    // The leader takes its group port before anything loads, so a port in use fails at once.
+    let group_listener = match role {
+        GroupRole::Leader { .. } => {
+            let listener = std::net::TcpListener::bind((args.host.as_str(), args.group_port))
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {}:{} (--group-port)",
+                        args.host, args.group_port
+                    )
+                })?;
+            tracing::info!(address = %listener.local_addr()?, "accepting the group's other pods");
+            Some(listener)
+        }
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), port))
             .await
             .with_context(|| format!("cannot listen on {}:{port}", args.host))?;
         tracing::info!(address = %listener.local_addr()?, model = %server_config.served_name, "listening");
         let server = Server::new(server_config);
-        // The model loads while the server already answers /health (and /ready says 503).
-        let loading = {
+        if let GroupRole::Worker { rank, pods, .. } = &role {
+            server.serve_as_worker(format!("tensor-parallel group pod {rank} of {pods}"));
+        }
+        // The model loads while the server already answers /health (and /ready says 503). A
+        // worker's thread runs until its leader stops it.
+        let working = {
             let server = server.clone();
-            tokio::task::spawn_blocking(move || {
-                let handle = engine.start_observed(server.metrics())?;
-                server.attach(handle);
-                Ok::<_, anyhow::Error>(())
+            tokio::task::spawn_blocking(move || match role {
+                GroupRole::Whole => {
+                    server.attach(engine.start_observed(server.metrics())?);
+                    Ok(())
+                }
+                GroupRole::Leader { pods } => {
+                    let listener = group_listener.expect("the leader took its group port");
+                    server.attach(engine.start_with(server.metrics(), |files, backend| {
+                        group::leader(files, backend, pods, &listener)
+                    })?);
+                    Ok(())
+                }
+                GroupRole::Worker { rank, pods, leader } => {
+                    follow(&engine, &server, rank, pods, &leader)
+                }
             })
         };
-        let serving = server.run(listener, server::termination());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            tokio::select! {
+                () = server::termination() => {}
+                _ = stopped => {}
+            }
+        };
+        let serving = server.run(listener, shutdown);
         tokio::pin!(serving);
         tokio::select! {
             served = &mut serving => served?,
-            loaded = loading => {
-                loaded.context("the loading thread failed")??;
+            worked = working => {
+                worked.context("the loading thread failed")??;
+                if args.group_rank > 0 {
+                    tracing::info!("the group's leader stopped this pod");
+                    let _ = stop.send(());
+                }
                 serving.await?;
             }
         }
         tracing::info!("stopped");
         Ok(())
+    });
+    // A model still loading, or a worker's shards, stop with the process rather than hold it.
+    runtime.shutdown_background();
+    served
+}
+
+/// A worker pod: joins the leader, loads its shards, and runs the leader's commands until the
+/// leader stops it (`Ok`) or fails or goes away (`Err`: the pod ends and is restarted).
+fn follow(
+    engine: &EngineArgs,
+    server: &Server,
+    rank: usize,
+    pods: usize,
+    leader: &str,
+) -> anyhow::Result<()> {
+    engine.set_threads()?;
+    let mut files = ModelFiles::open(&ModelSource::parse(engine.model()?)?)?;
+    tracing::info!(leader, rank, pods, "joining the group's leader");
+    let link = link::connect(leader, rank as u32, group::JOIN_DEADLINE)?;
+    group::worker(&mut files, &engine.backend(), rank, pods, link, || {
+        server.worker_joined()
     })
+    .context("serving the group's leader")?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -306,15 +446,58 @@ mod tests {
     }
 
     #[test]
-    fn serve_refuses_what_it_cannot_do_by_name() {
-        let path = config_file("serve-tp", 2);
+    fn the_group_role_comes_from_the_operators_environment_and_bad_ones_are_refused() {
+        let path = config_file("serve-tp", 4);
         let file = path.to_string_lossy().into_owned();
-        let error = serve_args(&["--config", &file]).resolve().unwrap_err();
+        let args = serve_args(&["--config", &file, "--group-size", "2", "--group-rank", "1"]);
+        let (engine, _, _) = args.resolve().unwrap();
+        assert_eq!(engine.tensor_parallel_size(), 4, "the file's size");
+        let error = args.role(4).unwrap_err();
+        assert!(error.to_string().contains("--group-leader"), "{error}");
+        let args = serve_args(&[
+            "--config",
+            &file,
+            "--group-size",
+            "2",
+            "--group-rank",
+            "1",
+            "--group-leader",
+            "pool-0-0.pool-pods.ml.svc",
+        ]);
+        assert_eq!(
+            args.role(4).unwrap(),
+            GroupRole::Worker {
+                rank: 1,
+                pods: 2,
+                leader: "pool-0-0.pool-pods.ml.svc:8001".into()
+            }
+        );
+        let leader = serve_args(&["--config", &file, "--group-size", "2"]);
+        assert_eq!(leader.role(4).unwrap(), GroupRole::Leader { pods: 2 });
+        assert_eq!(serve_args(&[]).role(4).unwrap(), GroupRole::Whole);
+        let error = leader.role(3).unwrap_err();
         assert!(
-            error.to_string().contains("tensorParallelSize 2"),
+            error.to_string().contains("split evenly over 2 pods"),
             "{error}"
         );
+        let error = serve_args(&["--group-size", "2", "--group-rank", "2"])
+            .role(2)
+            .unwrap_err();
+        assert!(error.to_string().contains("--group-rank 2"), "{error}");
+        // A flag wins over the file.
+        let (engine, _, _) = serve_args(&["--config", &file, "-t", "2"])
+            .resolve()
+            .unwrap();
+        assert_eq!(engine.tensor_parallel_size(), 2);
         std::fs::remove_file(path).ok();
+        assert_eq!(with_port("10.0.0.1:9", 8001), "10.0.0.1:9");
+        assert_eq!(with_port("leader", 8001), "leader:8001");
+        assert_eq!(with_port("::1", 8001), "[::1]:8001");
+        assert_eq!(with_port("[::1]:7", 8001), "[::1]:7");
+    }
+
+    #[test]
+    fn serve_refuses_what_it_cannot_do_by_name() {
         let error = serve_args(&[]).resolve().unwrap_err();
         assert!(error.to_string().contains("--model is required"), "{error}");
         assert_eq!(

@@ -44,7 +44,18 @@ pub fn load_with_tokenizer(
     tokenizer_from: Option<&Path>,
     backend: &BackendConfig,
 ) -> Result<(Box<dyn Executor>, TextCodec), EngineError> {
-    let mut files = ModelFiles::open(source)?;
+    let (mut files, codec) = open_with_tokenizer(source, tokenizer_from)?;
+    let executor = backend::load(&mut files, backend)?;
+    Ok((executor, codec))
+}
+
+/// Opens a model's files and loads its tokenizer (see [`load_with_tokenizer`]); the weights are
+/// read when an executor is built from the files.
+pub fn open_with_tokenizer(
+    source: &ModelSource,
+    tokenizer_from: Option<&Path>,
+) -> Result<(ModelFiles, TextCodec), EngineError> {
+    let files = ModelFiles::open(source)?;
     let codec =
         match (tokenizer_from, source, files.gguf()) {
             (Some(path), _, _) if path.is_dir() => TextCodec::from_dir(path)?,
@@ -63,6 +74,5 @@ pub fn load_with_tokenizer(
             files.config.vocab_size
         )));
     }
-    let executor = backend::load(&mut files, backend)?;
-    Ok((executor, codec))
+    Ok((files, codec))
 }

@@ -61,6 +61,10 @@ pub enum ApiError {
     #[error("the model is still loading")]
     Loading,
 
+    /// This pod is a tensor-parallel worker: its group's leader serves requests.
+    #[error("{0}")]
+    NotLeader(String),
+
     #[error("the server is shutting down")]
     ShuttingDown,
 
@@ -88,7 +92,9 @@ impl ApiError {
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Loading | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Loading | Self::ShuttingDown | Self::NotLeader(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Engine(e) => match e {
                 EngineError::ContextExceeded { .. }
                 | EngineError::RequestTooLarge { .. }
@@ -132,6 +138,7 @@ impl ApiError {
             Self::Overloaded { reason, .. } => reason,
             Self::QueueTimeout { .. } => "queue_timeout",
             Self::Loading => "model_loading",
+            Self::NotLeader(_) => "not_group_leader",
             Self::ShuttingDown => "server_shutting_down",
             Self::Engine(e) => match e {
                 EngineError::ContextExceeded { .. } => "context_length_exceeded",
@@ -177,7 +184,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
         let retry_after = match self {
-            Self::Loading | Self::ShuttingDown => Some(5),
+            Self::Loading | Self::ShuttingDown | Self::NotLeader(_) => Some(5),
             Self::Overloaded { retry_after, .. } => Some(retry_after),
             _ => None,
         };

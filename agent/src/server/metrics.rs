@@ -380,6 +380,22 @@ impl Collector for EngineCollector {
             "Engine steps run",
             stat(|s| s.steps.load(Relaxed)),
         )?;
+        let (all_reduces, all_reduce_seconds) =
+            crate::engine::parallel::collective::ALL_REDUCES.totals();
+        counter(
+            &mut encoder,
+            "parallax_tensor_parallel_all_reduces",
+            "Tensor-parallel all-reduces by rank 0 (two a layer a step; 0 without tensor parallelism)",
+            all_reduces,
+        )?;
+        let seconds = ConstCounter::new(all_reduce_seconds);
+        let metric = encoder.encode_descriptor(
+            "parallax_tensor_parallel_all_reduce_seconds",
+            "Rank 0's time in tensor-parallel all-reduces: waiting for the slowest rank, the sum and the link to other pods",
+            None,
+            seconds.metric_type(),
+        )?;
+        seconds.encode(metric)?;
         gauge(
             &mut encoder,
             "parallax_model_loaded",

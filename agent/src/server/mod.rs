@@ -79,6 +79,16 @@ pub struct AppState {
     pub predictor: Mutex<Predictor>,
     pub budget: Arc<QueueBudget>,
     pub default_max_wait: Duration,
+    /// Set on a tensor-parallel worker pod: what it is, and whether its shards are loaded and
+    /// joined to the leader. Such a pod serves health and readiness, no requests.
+    worker: OnceLock<WorkerRole>,
+}
+
+/// A worker pod of a multi-pod group.
+#[derive(Debug)]
+struct WorkerRole {
+    description: String,
+    joined: AtomicBool,
 }
 
 impl AppState {
@@ -86,6 +96,12 @@ impl AppState {
     pub fn engine(&self) -> Result<&EngineHandle, ApiError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(ApiError::ShuttingDown);
+        }
+        if let Some(worker) = self.worker.get() {
+            return Err(ApiError::NotLeader(format!(
+                "this pod is {}; the group's leader (pod rank 0) serves requests",
+                worker.description
+            )));
         }
         self.engine.get().ok_or(ApiError::Loading)
     }
@@ -117,13 +133,23 @@ impl AppState {
         if self.draining.load(Ordering::Relaxed) {
             return Err("shutting down".into());
         }
+        if let Some(worker) = self.worker.get() {
+            return if worker.joined.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}: loading and joining the group",
+                    worker.description
+                ))
+            };
+        }
         match self.engine.get() {
             None => Err("loading the model".into()),
-            Some(engine) if !engine.is_running() => Err(match engine.fault() {
-                Some(reason) => format!("the engine stopped: the device failed ({reason})"),
-                None => "the engine stopped".into(),
-            }),
-            Some(_) => Ok(()),
+            Some(engine) => match engine.fault() {
+                Some(reason) => Err(format!("the engine stopped: the device failed ({reason})")),
+                None if !engine.is_running() => Err("the engine stopped".into()),
+                None => Ok(()),
+            },
         }
     }
 }
@@ -152,6 +178,7 @@ impl Server {
                     config.max_queue_tokens,
                 )),
                 default_max_wait: config.default_max_wait,
+                worker: OnceLock::new(),
             }),
             shutdown_timeout: config.shutdown_timeout,
         }
@@ -161,6 +188,23 @@ impl Server {
     /// ([`crate::engine::start_observed`]).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.state.metrics.clone()
+    }
+
+    /// Makes this server a tensor-parallel worker's (`description`: which one): it serves health
+    /// and readiness, and refuses requests, pointing at the group's leader.
+    pub fn serve_as_worker(&self, description: String) {
+        let _ = self.state.worker.set(WorkerRole {
+            description,
+            joined: AtomicBool::new(false),
+        });
+    }
+
+    /// A worker's shards are loaded and joined to its leader: it is ready.
+    pub fn worker_joined(&self) {
+        if let Some(worker) = self.state.worker.get() {
+            worker.joined.store(true, Ordering::Relaxed);
+            tracing::info!(worker = %worker.description, "joined the group: ready");
+        }
     }
 
     /// Hands over the loaded engine: the server becomes ready.

@@ -78,7 +78,15 @@ pub trait Executor: Send + std::fmt::Debug {
     /// Runs one step: every sequence's tokens in one forward pass, their keys and values written
     /// through their block tables.
     fn execute(&mut self, batch: &[SeqInput<'_>]) -> Result<StepOutput>;
+    /// Where the executor records failures found between steps, if it can have any.
+    fn faults(&self) -> Option<FaultFlag> {
+        None
+    }
 }
+
+/// Where an executor records a failure found outside any step (a tensor-parallel rank in another
+/// process went away while the engine was idle): the engine's readiness reads it.
+pub type FaultFlag = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 /// A device's memory in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 //! group that waits past its deadline, breaks the group: every waiting and later call fails with
 //! the reason, so no rank ever hangs.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,36 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
 pub trait Uplink: Send + Sync + std::fmt::Debug {
     /// Replaces `sum` (this process's ranks' sum) with the sum over every process.
     fn reduce(&self, sum: &mut [f32]) -> Result<(), String>;
+}
+
+/// Rank 0's all-reduces in this process: how many, and how long from its call to the total —
+/// the wait for the slowest rank, the sum and the other processes' link included. What sharding
+/// costs a step, on the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct AllReduceStats {
+    count: AtomicU64,
+    nanos: AtomicU64,
+}
+
+pub static ALL_REDUCES: AllReduceStats = AllReduceStats {
+    count: AtomicU64::new(0),
+    nanos: AtomicU64::new(0),
+};
+
+impl AllReduceStats {
+    fn record(&self, took: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// All-reduces so far, and their time in seconds.
+    pub fn totals(&self) -> (u64, f64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -171,7 +202,13 @@ impl Collective for RankHandle {
     }
 
     fn all_reduce(&self, data: &mut [f32]) -> Result<(), String> {
-        self.group.all_reduce(self.index, data)
+        if self.rank() != 0 {
+            return self.group.all_reduce(self.index, data);
+        }
+        let began = Instant::now();
+        let result = self.group.all_reduce(self.index, data);
+        ALL_REDUCES.record(began.elapsed());
+        result
     }
 
     fn abort(&self, reason: &str) {

@@ -6,15 +6,17 @@
 //! with a device fault, so the runtime stops rather than retry on a group whose ranks no longer
 //! agree.
 
-use super::collective::{Collective, LocalGroup};
+use super::collective::{Collective, LocalGroup, Uplink};
+use super::link::{self, LeaderLink, LeaderUplink, RemoteRank, WorkerUplink};
 use super::{Shard, StepPlan};
 use crate::engine::backend::candle::CandleExecutor;
 use crate::engine::backend::{
-    BackendConfig, BackendKind, DeviceMemory, Executor, SeqInput, StepOutput,
+    BackendConfig, BackendKind, DeviceMemory, Executor, FaultFlag, SeqInput, StepOutput,
 };
 use crate::engine::error::{EngineError, Result};
 use crate::engine::model::LlamaConfig;
 use crate::engine::model::loader::ModelFiles;
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -27,39 +29,131 @@ pub const RANK_DEADLINE: Duration = Duration::from_secs(120);
 /// each on CUDA), on the candle backend.
 pub fn in_process(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn Executor>> {
     let world = backend.tensor_parallel_size;
+    Ok(Box::new(this_process(
+        files,
+        backend,
+        0,
+        world,
+        Vec::new(),
+        None,
+    )?))
+}
+
+/// The ranks of one process of a group of `backend.tensor_parallel_size`: `local` ranks from
+/// global rank `first`, a thread each (one GPU each from `backend.device`), joined to other
+/// processes through `uplink`; `remote` are other processes' ranks this one commands (the
+/// leader's). The first local rank's executor answers for the process.
+fn this_process(
+    files: &mut ModelFiles,
+    backend: &BackendConfig,
+    first: usize,
+    local: usize,
+    remote: Vec<Box<dyn Rank>>,
+    uplink: Option<Box<dyn Uplink>>,
+) -> Result<TensorParallel> {
+    let world = backend.tensor_parallel_size;
     if backend.resolved_kind() == BackendKind::Int8 {
         return Err(EngineError::Unsupported(
             "tensor parallelism runs on the candle backend: use --backend candle (or auto)".into(),
         ));
     }
     Shard::check(&files.config, world)?;
-    let group = LocalGroup::new(0, world, world, RANK_DEADLINE, None);
-    let mut executors = Vec::with_capacity(world);
-    for rank in 0..world {
+    let group = LocalGroup::new(first, local, world, RANK_DEADLINE, uplink);
+    let mut executors = Vec::with_capacity(local);
+    for index in 0..local {
         executors.push(CandleExecutor::load_shard(
             files,
-            backend.rank_device(rank),
+            backend.rank_device(index),
             backend.resolved_precision(),
-            Shard { rank, world },
-            Some(group.rank(rank)),
+            Shard {
+                rank: first + index,
+                world,
+            },
+            Some(group.rank(index)),
         )?);
     }
     let mut executors = executors.into_iter();
-    let leader = executors.next().expect("a group has rank 0");
-    let ranks = executors
+    let leader = executors.next().expect("a process holds at least one rank");
+    let mut ranks = executors
         .enumerate()
         .map(|(i, executor)| {
             ThreadRank::spawn(Box::new(executor), group.rank(i + 1))
                 .map(|rank| Box::new(rank) as Box<dyn Rank>)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Box::new(TensorParallel::new(
+    ranks.extend(remote);
+    Ok(TensorParallel::new(
         Box::new(leader),
         group.rank(0),
         ranks,
         files.config.clone(),
         RANK_DEADLINE,
-    )))
+    ))
+}
+
+/// How long a leader waits for its group's worker processes to connect and load.
+pub const JOIN_DEADLINE: Duration = Duration::from_secs(1800);
+
+/// The leader process (pod rank 0) of a group of `pods` processes: accepts the other processes
+/// on `listener`, loads its own ranks (the first `tensor_parallel_size / pods`), and waits until
+/// every process has loaded its shards. The executor answers for the whole group.
+pub fn leader(
+    files: &mut ModelFiles,
+    backend: &BackendConfig,
+    pods: usize,
+    listener: &TcpListener,
+) -> Result<Box<dyn Executor>> {
+    let local = per_process(backend.tensor_parallel_size, pods)?;
+    let faults = FaultFlag::default();
+    let links = link::accept_workers(listener, pods - 1, JOIN_DEADLINE, &faults)?;
+    let remote = links
+        .iter()
+        .map(|l| Box::new(RemoteRank(l.clone())) as Box<dyn Rank>)
+        .collect();
+    let uplink = LeaderUplink {
+        links: links.clone(),
+        deadline: RANK_DEADLINE,
+    };
+    let group = this_process(files, backend, 0, local, remote, Some(Box::new(uplink)))?;
+    link::wait_ready(&links, JOIN_DEADLINE)?;
+    Ok(Box::new(group.with_faults(faults)))
+}
+
+/// Worker process `pod` of a group of `pods`: loads its ranks, calls `on_ready`, and serves the
+/// leader's commands over `leader_link` until the leader stops it (`Ok`) or goes away (`Err`).
+pub fn worker(
+    files: &mut ModelFiles,
+    backend: &BackendConfig,
+    pod: usize,
+    pods: usize,
+    leader_link: Arc<LeaderLink>,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
+    let local = per_process(backend.tensor_parallel_size, pods)?;
+    let uplink = WorkerUplink {
+        link: leader_link.clone(),
+        deadline: RANK_DEADLINE,
+    };
+    let group = this_process(
+        files,
+        backend,
+        pod * local,
+        local,
+        Vec::new(),
+        Some(Box::new(uplink)),
+    )?;
+    on_ready();
+    link::serve_worker(&leader_link, group)
+}
+
+/// Ranks per process of a group of `world` ranks over `pods` processes.
+fn per_process(world: usize, pods: usize) -> Result<usize> {
+    if pods == 0 || world < pods || !world.is_multiple_of(pods) {
+        return Err(EngineError::Unsupported(format!(
+            "tensor parallel size {world} cannot be split evenly over {pods} pods"
+        )));
+    }
+    Ok(world / pods)
 }
 
 /// What a rank is asked to do.
@@ -75,6 +169,9 @@ pub trait Rank: Send + std::fmt::Debug {
     fn send(&mut self, command: Command) -> std::result::Result<(), String>;
     /// Waits for the rank to finish the command sent last.
     fn wait(&mut self, deadline: Duration) -> std::result::Result<(), String>;
+    /// The group has failed: a rank in another process is told, so that it stops waiting on
+    /// sums that will not come (ranks of this process see the collective's abort).
+    fn abort(&self, _reason: &str) {}
 }
 
 /// A rank on a thread of this process, owning its executor.
@@ -147,6 +244,8 @@ pub struct TensorParallel {
     deadline: Duration,
     /// Why the group failed, once it has.
     broken: Option<String>,
+    /// Failures found between steps (a worker process that went away).
+    faults: Option<FaultFlag>,
 }
 
 impl TensorParallel {
@@ -166,6 +265,23 @@ impl TensorParallel {
             world,
             deadline,
             broken: None,
+            faults: None,
+        }
+    }
+
+    /// Records `faults` as where failures between steps land (see [`Executor::faults`]).
+    pub fn with_faults(mut self, faults: FaultFlag) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Fails the step on every rank (once per step): no rank waits for the others' sums.
+    fn abort(&self, reason: &str, aborted: &mut bool) {
+        if !std::mem::replace(aborted, true) {
+            self.collective.abort(reason);
+            for rank in &self.ranks {
+                rank.abort(reason);
+            }
         }
     }
 
@@ -190,16 +306,15 @@ impl TensorParallel {
         } else {
             Err(EngineError::DeviceFault(String::new()))
         };
+        let mut aborted = false;
         if let Err(e) = &result {
-            failure.get_or_insert_with(|| format!("rank 0: {e}"));
-            self.collective
-                .abort(failure.as_deref().unwrap_or_default());
+            let reason = failure.get_or_insert_with(|| format!("rank 0: {e}"));
+            self.abort(reason, &mut aborted);
         }
-        for rank in &mut self.ranks {
-            if let Err(reason) = rank.wait(self.deadline) {
-                failure.get_or_insert(reason);
-                self.collective
-                    .abort(failure.as_deref().unwrap_or_default());
+        for index in 0..self.ranks.len() {
+            if let Err(reason) = self.ranks[index].wait(self.deadline) {
+                let reason = failure.get_or_insert(reason).clone();
+                self.abort(&reason, &mut aborted);
             }
         }
         match failure {
@@ -257,6 +372,10 @@ impl Executor for TensorParallel {
     fn execute(&mut self, batch: &[SeqInput<'_>]) -> Result<StepOutput> {
         let plan = Arc::new(StepPlan::from_inputs(batch));
         self.everywhere(Command::Step(plan), |leader| leader.execute(batch))
+    }
+
+    fn faults(&self) -> Option<FaultFlag> {
+        self.faults.clone()
     }
 }
 

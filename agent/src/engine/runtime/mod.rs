@@ -7,7 +7,7 @@ mod engine_loop;
 pub mod memory;
 mod sequence;
 
-use super::backend::Executor;
+use super::backend::{Executor, FaultFlag};
 use super::error::{EngineError, Result};
 use super::model::tokenizer::TextCodec;
 use super::sampling::SamplingParams;
@@ -220,8 +220,9 @@ pub struct EngineStats {
     pub breaker_state: std::sync::atomic::AtomicU8,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
-    /// Why the engine stopped, when its device failed for good.
-    pub fault: std::sync::Mutex<Option<String>>,
+    /// Why the engine stopped, or cannot go on, when its device (or a tensor-parallel rank)
+    /// failed for good.
+    pub fault: FaultFlag,
 }
 
 impl EngineStats {
@@ -446,7 +447,11 @@ pub fn start_observed(
         max_num_seqs: config.max_num_seqs,
         memory: plan,
     });
-    let stats = Arc::new(EngineStats::default());
+    let mut stats = EngineStats::default();
+    if let Some(faults) = executor.faults() {
+        stats.fault = faults;
+    }
+    let stats = Arc::new(stats);
     stats.kv_blocks_total.store(blocks, Ordering::Relaxed);
     let codec = Arc::new(codec);
     let (submissions, receiver) = std_mpsc::channel();
