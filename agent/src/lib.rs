@@ -1,8 +1,11 @@
 //! Parallax node agent: the engine (model, paged KV cache, continuous batching), the HTTP server
-//! in front of it, a load generator and the command line. The engine knows nothing of HTTP or
-//! Kubernetes; the server knows the engine only through its handle.
+//! in front of it, the model download from a Hugging Face hub, a load generator and the command
+//! line. The engine knows nothing of HTTP or Kubernetes; the server knows the engine only through
+//! its handle.
 
 pub mod cli;
 pub mod engine;
+pub mod http_client;
+pub mod hub;
 pub mod loadgen;
 pub mod server;

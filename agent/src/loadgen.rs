@@ -222,7 +222,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let url = args.url.trim_end_matches('/').to_owned();
-        let client = reqwest::Client::builder()
+        let client = crate::http_client::builder()
             .timeout(Duration::from_secs_f64(args.timeout))
             .pool_max_idle_per_host(args.requests)
             .build()?;

@@ -3,7 +3,6 @@
 use clap::Parser;
 use parallax_agent::cli::{self, Cli, Command};
 use parallax_agent::loadgen;
-use parallax_crds::AgentConfig;
 
 fn main() -> anyhow::Result<()> {
     // Logs go to stderr; `RUST_LOG` filters them, PARALLAX_LOG_FORMAT=json makes them JSON.
@@ -26,17 +25,7 @@ fn main() -> anyhow::Result<()> {
         Command::CheckKernels(args) => cli::check_kernels(&args),
         Command::CheckModel(args) => cli::check_model(&args),
         Command::CheckConfig { file } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let config: AgentConfig = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            println!(
-                "{}: ok (model {}, tensor parallel size {}, port {})",
-                file.display(),
-                config.model.served_name,
-                config.tensor_parallel_size,
-                config.port
-            );
+            println!("{}", cli::check_config(&file)?);
             Ok(())
         }
     }

@@ -8,126 +8,8 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::model_path;
-
-/// A port free on loopback now (the OS picks it; the agent binds it a moment later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One agent process, killed when dropped; its log is kept for failures' messages.
-struct Agent {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn spawn(name: &str, port: u16, args: &[String]) -> Self {
-        Self::spawn_with(name, port, args, &[])
-    }
-
-    /// With `env` set (after the group's variables are cleared).
-    fn spawn_with(name: &str, port: u16, args: &[String], env: &[(&str, String)]) -> Self {
-        let log = std::env::temp_dir().join(format!(
-            "parallax-group-{name}-{}-{port}.log",
-            std::process::id()
-        ));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_parallax-agent"))
-            .arg("serve")
-            .arg("--model")
-            .arg(model_path())
-            .args(["--served-model-name", "smollm2", "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string()])
-            .args(args)
-            // The group comes from `env` alone, whatever this environment says.
-            .env_remove("PARALLAX_RANK")
-            .env_remove("PARALLAX_WORLD_SIZE")
-            .env_remove("PARALLAX_LEADER_ADDRESS")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("the agent binary starts");
-        Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `/ready` says 200, failing at once if the process ends.
-    async fn ready(&mut self, client: &reqwest::Client, limit: Duration) {
-        let until = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} ended ({status}):\n{}", self.base, self.log());
-            }
-            if let Ok(answer) = client.get(format!("{}/ready", self.base)).send().await
-                && answer.status() == 200
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < until,
-                "{} not ready within {limit:?}:\n{}",
-                self.base,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits for the process to end, up to `limit`: its exit status.
-    async fn ended(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let until = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "{} still runs after {limit:?}:\n{}",
-                self.base,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn get(&self, client: &reqwest::Client, path: &str) -> (u16, Value) {
-        let answer = client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        let status = answer.status().as_u16();
-        (status, answer.json().await.unwrap_or(Value::Null))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
-}
+use support::process::{Agent, free_port};
 
 /// A group of `pods` processes of one rank each, the leader first — each told its place by the
 /// environment, as the operator's pods are.
@@ -172,7 +54,7 @@ const LOADING: Duration = Duration::from_secs(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_three_processes_answers_as_one_process_of_three_ranks() {
-    let client = reqwest::Client::new();
+    let client = parallax_agent::http_client::client();
     let mut whole = Agent::spawn("whole", free_port(), &["-t", "3"].map(String::from));
     let mut pods = group(3);
     whole.ready(&client, LOADING).await;
@@ -233,7 +115,7 @@ async fn a_group_of_three_processes_answers_as_one_process_of_three_ranks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_mid_request_fails_the_request_and_readiness_and_its_group_ends() {
-    let client = reqwest::Client::new();
+    let client = parallax_agent::http_client::client();
     let mut pods = group(3);
     for pod in &mut pods {
         pod.ready(&client, LOADING).await;
@@ -295,7 +177,7 @@ async fn a_worker_that_dies_mid_request_fails_the_request_and_readiness_and_its_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_stops_ends_its_workers() {
-    let client = reqwest::Client::new();
+    let client = parallax_agent::http_client::client();
     let mut pods = group(3);
     for pod in &mut pods {
         pod.ready(&client, LOADING).await;
@@ -310,7 +192,7 @@ async fn a_leader_that_stops_ends_its_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_leader_never_comes_is_not_ready_and_says_why() {
-    let client = reqwest::Client::new();
+    let client = parallax_agent::http_client::client();
     // A leader address nobody listens on: the worker keeps trying (the leader's pod may start
     // later) and is not ready meanwhile.
     let mut worker = Agent::spawn(

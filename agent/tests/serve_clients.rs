@@ -193,7 +193,7 @@ async fn prometheus_scrapes_the_agent_and_promql_counts_the_generated_tokens() {
 
     let target = server.base.trim_start_matches("http://").to_owned();
     let prometheus = Prometheus::start(&binary, &target);
-    let client = reqwest::Client::new();
+    let client = parallax_agent::http_client::client();
     eventually(
         Duration::from_secs(60),
         "Prometheus has scraped the agent",

@@ -52,18 +52,27 @@ impl AgentConfig {
 }
 
 impl crate::inference_pool::ModelSpec {
-    /// `servedName`, or the last path segment of the source without a `.gguf` extension.
+    /// `servedName`, or the name [`served_name_of`] the source.
     pub fn served_name(&self) -> String {
-        if let Some(name) = &self.served_name {
-            return name.clone();
+        match &self.served_name {
+            Some(name) => name.clone(),
+            None => served_name_of(&self.source),
         }
-        let last = self
-            .source
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or(&self.source);
-        last.strip_suffix(".gguf").unwrap_or(last).to_owned()
+    }
+}
+
+/// The name a model source is served under by default: the last path segment without a `.gguf`
+/// extension, a hub repository's name without its `@revision`.
+pub fn served_name_of(source: &str) -> String {
+    let last = source
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(source);
+    let last = last.strip_suffix(".gguf").unwrap_or(last);
+    match last.split_once('@') {
+        Some((name, _revision)) if source.starts_with("hf://") => name.to_owned(),
+        _ => last.to_owned(),
     }
 }
 
@@ -78,6 +87,9 @@ mod tests {
             format: ModelFormat::Auto,
             served_name: None,
             shape: None,
+            hub_token_secret: None,
+            volume_claim: None,
+            cache_volume_claim: None,
         }
     }
 
@@ -89,6 +101,14 @@ mod tests {
         );
         assert_eq!(model("/models/smollm2.gguf").served_name(), "smollm2");
         assert_eq!(model("/models/llama/").served_name(), "llama");
+        assert_eq!(
+            model("hf://org/Llama-3.2-1B@v2").served_name(),
+            "Llama-3.2-1B"
+        );
+        assert_eq!(
+            model("hf://org/repo@v2/small-Q4_K_M.gguf").served_name(),
+            "small-Q4_K_M"
+        );
         let mut named = model("/models/x.gguf");
         named.served_name = Some("chat".into());
         assert_eq!(named.served_name(), "chat");

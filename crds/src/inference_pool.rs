@@ -90,9 +90,11 @@ pub struct InferencePoolSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
-    /// A GGUF file path or http(s) URL, a safetensors directory, or a Hugging Face repo id
-    /// (`org/name`, optionally prefixed with `hf://`).
-    #[x_kube(validation = Rule::new("self.size() > 0").message("model.source must name a file, directory, URL or Hugging Face repo"))]
+    /// A model on a Hugging Face hub, `hf://ORG/NAME[@REVISION]` (a GGUF repository's file as
+    /// `hf://ORG/NAME[@REVISION]/FILE.gguf`), downloaded into the pod's cache before the agent
+    /// loads it; a path on `volumeClaim` (mounted at `/models`): a `.gguf` file or a Hugging
+    /// Face folder; or `dummy:SHAPE` for random weights.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("model.source must name a hub model (hf://ORG/NAME), a path under /models or dummy:SHAPE"))]
     pub source: String,
 
     /// Weight format; `auto` infers it from the source.
@@ -103,9 +105,40 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_name: Option<String>,
 
-    /// Size of the model, used to choose `tensorParallelSize: auto`.
+    /// Size of the model, used to choose `tensorParallelSize: auto` (and to size the download
+    /// cache).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape: Option<ModelShape>,
+
+    /// A Secret key holding a Hugging Face token, for private and gated `hf://` models (given to
+    /// the agent as `HF_TOKEN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_token_secret: Option<SecretKey>,
+
+    /// A PersistentVolumeClaim holding model files, mounted read-only at `/models` in every pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_claim: Option<String>,
+
+    /// A PersistentVolumeClaim for downloads, kept across pod restarts (ReadWriteMany when a
+    /// pool has several pods). Without one, each pod downloads into an emptyDir sized from
+    /// `shape`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_volume_claim: Option<String>,
+}
+
+/// A key of a Secret in the pool's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKey {
+    /// The Secret's name.
+    pub name: String,
+    /// The key within it.
+    #[serde(default = "default_token_key")]
+    pub key: String,
+}
+
+fn default_token_key() -> String {
+    "token".to_owned()
 }
 
 /// Weight format of a model source.
@@ -383,7 +416,8 @@ impl Default for KvCacheSpec {
     }
 }
 
-/// Element type of the KV cache.
+/// Element type of the KV cache. The agent keeps it in the engine's activation type (`--dtype`,
+/// bf16 on GPUs by default): naming another is refused at start.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheDtype {
@@ -392,27 +426,26 @@ pub enum KvCacheDtype {
     Auto,
     F16,
     Bf16,
-    /// 8-bit with per-block scales: half the bytes of f16.
-    Int8,
 }
 
 impl KvCacheDtype {
-    /// Bytes one cached element takes.
+    /// Bytes one cached element takes on a GPU, as the agent stores it.
     pub fn bytes_per_element(self) -> u64 {
         match self {
             Self::Auto | Self::F16 | Self::Bf16 => 2,
-            Self::Int8 => 1,
         }
     }
 }
 
 /// The agent container of every pod.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
-    /// Container image of `parallax-agent`.
-    #[serde(default = "default_agent_image")]
-    pub image: String,
+    /// Container image of `parallax-agent`. Unset, the operator's own (its `agentImage`, which
+    /// follows the operator's version), so that upgrading the operator moves the pool to the
+    /// matching agent; set, the pool keeps this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 
     /// Image pull policy (`Always`, `IfNotPresent`, `Never`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -421,16 +454,6 @@ pub struct AgentSpec {
     /// Extra command-line arguments appended to `parallax-agent serve`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_args: Vec<String>,
-}
-
-impl Default for AgentSpec {
-    fn default() -> Self {
-        Self {
-            image: default_agent_image(),
-            image_pull_policy: None,
-            extra_args: Vec::new(),
-        }
-    }
 }
 
 /// What the operator observed and decided, written only by the operator.
@@ -517,10 +540,4 @@ fn default_block_size() -> i32 {
 }
 fn default_true() -> bool {
     true
-}
-fn default_agent_image() -> String {
-    format!(
-        "ghcr.io/parallax-dev/parallax-agent:{}",
-        env!("CARGO_PKG_VERSION")
-    )
 }

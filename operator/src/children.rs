@@ -4,9 +4,10 @@
 use crate::tp::GroupLayout;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -26,6 +27,11 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "parallax.dev/template-hash";
 /// Pods in the group a pod was built for: an outdated group is judged by its own size.
 pub const GROUP_SIZE_ANNOTATION: &str = "parallax.dev/group-size";
 const CONFIG_DIR: &str = "/etc/parallax";
+/// The agent's writable cache; hub downloads go to its `models/` folder.
+const CACHE_DIR: &str = "/var/cache/parallax";
+const MODEL_CACHE_DIR: &str = "/var/cache/parallax/models";
+/// Where `model.volumeClaim` is mounted.
+pub const MODELS_DIR: &str = "/models";
 
 /// Names of a pool's children.
 pub fn service_name(pool: &str) -> String {
@@ -85,16 +91,42 @@ pub struct ChildBuilder<'a> {
     namespace: String,
     config: String,
     template_hash: String,
+    /// The agent image the pods run.
+    image: String,
+}
+
+/// The agent image of pools that pin none: the CUDA build of this operator's version.
+pub fn default_agent_image() -> String {
+    format!(
+        "ghcr.io/parallax-dev/parallax-agent:{}-cuda",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 impl<'a> ChildBuilder<'a> {
     pub fn new(pool: &'a InferencePool, layout: &'a GroupLayout) -> Self {
+        Self::with_agent_image(pool, layout, &default_agent_image())
+    }
+
+    /// Children whose pods run `agent_image` unless the pool pins an image.
+    pub fn with_agent_image(
+        pool: &'a InferencePool,
+        layout: &'a GroupLayout,
+        agent_image: &str,
+    ) -> Self {
         let config = AgentConfig::for_pool(&pool.spec, layout.tensor_parallel_size);
         let config = serde_json::to_string_pretty(&config).expect("agent config serializes");
-        let template_hash = template_hash(pool, layout, &config);
+        let image = pool
+            .spec
+            .agent
+            .image
+            .clone()
+            .unwrap_or_else(|| agent_image.to_owned());
+        let template_hash = template_hash(pool, layout, &config, &image);
         Self {
             pool,
             layout,
+            image,
             name: pool.name_any(),
             namespace: pool.namespace().unwrap_or_default(),
             config,
@@ -244,6 +276,7 @@ impl<'a> ChildBuilder<'a> {
                 self.layout.tensor_parallel_size.to_string(),
             ),
             ("PARALLAX_LEADER_ADDRESS", leader),
+            ("PARALLAX_MODEL_CACHE", MODEL_CACHE_DIR.to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| EnvVar {
@@ -271,6 +304,18 @@ impl<'a> ChildBuilder<'a> {
                     ..EnvVar::default()
                 }),
         )
+        .chain(spec.model.hub_token_secret.as_ref().map(|secret| EnvVar {
+            name: "HF_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: secret.key.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }))
         .collect();
 
         // The pod's address, not loopback: probes and the Services reach it from outside.
@@ -281,6 +326,15 @@ impl<'a> ChildBuilder<'a> {
             "--host".to_owned(),
             "0.0.0.0".to_owned(),
         ];
+        // The pod's GPUs, unless the pool's arguments name a device themselves.
+        let names_device = spec
+            .agent
+            .extra_args
+            .iter()
+            .any(|a| a == "--device" || a.starts_with("--device="));
+        if self.layout.gpus_per_pod > 0 && !names_device {
+            args.extend(["--device".to_owned(), "cuda".to_owned()]);
+        }
         args.extend(spec.agent.extra_args.iter().cloned());
 
         let gpus = Quantity(self.layout.gpus_per_pod.to_string());
@@ -309,9 +363,10 @@ impl<'a> ChildBuilder<'a> {
             ..Probe::default()
         };
 
+        let (volumes, volume_mounts) = self.volumes();
         let container = Container {
             name: "agent".into(),
-            image: Some(spec.agent.image.clone()),
+            image: Some(self.image.clone()),
             image_pull_policy: spec.agent.image_pull_policy.clone(),
             args: Some(args),
             env: Some(env),
@@ -348,24 +403,7 @@ impl<'a> ChildBuilder<'a> {
                 }),
                 ..SecurityContext::default()
             }),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: "config".into(),
-                    mount_path: CONFIG_DIR.into(),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                },
-                VolumeMount {
-                    name: "cache".into(),
-                    mount_path: "/var/cache/parallax".into(),
-                    ..VolumeMount::default()
-                },
-                VolumeMount {
-                    name: "dshm".into(),
-                    mount_path: "/dev/shm".into(),
-                    ..VolumeMount::default()
-                },
-            ]),
+            volume_mounts: Some(volume_mounts),
             ..Container::default()
         };
 
@@ -388,10 +426,6 @@ impl<'a> ChildBuilder<'a> {
             ..Affinity::default()
         });
 
-        let empty_dir = |medium: Option<&str>| EmptyDirVolumeSource {
-            medium: medium.map(Into::into),
-            ..EmptyDirVolumeSource::default()
-        };
         Pod {
             metadata: meta,
             spec: Some(PodSpec {
@@ -414,26 +448,7 @@ impl<'a> ChildBuilder<'a> {
                     }),
                     ..PodSecurityContext::default()
                 }),
-                volumes: Some(vec![
-                    Volume {
-                        name: "config".into(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: config_map_name(&self.name),
-                            ..ConfigMapVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    },
-                    Volume {
-                        name: "cache".into(),
-                        empty_dir: Some(empty_dir(None)),
-                        ..Volume::default()
-                    },
-                    Volume {
-                        name: "dshm".into(),
-                        empty_dir: Some(empty_dir(Some("Memory"))),
-                        ..Volume::default()
-                    },
-                ]),
+                volumes: Some(volumes),
                 ..PodSpec::default()
             }),
             status: None,
@@ -441,10 +456,83 @@ impl<'a> ChildBuilder<'a> {
     }
 }
 
+impl ChildBuilder<'_> {
+    /// The pod's volumes and the agent's mounts: its configuration, the download cache (a
+    /// claim, or an emptyDir sized from the model's shape), the model claim, shared memory.
+    fn volumes(&self) -> (Vec<Volume>, Vec<VolumeMount>) {
+        let model = &self.pool.spec.model;
+        let claim = |name: &str, read_only: bool| PersistentVolumeClaimVolumeSource {
+            claim_name: name.to_owned(),
+            read_only: Some(read_only),
+        };
+        let empty_dir = |medium: Option<&str>, size_limit: Option<Quantity>| EmptyDirVolumeSource {
+            medium: medium.map(Into::into),
+            size_limit,
+        };
+        let mut volumes = vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_map_name(&self.name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            match &model.cache_volume_claim {
+                Some(name) => Volume {
+                    name: "cache".into(),
+                    persistent_volume_claim: Some(claim(name, false)),
+                    ..Volume::default()
+                },
+                None => Volume {
+                    name: "cache".into(),
+                    empty_dir: Some(empty_dir(None, cache_size_limit(&self.pool.spec))),
+                    ..Volume::default()
+                },
+            },
+            Volume {
+                name: "dshm".into(),
+                empty_dir: Some(empty_dir(Some("Memory"), None)),
+                ..Volume::default()
+            },
+        ];
+        let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+            name: name.into(),
+            mount_path: path.into(),
+            read_only: read_only.then_some(true),
+            ..VolumeMount::default()
+        };
+        let mut mounts = vec![
+            mount("config", CONFIG_DIR, true),
+            mount("cache", CACHE_DIR, false),
+            mount("dshm", "/dev/shm", false),
+        ];
+        if let Some(name) = &model.volume_claim {
+            volumes.push(Volume {
+                name: "models".into(),
+                persistent_volume_claim: Some(claim(name, true)),
+                ..Volume::default()
+            });
+            mounts.push(mount("models", MODELS_DIR, true));
+        }
+        (volumes, mounts)
+    }
+}
+
+/// Room for a download of the model: its weights and a quarter more (tokenizer, partial files),
+/// in whole GiB. None when the pool gives no shape.
+fn cache_size_limit(spec: &parallax_crds::InferencePoolSpec) -> Option<Quantity> {
+    let weights = spec.model.shape.as_ref()?.resolve().ok()?.weight_bytes;
+    let gib = (weights + weights / 4).div_ceil(1 << 30).max(1);
+    Some(Quantity(format!("{gib}Gi")))
+}
+
 /// FNV-1a over everything a pod is built from: stable across operator restarts and versions.
-fn template_hash(pool: &InferencePool, layout: &GroupLayout, config: &str) -> String {
+fn template_hash(pool: &InferencePool, layout: &GroupLayout, config: &str, image: &str) -> String {
     let inputs = serde_json::json!({
+        "image": image,
         "agent": pool.spec.agent,
+        "model": pool.spec.model,
         "resources": pool.spec.resources,
         "layout": [layout.tensor_parallel_size, layout.pods_per_group, layout.gpus_per_pod],
         "config": config,
@@ -557,6 +645,110 @@ mod tests {
     }
 
     #[test]
+    fn pods_run_on_their_gpus_and_get_the_models_token_claims_and_cache() {
+        let env = |pod: &Pod| {
+            pod.spec.as_ref().unwrap().containers[0]
+                .env
+                .clone()
+                .unwrap()
+        };
+        let args = |pod: &Pod| {
+            pod.spec.as_ref().unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        let volume = |pod: &Pod, name: &str| {
+            pod.spec
+                .as_ref()
+                .unwrap()
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == name)
+                .cloned()
+        };
+        // A hub model sized by a preset: an emptyDir for it, the GPUs as the device.
+        let hub = pool(
+            json!({"model": {"source": "hf://meta-llama/Llama-3.1-8B-Instruct",
+            "shape": {"preset": "llama-3.1-8b"},
+            "hubTokenSecret": {"name": "hf"}}, "tensorParallelSize": 1}),
+        );
+        let pod = ChildBuilder::new(&hub, &layout(1, 1)).pod(0, 0);
+        assert!(
+            args(&pod).windows(2).any(|w| w == ["--device", "cuda"]),
+            "{:?}",
+            args(&pod)
+        );
+        let token = env(&pod)
+            .into_iter()
+            .find(|e| e.name == "HF_TOKEN")
+            .unwrap();
+        let secret = token.value_from.unwrap().secret_key_ref.unwrap();
+        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("hf", "token"));
+        let cache = env(&pod)
+            .into_iter()
+            .find(|e| e.name == "PARALLAX_MODEL_CACHE")
+            .unwrap();
+        assert_eq!(cache.value.as_deref(), Some(MODEL_CACHE_DIR));
+        let size = volume(&pod, "cache")
+            .unwrap()
+            .empty_dir
+            .unwrap()
+            .size_limit
+            .unwrap();
+        assert_eq!(
+            size,
+            Quantity("19Gi".into()),
+            "8B weights at 16 bits and a quarter more"
+        );
+        assert!(volume(&pod, "models").is_none());
+
+        // Weights on a claim, downloads kept on another, a device of the pool's own.
+        let claimed = pool(
+            json!({"model": {"source": "/models/llama/", "volumeClaim": "weights",
+            "cacheVolumeClaim": "hub-cache"}, "tensorParallelSize": 2,
+            "agent": {"extraArgs": ["--device=cuda:1"]}}),
+        );
+        let pod = ChildBuilder::new(&claimed, &layout(2, 1)).pod(0, 0);
+        assert!(!args(&pod).contains(&"cuda".to_owned()), "{:?}", args(&pod));
+        let models = volume(&pod, "models")
+            .unwrap()
+            .persistent_volume_claim
+            .unwrap();
+        assert_eq!(
+            (models.claim_name.as_str(), models.read_only),
+            ("weights", Some(true))
+        );
+        let cache = volume(&pod, "cache")
+            .unwrap()
+            .persistent_volume_claim
+            .unwrap();
+        assert_eq!(
+            (cache.claim_name.as_str(), cache.read_only),
+            ("hub-cache", Some(false))
+        );
+        let mounts = pod.spec.as_ref().unwrap().containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap();
+        let models = mounts.iter().find(|m| m.name == "models").unwrap();
+        assert_eq!(
+            (models.mount_path.as_str(), models.read_only),
+            (MODELS_DIR, Some(true))
+        );
+        assert!(env(&pod).iter().all(|e| e.name != "HF_TOKEN"));
+        // Without a shape the emptyDir has no limit.
+        let shapeless = pool(json!({"model": {"source": "hf://a/b"}, "tensorParallelSize": 1}));
+        let pod = ChildBuilder::new(&shapeless, &layout(1, 1)).pod(0, 0);
+        assert_eq!(
+            volume(&pod, "cache").unwrap().empty_dir.unwrap().size_limit,
+            None
+        );
+    }
+
+    #[test]
     fn multi_node_group_members_know_their_rank_and_leader() {
         let pool = pool(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 8}));
         let layout = layout(8, 2);
@@ -572,7 +764,8 @@ mod tests {
             .collect();
         assert_eq!(env["PARALLAX_RANK"], "1");
         assert_eq!(env["PARALLAX_WORLD_SIZE"], "2");
-        // The agent listens on the pod's address so that probes and Services reach it.
+        // The agent listens on the pod's address so that probes and Services reach it, and
+        // runs on the pod's GPUs.
         assert_eq!(
             spec.containers[0].args.as_deref().unwrap(),
             [
@@ -580,7 +773,9 @@ mod tests {
                 "--config",
                 "/etc/parallax/agent.json",
                 "--host",
-                "0.0.0.0"
+                "0.0.0.0",
+                "--device",
+                "cuda"
             ]
         );
         assert_eq!(env["PARALLAX_TENSOR_PARALLEL_SIZE"], "8");
@@ -623,7 +818,26 @@ mod tests {
         b.spec.batching.max_batch_size = 8;
         assert_ne!(hash(&a), hash(&b), "the agent config does");
         let mut c = a.clone();
-        c.spec.agent.image = "other:1".into();
+        c.spec.agent.image = Some("other:1".into());
         assert_ne!(hash(&a), hash(&c), "the image does");
+        // An operator upgrade moves pools that pin no image to its own agent image.
+        let upgraded = |p: &InferencePool| {
+            let builder = ChildBuilder::with_agent_image(p, &l, "registry.example/agent:9-cuda");
+            let image = builder.pod(0, 0).spec.unwrap().containers[0].image.clone();
+            (builder.template_hash().to_owned(), image.unwrap())
+        };
+        assert_ne!(upgraded(&a).0, hash(&a));
+        assert_eq!(upgraded(&a).1, "registry.example/agent:9-cuda");
+        assert_eq!(
+            (upgraded(&c).0, upgraded(&c).1),
+            (hash(&c), "other:1".to_owned())
+        );
+        assert_eq!(
+            ChildBuilder::new(&a, &l).pod(0, 0).spec.unwrap().containers[0].image,
+            Some(format!(
+                "ghcr.io/parallax-dev/parallax-agent:{}-cuda",
+                env!("CARGO_PKG_VERSION")
+            ))
+        );
     }
 }

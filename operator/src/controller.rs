@@ -13,11 +13,13 @@ use parallax_crds::InferencePool;
 use std::sync::Arc;
 use tracing::{debug, info};
 
-/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. Pools that
+/// pin no agent image get `agent_image`.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     reporter: Reporter,
+    agent_image: String,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (nodes, writer) = reflector::store();
@@ -39,6 +41,7 @@ pub async fn run(
         nodes,
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
+        agent_image,
     });
     let children = watcher::Config::default().labels(POOL_LABEL);
     Controller::new(

@@ -44,6 +44,11 @@ async fn main() -> anyhow::Result<()> {
         .context("the API server did not answer")?;
     health.ready.store(true, Ordering::Relaxed);
 
+    // The chart sets the agent image of its version (PARALLAX_AGENT_IMAGE).
+    let agent_image = std::env::var("PARALLAX_AGENT_IMAGE")
+        .ok()
+        .filter(|image| !image.is_empty())
+        .unwrap_or_else(parallax_operator::children::default_agent_image);
     let reporter = Reporter {
         controller: "parallax-operator".into(),
         instance: Some(identity.clone()),
@@ -52,7 +57,14 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     };
     if std::env::var("PARALLAX_LEADER_ELECTION").as_deref() == Ok("false") {
-        controller::run(client, health.metrics.clone(), reporter, shutdown).await;
+        controller::run(
+            client,
+            health.metrics.clone(),
+            reporter,
+            agent_image,
+            shutdown,
+        )
+        .await;
         return Ok(());
     }
     let settings = leader::LeaseSettings {
@@ -66,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     leader::acquire(&leases, &settings).await?;
     health.metrics.leader.set(1);
     tokio::select! {
-        () = controller::run(client, health.metrics.clone(), reporter, shutdown) => Ok(()),
+        () = controller::run(client, health.metrics.clone(), reporter, agent_image, shutdown) => Ok(()),
         lost = leader::hold(&leases, &settings) => Err(lost).context("stopping: leadership lost"),
     }
 }

@@ -48,6 +48,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The agent image of pools that pin none.
+    pub agent_image: String,
 }
 
 impl Debug for Context {
@@ -105,7 +107,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let mut events = Vec::new();
     let template_hash = match &layout {
         Ok(layout) => {
-            let builder = ChildBuilder::new(pool, layout);
+            let builder = ChildBuilder::with_agent_image(pool, layout, &ctx.agent_image);
             let children = builder.children();
             server_side_apply(client, &namespace, &children.config_map).await?;
             server_side_apply(client, &namespace, &children.service).await?;

@@ -63,6 +63,7 @@ impl RunningController {
             client.clone(),
             Arc::new(Metrics::default()),
             reporter,
+            "registry.example/parallax-agent:test".into(),
             shutdown,
         ));
         Self { stop, task }

@@ -37,6 +37,7 @@ fn context(nodes: Vec<Node>) -> (Arc<Context>, MockHandle) {
         nodes: store,
         recorder: Recorder::new(client, reporter),
         metrics: Arc::new(Metrics::default()),
+        agent_image: "registry.example/parallax-agent:test".into(),
     };
     (Arc::new(ctx), handle)
 }

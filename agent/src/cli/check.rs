@@ -7,11 +7,11 @@
 //!   (every prompt submitted at once), for comparing with another implementation.
 
 use super::EngineArgs;
+use crate::engine::BackendKind;
 use crate::engine::backend::candle::CandleExecutor;
 use crate::engine::backend::{Executor, RowOutput, SeqInput};
 use crate::engine::model::loader::ModelFiles;
 use crate::engine::sampling::Rng;
-use crate::engine::{BackendKind, ModelSource};
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
@@ -40,7 +40,7 @@ pub struct CheckModelArgs {
 
 /// The candle backend on the arguments' device, whatever `--backend` says.
 fn candle(engine: &EngineArgs) -> anyhow::Result<CandleExecutor> {
-    let source = ModelSource::parse(engine.model()?)?;
+    let source = engine.source()?;
     let mut files = ModelFiles::open(&source)?;
     let mut backend = engine.backend();
     backend.kind = BackendKind::Candle;
@@ -180,7 +180,7 @@ pub fn check_model(args: &CheckModelArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", args.prompts.display()))?;
     let prompts: Vec<Vec<u32>> = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a list of token-id lists", args.prompts.display()))?;
-    let source = ModelSource::parse(args.engine.model()?)?;
+    let source = args.engine.source()?;
     let mut backend = args.engine.backend();
     backend.kind = BackendKind::Candle;
     let (mut executor, codec) =

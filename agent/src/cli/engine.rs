@@ -7,6 +7,7 @@ use crate::engine::{
     self, BackendConfig, BackendKind, DeviceSpec, EngineConfig, EngineHandle, Executor,
     KvCacheSize, ModelFiles, ModelSource, NoObserver, Precision, StepObserver,
 };
+use crate::hub::{Hub, HubConfig, HubModel, Progress};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -16,10 +17,15 @@ use std::time::Instant;
 /// What loads the model and sizes the engine.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// A GGUF file, a Hugging Face directory, or `dummy:<shape>` (smollm2-135m, llama-3.2-1b,
-    /// llama-3.1-8b) for random weights.
+    /// A GGUF file, a Hugging Face directory, a model on the hub (`hf://ORG/NAME[@REVISION]`, a
+    /// GGUF one as `hf://ORG/NAME[@REVISION]/FILE.gguf`; downloaded into --model-cache), or
+    /// `dummy:<shape>` (smollm2-135m, llama-3.2-1b, llama-3.1-8b) for random weights.
     #[arg(long)]
     pub model: Option<String>,
+    /// Where hub models are downloaded (default: $XDG_CACHE_HOME/parallax/models, or
+    /// ~/.cache/parallax/models). HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are honoured.
+    #[arg(long, env = "PARALLAX_MODEL_CACHE")]
+    pub model_cache: Option<PathBuf>,
     /// Where the tokenizer comes from when the model has none (dummy shapes).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -266,9 +272,42 @@ impl EngineArgs {
     }
 
     pub fn model(&self) -> anyhow::Result<&str> {
-        self.model
-            .as_deref()
-            .context("--model is required (a GGUF file, a Hugging Face directory or dummy:<shape>)")
+        self.model.as_deref().context(
+            "--model is required (a GGUF file, a Hugging Face directory, hf://ORG/NAME or dummy:<shape>)",
+        )
+    }
+
+    /// These arguments with a hub model downloaded (what the cache lacks) and named by its local
+    /// path; `progress` hears how far the download has come.
+    pub fn fetched(&self, progress: &dyn Fn(&Progress)) -> anyhow::Result<Self> {
+        let Some(model) = HubModel::parse(self.model()?) else {
+            return Ok(self.clone());
+        };
+        let model = model?;
+        let hub = Hub::new(HubConfig::from_env(self.model_cache()?))?;
+        let path = hub
+            .fetch(&model, progress)
+            .with_context(|| format!("fetching {model}"))?;
+        let mut fetched = self.clone();
+        fetched.model = Some(path.to_string_lossy().into_owned());
+        Ok(fetched)
+    }
+
+    /// The model's files, downloading a hub model first.
+    pub fn source(&self) -> anyhow::Result<ModelSource> {
+        Ok(ModelSource::parse(self.fetched(&|_| {})?.model()?)?)
+    }
+
+    fn model_cache(&self) -> anyhow::Result<PathBuf> {
+        if let Some(cache) = &self.model_cache {
+            return Ok(cache.clone());
+        }
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))
+            .map(|cache| cache.join("parallax").join("models"))
+            .context("no cache folder for hub models: give --model-cache (PARALLAX_MODEL_CACHE)")
     }
 
     /// Loads the model and starts the engine.
@@ -307,7 +346,7 @@ impl EngineArgs {
         self.set_threads()?;
         let profile = self.profile()?;
         let config = self.config(&profile)?;
-        let source = ModelSource::parse(model)?;
+        let source = self.source()?;
         let started = Instant::now();
         tracing::info!(model, "loading");
         let (mut files, codec) = engine::open_with_tokenizer(&source, self.tokenizer.as_deref())?;

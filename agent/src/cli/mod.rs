@@ -13,7 +13,7 @@ pub use check::{CheckKernelsArgs, CheckModelArgs, check_kernels, check_model};
 pub use engine::{BackendArg, DtypeArg, EngineArgs, SchedulerKind, StepWeights};
 pub use generate::{GenerateArgs, generate};
 pub use info::{InfoArgs, info};
-pub use serve::{ServeArgs, serve};
+pub use serve::{ServeArgs, check_config, serve};
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -38,7 +38,8 @@ pub enum Command {
     /// Print the device, its hardware profile, this build's features and the engine defaults
     /// they resolve to.
     Info(InfoArgs),
-    /// Validate an agent configuration file (the operator's ConfigMap key agent.json).
+    /// Validate an agent configuration file (the operator's ConfigMap key agent.json) as
+    /// `serve --config FILE` would resolve it, refusing by name what the agent cannot honour.
     CheckConfig { file: PathBuf },
     /// Check the device's fused kernels against the gathering path they replace (GPU check).
     CheckKernels(CheckKernelsArgs),

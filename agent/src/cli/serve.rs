@@ -2,14 +2,17 @@
 //! operator's agent configuration file.
 
 use super::EngineArgs;
+use crate::engine::ModelFiles;
 use crate::engine::parallel::{group, link};
 use crate::engine::scheduling::admission::{Bin, BinShare};
-use crate::engine::{ModelFiles, ModelSource};
+use crate::engine::{BackendKind, Precision};
+use crate::hub::HubModel;
 use crate::server::prediction::{BinBounds, Binning};
 use crate::server::{self, Server, ServerConfig};
 use anyhow::{Context, bail};
 use clap::Args;
-use parallax_crds::inference_pool::KvCacheDtype;
+use parallax_crds::agent_config::served_name_of;
+use parallax_crds::inference_pool::{KvCacheDtype, ModelFormat};
 use parallax_crds::{AGENT_GROUP_PORT, AgentConfig};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -115,16 +118,6 @@ fn binning(fast_ms: Option<u64>, medium_ms: Option<u64>) -> anyhow::Result<Binni
     }
 }
 
-/// The last path segment of a model source without `.gguf`.
-fn default_served_name(model: &str) -> String {
-    let last = model
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or(model);
-    last.strip_suffix(".gguf").unwrap_or(last).to_owned()
-}
-
 impl ServeArgs {
     /// The engine options, the port and the server's configuration (the served name with it),
     /// with the configuration file applied.
@@ -205,25 +198,81 @@ impl ServeArgs {
                 .context("batching.bins")?;
             }
             engine.no_enable_prefix_caching |= !config.kv_cache.prefix_caching;
-            if config.kv_cache.dtype != KvCacheDtype::Auto {
-                tracing::warn!(
-                    dtype = ?config.kv_cache.dtype,
-                    "kvCache.dtype is not supported by this agent yet: the KV cache keeps the engine's own type"
-                );
-            }
+            kv_cache_dtype(config.kv_cache.dtype, &engine)?;
+            model_format(config.model.format, engine.model()?)?;
         }
         let model = engine.model()?.to_owned();
+        if let Some(hub) = HubModel::parse(&model) {
+            hub?;
+        }
         engine.config(&engine.profile()?)?;
         if !(self.shutdown_timeout >= 0.0 && self.shutdown_timeout.is_finite()) {
             bail!("--shutdown-timeout must be a number of seconds ≥ 0");
         }
-        server.served_name = served.unwrap_or_else(|| default_served_name(&model));
+        server.served_name = served.unwrap_or_else(|| served_name_of(&model));
         Ok((
             engine,
             port.unwrap_or(parallax_crds::agent_config::AGENT_HTTP_PORT),
             server,
         ))
     }
+}
+
+/// `kvCache.dtype`: the KV cache holds the engine's activation type (`--dtype`); a pool may name
+/// it, not change it.
+fn kv_cache_dtype(dtype: KvCacheDtype, engine: &EngineArgs) -> anyhow::Result<()> {
+    let backend = engine.backend();
+    let engine_type = match (backend.resolved_kind(), backend.resolved_precision()) {
+        (BackendKind::Int8, _) | (_, Precision::F32) => "f32",
+        (_, Precision::F16) => "f16",
+        (_, Precision::Bf16) => "bf16",
+    };
+    let asked = match dtype {
+        KvCacheDtype::Auto => return Ok(()),
+        KvCacheDtype::F16 => "f16",
+        KvCacheDtype::Bf16 => "bf16",
+    };
+    if asked != engine_type {
+        bail!(
+            "kvCache.dtype {asked} is not supported: this agent keeps the KV cache in the engine's own type ({engine_type} here, set by --dtype); use kvCache.dtype auto"
+        );
+    }
+    Ok(())
+}
+
+/// `model.format`: it must describe the source (a `.gguf` file is GGUF, a folder or a hub
+/// repository safetensors).
+fn model_format(format: ModelFormat, model: &str) -> anyhow::Result<()> {
+    let gguf = model.ends_with(".gguf");
+    let dummy = model.starts_with("dummy:");
+    match format {
+        ModelFormat::Auto => Ok(()),
+        ModelFormat::Gguf if gguf => Ok(()),
+        ModelFormat::Safetensors if !gguf && !dummy => Ok(()),
+        ModelFormat::Gguf | ModelFormat::Safetensors => bail!(
+            "model.format {} does not describe the source {model:?} (a .gguf file is gguf; a folder or a hub repository safetensors); use model.format auto",
+            serde_json::to_value(format)?.as_str().unwrap_or_default()
+        ),
+    }
+}
+
+/// `check-config FILE`: the file resolved as `serve --config FILE` resolves it (the same
+/// environment, flags' defaults and refusals), without loading anything. Returns a summary.
+pub fn check_config(file: &std::path::Path) -> anyhow::Result<String> {
+    use clap::Parser;
+    let file = file.to_string_lossy();
+    let cli = super::Cli::try_parse_from(["parallax-agent", "serve", "--config", file.as_ref()])?;
+    let super::Command::Serve(args) = cli.command else {
+        unreachable!("the arguments name serve");
+    };
+    let (engine, port, server) = args.resolve()?;
+    let role = args.role(engine.tensor_parallel_size())?;
+    Ok(format!(
+        "{file}: ok (model {}, served as {}, tensor parallel size {}, port {port}, {role:?})",
+        engine.model()?,
+        server.served_name,
+        engine.tensor_parallel_size(),
+    ))
 }
 
 impl ServeArgs {
@@ -294,7 +343,10 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         // worker's thread runs until its leader stops it.
         let working = {
             let server = server.clone();
-            tokio::task::spawn_blocking(move || match role {
+            tokio::task::spawn_blocking(move || {
+                // A hub model downloads first; /ready says how far it has come.
+                let engine = engine.fetched(&|progress| server.loading(progress.to_string()))?;
+                match role {
                 GroupRole::Whole => {
                     server.attach(engine.start_observed(server.metrics())?);
                     Ok(())
@@ -308,6 +360,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 }
                 GroupRole::Worker { rank, pods, leader } => {
                     follow(&engine, &server, rank, pods, &leader)
+                }
                 }
             })
         };
@@ -349,7 +402,7 @@ fn follow(
     leader: &str,
 ) -> anyhow::Result<()> {
     engine.set_threads()?;
-    let mut files = ModelFiles::open(&ModelSource::parse(engine.model()?)?)?;
+    let mut files = ModelFiles::open(&engine.source()?)?;
     tracing::info!(leader, rank, pods, "joining the group's leader");
     let link = link::connect(leader, rank as u32, group::JOIN_DEADLINE)?;
     group::worker(&mut files, &engine.backend(), rank, pods, link, || {
@@ -497,12 +550,68 @@ mod tests {
     }
 
     #[test]
+    fn fields_the_agent_cannot_honour_are_refused_by_name_at_check_and_start() {
+        let path = config_file("serve-refusals", 1);
+        let file = path.to_string_lossy().into_owned();
+        let summary = check_config(&path).unwrap();
+        assert!(
+            summary.contains("ok (model dummy:smollm2-135m, served as small"),
+            "{summary}"
+        );
+        let edit = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            change(&mut config);
+            std::fs::write(&path, config.to_string()).unwrap();
+        };
+        // The engine's own type may be named, no other.
+        edit(&|c| c["kvCache"]["dtype"] = "bf16".into());
+        for error in [
+            check_config(&path).unwrap_err(),
+            serve_args(&["--config", &file]).resolve().unwrap_err(),
+        ] {
+            let text = error.to_string();
+            assert!(
+                text.contains("kvCache.dtype bf16 is not supported") && text.contains("(f32 here"),
+                "{error}"
+            );
+        }
+        edit(&|c| c["kvCache"]["dtype"] = "int8".into());
+        let error = format!("{:#}", check_config(&path).unwrap_err());
+        assert!(error.contains("unknown variant `int8`"), "{error}");
+        edit(&|c| c["kvCache"]["dtype"] = "bf16".into());
+        serve_args(&["--config", &file, "--backend", "candle", "--dtype", "bf16"])
+            .resolve()
+            .unwrap();
+        edit(&|c| {
+            c["kvCache"]["dtype"] = "auto".into();
+            c["model"]["format"] = "gguf".into();
+        });
+        let error = check_config(&path).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("model.format gguf does not describe"),
+            "{error}"
+        );
+        edit(&|c| {
+            c["model"]["format"] = "safetensors".into();
+            c["model"]["source"] = "hf://org/na me".into();
+        });
+        let error = check_config(&path).unwrap_err();
+        assert!(
+            error.to_string().contains("organisation and name"),
+            "{error}"
+        );
+        edit(&|c| c["model"]["source"] = "hf://org/name@v1".into());
+        check_config(&path).unwrap();
+        std::fs::remove_file(path).ok();
+    }
+
+    #[test]
     fn serve_refuses_what_it_cannot_do_by_name() {
         let error = serve_args(&[]).resolve().unwrap_err();
         assert!(error.to_string().contains("--model is required"), "{error}");
-        assert_eq!(
-            default_served_name("/models/SmolLM2.Q4_1.gguf"),
-            "SmolLM2.Q4_1"
-        );
+        assert_eq!(served_name_of("/models/SmolLM2.Q4_1.gguf"), "SmolLM2.Q4_1");
     }
 }

@@ -82,6 +82,8 @@ pub struct AppState {
     /// Set on a tensor-parallel worker pod: what it is, and whether its shards are loaded and
     /// joined to the leader. Such a pod serves health and readiness, no requests.
     worker: OnceLock<WorkerRole>,
+    /// What loading is doing now (a download's progress), for `/ready`.
+    loading: Mutex<Option<String>>,
 }
 
 /// A worker pod of a multi-pod group.
@@ -129,6 +131,10 @@ impl AppState {
         self.abort.subscribe()
     }
 
+    fn loading_now(&self) -> Option<String> {
+        self.loading.lock().ok().and_then(|l| l.clone())
+    }
+
     fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
             return Err("shutting down".into());
@@ -138,13 +144,17 @@ impl AppState {
                 Ok(())
             } else {
                 Err(format!(
-                    "{}: loading and joining the group",
-                    worker.description
+                    "{}: {}",
+                    worker.description,
+                    self.loading_now()
+                        .unwrap_or_else(|| "loading and joining the group".into())
                 ))
             };
         }
         match self.engine.get() {
-            None => Err("loading the model".into()),
+            None => Err(self
+                .loading_now()
+                .unwrap_or_else(|| "loading the model".into())),
             Some(engine) => match engine.fault() {
                 Some(reason) => Err(format!("the engine stopped: the device failed ({reason})")),
                 None if !engine.is_running() => Err("the engine stopped".into()),
@@ -179,6 +189,7 @@ impl Server {
                 )),
                 default_max_wait: config.default_max_wait,
                 worker: OnceLock::new(),
+                loading: Mutex::new(None),
             }),
             shutdown_timeout: config.shutdown_timeout,
         }
@@ -197,6 +208,14 @@ impl Server {
             description,
             joined: AtomicBool::new(false),
         });
+    }
+
+    /// Tells `/ready` what loading is doing (e.g. a download's progress) until the engine is
+    /// attached.
+    pub fn loading(&self, what: String) {
+        if let Ok(mut loading) = self.state.loading.lock() {
+            *loading = Some(what);
+        }
     }
 
     /// A worker's shards are loaded and joined to its leader: it is ready.

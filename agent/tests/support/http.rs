@@ -54,7 +54,7 @@ impl TestServer {
         }));
         Self {
             base,
-            client: reqwest::Client::new(),
+            client: parallax_agent::http_client::client(),
             server,
             stop: Some(stop),
             task: Some(task),

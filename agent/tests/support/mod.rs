@@ -148,5 +148,7 @@ pub fn prompts(engine: &EngineHandle) -> Vec<Vec<u32>> {
     .collect()
 }
 
+pub mod fake_hub;
 pub mod http;
+pub mod process;
 pub mod tiny;
