@@ -493,6 +493,19 @@ pub struct InferencePoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensor_parallel_reason: Option<String>,
 
+    /// GPUs each pod of a group requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_pod: Option<i32>,
+
+    /// GPU products the size was chosen for; pods have a node affinity to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_products: Vec<String>,
+
+    /// The spec generation the layout above was resolved for. The layout is kept until the spec
+    /// changes: a cordon, a lost node or a kubelet restart does not resize or move groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout_generation: Option<i64>,
+
     /// Label selector of the pool's pods, for the scale subresource (HPA, KEDA, `kubectl scale`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
@@ -505,6 +518,9 @@ pub struct InferencePoolStatus {
 fn tensor_parallel_size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "x-kubernetes-int-or-string": true,
+        // Not nullable: a null is pruned and defaulted to auto, never stored (kube marks
+        // int-or-string fields with a default nullable unless told).
+        "nullable": false,
         "default": "auto",
         "description": "GPUs that shard one copy of the model: a power of two, or `auto`.",
         "x-kubernetes-validations": [{

@@ -91,6 +91,18 @@ fn tensor_parallel_size_is_a_power_of_two_or_auto() {
 }
 
 #[test]
+fn tensor_parallel_size_is_never_stored_as_null() {
+    // A null is pruned from a field that is not nullable, and the API server's default (auto)
+    // fills it: the operator never reads a pool without a size.
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(InferencePool::crd()).unwrap();
+    let field = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["tensorParallelSize"];
+    assert_eq!(field["nullable"], json!(false), "{field}");
+    assert_eq!(field["default"], json!("auto"));
+}
+
+#[test]
 fn auto_tensor_parallelism_needs_a_model_shape() {
     assert_refused(
         json!({"model": {"source": "/models/m.gguf"}}),

@@ -1,13 +1,15 @@
 //! Desired child objects of a pool: pure functions of the pool and its group layout.
 //! Nothing here talks to the API server; `reconcile` applies what these return.
 
+use crate::inventory::GPU_PRODUCT_LABEL;
 use crate::tp::GroupLayout;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
     PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Service, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -391,8 +393,19 @@ impl<'a> ChildBuilder<'a> {
             }),
             readiness_probe: Some(probe("/ready", 5, 3)),
             liveness_probe: Some(probe("/health", 10, 6)),
-            // Model loading can take minutes: liveness waits for the first success here.
-            startup_probe: Some(probe("/health", 10, 90)),
+            // Started means the model is downloaded and loaded (an hour at most); liveness
+            // waits until then. A restart keeps the pod's cache, so a download resumes.
+            startup_probe: Some(probe("/ready", 10, 360)),
+            // Endpoints drop the pod before the agent stops taking requests.
+            lifecycle: Some(Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction {
+                        seconds: PRE_STOP_SECONDS,
+                    }),
+                    ..LifecycleHandler::default()
+                }),
+                ..Lifecycle::default()
+            }),
             security_context: Some(SecurityContext {
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),
@@ -407,22 +420,37 @@ impl<'a> ChildBuilder<'a> {
             ..Container::default()
         };
 
-        // Members of a multi-node group must land on different nodes.
-        let affinity = (self.layout.pods_per_group > 1).then(|| Affinity {
-            pod_anti_affinity: Some(PodAntiAffinity {
-                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
-                    topology_key: "kubernetes.io/hostname".into(),
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(BTreeMap::from([
-                            (POOL_LABEL.to_owned(), self.name.clone()),
-                            (GROUP_LABEL.to_owned(), group.to_string()),
-                        ])),
-                        ..LabelSelector::default()
-                    }),
-                    ..PodAffinityTerm::default()
-                }]),
-                ..PodAntiAffinity::default()
+        // On the GPUs the size was chosen for; members of a multi-node group on different nodes.
+        let node_affinity = (!self.layout.gpu_products.is_empty()).then(|| NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: GPU_PRODUCT_LABEL.into(),
+                        operator: "In".into(),
+                        values: Some(self.layout.gpu_products.clone()),
+                    }]),
+                    ..NodeSelectorTerm::default()
+                }],
             }),
+            ..NodeAffinity::default()
+        });
+        let anti_affinity = (self.layout.pods_per_group > 1).then(|| PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                topology_key: "kubernetes.io/hostname".into(),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([
+                        (POOL_LABEL.to_owned(), self.name.clone()),
+                        (GROUP_LABEL.to_owned(), group.to_string()),
+                    ])),
+                    ..LabelSelector::default()
+                }),
+                ..PodAffinityTerm::default()
+            }]),
+            ..PodAntiAffinity::default()
+        });
+        let affinity = (node_affinity.is_some() || anti_affinity.is_some()).then(|| Affinity {
+            node_affinity,
+            pod_anti_affinity: anti_affinity,
             ..Affinity::default()
         });
 
@@ -438,6 +466,9 @@ impl<'a> ChildBuilder<'a> {
                 tolerations: (!spec.resources.tolerations.is_empty())
                     .then(|| spec.resources.tolerations.clone()),
                 affinity,
+                termination_grace_period_seconds: Some(termination_grace_seconds(
+                    &spec.agent.extra_args,
+                )),
                 automount_service_account_token: Some(false),
                 enable_service_links: Some(false),
                 security_context: Some(PodSecurityContext {
@@ -519,6 +550,30 @@ impl ChildBuilder<'_> {
     }
 }
 
+/// The preStop pause, in seconds: long enough for Services to stop sending to a pod.
+const PRE_STOP_SECONDS: i64 = 5;
+
+/// Longer than the preStop pause and the agent's drain (`--shutdown-timeout`, 30 s unless the
+/// pool's arguments say), with ten seconds to exit.
+fn termination_grace_seconds(extra_args: &[String]) -> i64 {
+    let mut drain = 30.0_f64;
+    let mut args = extra_args.iter();
+    while let Some(arg) = args.next() {
+        let value = match arg.strip_prefix("--shutdown-timeout") {
+            Some("") => args.next().map(String::as_str),
+            Some(rest) => rest.strip_prefix('='),
+            None => None,
+        };
+        if let Some(seconds) = value.and_then(|v| v.parse::<f64>().ok())
+            && seconds.is_finite()
+            && seconds >= 0.0
+        {
+            drain = seconds;
+        }
+    }
+    PRE_STOP_SECONDS + drain.ceil() as i64 + 10
+}
+
 /// Room for a download of the model: its weights and a quarter more (tokenizer, partial files),
 /// in whole GiB. None when the pool gives no shape.
 fn cache_size_limit(spec: &parallax_crds::InferencePoolSpec) -> Option<Quantity> {
@@ -535,6 +590,7 @@ fn template_hash(pool: &InferencePool, layout: &GroupLayout, config: &str, image
         "model": pool.spec.model,
         "resources": pool.spec.resources,
         "layout": [layout.tensor_parallel_size, layout.pods_per_group, layout.gpus_per_pod],
+        "products": layout.gpu_products,
         "config": config,
     });
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -563,6 +619,8 @@ mod tests {
             pods_per_group: pods,
             gpus_per_pod: size / pods,
             reason: String::new(),
+            gpu_products: Vec::new(),
+            provisional: false,
         }
     }
 
@@ -746,6 +804,76 @@ mod tests {
             volume(&pod, "cache").unwrap().empty_dir.unwrap().size_limit,
             None
         );
+    }
+
+    #[test]
+    fn pods_land_on_the_gpu_products_their_size_was_chosen_for() {
+        let pool = pool(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 8}));
+        let mut sized = layout(8, 2);
+        sized.gpu_products = vec!["NVIDIA-H100-80GB-HBM3".into(), "NVIDIA-H200".into()];
+        let affinity = |layout: &GroupLayout| {
+            ChildBuilder::new(&pool, layout)
+                .pod(0, 1)
+                .spec
+                .unwrap()
+                .affinity
+        };
+        let both = affinity(&sized).unwrap();
+        let term = &both
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms[0];
+        let requirement = &term.match_expressions.as_ref().unwrap()[0];
+        assert_eq!(
+            (requirement.key.as_str(), requirement.operator.as_str()),
+            (GPU_PRODUCT_LABEL, "In")
+        );
+        assert_eq!(requirement.values.as_deref(), Some(&sized.gpu_products[..]));
+        assert!(
+            both.pod_anti_affinity.is_some(),
+            "a two-pod group still spreads"
+        );
+        let hash =
+            |layout: &GroupLayout| ChildBuilder::new(&pool, layout).template_hash().to_owned();
+        assert_ne!(
+            hash(&sized),
+            hash(&layout(8, 2)),
+            "the products shape the pods"
+        );
+        assert!(
+            affinity(&layout(8, 1)).is_none(),
+            "one pod, any product: no affinity"
+        );
+    }
+
+    #[test]
+    fn pods_start_when_the_model_serves_and_stop_after_draining() {
+        let drained = |args: serde_json::Value| {
+            let pool = pool(
+                json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 1,
+                "agent": {"extraArgs": args}}),
+            );
+            let pod = ChildBuilder::new(&pool, &layout(1, 1)).pod(0, 0);
+            let spec = pod.spec.unwrap();
+            let container = &spec.containers[0];
+            let startup = container.startup_probe.as_ref().unwrap();
+            let path = startup.http_get.as_ref().unwrap().path.clone();
+            assert_eq!(path.as_deref(), Some("/ready"), "started means serving");
+            let pre_stop = container
+                .lifecycle
+                .as_ref()
+                .unwrap()
+                .pre_stop
+                .as_ref()
+                .unwrap();
+            assert_eq!(pre_stop.sleep.as_ref().unwrap().seconds, PRE_STOP_SECONDS);
+            spec.termination_grace_period_seconds.unwrap()
+        };
+        assert_eq!(drained(json!([])), 45, "5 s preStop + 30 s drain + 10 s");
+        assert_eq!(drained(json!(["--shutdown-timeout", "120"])), 135);
+        assert_eq!(drained(json!(["--shutdown-timeout=0.5"])), 16);
     }
 
     #[test]

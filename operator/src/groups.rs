@@ -19,6 +19,88 @@ pub struct Member {
     pub terminating: bool,
     /// Pods in the group this pod was built for, when it says.
     pub group_size: Option<u32>,
+    /// What keeps the pod from running, as the scheduler and the kubelet say it.
+    pub problem: Option<PodProblem>,
+}
+
+/// Why a pod does not run as it should.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodProblem {
+    pub kind: ProblemKind,
+    /// The scheduler's or the kubelet's words.
+    pub message: String,
+}
+
+/// Pod trouble, most in need of a person first (the order a condition picks its reason by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProblemKind {
+    /// The container cannot be made from its spec (a missing Secret or ConfigMap key).
+    ContainerConfig,
+    /// The image cannot be pulled.
+    ImagePull,
+    /// No node admits the pod.
+    Unschedulable,
+    /// The container was killed for using more memory than its limit.
+    OutOfMemory,
+    /// The container keeps failing; the kubelet backs off restarting it.
+    CrashLoop,
+}
+
+/// The most pressing problem of `pod`, if any.
+pub fn problem(pod: &Pod) -> Option<PodProblem> {
+    let status = pod.status.as_ref()?;
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    });
+    let mut found: Vec<PodProblem> = unschedulable
+        .map(|c| PodProblem {
+            kind: ProblemKind::Unschedulable,
+            message: c.message.clone().unwrap_or_default(),
+        })
+        .into_iter()
+        .collect();
+    for container in status.container_statuses.iter().flatten() {
+        let waiting = container.state.as_ref().and_then(|s| s.waiting.as_ref());
+        if let Some(waiting) = waiting {
+            let reason = waiting.reason.as_deref().unwrap_or_default();
+            let kind = match reason {
+                "CreateContainerConfigError" | "CreateContainerError" => {
+                    Some(ProblemKind::ContainerConfig)
+                }
+                "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" => {
+                    Some(ProblemKind::ImagePull)
+                }
+                "CrashLoopBackOff" => Some(ProblemKind::CrashLoop),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                let message = waiting.message.as_deref().unwrap_or_default();
+                found.push(PodProblem {
+                    kind,
+                    message: format!("{reason}: {message}")
+                        .trim_end_matches([':', ' '])
+                        .to_owned(),
+                });
+            }
+        }
+        let terminations = [&container.state, &container.last_state]
+            .into_iter()
+            .filter_map(|s| s.as_ref().and_then(|s| s.terminated.as_ref()));
+        for terminated in terminations {
+            if terminated.reason.as_deref() == Some("OOMKilled") {
+                found.push(PodProblem {
+                    kind: ProblemKind::OutOfMemory,
+                    message: format!(
+                        "container {} was OOMKilled (exit code {}): raise resources.memory",
+                        container.name, terminated.exit_code
+                    ),
+                });
+            }
+        }
+    }
+    found.into_iter().min_by_key(|p| p.kind)
 }
 
 /// One group: its members by rank.
@@ -86,6 +168,7 @@ pub fn observe<'a>(pods: impl IntoIterator<Item = &'a Pod>, pods_per_group: u32)
                     .annotations()
                     .get(GROUP_SIZE_ANNOTATION)
                     .and_then(|s| s.parse().ok()),
+                problem: problem(pod),
             },
         );
     }
@@ -187,7 +270,67 @@ mod tests {
             failed: false,
             terminating: false,
             group_size: None,
+            problem: None,
         }
+    }
+
+    fn pod_with_status(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "llama-0-0"},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pod_problems_are_read_from_the_scheduler_and_the_kubelet_most_pressing_first() {
+        let waiting = |reason: &str, message: &str| {
+            serde_json::json!({"containerStatuses": [{"name": "agent", "image": "i", "imageID": "",
+                "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}}}]})
+        };
+        let read = |status| problem(&pod_with_status(status));
+        let pull = read(waiting("ImagePullBackOff", "Back-off pulling image \"x\"")).unwrap();
+        assert_eq!(pull.kind, ProblemKind::ImagePull);
+        assert_eq!(
+            pull.message,
+            "ImagePullBackOff: Back-off pulling image \"x\""
+        );
+        let config = read(waiting(
+            "CreateContainerConfigError",
+            "secret \"hf\" not found",
+        ))
+        .unwrap();
+        assert_eq!(config.kind, ProblemKind::ContainerConfig);
+        assert_eq!(read(waiting("ContainerCreating", "")), None);
+        let unschedulable = read(serde_json::json!({"conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}))
+        .unwrap();
+        assert_eq!(
+            (unschedulable.kind, unschedulable.message.as_str()),
+            (
+                ProblemKind::Unschedulable,
+                "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+            )
+        );
+        // Crash-looping after an OOM kill: the kill is what a person needs to know.
+        let mut oom = waiting(
+            "CrashLoopBackOff",
+            "back-off 40s restarting failed container",
+        );
+        oom["containerStatuses"][0]["lastState"] =
+            serde_json::json!({"terminated": {"reason": "OOMKilled", "exitCode": 137}});
+        let oom = read(oom).unwrap();
+        assert_eq!(oom.kind, ProblemKind::OutOfMemory);
+        assert!(
+            oom.message.contains("agent was OOMKilled (exit code 137)"),
+            "{}",
+            oom.message
+        );
+        let crash = read(waiting("CrashLoopBackOff", "back-off 40s")).unwrap();
+        assert_eq!(crash.kind, ProblemKind::CrashLoop);
+        assert_eq!(read(serde_json::json!({"phase": "Running"})), None);
     }
 
     /// (rank, template hash, ready) of each member.

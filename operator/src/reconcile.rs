@@ -95,7 +95,10 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         ctx.nodes.state().iter().map(|n| n.as_ref()),
         &pool.spec.resources,
     );
-    let layout = tp::resolve(&pool.spec, &inventory);
+    let layout = match tp::pinned(pool) {
+        Some(pinned) => Ok(pinned),
+        None => tp::resolve(&pool.spec, &inventory),
+    };
 
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let pods = pod_api

@@ -2,7 +2,7 @@
 //! that `lastTransitionTime` moves only when a condition's status does.
 
 use crate::children::{leader_selector, service_name};
-use crate::groups::Groups;
+use crate::groups::{Groups, PodProblem, ProblemKind};
 use crate::tp::{GroupLayout, LayoutError};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -42,6 +42,11 @@ pub enum Reason {
     InsufficientGpuMemory,
     NotEnoughNodes,
     InvalidSpec,
+    ContainerConfigError,
+    ImagePullFailing,
+    Unschedulable,
+    OutOfMemory,
+    CrashLooping,
 }
 
 impl ConditionType {
@@ -78,6 +83,11 @@ impl Reason {
             Self::NoGpuNodes => "NoGpuNodes",
             Self::InsufficientGpuMemory => "InsufficientGpuMemory",
             Self::NotEnoughNodes => "NotEnoughNodes",
+            Self::ContainerConfigError => "ContainerConfigError",
+            Self::ImagePullFailing => "ImagePullFailing",
+            Self::Unschedulable => "Unschedulable",
+            Self::OutOfMemory => "OutOfMemory",
+            Self::CrashLooping => "CrashLooping",
             Self::InvalidSpec => "InvalidSpec",
         }
     }
@@ -184,6 +194,13 @@ pub fn compute_status(
         .map(|(i, _)| i.to_string())
         .collect::<Vec<_>>();
 
+    let problems: Vec<(&str, &PodProblem)> = groups
+        .values()
+        .flat_map(|g| g.members.values())
+        .filter(|m| !m.terminating)
+        .filter_map(|m| m.problem.as_ref().map(|p| (m.name.as_str(), p)))
+        .collect();
+
     let conditions = match layout {
         Err(e) => {
             let reason = e.reason();
@@ -246,7 +263,14 @@ pub fn compute_status(
                     "every group is ready on the current template",
                 )
             };
-            let degraded = if failed.is_empty() {
+            let degraded = if let Some(kind) = problems.iter().map(|(_, p)| p.kind).min() {
+                DesiredCondition::new(
+                    Degraded,
+                    True,
+                    Reason::from(kind),
+                    problems_message(&problems),
+                )
+            } else if failed.is_empty() {
                 DesiredCondition::new(
                     Degraded,
                     False,
@@ -284,6 +308,19 @@ pub fn compute_status(
         tensor_parallel_reason: layout
             .as_ref()
             .map_or(previous.tensor_parallel_reason, |l| Some(l.reason.clone())),
+        gpus_per_pod: layout
+            .as_ref()
+            .map_or(previous.gpus_per_pod, |l| Some(l.gpus_per_pod as i32)),
+        gpu_products: layout
+            .as_ref()
+            .map_or(previous.gpu_products, |l| l.gpu_products.clone()),
+        // Pinned for this spec unless resolved before any GPU node was seen; a layout error
+        // leaves the previous pin, which no longer matches the generation.
+        layout_generation: match layout {
+            Ok(l) if !l.provisional => generation,
+            Ok(_) => None,
+            Err(_) => previous.layout_generation,
+        },
         selector: Some(leader_selector(&name)),
         endpoint: Some(format!(
             "http://{}.{}.svc:{AGENT_PORT}/v1",
@@ -291,6 +328,35 @@ pub fn compute_status(
             pool.namespace().unwrap_or_default()
         )),
     }
+}
+
+impl From<ProblemKind> for Reason {
+    fn from(kind: ProblemKind) -> Self {
+        match kind {
+            ProblemKind::ContainerConfig => Self::ContainerConfigError,
+            ProblemKind::ImagePull => Self::ImagePullFailing,
+            ProblemKind::Unschedulable => Self::Unschedulable,
+            ProblemKind::OutOfMemory => Self::OutOfMemory,
+            ProblemKind::CrashLoop => Self::CrashLooping,
+        }
+    }
+}
+
+/// `pod NAME: what is wrong` for the first few pods, most pressing first.
+fn problems_message(problems: &[(&str, &PodProblem)]) -> String {
+    const SHOWN: usize = 4;
+    let mut sorted = problems.to_vec();
+    sorted.sort_by_key(|(name, p)| (p.kind, *name));
+    let mut text = sorted
+        .iter()
+        .take(SHOWN)
+        .map(|(name, p)| format!("pod {name}: {}", p.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if sorted.len() > SHOWN {
+        text.push_str(&format!("; and {} more pods", sorted.len() - SHOWN));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -320,6 +386,8 @@ mod tests {
             pods_per_group: 1,
             gpus_per_pod: 1,
             reason: "r".into(),
+            gpu_products: Vec::new(),
+            provisional: false,
         }
     }
 
@@ -335,6 +403,7 @@ mod tests {
                     failed: false,
                     terminating: false,
                     group_size: None,
+                    problem: None,
                 };
                 (
                     i as u32,
@@ -394,6 +463,51 @@ mod tests {
             ("False", "1 of 2 groups ready")
         );
         assert_eq!(condition(&s, "Progressing").reason, "Creating");
+    }
+
+    #[test]
+    fn pods_that_cannot_run_are_named_in_degraded_most_pressing_first() {
+        let mut g = groups(&[false, false, false, false, false, false], "h");
+        let kinds = [
+            ProblemKind::CrashLoop,
+            ProblemKind::ImagePull,
+            ProblemKind::Unschedulable,
+            ProblemKind::ImagePull,
+            ProblemKind::OutOfMemory,
+            ProblemKind::CrashLoop,
+        ];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            g.get_mut(&(i as u32))
+                .unwrap()
+                .members
+                .get_mut(&0)
+                .unwrap()
+                .problem = Some(PodProblem {
+                kind,
+                message: format!("{kind:?} here"),
+            });
+        }
+        let s = compute_status(&pool(6), Ok(&layout()), &g, Some("h"), &time(10));
+        let degraded = condition(&s, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "ImagePullFailing")
+        );
+        assert_eq!(
+            degraded.message,
+            "pod llama-1-0: ImagePull here; pod llama-3-0: ImagePull here; \
+             pod llama-2-0: Unschedulable here; pod llama-4-0: OutOfMemory here; and 2 more pods"
+        );
+        // A pod on its way out is not a problem of the pool's.
+        let mut g = groups(&[true], "h");
+        let member = g.get_mut(&0).unwrap().members.get_mut(&0).unwrap();
+        member.terminating = true;
+        member.problem = Some(PodProblem {
+            kind: ProblemKind::CrashLoop,
+            message: "x".into(),
+        });
+        let s = compute_status(&pool(1), Ok(&layout()), &g, Some("h"), &time(10));
+        assert_eq!(condition(&s, "Degraded").reason, "AsExpected");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::inventory::GpuInventory;
 use crate::status::Reason;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use parallax_crds::shape::ShapeError;
-use parallax_crds::{InferencePoolSpec, ParallelismPreference};
+use parallax_crds::{InferencePool, InferencePoolSpec, ParallelismPreference};
 use std::fmt;
 
 /// The resolved layout of every group of a pool.
@@ -19,6 +19,29 @@ pub struct GroupLayout {
     pub gpus_per_pod: u32,
     /// Why, in a sentence for status and events.
     pub reason: String,
+    /// GPU products (`nvidia.com/gpu.product`) whose memory the size was chosen for; pods land
+    /// only on nodes of these. Empty: any (an explicit size, or nodes that do not say).
+    pub gpu_products: Vec<String>,
+    /// Resolved before any GPU node was seen: not pinned, resolved again next time.
+    pub provisional: bool,
+}
+
+/// The layout status pinned for the pool's current spec, if any: a cordon, a node gone or a
+/// kubelet restart does not move a pool's groups; only a spec change resolves it again.
+pub fn pinned(pool: &InferencePool) -> Option<GroupLayout> {
+    let status = pool.status.as_ref()?;
+    if status.layout_generation.is_none() || status.layout_generation != pool.metadata.generation {
+        return None;
+    }
+    let positive = |n: Option<i32>| n.and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0);
+    Some(GroupLayout {
+        tensor_parallel_size: positive(status.tensor_parallel_size)?,
+        pods_per_group: positive(status.pods_per_group)?,
+        gpus_per_pod: positive(status.gpus_per_pod)?,
+        reason: status.tensor_parallel_reason.clone().unwrap_or_default(),
+        gpu_products: status.gpu_products.clone(),
+        provisional: false,
+    })
 }
 
 /// Why no layout could be chosen. Each variant is a `Ready=False` reason.
@@ -198,6 +221,8 @@ fn explicit(size: u32, inventory: &GpuInventory) -> Result<GroupLayout, LayoutEr
             pods_per_group: 1,
             gpus_per_pod: size,
             reason,
+            gpu_products: Vec::new(),
+            provisional: inventory.is_empty(),
         });
     }
     let needed = size / per_node;
@@ -221,6 +246,8 @@ fn explicit(size: u32, inventory: &GpuInventory) -> Result<GroupLayout, LayoutEr
         reason: format!(
             "tensorParallelSize {size} from the spec spans {needed} nodes of {per_node} GPUs"
         ),
+        gpu_products: Vec::new(),
+        provisional: false,
     })
 }
 
@@ -346,6 +373,8 @@ fn auto(spec: &InferencePoolSpec, inventory: &GpuInventory) -> Result<GroupLayou
         tensor_parallel_size: c.size,
         pods_per_group: c.pods,
         gpus_per_pod: c.gpus_per_pod,
+        gpu_products: products_for(inventory, &c, |c| usable(c) >= need),
+        provisional: false,
         reason: format!(
             "auto ({}): {} GPU(s) of {} {placement} give {} at memory fraction {fraction} for the {} needed (weights {} + KV cache {} for {batch} sequences × {} tokens)",
             if latency { "latency" } else { "throughput" },
@@ -360,10 +389,33 @@ fn auto(spec: &InferencePoolSpec, inventory: &GpuInventory) -> Result<GroupLayou
     })
 }
 
+/// The products of every node that can hold a pod of `c` (GPUs enough, whose memory holds the
+/// model at `c`'s size: `usable`); none when such a node does not name its product (an affinity
+/// would shut it out).
+fn products_for(
+    inventory: &GpuInventory,
+    c: &Candidate,
+    holds: impl Fn(&Candidate) -> bool,
+) -> Vec<String> {
+    let hosts = inventory.nodes.iter().filter(|n| {
+        n.gpus >= c.gpus_per_pod
+            && holds(&Candidate {
+                memory: n.memory_per_gpu,
+                ..*c
+            })
+    });
+    let products: Option<Vec<String>> = hosts.map(|n| n.product.clone()).collect();
+    let mut products = products.unwrap_or_default();
+    products.sort();
+    products.dedup();
+    products
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::inventory::tests::gpu_node;
+    use k8s_openapi::api::core::v1::Node;
     use serde_json::json;
 
     const H100_MIB: u64 = 81559;
@@ -382,6 +434,87 @@ mod tests {
 
     fn preset(name: &str) -> serde_json::Value {
         json!({"model": {"source": "hf://x/y", "shape": {"preset": name}}})
+    }
+
+    #[test]
+    fn auto_names_the_products_whose_memory_it_counted_on() {
+        let labelled = |name: &str, gpus: u32, mib: u64, product: Option<&str>| {
+            let mut node = gpu_node(name, gpus, Some(mib));
+            if let Some(product) = product {
+                node.metadata
+                    .labels
+                    .as_mut()
+                    .unwrap()
+                    .insert(crate::inventory::GPU_PRODUCT_LABEL.into(), product.into());
+            }
+            node
+        };
+        let nodes = [
+            labelled("a", 8, H100_MIB, Some("NVIDIA-H100-80GB-HBM3")),
+            labelled("b", 8, 143_771, Some("NVIDIA-H200")),
+            labelled("c", 8, 24_576, Some("NVIDIA-L4")),
+        ];
+        let on = |nodes: &[Node]| {
+            resolve(
+                &spec(preset("llama-3.1-70b")),
+                &GpuInventory::from_nodes(nodes, &Default::default()),
+            )
+            .unwrap()
+        };
+        // Four GPUs of 141 GB hold 70B and its cache (291 GiB); four of 80 GB do not: the H200
+        // alone.
+        let layout = on(&nodes);
+        assert_eq!(layout.tensor_parallel_size, 4, "{}", layout.reason);
+        assert_eq!(layout.gpu_products, ["NVIDIA-H200"]);
+        // 8B for 8 sequences on one GPU (25 GB): the H100 and the H200 hold it, the L4 does not.
+        let mut eight = preset("llama-3.1-8b");
+        eight["batching"] = json!({"maxBatchSize": 8});
+        let small = resolve(
+            &spec(eight),
+            &GpuInventory::from_nodes(&nodes, &Default::default()),
+        )
+        .unwrap();
+        assert_eq!(small.tensor_parallel_size, 1, "{}", small.reason);
+        assert_eq!(small.gpu_products, ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H200"]);
+        assert!(!layout.provisional);
+        // A node that fits but does not say what it is: no affinity that would shut it out.
+        let unnamed = [nodes[1].clone(), labelled("d", 8, 143_771, None)];
+        assert!(on(&unnamed).gpu_products.is_empty());
+        // An explicit size before any node is seen is provisional.
+        let explicit = resolve(
+            &spec(json!({"model": {"source": "/m"}, "tensorParallelSize": 4})),
+            &GpuInventory::default(),
+        )
+        .unwrap();
+        assert!(explicit.provisional && explicit.gpu_products.is_empty());
+    }
+
+    #[test]
+    fn a_layout_is_pinned_to_the_spec_generation_it_was_resolved_for() {
+        let mut pool = InferencePool::new("p", spec(preset("llama-3.1-8b")));
+        pool.metadata.generation = Some(4);
+        assert_eq!(pinned(&pool), None, "nothing resolved yet");
+        pool.status = Some(parallax_crds::InferencePoolStatus {
+            tensor_parallel_size: Some(2),
+            pods_per_group: Some(1),
+            gpus_per_pod: Some(2),
+            tensor_parallel_reason: Some("auto".into()),
+            gpu_products: vec!["NVIDIA-H100-80GB-HBM3".into()],
+            layout_generation: Some(4),
+            ..Default::default()
+        });
+        let layout = pinned(&pool).unwrap();
+        assert_eq!(
+            (
+                layout.tensor_parallel_size,
+                layout.pods_per_group,
+                layout.gpus_per_pod
+            ),
+            (2, 1, 2)
+        );
+        assert_eq!(layout.gpu_products, ["NVIDIA-H100-80GB-HBM3"]);
+        pool.metadata.generation = Some(5);
+        assert_eq!(pinned(&pool), None, "a spec change resolves again");
     }
 
     #[test]

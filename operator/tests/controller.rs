@@ -211,6 +211,81 @@ async fn a_pool_lives_and_dies_through_the_controller() {
     )
     .await;
 
+    // The layout is pinned to the spec: with the pool's only node gone (cordoned, drained,
+    // replaced), nothing is resized or rolled. A pod whose image cannot be pulled is named in
+    // Degraded, and the condition clears when the kubelet gets it running.
+    let pinned = current_pool(&client).await.unwrap().status.unwrap();
+    assert_eq!(pinned.layout_generation, Some(1));
+    assert_eq!(pinned.gpu_products, ["NVIDIA-H100-80GB-HBM3"]);
+    let hashes = |pods: Vec<Pod>| -> Vec<String> {
+        pods.iter()
+            .map(|p| p.annotations()[TEMPLATE_HASH_ANNOTATION].clone())
+            .collect()
+    };
+    let before = hashes(pods(&client).await);
+    Api::<Node>::all(client.clone())
+        .delete("gpu-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    let container_state = |state: serde_json::Value| {
+        json!({"status": {"containerStatuses": [{"name": "agent", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 0, "state": state}]}})
+    };
+    let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
+    let stuck = container_state(json!({"waiting": {"reason": "ImagePullBackOff",
+        "message": "Back-off pulling image \"ghcr.io/parallax-dev/parallax-agent:0.1.0-cuda\""}}));
+    pod_api
+        .patch_status("llama-0-0", &PatchParams::default(), &Patch::Merge(&stuck))
+        .await
+        .unwrap();
+    eventually(
+        "Degraded names the pod that cannot pull its image",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let message = p.status.as_ref().and_then(|s| {
+                    s.conditions
+                        .iter()
+                        .find(|c| c.type_ == "Degraded")
+                        .map(|c| c.message.clone())
+                });
+                condition(&p, "Degraded") == Some(("True".into(), "ImagePullFailing".into()))
+                    && condition(&p, "Ready") == Some(("True".into(), "GroupsReady".into()))
+                    && p.status.as_ref().and_then(|s| s.tensor_parallel_size) == Some(2)
+                    && message.is_some_and(|m| {
+                        m.starts_with("pod llama-0-0: ImagePullBackOff: Back-off pulling image")
+                    })
+            })
+        },
+    )
+    .await;
+    let running = container_state(json!({"running": {"startedAt": "2026-12-02T00:00:00Z"}}));
+    pod_api
+        .patch_status(
+            "llama-0-0",
+            &PatchParams::default(),
+            &Patch::Merge(&running),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "Degraded clears once the pod runs",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                condition(&p, "Degraded") == Some(("False".into(), "AsExpected".into()))
+            })
+        },
+    )
+    .await;
+    assert_eq!(hashes(pods(&client).await), before, "no group was rolled");
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &gpu_node("gpu-a"))
+        .await
+        .unwrap();
+
     // Spec change → configmap follows, pods roll one group at a time, observedGeneration moves.
     let old_hash = pods(&client).await[0].annotations()[TEMPLATE_HASH_ANNOTATION].clone();
     let patch = json!({"spec": {"batching": {"maxBatchSize": 32}}});
