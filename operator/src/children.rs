@@ -42,8 +42,11 @@ pub fn service_name(pool: &str) -> String {
 pub fn headless_service_name(pool: &str) -> String {
     format!("{pool}-pods")
 }
-pub fn config_map_name(pool: &str) -> String {
-    format!("{pool}-agent")
+/// The agent configuration of one pod template: each revision keeps its own, so a pod that
+/// restarts mid-rollout reads the configuration it was built with.
+pub fn config_map_name(pool: &str, template_hash: &str) -> String {
+    let revision = template_hash.get(..10).unwrap_or(template_hash);
+    format!("{pool}-agent-{revision}")
 }
 pub fn pdb_name(pool: &str) -> String {
     pool.to_owned()
@@ -82,6 +85,40 @@ pub struct PoolChildren {
     pub service: Service,
     pub headless_service: Service,
     pub pdb: PodDisruptionBudget,
+}
+
+/// Whether the pool controls the object `meta` describes (the pool's uid is its controller
+/// owner): the operator adopts, changes and deletes nothing else, whatever its labels say.
+pub fn owned_by(meta: &ObjectMeta, pool: &InferencePool) -> bool {
+    let Some(uid) = pool.metadata.uid.as_deref() else {
+        return false;
+    };
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.controller == Some(true) && owner.uid == uid)
+}
+
+/// The pool's agent ConfigMaps that no pod reads any more: neither the current revision's nor
+/// one that a pod of the pool (however outdated) mounts.
+pub fn unused_configs(
+    config_maps: &[ConfigMap],
+    pods: &[Pod],
+    current: &str,
+    pool: &InferencePool,
+) -> Vec<String> {
+    let mounted: Vec<&str> = pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.volumes.as_ref())
+        .flatten()
+        .filter_map(|v| Some(v.config_map.as_ref()?.name.as_str()))
+        .collect();
+    config_maps
+        .iter()
+        .filter(|c| owned_by(&c.metadata, pool))
+        .map(ResourceExt::name_any)
+        .filter(|name| name != current && !mounted.contains(&name.as_str()))
+        .collect()
 }
 
 /// Builds the children of `pool` for `layout`. Every child is owned by the pool.
@@ -141,6 +178,11 @@ impl<'a> ChildBuilder<'a> {
         &self.template_hash
     }
 
+    /// The ConfigMap this template's pods read their configuration from.
+    pub fn config_map_name(&self) -> String {
+        config_map_name(&self.name, &self.template_hash)
+    }
+
     fn meta(&self, name: String) -> ObjectMeta {
         ObjectMeta {
             name: Some(name),
@@ -162,7 +204,7 @@ impl<'a> ChildBuilder<'a> {
 
     fn config_map(&self) -> ConfigMap {
         ConfigMap {
-            metadata: self.meta(config_map_name(&self.name)),
+            metadata: self.meta(self.config_map_name()),
             data: Some([(AGENT_CONFIG_FILE.to_owned(), self.config.clone())].into()),
             ..ConfigMap::default()
         }
@@ -504,7 +546,7 @@ impl ChildBuilder<'_> {
             Volume {
                 name: "config".into(),
                 config_map: Some(ConfigMapVolumeSource {
-                    name: config_map_name(&self.name),
+                    name: self.config_map_name(),
                     ..ConfigMapVolumeSource::default()
                 }),
                 ..Volume::default()
@@ -804,6 +846,64 @@ mod tests {
             volume(&pod, "cache").unwrap().empty_dir.unwrap().size_limit,
             None
         );
+    }
+
+    #[test]
+    fn each_revision_has_its_configuration_until_no_pod_reads_it() {
+        let old_pool = pool(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 1}));
+        let mut new_pool = old_pool.clone();
+        new_pool.spec.batching.max_batch_size = 8;
+        let l = layout(1, 1);
+        let (old, new) = (
+            ChildBuilder::new(&old_pool, &l),
+            ChildBuilder::new(&new_pool, &l),
+        );
+        assert_ne!(old.config_map_name(), new.config_map_name());
+        let config_volume = |pod: &Pod| {
+            pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0]
+                .config_map
+                .as_ref()
+                .unwrap()
+                .name
+                .clone()
+        };
+        let old_pod = old.pod(0, 0);
+        assert_eq!(config_volume(&old_pod), old.config_map_name());
+        assert_eq!(
+            old.children().config_map.metadata.name,
+            Some(old.config_map_name())
+        );
+        let maps = [old.children().config_map, new.children().config_map];
+        let current = new.config_map_name();
+        // An old pod still reads the old revision's; once it is gone, the old one goes.
+        assert!(unused_configs(&maps, &[old_pod], &current, &new_pool).is_empty());
+        assert_eq!(
+            unused_configs(&maps, &[new.pod(0, 0)], &current, &new_pool),
+            [old.config_map_name()]
+        );
+        // Somebody else's ConfigMap is never the pool's to remove.
+        let mut foreign = maps[0].clone();
+        foreign.metadata.owner_references = None;
+        assert!(unused_configs(&[foreign], &[], &current, &new_pool).is_empty());
+    }
+
+    #[test]
+    fn only_what_the_pool_controls_is_its_own() {
+        let pool = pool(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 1}));
+        let pod = ChildBuilder::new(&pool, &layout(1, 1)).pod(0, 0);
+        assert!(owned_by(&pod.metadata, &pool));
+        let mut other = pool.clone();
+        other.metadata.uid = Some("uid-2".into());
+        assert!(
+            !owned_by(&pod.metadata, &other),
+            "a pool of the same name, recreated"
+        );
+        let mut labelled_only = pod.metadata.clone();
+        labelled_only.owner_references = None;
+        assert!(!owned_by(&labelled_only, &pool));
+        let mut not_controller = pod.metadata.clone();
+        not_controller.owner_references.as_mut().unwrap()[0].controller = Some(false);
+        assert!(!owned_by(&not_controller, &pool));
     }
 
     #[test]

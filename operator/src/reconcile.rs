@@ -3,7 +3,8 @@
 //! cluster, applies their results with server-side apply and records events.
 
 use crate::children::{
-    ChildBuilder, config_map_name, headless_service_name, pdb_name, pool_selector, service_name,
+    ChildBuilder, headless_service_name, owned_by, pdb_name, pool_selector, service_name,
+    unused_configs,
 };
 use crate::error::{Error, Result};
 use crate::groups::{self, DeleteReason};
@@ -16,7 +17,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -28,7 +29,7 @@ use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{Span, field, info, instrument, warn};
+use tracing::{Span, debug, field, info, instrument, warn};
 
 /// The one field manager every write of the operator uses.
 pub const FIELD_MANAGER: &str = "parallax-operator";
@@ -105,7 +106,15 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         .list(&ListParams::default().labels(&pool_selector(&name)))
         .await?;
     let pods_per_group = layout.as_ref().map_or(1, |l| l.pods_per_group);
-    let observed = groups::observe(&pods.items, pods_per_group);
+    // Pods that carry the pool's labels without being its own are neither counted nor touched.
+    let (owned, foreign): (Vec<Pod>, Vec<Pod>) = pods
+        .items
+        .into_iter()
+        .partition(|p| owned_by(&p.metadata, pool));
+    for pod in &foreign {
+        debug!(pod = %pod.name_any(), "carries the pool's labels but is not the pool's: left alone");
+    }
+    let observed = groups::observe(&owned, pods_per_group);
 
     let mut events = Vec::new();
     let template_hash = match &layout {
@@ -149,7 +158,24 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             }
             let mut created_groups = Vec::new();
             for &(group, rank) in &plan.create {
-                server_side_apply(client, &namespace, &builder.pod(group, rank)).await?;
+                // Created, not applied: a pod of that name that is not the pool's is never
+                // adopted (the create fails and says so).
+                let pod = builder.pod(group, rank);
+                match pod_api.create(&PostParams::default(), &pod).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        events.push((
+                            EventType::Warning,
+                            "PodNameTaken",
+                            format!(
+                                "pod {} exists and is not the pool's: it is left alone, and group {group} waits for its name",
+                                pod.name_any()
+                            ),
+                        ));
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 if !created_groups.contains(&group) {
                     created_groups.push(group);
                 }
@@ -163,6 +189,15 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                         layout.gpus_per_pod
                     ),
                 ));
+            }
+            // Revisions no pod reads any more (pods removed above go on the next pass).
+            let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+            let revisions = config_maps
+                .list(&ListParams::default().labels(&pool_selector(&name)))
+                .await?;
+            for unused in unused_configs(&revisions.items, &owned, &builder.config_map_name(), pool)
+            {
+                delete_ignoring_absent(&config_maps, &unused).await?;
             }
             Some(builder.template_hash().to_owned())
         }
@@ -242,28 +277,28 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         .list(&ListParams::default().labels(&pool_selector(&name)))
         .await?
     {
-        delete_ignoring_absent(&pods, &pod.name_any()).await?;
+        if owned_by(&pod.metadata, pool) {
+            delete_ignoring_absent(&pods, &pod.name_any()).await?;
+        }
     }
-    delete_ignoring_absent(
+    delete_if_owned(
         &Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace),
         &pdb_name(&name),
+        pool,
     )
     .await?;
-    delete_ignoring_absent(
-        &Api::<Service>::namespaced(client.clone(), &namespace),
-        &service_name(&name),
-    )
-    .await?;
-    delete_ignoring_absent(
-        &Api::<Service>::namespaced(client.clone(), &namespace),
-        &headless_service_name(&name),
-    )
-    .await?;
-    delete_ignoring_absent(
-        &Api::<ConfigMap>::namespaced(client.clone(), &namespace),
-        &config_map_name(&name),
-    )
-    .await?;
+    let services = Api::<Service>::namespaced(client.clone(), &namespace);
+    delete_if_owned(&services, &service_name(&name), pool).await?;
+    delete_if_owned(&services, &headless_service_name(&name), pool).await?;
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
+    for config in config_maps
+        .list(&ListParams::default().labels(&pool_selector(&name)))
+        .await?
+    {
+        if owned_by(&config.metadata, pool) {
+            delete_ignoring_absent(&config_maps, &config.name_any()).await?;
+        }
+    }
     publish(
         ctx,
         pool,
@@ -308,6 +343,17 @@ where
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes `name` if it is there and the pool's.
+async fn delete_if_owned<K>(api: &Api<K>, name: &str, pool: &InferencePool) -> Result<()>
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+{
+    match api.get_opt(name).await? {
+        Some(object) if owned_by(object.meta(), pool) => delete_ignoring_absent(api, name).await,
+        _ => Ok(()),
     }
 }
 

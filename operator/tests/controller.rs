@@ -109,6 +109,15 @@ async fn mark_pods_ready(client: &Client) {
     }
 }
 
+/// The pool's agent configurations, one per pod template still in use.
+async fn agent_configs(client: &Client) -> Vec<ConfigMap> {
+    Api::<ConfigMap>::namespaced(client.clone(), "ml")
+        .list(&ListParams::default().labels("parallax.dev/pool=llama"))
+        .await
+        .unwrap()
+        .items
+}
+
 async fn current_pool(client: &Client) -> Option<InferencePool> {
     Api::<InferencePool>::namespaced(client.clone(), "ml")
         .get_opt("llama")
@@ -154,11 +163,7 @@ async fn a_pool_lives_and_dies_through_the_controller() {
                     .await
                     .unwrap()
                     .is_some()
-                && Api::<ConfigMap>::namespaced(client.clone(), "ml")
-                    .get_opt("llama-agent")
-                    .await
-                    .unwrap()
-                    .is_some()
+                && !agent_configs(&client).await.is_empty()
                 && Api::<PodDisruptionBudget>::namespaced(client.clone(), "ml")
                     .get_opt("llama")
                     .await
@@ -316,10 +321,26 @@ async fn a_pool_lives_and_dies_through_the_controller() {
         },
     )
     .await;
-    let config = Api::<ConfigMap>::namespaced(client.clone(), "ml")
-        .get("llama-agent")
-        .await
-        .unwrap();
+    // The old revision's configuration went with its last pod; the pods read the new one.
+    eventually(
+        "one agent configuration remains, the one every pod mounts",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let configs = agent_configs(&client).await;
+            let mounted: Vec<String> = pods(&client)
+                .await
+                .iter()
+                .map(|p| {
+                    let volumes = p.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+                    volumes[0].config_map.as_ref().unwrap().name.clone()
+                })
+                .collect();
+            configs.len() == 1 && mounted.iter().all(|m| *m == configs[0].name_any())
+        },
+    )
+    .await;
+    let config = agent_configs(&client).await.remove(0);
     assert!(config.data.unwrap()["agent.json"].contains("\"maxBatchSize\": 32"));
 
     // Drift: a deleted child comes back.
@@ -453,5 +474,90 @@ async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
     )
     .await;
     assert!(pods(&client).await.is_empty(), "no pods without a layout");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn what_the_pool_does_not_own_is_never_adopted_counted_or_deleted() {
+    support::init_logs();
+    let server = FakeApiServer::default();
+    let client = server.client();
+    let mut changes = server.changes();
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &gpu_node("gpu-a"))
+        .await
+        .unwrap();
+    // Somebody's pod with the pool's labels and the name group 1 would take.
+    let squatter: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "llama-1-0", "namespace": "ml", "labels": {
+            "parallax.dev/pool": "llama", "parallax.dev/group": "1", "parallax.dev/rank": "0"}},
+        "spec": {"containers": [{"name": "x", "image": "busybox"}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    }))
+    .unwrap();
+    let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
+    pod_api
+        .create(&PostParams::default(), &squatter)
+        .await
+        .unwrap();
+    let controller = RunningController::start(&client);
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &pool())
+        .await
+        .unwrap();
+    eventually(
+        "group 0 is created, group 1's name is reported taken",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let taken = server
+                .objects("apis/events.k8s.io/v1/events")
+                .iter()
+                .any(|e| {
+                    e["reason"] == "PodNameTaken"
+                        && e["note"].as_str().is_some_and(|n| n.contains("llama-1-0"))
+                });
+            taken && pod_api.get_opt("llama-0-0").await.unwrap().is_some()
+        },
+    )
+    .await;
+    mark_pods_ready(&client).await;
+    eventually(
+        "only the pool's own ready group counts",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let s = p.status.unwrap_or_default();
+                s.replicas == 1 && s.ready_replicas == 1
+            })
+        },
+    )
+    .await;
+    let untouched = pod_api.get("llama-1-0").await.unwrap();
+    assert!(
+        untouched.owner_references().is_empty(),
+        "the pod was adopted"
+    );
+    assert_eq!(
+        untouched.spec.unwrap().containers[0].image.as_deref(),
+        Some("busybox")
+    );
+
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .delete("llama", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the pool and its own pods are gone, the other pod stays",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let names: Vec<String> = pods(&client).await.iter().map(|p| p.name_any()).collect();
+            current_pool(&client).await.is_none() && names == ["llama-1-0"]
+        },
+    )
+    .await;
     controller.stop().await;
 }

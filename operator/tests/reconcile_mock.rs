@@ -11,8 +11,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{reflector, watcher};
 use parallax_crds::InferencePool;
+use parallax_operator::children::ChildBuilder;
+use parallax_operator::inventory::GpuInventory;
 use parallax_operator::metrics::Metrics;
 use parallax_operator::reconcile::{Context, FINALIZER, reconcile};
+use parallax_operator::tp;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +23,8 @@ use std::time::Duration;
 use tower_test::mock::{self, Handle};
 
 type MockHandle = Handle<Request<Body>, Response<Body>>;
+
+const AGENT_IMAGE: &str = "registry.example/parallax-agent:test";
 
 fn context(nodes: Vec<Node>) -> (Arc<Context>, MockHandle) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
@@ -37,7 +42,7 @@ fn context(nodes: Vec<Node>) -> (Arc<Context>, MockHandle) {
         nodes: store,
         recorder: Recorder::new(client, reporter),
         metrics: Arc::new(Metrics::default()),
-        agent_image: "registry.example/parallax-agent:test".into(),
+        agent_image: AGENT_IMAGE.into(),
     };
     (Arc::new(ctx), handle)
 }
@@ -164,6 +169,13 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         json!({"model": {"source": "/models/llama.gguf"}, "tensorParallelSize": 1, "replicas": 1}),
         true,
     );
+    let layout = tp::resolve(
+        &pool.spec,
+        &GpuInventory::from_nodes(&[gpu_node()], &pool.spec.resources),
+    )
+    .unwrap();
+    let config_name = ChildBuilder::with_agent_image(&pool, &layout, AGENT_IMAGE).config_map_name();
+    assert!(config_name.starts_with("llama-agent-"), "{config_name}");
     let server = tokio::spawn(async move {
         let pods = Expect {
             method: Method::GET,
@@ -172,9 +184,11 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
             content_type: None,
         };
         next(&mut handle, pods, empty_list).await;
+        // Each pod template has its configuration, named by its hash.
+        let cm_path = format!("/api/v1/namespaces/ml/configmaps/{config_name}");
         let cm = next(
             &mut handle,
-            apply("/api/v1/namespaces/ml/configmaps/llama-agent"),
+            apply(Box::leak(cm_path.into_boxed_str())),
             echo,
         )
         .await;
@@ -208,12 +222,28 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         )
         .await;
         assert_eq!(pdb["spec"]["maxUnavailable"], 1);
-        let pod = next(
-            &mut handle,
-            apply("/api/v1/namespaces/ml/pods/llama-0-0"),
-            echo,
-        )
-        .await;
+        // Pods are created, never applied: one of the same name that is not the pool's fails
+        // the create instead of being adopted.
+        let create_pod = Expect {
+            method: Method::POST,
+            path: "/api/v1/namespaces/ml/pods",
+            query: &[],
+            content_type: Some("application/json"),
+        };
+        let pod = next(&mut handle, create_pod, echo).await;
+        assert_eq!(pod["metadata"]["name"], "llama-0-0");
+        assert_eq!(
+            pod["spec"]["volumes"][0]["configMap"]["name"],
+            cm["metadata"]["name"]
+        );
+        // Configurations no pod reads any more are looked for (none here).
+        let configs = Expect {
+            method: Method::GET,
+            path: "/api/v1/namespaces/ml/configmaps",
+            query: &[("labelSelector", "parallax.dev/pool=llama")],
+            content_type: None,
+        };
+        next(&mut handle, configs, empty_list).await;
         assert_eq!(pod["kind"], "Pod");
         assert_eq!(
             pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],

@@ -140,11 +140,9 @@ async fn a_pool_gets_children_and_status_on_a_real_cluster() {
                 .flatten()
                 .is_some();
             let cm = Api::<ConfigMap>::namespaced(client.clone(), &namespace)
-                .get_opt("e2e-agent")
+                .list(&ListParams::default().labels("parallax.dev/pool=e2e"))
                 .await
-                .ok()
-                .flatten()
-                .is_some();
+                .is_ok_and(|list| !list.items.is_empty());
             let status = pools
                 .get("e2e")
                 .await
