@@ -73,6 +73,13 @@ pub struct InferencePoolSpec {
     #[schemars(range(min = 0))]
     pub max_replicas: i32,
 
+    /// Seconds a rollout (groups being created or updated) may go without a group becoming
+    /// ready or updated before `Progressing` turns False with `ProgressDeadlineExceeded`, as a
+    /// Deployment's. Generous by default: a pod downloads and loads its model first.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: i32,
+
     /// Continuous batching and the execution-time bins of the agent's scheduler.
     #[serde(default)]
     pub batching: BatchingSpec,
@@ -456,6 +463,18 @@ pub struct AgentSpec {
     pub extra_args: Vec<String>,
 }
 
+/// A group's recreations after failures.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRestart {
+    /// The group's index.
+    pub group: i32,
+    /// Recreations in a row.
+    pub count: i32,
+    /// When the last one was.
+    pub last: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+}
+
 /// What the operator observed and decided, written only by the operator.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -501,6 +520,18 @@ pub struct InferencePoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_products: Vec<String>,
 
+    /// When a group last became ready or updated, or the spec last changed: what
+    /// `progressDeadlineSeconds` counts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+
+    /// Groups recreated after a member failed, lately: how many times in a row and when last.
+    /// A group that fails again waits 10 s after its first recreation, doubling to 10 minutes;
+    /// one ready 10 minutes after its last recreation is forgotten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["group"]))]
+    pub group_restarts: Vec<GroupRestart>,
+
     /// The spec generation the layout above was resolved for. The layout is kept until the spec
     /// changes: a cordon, a lost node or a kubelet restart does not resize or move groups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -538,6 +569,9 @@ fn default_one() -> i32 {
 }
 fn default_max_replicas() -> i32 {
     10
+}
+fn default_progress_deadline() -> i32 {
+    1800
 }
 fn default_gpu_resource() -> String {
     "nvidia.com/gpu".to_owned()

@@ -203,10 +203,72 @@ pub struct GroupPlan {
     pub create: Vec<(u32, u32)>,
     /// Groups whose pods to delete, and why.
     pub delete: Vec<(u32, DeleteReason, Vec<String>)>,
+    /// Failed groups left as they are until the second given (their restart backoff).
+    pub backing_off: Vec<(u32, i64)>,
 }
 
-/// Plans the groups for `replicas` groups of `size` pods built from template `hash`.
-pub fn plan(groups: &Groups, replicas: u32, size: u32, hash: &str) -> GroupPlan {
+/// A group's recreations after a member failed: how many in a row, and when the last one was
+/// (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub count: u32,
+    pub at: i64,
+}
+
+/// Recent restarts by group.
+pub type Restarts = BTreeMap<u32, Restart>;
+
+/// A group ready this long after its last recreation has its count forgotten.
+pub const RESTART_MEMORY_SECONDS: i64 = 600;
+
+/// How long after its `count`-th recreation in a row a group that failed again is recreated:
+/// at once the first time, then 10 s doubling to 10 minutes (as the kubelet backs off a crashing
+/// container), so a group that cannot start does not pull images and download models in a loop.
+pub fn restart_delay(count: u32) -> i64 {
+    if count == 0 {
+        return 0;
+    }
+    (10_i64 << (count - 1).min(6)).min(600)
+}
+
+/// The restarts after this pass: groups recreated now count one more; a group that has been
+/// ready since long enough after its last recreation is forgotten, and so is one scaled away
+/// (not one whose pods are gone for the moment: they are being recreated).
+pub fn restarts_after(
+    previous: &Restarts,
+    plan: &GroupPlan,
+    groups: &Groups,
+    (replicas, size): (u32, u32),
+    now: i64,
+) -> Restarts {
+    let mut next: Restarts = previous
+        .iter()
+        .filter(|(group, restart)| {
+            let settled = groups.get(group).is_some_and(|g| g.ready(size))
+                && now - restart.at >= RESTART_MEMORY_SECONDS;
+            **group < replicas && !settled
+        })
+        .map(|(g, r)| (*g, *r))
+        .collect();
+    for (group, reason, _) in &plan.delete {
+        if *reason == DeleteReason::MemberFailed {
+            let count = previous.get(group).map_or(0, |r| r.count) + 1;
+            next.insert(*group, Restart { count, at: now });
+        }
+    }
+    next
+}
+
+/// Plans the groups for `replicas` groups of `size` pods built from template `hash`, at `now`
+/// (Unix seconds) after the `restarts` so far.
+pub fn plan(
+    groups: &Groups,
+    replicas: u32,
+    size: u32,
+    hash: &str,
+    restarts: &Restarts,
+    now: i64,
+) -> GroupPlan {
     let mut plan = GroupPlan::default();
     let mut delete = |index: u32, reason, group: &Group| {
         let names = group
@@ -232,7 +294,14 @@ pub fn plan(groups: &Groups, replicas: u32, size: u32, hash: &str) -> GroupPlan 
             continue;
         }
         if group.members.values().any(|m| m.failed) {
-            delete(index, DeleteReason::MemberFailed, group);
+            let due = restarts
+                .get(&index)
+                .map_or(now, |r| r.at + restart_delay(r.count));
+            if now >= due {
+                delete(index, DeleteReason::MemberFailed, group);
+            } else {
+                plan.backing_off.push((index, due));
+            }
         } else if !group.current(hash) {
             if !group.ready(size) {
                 delete(index, DeleteReason::Outdated, group);
@@ -350,7 +419,7 @@ mod tests {
 
     #[test]
     fn an_empty_pool_creates_every_member_of_every_group() {
-        let plan = plan(&Groups::new(), 2, 2, "h");
+        let plan = plan(&Groups::new(), 2, 2, "h", &Restarts::new(), 0);
         assert_eq!(plan.create, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
         assert!(plan.delete.is_empty());
     }
@@ -358,7 +427,10 @@ mod tests {
     #[test]
     fn a_missing_member_is_created_alone() {
         let g = groups(&[(0, &[(0, "h", true)])]);
-        assert_eq!(plan(&g, 1, 2, "h").create, vec![(0, 1)]);
+        assert_eq!(
+            plan(&g, 1, 2, "h", &Restarts::new(), 0).create,
+            vec![(0, 1)]
+        );
     }
 
     #[test]
@@ -368,7 +440,7 @@ mod tests {
             (1, &[(0, "h", true), (1, "h", true)]),
         ]);
         g.get_mut(&0).unwrap().members.get_mut(&1).unwrap().failed = true;
-        let plan = plan(&g, 2, 2, "h");
+        let plan = plan(&g, 2, 2, "h", &Restarts::new(), 0);
         assert_eq!(
             plan.delete,
             vec![(
@@ -384,13 +456,52 @@ mod tests {
     }
 
     #[test]
+    fn a_group_that_keeps_failing_waits_longer_each_time_and_is_forgotten_once_it_holds() {
+        assert_eq!(
+            (0..=8).map(restart_delay).collect::<Vec<_>>(),
+            [0, 10, 20, 40, 80, 160, 320, 600, 600]
+        );
+        let mut g = groups(&[(0, &[(0, "h", true), (1, "h", false)])]);
+        g.get_mut(&0).unwrap().members.get_mut(&1).unwrap().failed = true;
+        // The first failure: at once, and counted.
+        let first = plan(&g, 1, 2, "h", &Restarts::new(), 1000);
+        assert_eq!(first.delete.len(), 1);
+        let after_first = restarts_after(&Restarts::new(), &first, &g, (1, 2), 1000);
+        assert_eq!(after_first[&0], Restart { count: 1, at: 1000 });
+        // Failing again 5 s later: it waits until 10 s after the last recreation.
+        let early = plan(&g, 1, 2, "h", &after_first, 1005);
+        assert!(early.delete.is_empty() && early.create.is_empty());
+        assert_eq!(early.backing_off, [(0, 1010)]);
+        assert_eq!(
+            restarts_after(&after_first, &early, &g, (1, 2), 1005),
+            after_first
+        );
+        let due = plan(&g, 1, 2, "h", &after_first, 1010);
+        assert_eq!(due.delete.len(), 1);
+        let after_second = restarts_after(&after_first, &due, &g, (1, 2), 1010);
+        assert_eq!(after_second[&0], Restart { count: 2, at: 1010 });
+        // Pods gone while they are recreated: remembered. Ready ten minutes after its last
+        // recreation, or scaled away: forgotten.
+        let quiet = GroupPlan::default();
+        assert_eq!(
+            restarts_after(&after_second, &quiet, &Groups::new(), (1, 2), 1011),
+            after_second
+        );
+        let healthy = groups(&[(0, &[(0, "h", true), (1, "h", true)])]);
+        let kept = restarts_after(&after_second, &quiet, &healthy, (1, 2), 1500);
+        assert_eq!(kept.len(), 1);
+        assert!(restarts_after(&after_second, &quiet, &healthy, (1, 2), 1610).is_empty());
+        assert!(restarts_after(&after_second, &quiet, &Groups::new(), (0, 2), 1100).is_empty());
+    }
+
+    #[test]
     fn scale_down_removes_the_highest_groups() {
         let g = groups(&[
             (0, &[(0, "h", true)]),
             (1, &[(0, "h", true)]),
             (2, &[(0, "h", true)]),
         ]);
-        let plan = plan(&g, 1, 1, "h");
+        let plan = plan(&g, 1, 1, "h", &Restarts::new(), 0);
         let removed: Vec<_> = plan.delete.iter().map(|(i, r, _)| (*i, *r)).collect();
         assert_eq!(
             removed,
@@ -405,7 +516,7 @@ mod tests {
             (1, &[(0, "old", true)]),
             (2, &[(0, "old", true)]),
         ]);
-        let first = plan(&g, 3, 1, "new");
+        let first = plan(&g, 3, 1, "new", &Restarts::new(), 0);
         assert_eq!(
             first.delete,
             vec![(0, DeleteReason::Outdated, vec!["p-0-0".into()])]
@@ -417,7 +528,10 @@ mod tests {
             (1, &[(0, "old", true)]),
             (2, &[(0, "old", true)]),
         ]);
-        assert_eq!(plan(&g, 3, 1, "new"), GroupPlan::default());
+        assert_eq!(
+            plan(&g, 3, 1, "new", &Restarts::new(), 0),
+            GroupPlan::default()
+        );
 
         // Ready: the next one goes.
         let g = groups(&[
@@ -426,7 +540,7 @@ mod tests {
             (2, &[(0, "old", true)]),
         ]);
         assert_eq!(
-            plan(&g, 3, 1, "new").delete,
+            plan(&g, 3, 1, "new", &Restarts::new(), 0).delete,
             vec![(1, DeleteReason::Outdated, vec!["p-1-0".into()])]
         );
     }
@@ -434,7 +548,7 @@ mod tests {
     #[test]
     fn outdated_groups_that_are_not_ready_are_replaced_at_once() {
         let g = groups(&[(0, &[(0, "old", false)]), (1, &[(0, "old", false)])]);
-        let plan = plan(&g, 2, 1, "new");
+        let plan = plan(&g, 2, 1, "new", &Restarts::new(), 0);
         assert_eq!(plan.delete.len(), 2);
     }
 
@@ -446,7 +560,7 @@ mod tests {
         for group in g.values_mut() {
             group.members.get_mut(&0).unwrap().group_size = Some(1);
         }
-        let plan = plan(&g, 2, 2, "new");
+        let plan = plan(&g, 2, 2, "new", &Restarts::new(), 0);
         assert!(plan.create.is_empty(), "{plan:?}");
         assert_eq!(
             plan.delete,
@@ -463,6 +577,9 @@ mod tests {
             .get_mut(&0)
             .unwrap()
             .terminating = true;
-        assert_eq!(plan(&g, 1, 1, "h"), GroupPlan::default());
+        assert_eq!(
+            plan(&g, 1, 1, "h", &Restarts::new(), 0),
+            GroupPlan::default()
+        );
     }
 }

@@ -7,10 +7,10 @@ use crate::children::{
     unused_configs,
 };
 use crate::error::{Error, Result};
-use crate::groups::{self, DeleteReason};
+use crate::groups::{self, DeleteReason, GroupPlan};
 use crate::inventory::GpuInventory;
 use crate::metrics::Metrics;
-use crate::status::compute_status;
+use crate::status::{compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
@@ -117,6 +117,9 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let observed = groups::observe(&owned, pods_per_group);
 
     let mut events = Vec::new();
+    let now = Timestamp::now();
+    let restarts = pool.status.as_ref().map(restarts_of).unwrap_or_default();
+    let mut plan = GroupPlan::default();
     let template_hash = match &layout {
         Ok(layout) => {
             let builder = ChildBuilder::with_agent_image(pool, layout, &ctx.agent_image);
@@ -127,11 +130,13 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             server_side_apply(client, &namespace, &children.pdb).await?;
 
             let replicas = pool.spec.replicas.max(0) as u32;
-            let plan = groups::plan(
+            plan = groups::plan(
                 &observed,
                 replicas,
                 layout.pods_per_group,
                 builder.template_hash(),
+                &restarts,
+                now.as_second(),
             );
             for (group, reason, pods) in &plan.delete {
                 for pod in pods {
@@ -209,7 +214,8 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         layout.as_ref(),
         &observed,
         template_hash.as_deref(),
-        &Time(Timestamp::now()),
+        &plan,
+        &Time(now),
     );
     events.extend(decision_events(pool, &layout));
     for (type_, reason, note) in events {
@@ -223,10 +229,16 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
-    Ok(Action::requeue(if layout.is_ok() {
-        RESYNC
-    } else {
-        RETRY_LAYOUT
+    // A failed group waiting out its backoff is looked at again when it is due.
+    let due = plan
+        .backing_off
+        .iter()
+        .map(|(_, due)| Duration::from_secs((due - now.as_second()).max(1) as u64))
+        .min();
+    Ok(Action::requeue(match (due, layout.is_ok()) {
+        (Some(due), _) => due.min(RESYNC),
+        (None, true) => RESYNC,
+        (None, false) => RETRY_LAYOUT,
     }))
 }
 

@@ -2,11 +2,16 @@
 //! that `lastTransitionTime` moves only when a condition's status does.
 
 use crate::children::{leader_selector, service_name};
-use crate::groups::{Groups, PodProblem, ProblemKind};
+use crate::groups::{
+    GroupPlan, Groups, PodProblem, ProblemKind, Restart, Restarts, restarts_after,
+};
 use crate::tp::{GroupLayout, LayoutError};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use parallax_crds::{AGENT_HTTP_PORT as AGENT_PORT, InferencePool, InferencePoolStatus};
+use parallax_crds::{
+    AGENT_HTTP_PORT as AGENT_PORT, GroupRestart, InferencePool, InferencePoolStatus,
+};
 
 /// Condition types of an InferencePool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +47,8 @@ pub enum Reason {
     InsufficientGpuMemory,
     NotEnoughNodes,
     InvalidSpec,
+    ProgressDeadlineExceeded,
+    GroupRestartBackoff,
     ContainerConfigError,
     ImagePullFailing,
     Unschedulable,
@@ -83,6 +90,8 @@ impl Reason {
             Self::NoGpuNodes => "NoGpuNodes",
             Self::InsufficientGpuMemory => "InsufficientGpuMemory",
             Self::NotEnoughNodes => "NotEnoughNodes",
+            Self::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
+            Self::GroupRestartBackoff => "GroupRestartBackoff",
             Self::ContainerConfigError => "ContainerConfigError",
             Self::ImagePullFailing => "ImagePullFailing",
             Self::Unschedulable => "Unschedulable",
@@ -161,6 +170,7 @@ pub fn compute_status(
     layout: Result<&GroupLayout, &LayoutError>,
     groups: &Groups,
     template_hash: Option<&str>,
+    plan: &GroupPlan,
     now: &Time,
 ) -> InferencePoolStatus {
     use ConditionStatus::{False, True};
@@ -193,6 +203,24 @@ pub fn compute_status(
         .filter(|(_, g)| g.members.values().any(|m| m.failed))
         .map(|(i, _)| i.to_string())
         .collect::<Vec<_>>();
+
+    // Progress: a spec to roll out, or a group more ready or updated than before.
+    let progressed = previous.observed_generation != pool.metadata.generation
+        || ready > previous.ready_replicas
+        || updated > previous.updated_replicas;
+    let last_progress = match &previous.last_progress_time {
+        Some(at) if !progressed => Some(at.clone()),
+        _ => Some(now.clone()),
+    };
+
+    let previous_restarts = restarts_of(&previous);
+    let restarts = restarts_after(
+        &previous_restarts,
+        plan,
+        groups,
+        (wanted, size),
+        now.0.as_second(),
+    );
 
     let problems: Vec<(&str, &PodProblem)> = groups
         .values()
@@ -263,7 +291,10 @@ pub fn compute_status(
                     "every group is ready on the current template",
                 )
             };
-            let degraded = if let Some(kind) = problems.iter().map(|(_, p)| p.kind).min() {
+            let progressing = past_deadline(progressing, pool, last_progress.as_ref(), now);
+            let degraded = if let Some(waiting) = backoff_message(plan, &previous_restarts, now) {
+                DesiredCondition::new(Degraded, True, Reason::GroupRestartBackoff, waiting)
+            } else if let Some(kind) = problems.iter().map(|(_, p)| p.kind).min() {
                 DesiredCondition::new(
                     Degraded,
                     True,
@@ -308,6 +339,15 @@ pub fn compute_status(
         tensor_parallel_reason: layout
             .as_ref()
             .map_or(previous.tensor_parallel_reason, |l| Some(l.reason.clone())),
+        last_progress_time: last_progress,
+        group_restarts: restarts
+            .iter()
+            .map(|(group, r)| GroupRestart {
+                group: *group as i32,
+                count: r.count as i32,
+                last: Time(Timestamp::from_second(r.at).unwrap_or_default()),
+            })
+            .collect(),
         gpus_per_pod: layout
             .as_ref()
             .map_or(previous.gpus_per_pod, |l| Some(l.gpus_per_pod as i32)),
@@ -328,6 +368,64 @@ pub fn compute_status(
             pool.namespace().unwrap_or_default()
         )),
     }
+}
+
+/// The restarts a status records.
+pub fn restarts_of(status: &InferencePoolStatus) -> Restarts {
+    status
+        .group_restarts
+        .iter()
+        .filter_map(|r| {
+            let restart = Restart {
+                count: u32::try_from(r.count).ok()?,
+                at: r.last.0.as_second(),
+            };
+            Some((u32::try_from(r.group).ok()?, restart))
+        })
+        .collect()
+}
+
+/// Which failed groups wait to be recreated, and until when.
+fn backoff_message(plan: &GroupPlan, restarts: &Restarts, now: &Time) -> Option<String> {
+    let waits: Vec<String> = plan
+        .backing_off
+        .iter()
+        .map(|(group, due)| {
+            let count = restarts.get(group).map_or(0, |r| r.count);
+            format!(
+                "group {group} failed again after {count} recreations in a row; recreating it in {}s",
+                (due - now.0.as_second()).max(0)
+            )
+        })
+        .collect();
+    (!waits.is_empty()).then(|| waits.join("; "))
+}
+
+/// `progressing`, or — a rollout with no progress for `progressDeadlineSeconds` —
+/// `Progressing=False` with `ProgressDeadlineExceeded`, as a Deployment says it.
+fn past_deadline(
+    progressing: DesiredCondition,
+    pool: &InferencePool,
+    last_progress: Option<&Time>,
+    now: &Time,
+) -> DesiredCondition {
+    let deadline = i64::from(pool.spec.progress_deadline_seconds.max(1));
+    let stalled = last_progress.map_or(0, |at| now.0.as_second() - at.0.as_second());
+    if progressing.status != ConditionStatus::True
+        || progressing.reason == Reason::ScalingDown
+        || stalled <= deadline
+    {
+        return progressing;
+    }
+    DesiredCondition::new(
+        ConditionType::Progressing,
+        ConditionStatus::False,
+        Reason::ProgressDeadlineExceeded,
+        format!(
+            "no group became ready or updated for {stalled}s (progressDeadlineSeconds {deadline}): {}",
+            progressing.message
+        ),
+    )
 }
 
 impl From<ProblemKind> for Reason {
@@ -362,7 +460,7 @@ fn problems_message(problems: &[(&str, &PodProblem)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::groups::{Group, Member};
+    use crate::groups::{DeleteReason, Group, Member};
     use k8s_openapi::jiff::Timestamp;
     use serde_json::json;
 
@@ -427,6 +525,7 @@ mod tests {
             Ok(&layout()),
             &groups(&[true, true], "h"),
             Some("h"),
+            &GroupPlan::default(),
             &time(10),
         );
         assert_eq!(
@@ -455,6 +554,7 @@ mod tests {
             Ok(&layout()),
             &groups(&[true, false], "h"),
             Some("h"),
+            &GroupPlan::default(),
             &time(10),
         );
         let ready = condition(&s, "Ready");
@@ -487,7 +587,14 @@ mod tests {
                 message: format!("{kind:?} here"),
             });
         }
-        let s = compute_status(&pool(6), Ok(&layout()), &g, Some("h"), &time(10));
+        let s = compute_status(
+            &pool(6),
+            Ok(&layout()),
+            &g,
+            Some("h"),
+            &GroupPlan::default(),
+            &time(10),
+        );
         let degraded = condition(&s, "Degraded");
         assert_eq!(
             (degraded.status.as_str(), degraded.reason.as_str()),
@@ -506,8 +613,136 @@ mod tests {
             kind: ProblemKind::CrashLoop,
             message: "x".into(),
         });
-        let s = compute_status(&pool(1), Ok(&layout()), &g, Some("h"), &time(10));
+        let s = compute_status(
+            &pool(1),
+            Ok(&layout()),
+            &g,
+            Some("h"),
+            &GroupPlan::default(),
+            &time(10),
+        );
         assert_eq!(condition(&s, "Degraded").reason, "AsExpected");
+    }
+
+    #[test]
+    fn a_rollout_without_progress_past_its_deadline_stops_progressing() {
+        // Group 1 never becomes ready; the default deadline is 1800 s.
+        let stuck = groups(&[true, false], "h");
+        let mut p = pool(2);
+        let first = compute_status(
+            &p,
+            Ok(&layout()),
+            &stuck,
+            Some("h"),
+            &GroupPlan::default(),
+            &time(0),
+        );
+        assert_eq!(
+            first.last_progress_time,
+            Some(time(0)),
+            "a new spec is progress"
+        );
+        p.status = Some(first);
+        let at = |p: &InferencePool, seconds| {
+            compute_status(
+                p,
+                Ok(&layout()),
+                &stuck,
+                Some("h"),
+                &GroupPlan::default(),
+                &time(seconds),
+            )
+        };
+        let waiting = at(&p, 1800);
+        assert_eq!(condition(&waiting, "Progressing").reason, "Creating");
+        let late = at(&p, 1801);
+        let progressing = condition(&late, "Progressing");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("False", "ProgressDeadlineExceeded")
+        );
+        assert!(
+            progressing
+                .message
+                .starts_with("no group became ready or updated for 1801s"),
+            "{}",
+            progressing.message
+        );
+        // It stays so while nothing moves, and a group becoming ready starts the clock again.
+        p.status = Some(late);
+        assert_eq!(
+            condition(&at(&p, 4000), "Progressing").reason,
+            "ProgressDeadlineExceeded"
+        );
+        let moved = compute_status(
+            &p,
+            Ok(&layout()),
+            &groups(&[true, true], "h"),
+            Some("h"),
+            &GroupPlan::default(),
+            &time(4000),
+        );
+        assert_eq!(moved.last_progress_time, Some(time(4000)));
+        assert_eq!(condition(&moved, "Progressing").reason, "Stable");
+        // A spec change is progress too.
+        p.metadata.generation = Some(4);
+        assert_eq!(condition(&at(&p, 5000), "Progressing").reason, "Creating");
+    }
+
+    #[test]
+    fn a_group_waiting_out_its_restart_backoff_is_degraded_and_its_count_kept() {
+        let mut p = pool(1);
+        let mut failing = groups(&[false], "h");
+        failing
+            .get_mut(&0)
+            .unwrap()
+            .members
+            .get_mut(&0)
+            .unwrap()
+            .failed = true;
+        p.status = Some(InferencePoolStatus {
+            group_restarts: vec![GroupRestart {
+                group: 0,
+                count: 3,
+                last: time(100),
+            }],
+            ..Default::default()
+        });
+        let plan = GroupPlan {
+            backing_off: vec![(0, 140)],
+            ..GroupPlan::default()
+        };
+        let s = compute_status(&p, Ok(&layout()), &failing, Some("h"), &plan, &time(110));
+        let degraded = condition(&s, "Degraded");
+        assert_eq!(
+            (degraded.reason.as_str(), degraded.message.as_str()),
+            (
+                "GroupRestartBackoff",
+                "group 0 failed again after 3 recreations in a row; recreating it in 30s"
+            )
+        );
+        assert_eq!(s.group_restarts, p.status.as_ref().unwrap().group_restarts);
+        // Recreated now: one more in a row, at now.
+        let recreated = GroupPlan {
+            delete: vec![(0, DeleteReason::MemberFailed, vec!["llama-0-0".into()])],
+            ..GroupPlan::default()
+        };
+        let s = compute_status(
+            &p,
+            Ok(&layout()),
+            &failing,
+            Some("h"),
+            &recreated,
+            &time(140),
+        );
+        assert_eq!(
+            s.group_restarts,
+            [GroupRestart {
+                group: 0,
+                count: 4,
+                last: time(140)
+            }]
+        );
     }
 
     #[test]
@@ -517,6 +752,7 @@ mod tests {
             Ok(&layout()),
             &groups(&[true, true], "old"),
             Some("new"),
+            &GroupPlan::default(),
             &time(10),
         );
         assert_eq!(s.updated_replicas, 0);
@@ -529,7 +765,14 @@ mod tests {
             resource: "nvidia.com/gpu".into(),
             unknown_memory: vec![],
         };
-        let s = compute_status(&pool(1), Err(&err), &Groups::new(), None, &time(10));
+        let s = compute_status(
+            &pool(1),
+            Err(&err),
+            &Groups::new(),
+            None,
+            &GroupPlan::default(),
+            &time(10),
+        );
         let ready = condition(&s, "Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -547,13 +790,21 @@ mod tests {
             Ok(&layout()),
             &groups(&[false], "h"),
             Some("h"),
+            &GroupPlan::default(),
             &time(10),
         );
         p.status = Some(first);
         // Same status, new message: the time stays.
         let mut g = groups(&[false], "h");
         g.insert(1, g[&0].clone());
-        let second = compute_status(&p, Ok(&layout()), &g, Some("h"), &time(20));
+        let second = compute_status(
+            &p,
+            Ok(&layout()),
+            &g,
+            Some("h"),
+            &GroupPlan::default(),
+            &time(20),
+        );
         assert_eq!(condition(&second, "Ready").last_transition_time, time(10));
         p.status = Some(second);
         let third = compute_status(
@@ -561,6 +812,7 @@ mod tests {
             Ok(&layout()),
             &groups(&[true], "h"),
             Some("h"),
+            &GroupPlan::default(),
             &time(30),
         );
         assert_eq!(condition(&third, "Ready").last_transition_time, time(30));
