@@ -25,6 +25,9 @@ use std::collections::BTreeMap;
 pub const POOL_LABEL: &str = "parallax.dev/pool";
 pub const GROUP_LABEL: &str = "parallax.dev/group";
 pub const RANK_LABEL: &str = "parallax.dev/rank";
+/// Which incarnation of its group a pod belongs to (0 unless the group was recreated under new
+/// names after a node was lost).
+pub const INCARNATION_LABEL: &str = "parallax.dev/incarnation";
 pub const TEMPLATE_HASH_ANNOTATION: &str = "parallax.dev/template-hash";
 /// Pods in the group a pod was built for: an outdated group is judged by its own size.
 pub const GROUP_SIZE_ANNOTATION: &str = "parallax.dev/group-size";
@@ -51,8 +54,13 @@ pub fn config_map_name(pool: &str, template_hash: &str) -> String {
 pub fn pdb_name(pool: &str) -> String {
     pool.to_owned()
 }
-pub fn pod_name(pool: &str, group: u32, rank: u32) -> String {
-    format!("{pool}-{group}-{rank}")
+/// A pod's name: `POOL-GROUP-RANK`, and `-iN` for the group's N-th incarnation (a group
+/// recreated under new names because pods of its last one are stuck on a lost node).
+pub fn pod_name(pool: &str, group: u32, rank: u32, incarnation: u32) -> String {
+    match incarnation {
+        0 => format!("{pool}-{group}-{rank}"),
+        n => format!("{pool}-{group}-{rank}-i{n}"),
+    }
 }
 
 /// Labels every child carries.
@@ -282,14 +290,20 @@ impl<'a> ChildBuilder<'a> {
         }
     }
 
-    /// The pod of `rank` in `group`.
+    /// The pod of `rank` in `group` (its first incarnation).
     pub fn pod(&self, group: u32, rank: u32) -> Pod {
+        self.pod_in(group, rank, 0)
+    }
+
+    /// The pod of `rank` in `group`'s `incarnation`.
+    pub fn pod_in(&self, group: u32, rank: u32, incarnation: u32) -> Pod {
         let spec = &self.pool.spec;
-        let name = pod_name(&self.name, group, rank);
+        let name = pod_name(&self.name, group, rank, incarnation);
         let mut meta = self.meta(name.clone());
         let labels = meta.labels.get_or_insert_with(BTreeMap::new);
         labels.insert(GROUP_LABEL.into(), group.to_string());
         labels.insert(RANK_LABEL.into(), rank.to_string());
+        labels.insert(INCARNATION_LABEL.into(), incarnation.to_string());
         meta.annotations = Some(BTreeMap::from([
             (
                 TEMPLATE_HASH_ANNOTATION.to_owned(),
@@ -303,7 +317,7 @@ impl<'a> ChildBuilder<'a> {
 
         let leader = format!(
             "{}.{}.{}.svc",
-            pod_name(&self.name, group, 0),
+            pod_name(&self.name, group, 0, incarnation),
             headless_service_name(&self.name),
             self.namespace
         );
@@ -885,6 +899,29 @@ mod tests {
         let mut foreign = maps[0].clone();
         foreign.metadata.owner_references = None;
         assert!(unused_configs(&[foreign], &[], &current, &new_pool).is_empty());
+    }
+
+    #[test]
+    fn a_later_incarnation_of_a_group_has_names_of_its_own_and_its_own_leader() {
+        assert_eq!(pod_name("llama", 3, 1, 0), "llama-3-1");
+        assert_eq!(pod_name("llama", 3, 1, 2), "llama-3-1-i2");
+        let pool = pool(json!({"model": {"source": "/m.gguf"}, "tensorParallelSize": 8}));
+        let worker = ChildBuilder::new(&pool, &layout(8, 2)).pod_in(3, 1, 2);
+        assert_eq!(worker.metadata.name.as_deref(), Some("llama-3-1-i2"));
+        assert_eq!(
+            worker.metadata.labels.as_ref().unwrap()[INCARNATION_LABEL],
+            "2"
+        );
+        let spec = worker.spec.unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("llama-3-1-i2"));
+        let leader = spec.containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "PARALLAX_LEADER_ADDRESS")
+            .and_then(|e| e.value.clone());
+        assert_eq!(leader.as_deref(), Some("llama-3-0-i2.llama-pods.ml.svc"));
     }
 
     #[test]

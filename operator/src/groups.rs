@@ -2,7 +2,10 @@
 //! recreate a group whose member failed, roll one group at a time to a new template, remove
 //! groups beyond `replicas`. Pure: `plan` returns actions, `reconcile` carries them out.
 
-use crate::children::{GROUP_LABEL, GROUP_SIZE_ANNOTATION, RANK_LABEL, TEMPLATE_HASH_ANNOTATION};
+use crate::children::{
+    GROUP_LABEL, GROUP_SIZE_ANNOTATION, INCARNATION_LABEL, RANK_LABEL, TEMPLATE_HASH_ANNOTATION,
+};
+use crate::inventory::NodeHealth;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -21,6 +24,10 @@ pub struct Member {
     pub group_size: Option<u32>,
     /// What keeps the pod from running, as the scheduler and the kubelet say it.
     pub problem: Option<PodProblem>,
+    /// Its node is gone, or down past the grace period.
+    pub node_lost: bool,
+    /// The incarnation of its group it belongs to.
+    pub incarnation: u32,
 }
 
 /// Why a pod does not run as it should.
@@ -107,6 +114,9 @@ pub fn problem(pod: &Pod) -> Option<PodProblem> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Group {
     pub members: BTreeMap<u32, Member>,
+    /// The latest incarnation whose pods are stuck terminating on a lost node: they are no
+    /// longer members, and the group comes back under the next incarnation's names.
+    pub abandoned: Option<u32>,
 }
 
 impl Group {
@@ -128,13 +138,25 @@ impl Group {
     fn terminating(&self) -> bool {
         self.members.values().any(|m| m.terminating)
     }
+    /// The incarnation new members join: the members', or the one after an abandoned one.
+    pub fn incarnation(&self) -> u32 {
+        match self.members.values().map(|m| m.incarnation).max() {
+            Some(current) => current,
+            None => self.abandoned.map_or(0, |i| i + 1),
+        }
+    }
 }
 
 /// The pool's groups by index.
 pub type Groups = BTreeMap<u32, Group>;
 
-/// Reads groups from the pool's pods; pods without group and rank labels are ignored.
-pub fn observe<'a>(pods: impl IntoIterator<Item = &'a Pod>, pods_per_group: u32) -> Groups {
+/// Reads groups from the pool's pods; pods without group and rank labels are ignored, and pods
+/// being deleted on a lost node only mark their incarnation abandoned.
+pub fn observe<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    pods_per_group: u32,
+    nodes: &NodeHealth,
+) -> Groups {
     let mut groups = Groups::new();
     for pod in pods {
         let labels = pod.labels();
@@ -144,6 +166,21 @@ pub fn observe<'a>(pods: impl IntoIterator<Item = &'a Pod>, pods_per_group: u32)
         ) else {
             continue;
         };
+        let incarnation: u32 = labels
+            .get(INCARNATION_LABEL)
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(0);
+        let node_lost = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .is_some_and(|node| nodes.is_lost(node));
+        let terminating = pod.metadata.deletion_timestamp.is_some();
+        if terminating && node_lost {
+            let entry = groups.entry(group).or_default();
+            entry.abandoned = entry.abandoned.max(Some(incarnation));
+            continue;
+        }
         let status = pod.status.as_ref();
         let ready = status
             .and_then(|s| s.conditions.as_ref())
@@ -163,12 +200,14 @@ pub fn observe<'a>(pods: impl IntoIterator<Item = &'a Pod>, pods_per_group: u32)
                     .unwrap_or_default(),
                 ready,
                 failed: phase_failed || (pods_per_group > 1 && restarted),
-                terminating: pod.metadata.deletion_timestamp.is_some(),
+                terminating,
                 group_size: pod
                     .annotations()
                     .get(GROUP_SIZE_ANNOTATION)
                     .and_then(|s| s.parse().ok()),
                 problem: problem(pod),
+                node_lost,
+                incarnation,
             },
         );
     }
@@ -184,6 +223,8 @@ pub enum DeleteReason {
     MemberFailed,
     /// Built from an older template.
     Outdated,
+    /// A member's node is lost: the group starts again elsewhere, under new names.
+    NodeLost,
 }
 
 impl DeleteReason {
@@ -192,6 +233,7 @@ impl DeleteReason {
             Self::ScaledDown => "GroupRemoved",
             Self::MemberFailed => "GroupRecreated",
             Self::Outdated => "GroupUpdated",
+            Self::NodeLost => "GroupRescheduled",
         }
     }
 }
@@ -293,7 +335,9 @@ pub fn plan(
         if group.terminating() {
             continue;
         }
-        if group.members.values().any(|m| m.failed) {
+        if group.members.values().any(|m| m.node_lost) {
+            delete(index, DeleteReason::NodeLost, group);
+        } else if group.members.values().any(|m| m.failed) {
             let due = restarts
                 .get(&index)
                 .map_or(now, |r| r.at + restart_delay(r.count));
@@ -340,6 +384,8 @@ mod tests {
             terminating: false,
             group_size: None,
             problem: None,
+            node_lost: false,
+            incarnation: 0,
         }
     }
 
@@ -412,7 +458,13 @@ mod tests {
                     .iter()
                     .map(|(r, h, ready)| (*r, member(&format!("p-{g}-{r}"), h, *ready)))
                     .collect();
-                (*g, Group { members })
+                (
+                    *g,
+                    Group {
+                        members,
+                        abandoned: None,
+                    },
+                )
             })
             .collect()
     }
@@ -492,6 +544,70 @@ mod tests {
         assert_eq!(kept.len(), 1);
         assert!(restarts_after(&after_second, &quiet, &healthy, (1, 2), 1610).is_empty());
         assert!(restarts_after(&after_second, &quiet, &Groups::new(), (0, 2), 1100).is_empty());
+    }
+
+    fn pod(name: &str, group: u32, rank: u32, incarnation: u32, node: &str, deleting: bool) -> Pod {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {
+                "parallax.dev/group": group.to_string(), "parallax.dev/rank": rank.to_string(),
+                "parallax.dev/incarnation": incarnation.to_string()}},
+            "spec": {"nodeName": node, "containers": []},
+        }))
+        .unwrap();
+        if deleting {
+            pod.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::from_second(1).unwrap(),
+                ));
+        }
+        pod
+    }
+
+    #[test]
+    fn a_group_on_a_lost_node_starts_again_under_its_next_incarnation() {
+        let node = |name: &str, ready: &str| -> k8s_openapi::api::core::v1::Node {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name},
+                "status": {"conditions": [{"type": "Ready", "status": ready,
+                    "lastTransitionTime": "1970-01-01T00:00:00Z"}]}}))
+            .unwrap()
+        };
+        // Node "b" has been down an hour; "a" is fine.
+        let nodes = NodeHealth::from_nodes(&[node("a", "True"), node("b", "Unknown")], 3600);
+        let pods = [
+            pod("p-0-0", 0, 0, 0, "a", false),
+            pod("p-0-1", 0, 1, 0, "b", false),
+        ];
+        let g = observe(&pods, 2, &nodes);
+        assert!(g[&0].members[&1].node_lost && !g[&0].members[&0].node_lost);
+        // Recreated at once, whatever its restart history: the node, not the group, failed.
+        let history = Restarts::from([(0, Restart { count: 5, at: 0 })]);
+        let lost = plan(&g, 1, 2, "", &history, 1);
+        assert_eq!(
+            lost.delete,
+            [(
+                0,
+                DeleteReason::NodeLost,
+                vec!["p-0-0".to_owned(), "p-0-1".to_owned()]
+            )]
+        );
+        // The deleted pod on the lost node never goes (its kubelet is gone): it no longer
+        // counts, and the group comes back under incarnation 1's names.
+        let stuck = [pod("p-0-1", 0, 1, 0, "b", true)];
+        let g = observe(&stuck, 2, &nodes);
+        assert!(g[&0].members.is_empty());
+        assert_eq!((g[&0].abandoned, g[&0].incarnation()), (Some(0), 1));
+        assert_eq!(
+            plan(&g, 1, 2, "", &Restarts::new(), 1).create,
+            [(0, 0), (0, 1)]
+        );
+        // Its new members keep that incarnation until the group is whole.
+        let rejoining = [
+            pod("p-0-1", 0, 1, 0, "b", true),
+            pod("p-0-0-i1", 0, 0, 1, "a", false),
+        ];
+        let g = observe(&rejoining, 2, &nodes);
+        assert_eq!(g[&0].incarnation(), 1);
+        assert_eq!(plan(&g, 1, 2, "", &Restarts::new(), 1).create, [(0, 1)]);
     }
 
     #[test]

@@ -78,6 +78,48 @@ impl GpuInventory {
     }
 }
 
+/// The nodes lost to their pods: not Ready for longer than a grace period. A node that is gone
+/// altogether is not listed: Kubernetes' pod garbage collector deletes the pods bound to it, and
+/// their groups are then topped up as usual (a node not yet seen is never taken for lost).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeHealth {
+    lost: std::collections::BTreeSet<String>,
+}
+
+/// How long a node may be NotReady (or Unknown) before the groups on it are recreated elsewhere:
+/// past the taint-based eviction default (300 s), so a kubelet restart or a short partition does
+/// not move anything.
+pub const NODE_LOST_SECONDS: i64 = 360;
+
+impl NodeHealth {
+    /// From the nodes at `now` (Unix seconds).
+    pub fn from_nodes<'a>(nodes: impl IntoIterator<Item = &'a Node>, now: i64) -> Self {
+        let lost = nodes
+            .into_iter()
+            .filter(|node| {
+                let ready = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+                ready.is_some_and(|c| {
+                    c.status != "True"
+                        && c.last_transition_time
+                            .as_ref()
+                            .is_some_and(|t| now - t.0.as_second() > NODE_LOST_SECONDS)
+                })
+            })
+            .filter_map(|node| node.metadata.name.clone())
+            .collect();
+        Self { lost }
+    }
+
+    /// Whether a pod on `node` is lost with it.
+    pub fn is_lost(&self, node: &str) -> bool {
+        self.lost.contains(node)
+    }
+}
+
 fn allocatable_gpus(node: &Node, resource: &str) -> u32 {
     node.status
         .as_ref()
@@ -149,8 +191,9 @@ fn memory_of_product(product: &str) -> Option<u64> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus};
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::ObjectMeta;
 
     /// A node with `gpus` GPUs of `memory_mib` each (label omitted when `None`).
@@ -173,6 +216,32 @@ pub(crate) mod tests {
                 ..NodeStatus::default()
             }),
         }
+    }
+
+    #[test]
+    fn a_node_down_past_the_grace_period_is_lost() {
+        let with_ready = |name: &str, status: &str, since: i64| {
+            let mut node = gpu_node(name, 8, Some(81559));
+            node.status.as_mut().unwrap().conditions = Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: status.into(),
+                last_transition_time: Some(Time(jiff::Timestamp::from_second(since).unwrap())),
+                ..NodeCondition::default()
+            }]);
+            node
+        };
+        let nodes = [
+            with_ready("up", "True", 0),
+            with_ready("down-long", "False", 0),
+            with_ready("unknown-long", "Unknown", 0),
+            with_ready("down-briefly", "False", 1000 - NODE_LOST_SECONDS + 10),
+        ];
+        let health = NodeHealth::from_nodes(&nodes, 1000);
+        let lost: Vec<&str> = ["up", "down-long", "unknown-long", "down-briefly", "gone"]
+            .into_iter()
+            .filter(|n| health.is_lost(n))
+            .collect();
+        assert_eq!(lost, ["down-long", "unknown-long"]);
     }
 
     #[test]

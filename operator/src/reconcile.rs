@@ -8,7 +8,7 @@ use crate::children::{
 };
 use crate::error::{Error, Result};
 use crate::groups::{self, DeleteReason, GroupPlan};
-use crate::inventory::GpuInventory;
+use crate::inventory::{GpuInventory, NodeHealth};
 use crate::metrics::Metrics;
 use crate::status::{compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
@@ -114,7 +114,11 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     for pod in &foreign {
         debug!(pod = %pod.name_any(), "carries the pool's labels but is not the pool's: left alone");
     }
-    let observed = groups::observe(&owned, pods_per_group);
+    let nodes = NodeHealth::from_nodes(
+        ctx.nodes.state().iter().map(|n| n.as_ref()),
+        Timestamp::now().as_second(),
+    );
+    let observed = groups::observe(&owned, pods_per_group, &nodes);
 
     let mut events = Vec::new();
     let now = Timestamp::now();
@@ -153,8 +157,12 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                     DeleteReason::Outdated => {
                         format!("replacing group {group} with the current template")
                     }
+                    DeleteReason::NodeLost => format!(
+                        "a node of group {group} is lost; recreating the group elsewhere under new pod names"
+                    ),
                 };
-                let type_ = if *reason == DeleteReason::MemberFailed {
+                let type_ = if matches!(reason, DeleteReason::MemberFailed | DeleteReason::NodeLost)
+                {
                     EventType::Warning
                 } else {
                     EventType::Normal
@@ -165,7 +173,8 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             for &(group, rank) in &plan.create {
                 // Created, not applied: a pod of that name that is not the pool's is never
                 // adopted (the create fails and says so).
-                let pod = builder.pod(group, rank);
+                let incarnation = observed.get(&group).map_or(0, groups::Group::incarnation);
+                let pod = builder.pod_in(group, rank, incarnation);
                 match pod_api.create(&PostParams::default(), &pod).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(status)) if status.code == 409 => {

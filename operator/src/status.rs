@@ -502,11 +502,14 @@ mod tests {
                     terminating: false,
                     group_size: None,
                     problem: None,
+                    node_lost: false,
+                    incarnation: 0,
                 };
                 (
                     i as u32,
                     Group {
                         members: [(0, m)].into(),
+                        abandoned: None,
                     },
                 )
             })

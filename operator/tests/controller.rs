@@ -561,3 +561,90 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_or_deleted() {
     .await;
     controller.stop().await;
 }
+
+#[tokio::test]
+async fn a_group_on_a_lost_node_comes_back_under_new_names_while_its_old_pod_hangs() {
+    support::init_logs();
+    let server = FakeApiServer::default();
+    let client = server.client();
+    let mut changes = server.changes();
+    let nodes = Api::<Node>::all(client.clone());
+    for name in ["gpu-a", "gpu-b"] {
+        nodes
+            .create(&PostParams::default(), &gpu_node(name))
+            .await
+            .unwrap();
+    }
+    let controller = RunningController::start(&client);
+    let mut one = pool();
+    one.spec.replicas = 1;
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &one)
+        .await
+        .unwrap();
+    let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
+    eventually("the group's pod exists", &mut changes, TIMEOUT, || async {
+        pod_api.get_opt("llama-0-0").await.unwrap().is_some()
+    })
+    .await;
+    // Scheduled on gpu-a; a finalizer stands for the kubelet that will never confirm the
+    // deletion once the node is gone.
+    let placed = json!({"metadata": {"finalizers": ["test.parallax.dev/kubelet"]},
+        "spec": {"nodeName": "gpu-a"}});
+    pod_api
+        .patch("llama-0-0", &PatchParams::default(), &Patch::Merge(&placed))
+        .await
+        .unwrap();
+    mark_pods_ready(&client).await;
+
+    // gpu-a has been NotReady for an hour (as the node lifecycle controller reports it).
+    let down = json!({"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+        "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "NodeStatusUnknown"}]}});
+    nodes
+        .patch_status("gpu-a", &PatchParams::default(), &Patch::Merge(&down))
+        .await
+        .unwrap();
+    let mut poke = 0;
+    eventually(
+        "the group is recreated as llama-0-0-i1 while llama-0-0 hangs in deletion",
+        &mut changes,
+        TIMEOUT,
+        || {
+            // The node lifecycle controller marks the pod not ready, which wakes the operator.
+            poke += 1;
+            let pod_api = pod_api.clone();
+            async move {
+                let note = json!({"metadata": {"annotations": {"test.parallax.dev/poke": poke.to_string()}}});
+                let _ = pod_api
+                    .patch("llama-0-0", &PatchParams::default(), &Patch::Merge(&note))
+                    .await;
+                let old = pod_api.get_opt("llama-0-0").await.unwrap();
+                let new = pod_api.get_opt("llama-0-0-i1").await.unwrap();
+                old.is_some_and(|p| p.metadata.deletion_timestamp.is_some()) && new.is_some()
+            }
+        },
+    )
+    .await;
+    let new = pod_api.get("llama-0-0-i1").await.unwrap();
+    assert_eq!(new.labels()["parallax.dev/incarnation"], "1");
+    let reasons: Vec<String> = server
+        .objects("apis/events.k8s.io/v1/events")
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "GroupRescheduled"),
+        "{reasons:?}"
+    );
+
+    // The new incarnation serves; the old pod does not count.
+    mark_pods_ready(&client).await;
+    eventually("the pool is ready again", &mut changes, TIMEOUT, || async {
+        current_pool(&client).await.is_some_and(|p| {
+            let s = p.status.unwrap_or_default();
+            s.replicas == 1 && s.ready_replicas == 1
+        })
+    })
+    .await;
+    controller.stop().await;
+}
