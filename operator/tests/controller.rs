@@ -125,6 +125,22 @@ async fn current_pool(client: &Client) -> Option<InferencePool> {
         .unwrap()
 }
 
+/// Waits until the pool's condition `type_` has `(status, reason)`.
+async fn until_condition(
+    client: &Client,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    type_: &str,
+    (status, reason): (&str, &str),
+) {
+    let what = format!("{type_}={status} with reason {reason}");
+    eventually(&what, changes, TIMEOUT, || async {
+        current_pool(client)
+            .await
+            .is_some_and(|p| condition(&p, type_) == Some((status.to_owned(), reason.to_owned())))
+    })
+    .await;
+}
+
 fn condition(pool: &InferencePool, type_: &str) -> Option<(String, String)> {
     let status = pool.status.as_ref()?;
     let c = status.conditions.iter().find(|c| c.type_ == type_)?;
@@ -274,17 +290,7 @@ async fn a_pool_lives_and_dies_through_the_controller() {
         )
         .await
         .unwrap();
-    eventually(
-        "Degraded clears once the pod runs",
-        &mut changes,
-        TIMEOUT,
-        || async {
-            current_pool(&client).await.is_some_and(|p| {
-                condition(&p, "Degraded") == Some(("False".into(), "AsExpected".into()))
-            })
-        },
-    )
-    .await;
+    until_condition(&client, &mut changes, "Degraded", ("False", "AsExpected")).await;
     assert_eq!(hashes(pods(&client).await), before, "no group was rolled");
     Api::<Node>::all(client.clone())
         .create(&PostParams::default(), &gpu_node("gpu-a"))
@@ -462,17 +468,7 @@ async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
         .create(&PostParams::default(), &pool())
         .await
         .unwrap();
-    eventually(
-        "Ready=False with reason NoGpuNodes",
-        &mut changes,
-        TIMEOUT,
-        || async {
-            current_pool(&client).await.is_some_and(|p| {
-                condition(&p, "Ready") == Some(("False".into(), "NoGpuNodes".into()))
-            })
-        },
-    )
-    .await;
+    until_condition(&client, &mut changes, "Ready", ("False", "NoGpuNodes")).await;
     assert!(pods(&client).await.is_empty(), "no pods without a layout");
     controller.stop().await;
 }
