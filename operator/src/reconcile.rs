@@ -128,10 +128,19 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         Ok(layout) => {
             let builder = ChildBuilder::with_agent_image(pool, layout, &ctx.agent_image);
             let children = builder.children();
-            server_side_apply(client, &namespace, &children.config_map).await?;
-            server_side_apply(client, &namespace, &children.service).await?;
-            server_side_apply(client, &namespace, &children.headless_service).await?;
-            server_side_apply(client, &namespace, &children.pdb).await?;
+            // Applied only where the name is free or the pool's: never taken over.
+            let mut taken = Vec::new();
+            taken.extend(apply_owned(client, &namespace, &children.config_map, pool).await?);
+            taken.extend(apply_owned(client, &namespace, &children.service, pool).await?);
+            taken.extend(apply_owned(client, &namespace, &children.headless_service, pool).await?);
+            taken.extend(apply_owned(client, &namespace, &children.pdb, pool).await?);
+            for name in taken {
+                events.push((
+                    EventType::Warning,
+                    "ChildNameTaken",
+                    format!("{name} exists and is not the pool's: it is left alone, and the pool works without it"),
+                ));
+            }
 
             let replicas = pool.spec.replicas.max(0) as u32;
             plan = groups::plan(
@@ -365,6 +374,32 @@ where
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Server-side applies `object` unless an object of its name exists that the pool does not
+/// own; then returns `KIND/NAME` and changes nothing.
+async fn apply_owned<K>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+    pool: &InferencePool,
+) -> Result<Option<String>>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + Debug + Serialize + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = object.name_any();
+    if let Some(existing) = api.get_opt(&name).await?
+        && !owned_by(existing.meta(), pool)
+    {
+        return Ok(Some(format!(
+            "{}/{name}",
+            K::kind(&K::DynamicType::default())
+        )));
+    }
+    server_side_apply(client, namespace, object).await?;
+    Ok(None)
 }
 
 /// Deletes `name` if it is there and the pool's.

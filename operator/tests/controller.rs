@@ -474,7 +474,7 @@ async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
 }
 
 #[tokio::test]
-async fn what_the_pool_does_not_own_is_never_adopted_counted_or_deleted() {
+async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted() {
     support::init_logs();
     let server = FakeApiServer::default();
     let client = server.client();
@@ -497,6 +497,18 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_or_deleted() {
         .create(&PostParams::default(), &squatter)
         .await
         .unwrap();
+    // And somebody's Service of the pool's name.
+    let theirs: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "llama", "namespace": "ml"},
+        "spec": {"ports": [{"name": "web", "port": 80}], "selector": {"app": "web"}}
+    }))
+    .unwrap();
+    let services = Api::<Service>::namespaced(client.clone(), "ml");
+    services
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
     let controller = RunningController::start(&client);
     Api::<InferencePool>::namespaced(client.clone(), "ml")
         .create(&PostParams::default(), &pool())
@@ -514,7 +526,16 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_or_deleted() {
                     e["reason"] == "PodNameTaken"
                         && e["note"].as_str().is_some_and(|n| n.contains("llama-1-0"))
                 });
-            taken && pod_api.get_opt("llama-0-0").await.unwrap().is_some()
+            let service_taken = server
+                .objects("apis/events.k8s.io/v1/events")
+                .iter()
+                .any(|e| {
+                    e["reason"] == "ChildNameTaken"
+                        && e["note"]
+                            .as_str()
+                            .is_some_and(|n| n.contains("Service/llama"))
+                });
+            taken && service_taken && pod_api.get_opt("llama-0-0").await.unwrap().is_some()
         },
     )
     .await;
@@ -540,6 +561,12 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_or_deleted() {
         untouched.spec.unwrap().containers[0].image.as_deref(),
         Some("busybox")
     );
+    let service = services.get("llama").await.unwrap();
+    assert!(
+        service.owner_references().is_empty(),
+        "the Service was adopted"
+    );
+    assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 80);
 
     Api::<InferencePool>::namespaced(client.clone(), "ml")
         .delete("llama", &DeleteParams::default())
@@ -551,7 +578,10 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_or_deleted() {
         TIMEOUT,
         || async {
             let names: Vec<String> = pods(&client).await.iter().map(|p| p.name_any()).collect();
-            current_pool(&client).await.is_none() && names == ["llama-1-0"]
+            current_pool(&client).await.is_none()
+                && names == ["llama-1-0"]
+                && services.get_opt("llama").await.unwrap().is_some()
+                && services.get_opt("llama-pods").await.unwrap().is_none()
         },
     )
     .await;

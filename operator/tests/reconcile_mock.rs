@@ -154,6 +154,26 @@ async fn next(
     body
 }
 
+/// Answers the next request, which must be a GET of `path`, with 404: nothing of that name.
+async fn absent(handle: &mut MockHandle, path: &'static str) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no request came; expected GET {path}"))
+        .expect("the service is alive");
+    assert_eq!(
+        (request.method(), request.uri().path()),
+        (&Method::GET, path)
+    );
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "NotFound", "code": 404, "message": "not found"});
+    send.send_response(
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+            .unwrap(),
+    );
+}
+
 fn echo(body: &Value) -> Value {
     body.clone()
 }
@@ -184,14 +204,12 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
             content_type: None,
         };
         next(&mut handle, pods, empty_list).await;
-        // Each pod template has its configuration, named by its hash.
-        let cm_path = format!("/api/v1/namespaces/ml/configmaps/{config_name}");
-        let cm = next(
-            &mut handle,
-            apply(Box::leak(cm_path.into_boxed_str())),
-            echo,
-        )
-        .await;
+        // Each pod template has its configuration, named by its hash. Every child is looked up
+        // first: a name held by something the pool does not own is never taken over.
+        let cm_path: &'static str =
+            Box::leak(format!("/api/v1/namespaces/ml/configmaps/{config_name}").into_boxed_str());
+        absent(&mut handle, cm_path).await;
+        let cm = next(&mut handle, apply(cm_path), echo).await;
         assert_eq!(
             (cm["apiVersion"].as_str(), cm["kind"].as_str()),
             (Some("v1"), Some("ConfigMap"))
@@ -201,6 +219,7 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         assert_eq!(config["tensorParallelSize"], 1);
         assert_eq!(config["model"]["servedName"], "llama");
         assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        absent(&mut handle, "/api/v1/namespaces/ml/services/llama").await;
         let svc = next(
             &mut handle,
             apply("/api/v1/namespaces/ml/services/llama"),
@@ -208,6 +227,7 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         )
         .await;
         assert_eq!(svc["spec"]["ports"][0]["port"], 8000);
+        absent(&mut handle, "/api/v1/namespaces/ml/services/llama-pods").await;
         let headless = next(
             &mut handle,
             apply("/api/v1/namespaces/ml/services/llama-pods"),
@@ -215,6 +235,11 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         )
         .await;
         assert_eq!(headless["spec"]["clusterIP"], "None");
+        absent(
+            &mut handle,
+            "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama",
+        )
+        .await;
         let pdb = next(
             &mut handle,
             apply("/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama"),
