@@ -385,11 +385,7 @@ impl<'a> ChildBuilder<'a> {
             "0.0.0.0".to_owned(),
         ];
         // The pod's GPUs, unless the pool's arguments name a device themselves.
-        let names_device = spec
-            .agent
-            .extra_args
-            .iter()
-            .any(|a| a == "--device" || a.starts_with("--device="));
+        let names_device = flag(&spec.agent.extra_args, "--device").is_some();
         if self.layout.gpus_per_pod > 0 && !names_device {
             args.extend(["--device".to_owned(), "cuda".to_owned()]);
         }
@@ -612,22 +608,26 @@ const PRE_STOP_SECONDS: i64 = 5;
 /// Longer than the preStop pause and the agent's drain (`--shutdown-timeout`, 30 s unless the
 /// pool's arguments say), with ten seconds to exit.
 fn termination_grace_seconds(extra_args: &[String]) -> i64 {
-    let mut drain = 30.0_f64;
-    let mut args = extra_args.iter();
-    while let Some(arg) = args.next() {
-        let value = match arg.strip_prefix("--shutdown-timeout") {
-            Some("") => args.next().map(String::as_str),
-            Some(rest) => rest.strip_prefix('='),
-            None => None,
-        };
-        if let Some(seconds) = value.and_then(|v| v.parse::<f64>().ok())
-            && seconds.is_finite()
-            && seconds >= 0.0
-        {
-            drain = seconds;
+    let drain = flag(extra_args, "--shutdown-timeout")
+        .flatten()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+        .unwrap_or(30.0);
+    PRE_STOP_SECONDS + drain.ceil() as i64 + 10
+}
+
+/// The last `name` among the agent's arguments and its value (`--name VALUE` or `--name=VALUE`;
+/// `Some(None)` when it ends the list).
+fn flag<'a>(args: &'a [String], name: &str) -> Option<Option<&'a str>> {
+    let mut found = None;
+    for (i, arg) in args.iter().enumerate() {
+        match arg.strip_prefix(name) {
+            Some("") => found = Some(args.get(i + 1).map(String::as_str)),
+            Some(rest) if rest.starts_with('=') => found = Some(Some(&rest[1..])),
+            _ => {}
         }
     }
-    PRE_STOP_SECONDS + drain.ceil() as i64 + 10
+    found
 }
 
 /// Room for a download of the model: its weights and a quarter more (tokenizer, partial files),

@@ -92,13 +92,15 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let name = pool.name_any();
     let client = &ctx.client;
 
-    let inventory = GpuInventory::from_nodes(
-        ctx.nodes.state().iter().map(|n| n.as_ref()),
-        &pool.spec.resources,
-    );
+    // One reading of the clock and of the nodes serves the whole pass.
+    let now = Timestamp::now();
+    let nodes = ctx.nodes.state();
     let layout = match tp::pinned(pool) {
         Some(pinned) => Ok(pinned),
-        None => tp::resolve(&pool.spec, &inventory),
+        None => tp::resolve(
+            &pool.spec,
+            &GpuInventory::from_nodes(nodes.iter().map(|n| n.as_ref()), &pool.spec.resources),
+        ),
     };
 
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
@@ -114,14 +116,10 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     for pod in &foreign {
         debug!(pod = %pod.name_any(), "carries the pool's labels but is not the pool's: left alone");
     }
-    let nodes = NodeHealth::from_nodes(
-        ctx.nodes.state().iter().map(|n| n.as_ref()),
-        Timestamp::now().as_second(),
-    );
-    let observed = groups::observe(&owned, pods_per_group, &nodes);
+    let health = NodeHealth::from_nodes(nodes.iter().map(|n| n.as_ref()), now.as_second());
+    let observed = groups::observe(&owned, pods_per_group, &health);
 
     let mut events = Vec::new();
-    let now = Timestamp::now();
     let restarts = pool.status.as_ref().map(restarts_of).unwrap_or_default();
     let mut plan = GroupPlan::default();
     let template_hash = match &layout {

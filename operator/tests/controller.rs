@@ -125,6 +125,40 @@ async fn current_pool(client: &Client) -> Option<InferencePool> {
         .unwrap()
 }
 
+/// A fake API server holding GPU nodes of these names, a client of it, and its change feed.
+async fn cluster(nodes: &[&str]) -> (FakeApiServer, Client, tokio::sync::watch::Receiver<u64>) {
+    support::init_logs();
+    let server = FakeApiServer::default();
+    let client = server.client();
+    let changes = server.changes();
+    for name in nodes {
+        Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &gpu_node(name))
+            .await
+            .unwrap();
+    }
+    (server, client, changes)
+}
+
+/// The events recorded so far: (reason, note).
+fn events(server: &FakeApiServer) -> Vec<(String, String)> {
+    server
+        .objects("apis/events.k8s.io/v1/events")
+        .iter()
+        .map(|e| {
+            let text = |key: &str| e[key].as_str().unwrap_or_default().to_owned();
+            (text("reason"), text("note"))
+        })
+        .collect()
+}
+
+/// Whether an event of `reason` whose note mentions `about` was recorded.
+fn recorded(server: &FakeApiServer, reason: &str, about: &str) -> bool {
+    events(server)
+        .iter()
+        .any(|(r, note)| r == reason && note.contains(about))
+}
+
 /// Waits until the pool's condition `type_` has `(status, reason)`.
 async fn until_condition(
     client: &Client,
@@ -149,14 +183,7 @@ fn condition(pool: &InferencePool, type_: &str) -> Option<(String, String)> {
 
 #[tokio::test]
 async fn a_pool_lives_and_dies_through_the_controller() {
-    support::init_logs();
-    let server = FakeApiServer::default();
-    let client = server.client();
-    let mut changes = server.changes();
-    Api::<Node>::all(client.clone())
-        .create(&PostParams::default(), &gpu_node("gpu-a"))
-        .await
-        .unwrap();
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
 
     let controller = RunningController::start(&client);
 
@@ -434,11 +461,7 @@ async fn a_pool_lives_and_dies_through_the_controller() {
     .await;
 
     // Events explain the decisions.
-    let reasons: Vec<String> = server
-        .objects("apis/events.k8s.io/v1/events")
-        .iter()
-        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-        .collect();
+    let reasons: Vec<String> = events(&server).into_iter().map(|(r, _)| r).collect();
     for expected in [
         "TensorParallelSizeResolved",
         "GroupCreated",
@@ -458,10 +481,7 @@ async fn a_pool_lives_and_dies_through_the_controller() {
 
 #[tokio::test]
 async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
-    support::init_logs();
-    let server = FakeApiServer::default();
-    let client = server.client();
-    let mut changes = server.changes();
+    let (_server, client, mut changes) = cluster(&[]).await;
     let controller = RunningController::start(&client);
 
     Api::<InferencePool>::namespaced(client.clone(), "ml")
@@ -475,14 +495,7 @@ async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
 
 #[tokio::test]
 async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted() {
-    support::init_logs();
-    let server = FakeApiServer::default();
-    let client = server.client();
-    let mut changes = server.changes();
-    Api::<Node>::all(client.clone())
-        .create(&PostParams::default(), &gpu_node("gpu-a"))
-        .await
-        .unwrap();
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
     // Somebody's pod with the pool's labels and the name group 1 would take.
     let squatter: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -519,22 +532,8 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted(
         &mut changes,
         TIMEOUT,
         || async {
-            let taken = server
-                .objects("apis/events.k8s.io/v1/events")
-                .iter()
-                .any(|e| {
-                    e["reason"] == "PodNameTaken"
-                        && e["note"].as_str().is_some_and(|n| n.contains("llama-1-0"))
-                });
-            let service_taken = server
-                .objects("apis/events.k8s.io/v1/events")
-                .iter()
-                .any(|e| {
-                    e["reason"] == "ChildNameTaken"
-                        && e["note"]
-                            .as_str()
-                            .is_some_and(|n| n.contains("Service/llama"))
-                });
+            let taken = recorded(&server, "PodNameTaken", "llama-1-0");
+            let service_taken = recorded(&server, "ChildNameTaken", "Service/llama");
             taken && service_taken && pod_api.get_opt("llama-0-0").await.unwrap().is_some()
         },
     )
@@ -590,17 +589,8 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted(
 
 #[tokio::test]
 async fn a_group_on_a_lost_node_comes_back_under_new_names_while_its_old_pod_hangs() {
-    support::init_logs();
-    let server = FakeApiServer::default();
-    let client = server.client();
-    let mut changes = server.changes();
+    let (server, client, mut changes) = cluster(&["gpu-a", "gpu-b"]).await;
     let nodes = Api::<Node>::all(client.clone());
-    for name in ["gpu-a", "gpu-b"] {
-        nodes
-            .create(&PostParams::default(), &gpu_node(name))
-            .await
-            .unwrap();
-    }
     let controller = RunningController::start(&client);
     let mut one = pool();
     one.spec.replicas = 1;
@@ -653,14 +643,10 @@ async fn a_group_on_a_lost_node_comes_back_under_new_names_while_its_old_pod_han
     .await;
     let new = pod_api.get("llama-0-0-i1").await.unwrap();
     assert_eq!(new.labels()["parallax.dev/incarnation"], "1");
-    let reasons: Vec<String> = server
-        .objects("apis/events.k8s.io/v1/events")
-        .iter()
-        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-        .collect();
     assert!(
-        reasons.iter().any(|r| r == "GroupRescheduled"),
-        "{reasons:?}"
+        recorded(&server, "GroupRescheduled", "group 0"),
+        "{:?}",
+        events(&server)
     );
 
     // The new incarnation serves; the old pod does not count.

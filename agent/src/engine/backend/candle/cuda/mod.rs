@@ -76,36 +76,6 @@ fn architecture(capability: (i32, i32)) -> Result<&'static str> {
     })
 }
 
-impl PagedKernels for Kernels {
-    fn rope_and_cache(
-        &self,
-        qkv: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        positions: &Tensor,
-        slots: &Tensor,
-        k_cache: &Tensor,
-        v_cache: &Tensor,
-    ) -> Result<()> {
-        Kernels::rope_and_cache(self, qkv, cos, sin, positions, slots, k_cache, v_cache)
-    }
-
-    fn paged_attention(
-        &self,
-        qkv: &Tensor,
-        k_cache: &Tensor,
-        v_cache: &Tensor,
-        tables: &Tensor,
-        token_seq: &Tensor,
-        token_pos: &Tensor,
-        block_size: usize,
-    ) -> Result<Tensor> {
-        Kernels::paged_attention(
-            self, qkv, k_cache, v_cache, tables, token_seq, token_pos, block_size,
-        )
-    }
-}
-
 impl Kernels {
     /// Compiles the kernels for `config` in `dtype` on `device` (NVRTC, no nvcc).
     pub fn compile(device: &Device, config: &LlamaConfig, dtype: DType) -> Result<Self> {
@@ -163,11 +133,12 @@ impl Kernels {
         unsafe { launch.launch(config) }.map_err(candle_core::Error::wrap)?;
         Ok(())
     }
+}
 
+impl PagedKernels for Kernels {
     /// Rotates the query and key heads of `qkv` (`[tokens, (heads + 2 kv) × dim]`, contiguous) in
     /// place at `positions`, and writes keys and values into the caches at `slots`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_and_cache(
+    fn rope_and_cache(
         &self,
         qkv: &Tensor,
         cos: &Tensor,
@@ -182,10 +153,10 @@ impl Kernels {
             return Ok(());
         }
         let stream = self.device.cuda_stream();
-        let mut args = [qkv, cos, sin, positions, slots, k_cache, v_cache]
-            .iter()
-            .map(|t| pointer(t, &stream).map(Arg::U64))
-            .collect::<Result<Vec<Arg>>>()?;
+        let mut args = pointers(
+            &[qkv, cos, sin, positions, slots, k_cache, v_cache],
+            &stream,
+        )?;
         args.extend([
             Arg::I32(self.heads as i32),
             Arg::I32(self.kv_heads as i32),
@@ -206,8 +177,7 @@ impl Kernels {
     /// Attention of every token over its sequence's cached positions `0..=position`: `qkv` holds
     /// the rotated queries (`[tokens, (heads + 2 kv) × dim]`); `tables` is `[sequences,
     /// max_blocks]`, `token_seq` and `token_pos` `[tokens]` (u32). `[tokens, heads × dim]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn paged_attention(
+    fn paged_attention(
         &self,
         qkv: &Tensor,
         k_cache: &Tensor,
@@ -227,15 +197,12 @@ impl Kernels {
             return Ok(out);
         }
         let stream = self.device.cuda_stream();
-        let pointers = |tensors: &[&Tensor]| {
-            tensors
-                .iter()
-                .map(|t| pointer(t, &stream).map(Arg::U64))
-                .collect::<Result<Vec<Arg>>>()
-        };
-        let mut args = pointers(&[&out, qkv])?;
+        let mut args = pointers(&[&out, qkv], &stream)?;
         args.push(Arg::U64(width as u64));
-        args.extend(pointers(&[k_cache, v_cache, tables, token_seq, token_pos])?);
+        args.extend(pointers(
+            &[k_cache, v_cache, tables, token_seq, token_pos],
+            &stream,
+        )?);
         args.extend([
             Arg::F32(1.0 / (self.head_dim as f32).sqrt()),
             Arg::I32(self.kv_heads as i32),
@@ -275,6 +242,14 @@ enum Arg {
     U64(u64),
     I32(i32),
     F32(f32),
+}
+
+/// The device addresses of contiguous CUDA tensors, as kernel arguments.
+fn pointers(tensors: &[&Tensor], stream: &cudarc::driver::CudaStream) -> Result<Vec<Arg>> {
+    tensors
+        .iter()
+        .map(|t| pointer(t, stream).map(Arg::U64))
+        .collect()
 }
 
 /// The device address of a contiguous CUDA tensor's first element.
