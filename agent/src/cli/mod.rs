@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the OpenAI-compatible API, health and metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate a completion for one prompt and print it.
     Generate(GenerateArgs),
     /// Run a fixed offline workload and report throughput and latency.

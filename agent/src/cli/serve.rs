@@ -75,6 +75,20 @@ pub struct ServeArgs {
     /// Port the group's leader accepts the other pods on (on --host).
     #[arg(long, default_value_t = AGENT_GROUP_PORT)]
     pub group_port: u16,
+    /// The group's tensor-parallel size as the operator sized its GPUs
+    /// (PARALLAX_TENSOR_PARALLEL_SIZE): serve refuses to start with another.
+    #[arg(long, env = "PARALLAX_TENSOR_PARALLEL_SIZE", hide = true)]
+    pub sized_tensor_parallel_size: Option<usize>,
+    /// Where this pod stands, as the operator names it (PARALLAX_POOL, PARALLAX_GROUP, POD_NAME,
+    /// POD_NAMESPACE): logged at start, so that a pod's logs say which group they come from.
+    #[arg(long, env = "PARALLAX_POOL", hide = true)]
+    pub pool: Option<String>,
+    #[arg(long, env = "PARALLAX_GROUP", hide = true)]
+    pub group: Option<String>,
+    #[arg(long, env = "POD_NAME", hide = true)]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE", hide = true)]
+    pub pod_namespace: Option<String>,
 }
 
 /// This process's part in its tensor-parallel group.
@@ -206,6 +220,14 @@ impl ServeArgs {
             hub?;
         }
         engine.config(&engine.profile()?)?;
+        if let Some(sized) = self.sized_tensor_parallel_size
+            && sized != engine.tensor_parallel_size()
+        {
+            bail!(
+                "tensor parallel size {} differs from the {sized} this pod's GPUs were sized for (PARALLAX_TENSOR_PARALLEL_SIZE): drop -t from the pool's agent.extraArgs",
+                engine.tensor_parallel_size()
+            );
+        }
         if !(self.shutdown_timeout >= 0.0 && self.shutdown_timeout.is_finite()) {
             bail!("--shutdown-timeout must be a number of seconds ≥ 0");
         }
@@ -310,6 +332,15 @@ impl ServeArgs {
 
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let (engine, port, server_config) = args.resolve()?;
+    if let Some(pool) = &args.pool {
+        tracing::info!(
+            pool,
+            group = args.group.as_deref().unwrap_or_default(),
+            pod = args.pod_name.as_deref().unwrap_or_default(),
+            namespace = args.pod_namespace.as_deref().unwrap_or_default(),
+            "serving a pool's group"
+        );
+    }
     let role = args.role(engine.tensor_parallel_size())?;
     // The leader takes its group port before anything loads, so a port in use fails at once.
     let group_listener = match role {
@@ -426,7 +457,7 @@ mod tests {
             .expect("the arguments parse")
             .command
         {
-            Command::Serve(args) => args,
+            Command::Serve(args) => *args,
             other => panic!("{other:?}"),
         }
     }
@@ -605,6 +636,24 @@ mod tests {
         );
         edit(&|c| c["model"]["source"] = "hf://org/name@v1".into());
         check_config(&path).unwrap();
+        std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn the_size_the_operator_gave_the_gpus_for_is_the_size_served() {
+        let path = config_file("serve-sized", 2);
+        let file = path.to_string_lossy().into_owned();
+        let sized = ["--config", &file, "--sized-tensor-parallel-size", "2"];
+        serve_args(&sized).resolve().unwrap();
+        let mut other = sized.to_vec();
+        other.extend(["-t", "4"]);
+        let error = serve_args(&other).resolve().unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("tensor parallel size 4 differs from the 2 this pod's GPUs"),
+            "{error}"
+        );
         std::fs::remove_file(path).ok();
     }
 
