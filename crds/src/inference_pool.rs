@@ -80,6 +80,10 @@ pub struct InferencePoolSpec {
     #[schemars(range(min = 1))]
     pub progress_deadline_seconds: i32,
 
+    /// How groups are replaced when the pod template changes.
+    #[serde(default)]
+    pub rollout: RolloutStrategy,
+
     /// Continuous batching and the execution-time bins of the agent's scheduler.
     #[serde(default)]
     pub batching: BatchingSpec,
@@ -91,6 +95,74 @@ pub struct InferencePoolSpec {
     /// The agent container.
     #[serde(default)]
     pub agent: AgentSpec,
+}
+
+/// A rolling update's bounds, in groups, as a Deployment's (a count or a percentage of
+/// `replicas`; surge rounds up, unavailable rounds down, and both at zero means one unavailable).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("!(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])").message("maxSurge and maxUnavailable cannot both be 0: the update could never start").field_path(".maxUnavailable")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStrategy {
+    /// Groups created beyond `replicas` on the new template before old ones go. Set it to 1 to
+    /// update a one-group pool without an outage, when the cluster has a group's GPUs to spare.
+    #[serde(default = "default_max_surge")]
+    #[schemars(schema_with = "groups_or_percent_schema")]
+    pub max_surge: IntOrString,
+
+    /// Groups that may be unready while the update runs (counted against `replicas`).
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(schema_with = "groups_or_percent_schema")]
+    pub max_unavailable: IntOrString,
+}
+
+impl Default for RolloutStrategy {
+    fn default() -> Self {
+        Self {
+            max_surge: default_max_surge(),
+            max_unavailable: default_max_unavailable(),
+        }
+    }
+}
+
+impl RolloutStrategy {
+    /// (surge, unavailable) in groups for `replicas` groups.
+    pub fn resolve(&self, replicas: u32) -> (u32, u32) {
+        let groups = |value: &IntOrString, round_up: bool| match value {
+            IntOrString::Int(n) => (*n).max(0) as u32,
+            IntOrString::String(s) if !s.ends_with('%') => s.parse().unwrap_or(0),
+            IntOrString::String(s) => {
+                let percent: u64 = s.trim_end_matches('%').parse().unwrap_or(0);
+                let scaled = percent * u64::from(replicas);
+                let groups = if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                };
+                groups.min(u64::from(u32::MAX)) as u32
+            }
+        };
+        let surge = groups(&self.max_surge, true);
+        let unavailable = groups(&self.max_unavailable, false);
+        if surge == 0 && unavailable == 0 {
+            (0, 1)
+        } else {
+            (surge, unavailable)
+        }
+    }
+}
+
+fn groups_or_percent_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "nullable": false,
+        "description": "A number of groups, or a percentage of replicas such as `25%`.",
+        "x-kubernetes-validations": [{
+            "rule": "string(self).matches('^[0-9]+%?$')",
+            "message": "must be a non-negative number of groups or a percentage such as 25%"
+        }]
+    })
 }
 
 /// Where the weights come from and what the model is called on the API.
@@ -566,6 +638,12 @@ fn default_tensor_parallel_size() -> IntOrString {
 }
 fn default_one() -> i32 {
     1
+}
+fn default_max_surge() -> IntOrString {
+    IntOrString::Int(0)
+}
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(1)
 }
 fn default_max_replicas() -> i32 {
     10

@@ -153,6 +153,43 @@ fn bins_must_be_ordered_and_batch_ranges_consistent() {
 }
 
 #[test]
+fn rollout_bounds_are_counts_or_percentages_and_not_both_zero() {
+    let with = |rollout: Value| json!({"model": shaped(), "rollout": rollout});
+    assert_eq!(
+        errors(with(json!({"maxSurge": 1, "maxUnavailable": 0}))),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        errors(with(json!({"maxSurge": "25%", "maxUnavailable": "0%"}))),
+        Vec::<String>::new()
+    );
+    assert_refused(
+        with(json!({"maxSurge": "a lot"})),
+        "must be a non-negative number of groups or a percentage",
+    );
+    assert_refused(
+        with(json!({"maxUnavailable": -1})),
+        "must be a non-negative number of groups or a percentage",
+    );
+    assert_refused(
+        with(json!({"maxSurge": 0, "maxUnavailable": "0%"})),
+        "cannot both be 0",
+    );
+    // Defaults: no surge, one group at a time.
+    let defaults = pool(json!({"model": shaped()})).spec.rollout;
+    assert_eq!(defaults.resolve(4), (0, 1));
+    let percent = pool(with(json!({"maxSurge": "25%", "maxUnavailable": "25%"})))
+        .spec
+        .rollout;
+    assert_eq!(
+        percent.resolve(1),
+        (1, 0),
+        "surge rounds up, unavailable down"
+    );
+    assert_eq!(percent.resolve(8), (2, 2));
+}
+
+#[test]
 fn memory_fraction_and_block_size_are_bounded() {
     for bad in [0.0, 1.5, -0.1] {
         assert_refused(

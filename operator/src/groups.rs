@@ -1,6 +1,7 @@
 //! Groups as they are (read from pods) and what to do about them: create missing members,
-//! recreate a group whose member failed, roll one group at a time to a new template, remove
-//! groups beyond `replicas`. Pure: `plan` returns actions, `reconcile` carries them out.
+//! recreate a group whose member failed, roll groups to a new template within the rollout's
+//! surge and unavailability, remove groups beyond `replicas`. Pure: `plan` returns actions,
+//! `reconcile` carries them out.
 
 use crate::children::{
     GROUP_LABEL, GROUP_SIZE_ANNOTATION, INCARNATION_LABEL, RANK_LABEL, TEMPLATE_HASH_ANNOTATION,
@@ -274,13 +275,14 @@ pub fn restart_delay(count: u32) -> i64 {
 }
 
 /// The restarts after this pass: groups recreated now count one more; a group that has been
-/// ready since long enough after its last recreation is forgotten, and so is one scaled away
-/// (not one whose pods are gone for the moment: they are being recreated).
+/// ready since long enough after its last recreation is forgotten, and so is one that is gone
+/// and not being created again (scaled away). A group whose pods are gone for the moment is
+/// created again at its index in the same pass, so it is remembered.
 pub fn restarts_after(
     previous: &Restarts,
     plan: &GroupPlan,
     groups: &Groups,
-    (replicas, size): (u32, u32),
+    size: u32,
     now: i64,
 ) -> Restarts {
     let mut next: Restarts = previous
@@ -288,7 +290,9 @@ pub fn restarts_after(
         .filter(|(group, restart)| {
             let settled = groups.get(group).is_some_and(|g| g.ready(size))
                 && now - restart.at >= RESTART_MEMORY_SECONDS;
-            **group < replicas && !settled
+            let present =
+                groups.contains_key(group) || plan.create.iter().any(|(g, _)| g == *group);
+            present && !settled
         })
         .map(|(g, r)| (*g, *r))
         .collect();
@@ -301,16 +305,34 @@ pub fn restarts_after(
     next
 }
 
-/// Plans the groups for `replicas` groups of `size` pods built from template `hash`, at `now`
-/// (Unix seconds) after the `restarts` so far.
-pub fn plan(
-    groups: &Groups,
-    replicas: u32,
-    size: u32,
-    hash: &str,
-    restarts: &Restarts,
-    now: i64,
-) -> GroupPlan {
+/// What the pool should run: `replicas` groups of `size` pods built from template `hash`,
+/// replaced within the rollout's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted<'a> {
+    pub replicas: u32,
+    pub size: u32,
+    pub hash: &'a str,
+    /// Groups beyond `replicas` a rolling update may create.
+    pub max_surge: u32,
+    /// Groups below `replicas` that may be unready while it runs.
+    pub max_unavailable: u32,
+}
+
+/// Plans the groups for `wanted` at `now` (Unix seconds) after the `restarts` so far.
+///
+/// Groups are not tied to their index: a rolling update creates groups on the new template at
+/// free indices (up to `replicas + max_surge` groups in all, counting those still terminating)
+/// and removes ready old ones while `replicas - max_unavailable` ready groups remain, as a
+/// Deployment replaces pods. A failed group comes back at its own index, so its restart
+/// history follows it.
+pub fn plan(groups: &Groups, wanted: &Wanted<'_>, restarts: &Restarts, now: i64) -> GroupPlan {
+    let Wanted {
+        replicas,
+        size,
+        hash,
+        max_surge,
+        max_unavailable,
+    } = *wanted;
     let mut plan = GroupPlan::default();
     let mut delete = |index: u32, reason, group: &Group| {
         let names = group
@@ -323,20 +345,22 @@ pub fn plan(
             plan.delete.push((index, reason, names));
         }
     };
-    for (&index, group) in groups.range(replicas..) {
-        delete(index, DeleteReason::ScaledDown, group);
-    }
-    // A rolling update replaces one ready group at a time, and only while every other wanted
-    // group is ready on the current template; groups that are not ready anyway go at once.
-    let wanted = |i: &u32| *i < replicas;
-    let settled = (0..replicas).all(|i| groups.get(&i).is_some_and(|g| g.ready(size)));
-    let mut rolling = groups.iter().any(|(i, g)| wanted(i) && g.terminating());
-    for (&index, group) in groups.iter().filter(|(i, _)| wanted(i)) {
+
+    // Failures first, whatever the template: the group goes whole and comes back at its index.
+    // Those and the groups still terminating keep their index taken.
+    let mut coming_back = Vec::new();
+    let mut on_the_way_out = 0;
+    let mut live: Vec<(u32, &Group)> = Vec::new();
+    for (&index, group) in groups {
         if group.terminating() {
-            continue;
-        }
-        if group.members.values().any(|m| m.node_lost) {
+            if restarts.contains_key(&index) && group.current(hash) {
+                coming_back.push(index);
+            } else {
+                on_the_way_out += 1;
+            }
+        } else if group.members.values().any(|m| m.node_lost) {
             delete(index, DeleteReason::NodeLost, group);
+            coming_back.push(index);
         } else if group.members.values().any(|m| m.failed) {
             let due = restarts
                 .get(&index)
@@ -346,34 +370,102 @@ pub fn plan(
             } else {
                 plan.backing_off.push((index, due));
             }
-        } else if !group.current(hash) {
-            if !group.ready(size) {
-                delete(index, DeleteReason::Outdated, group);
-            } else if settled && !rolling {
-                delete(index, DeleteReason::Outdated, group);
-                rolling = true;
-            }
+            coming_back.push(index);
+        } else {
+            live.push((index, group));
         }
     }
-    let deleted: Vec<u32> = plan.delete.iter().map(|(i, ..)| *i).collect();
-    for index in 0..replicas {
-        let group = groups.get(&index);
-        // Outdated groups are replaced whole, never topped up with members of a new template.
-        if deleted.contains(&index) || group.is_some_and(|g| g.terminating() || !g.current(hash)) {
-            continue;
+    let (current, outdated): (Vec<_>, Vec<_>) =
+        live.into_iter().partition(|(_, g)| g.current(hash));
+
+    // Outdated groups that serve nothing go at once; ready ones while enough others stay ready.
+    let mut ready = current
+        .iter()
+        .chain(&outdated)
+        .filter(|(_, g)| g.ready(size))
+        .count() as u32
+        + coming_back
+            .iter()
+            .filter(|i| groups[*i].ready(size))
+            .count() as u32;
+    let min_ready = replicas.saturating_sub(max_unavailable);
+    for (index, group) in outdated.iter().filter(|(_, g)| !g.ready(size)) {
+        delete(*index, DeleteReason::Outdated, group);
+    }
+    for (index, group) in outdated.iter().filter(|(_, g)| g.ready(size)) {
+        if ready > min_ready {
+            delete(*index, DeleteReason::Outdated, group);
+            ready -= 1;
         }
+    }
+
+    // Beyond `replicas` on the current template: the least useful go, then the highest.
+    let kept_current = current.len() + coming_back.len();
+    let extra = kept_current.saturating_sub(replicas as usize);
+    let mut by_use: Vec<_> = current.iter().collect();
+    by_use.sort_by_key(|(i, g)| (g.ready(size), !g.members.is_empty(), std::cmp::Reverse(*i)));
+    let scaled_down: Vec<u32> = by_use.iter().take(extra).map(|(i, _)| *i).collect();
+    for (index, group) in by_use.iter().take(extra) {
+        delete(*index, DeleteReason::ScaledDown, group);
+    }
+
+    // Members missing from current groups, then new groups at free indices (a group with a
+    // restart history first) while the surge allows.
+    for (index, group) in current.iter().filter(|(i, _)| !scaled_down.contains(i)) {
         for rank in 0..size {
-            if group.is_none_or(|g| !g.members.contains_key(&rank)) {
-                plan.create.push((index, rank));
+            if !group.members.contains_key(&rank) {
+                plan.create.push((*index, rank));
             }
         }
     }
+    // Every group counts against the surge until its pods are gone, being removed or not.
+    let occupying = (kept_current + outdated.len()) as u32 + on_the_way_out;
+    let missing = replicas.saturating_sub((kept_current - extra) as u32);
+    let room = (replicas + max_surge).saturating_sub(occupying);
+    let free = restarts
+        .keys()
+        .copied()
+        .chain(0..)
+        .filter(|i| !groups.contains_key(i));
+    let mut fresh: Vec<u32> = Vec::new();
+    for index in free {
+        if fresh.len() as u32 >= missing.min(room) {
+            break;
+        }
+        if !fresh.contains(&index) {
+            fresh.push(index);
+        }
+    }
+    for index in fresh {
+        plan.create.extend((0..size).map(|rank| (index, rank)));
+    }
+    plan.create.sort_unstable();
+    plan.delete.sort_by_key(|(index, ..)| *index);
     plan
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Plans without surge, one group unavailable at a time (the defaults).
+    fn plan(
+        groups: &Groups,
+        replicas: u32,
+        size: u32,
+        hash: &str,
+        restarts: &Restarts,
+        now: i64,
+    ) -> GroupPlan {
+        let wanted = Wanted {
+            replicas,
+            size,
+            hash,
+            max_surge: 0,
+            max_unavailable: 1,
+        };
+        super::plan(groups, &wanted, restarts, now)
+    }
 
     fn member(name: &str, hash: &str, ready: bool) -> Member {
         Member {
@@ -518,32 +610,35 @@ mod tests {
         // The first failure: at once, and counted.
         let first = plan(&g, 1, 2, "h", &Restarts::new(), 1000);
         assert_eq!(first.delete.len(), 1);
-        let after_first = restarts_after(&Restarts::new(), &first, &g, (1, 2), 1000);
+        let after_first = restarts_after(&Restarts::new(), &first, &g, 2, 1000);
         assert_eq!(after_first[&0], Restart { count: 1, at: 1000 });
         // Failing again 5 s later: it waits until 10 s after the last recreation.
         let early = plan(&g, 1, 2, "h", &after_first, 1005);
         assert!(early.delete.is_empty() && early.create.is_empty());
         assert_eq!(early.backing_off, [(0, 1010)]);
         assert_eq!(
-            restarts_after(&after_first, &early, &g, (1, 2), 1005),
+            restarts_after(&after_first, &early, &g, 2, 1005),
             after_first
         );
         let due = plan(&g, 1, 2, "h", &after_first, 1010);
         assert_eq!(due.delete.len(), 1);
-        let after_second = restarts_after(&after_first, &due, &g, (1, 2), 1010);
+        let after_second = restarts_after(&after_first, &due, &g, 2, 1010);
         assert_eq!(after_second[&0], Restart { count: 2, at: 1010 });
-        // Pods gone while they are recreated: remembered. Ready ten minutes after its last
-        // recreation, or scaled away: forgotten.
-        let quiet = GroupPlan::default();
+        // Pods gone: the group comes back at its own index and is remembered. Ready ten
+        // minutes after its last recreation, or scaled away: forgotten.
+        let recreated = plan(&Groups::new(), 1, 2, "h", &after_second, 1011);
+        assert_eq!(recreated.create, [(0, 0), (0, 1)]);
         assert_eq!(
-            restarts_after(&after_second, &quiet, &Groups::new(), (1, 2), 1011),
+            restarts_after(&after_second, &recreated, &Groups::new(), 2, 1011),
             after_second
         );
+        let quiet = GroupPlan::default();
         let healthy = groups(&[(0, &[(0, "h", true), (1, "h", true)])]);
-        let kept = restarts_after(&after_second, &quiet, &healthy, (1, 2), 1500);
+        let kept = restarts_after(&after_second, &quiet, &healthy, 2, 1500);
         assert_eq!(kept.len(), 1);
-        assert!(restarts_after(&after_second, &quiet, &healthy, (1, 2), 1610).is_empty());
-        assert!(restarts_after(&after_second, &quiet, &Groups::new(), (0, 2), 1100).is_empty());
+        assert!(restarts_after(&after_second, &quiet, &healthy, 2, 1610).is_empty());
+        let scaled_away = plan(&Groups::new(), 0, 2, "h", &after_second, 1100);
+        assert!(restarts_after(&after_second, &scaled_away, &Groups::new(), 2, 1100).is_empty());
     }
 
     fn pod(name: &str, group: u32, rank: u32, incarnation: u32, node: &str, deleting: bool) -> Pod {
@@ -695,6 +790,132 @@ mod tests {
             .terminating = true;
         assert_eq!(
             plan(&g, 1, 1, "h", &Restarts::new(), 0),
+            GroupPlan::default()
+        );
+    }
+
+    /// Runs a rolling update of `replicas` one-pod groups from "old" to "new" to its end: each
+    /// pass carries out the plan, pods created on one pass are ready on the next, and deleted
+    /// ones are gone a pass later. Returns the passes and the groups created.
+    fn roll(replicas: u32, max_surge: u32, max_unavailable: u32) -> (u32, u32) {
+        let mut g = groups(
+            &(0..replicas)
+                .map(|i| (i, &[(0, "old", true)][..]))
+                .collect::<Vec<_>>(),
+        );
+        let wanted = Wanted {
+            replicas,
+            size: 1,
+            hash: "new",
+            max_surge,
+            max_unavailable,
+        };
+        let floor = replicas.saturating_sub(max_unavailable.max(u32::from(max_surge == 0)));
+        let mut created = 0;
+        for pass in 1..100 {
+            // Last pass's changes take effect: new pods turn ready, deleted ones go.
+            g.retain(|_, group| !group.terminating());
+            for member in g.values_mut().flat_map(|g| g.members.values_mut()) {
+                member.ready = true;
+            }
+            let ready = g.values().filter(|group| group.ready(1)).count() as u32;
+            assert!(ready >= floor, "pass {pass}: {ready} ready of {replicas}");
+            assert!(g.len() as u32 <= replicas + max_surge, "pass {pass}: {g:?}");
+            let plan = super::plan(&g, &wanted, &Restarts::new(), 0);
+            if plan == GroupPlan::default() {
+                assert!(g.values().all(|group| group.current("new")));
+                assert_eq!(g.len() as u32, replicas);
+                return (pass, created);
+            }
+            for (index, _, _) in &plan.delete {
+                for member in g.get_mut(index).unwrap().members.values_mut() {
+                    member.terminating = true;
+                }
+            }
+            for (index, rank) in plan.create {
+                created += 1;
+                g.entry(index)
+                    .or_default()
+                    .members
+                    .insert(rank, member(&format!("p-{index}-{rank}"), "new", false));
+            }
+        }
+        panic!("the rollout of {replicas} groups did not finish");
+    }
+
+    #[test]
+    fn rollouts_stay_within_surge_and_unavailability_and_start_each_group_once() {
+        for (replicas, surge, unavailable) in [
+            (1, 1, 0),
+            (1, 0, 1),
+            (3, 0, 1),
+            (3, 1, 0),
+            (4, 2, 1),
+            (5, 1, 2),
+            (2, 3, 0),
+        ] {
+            let (_, created) = roll(replicas, surge, unavailable);
+            assert_eq!(
+                created, replicas,
+                "{replicas} groups, surge {surge}, unavailable {unavailable}"
+            );
+        }
+        // Surge and unavailability speed it up.
+        assert!(roll(4, 2, 2).0 < roll(4, 0, 1).0);
+    }
+
+    #[test]
+    fn a_one_group_pool_with_surge_serves_throughout_its_update() {
+        let old = groups(&[(0, &[(0, "old", true)])]);
+        let wanted = Wanted {
+            replicas: 1,
+            size: 1,
+            hash: "new",
+            max_surge: 1,
+            max_unavailable: 0,
+        };
+        let first = super::plan(&old, &wanted, &Restarts::new(), 0);
+        assert_eq!((first.create, first.delete), (vec![(1, 0)], vec![]));
+        let starting = groups(&[(0, &[(0, "old", true)]), (1, &[(0, "new", false)])]);
+        assert_eq!(
+            super::plan(&starting, &wanted, &Restarts::new(), 0),
+            GroupPlan::default(),
+            "the old group stays until the new one is ready"
+        );
+        let both = groups(&[(0, &[(0, "old", true)]), (1, &[(0, "new", true)])]);
+        let last = super::plan(&both, &wanted, &Restarts::new(), 0);
+        assert_eq!(
+            (last.create, last.delete),
+            (
+                vec![],
+                vec![(0, DeleteReason::Outdated, vec!["p-0-0".into()])]
+            )
+        );
+    }
+
+    #[test]
+    fn a_failed_group_comes_back_at_its_own_index_under_surge() {
+        // Groups 1 and 2 after an update (0 is free); group 2 failed and its pods are gone.
+        let history = Restarts::from([(2, Restart { count: 1, at: 0 })]);
+        let g = groups(&[(1, &[(0, "h", true)])]);
+        let wanted = Wanted {
+            replicas: 2,
+            size: 1,
+            hash: "h",
+            max_surge: 1,
+            max_unavailable: 0,
+        };
+        assert_eq!(super::plan(&g, &wanted, &history, 100).create, [(2, 0)]);
+        // While its pods terminate, nothing takes its place elsewhere.
+        let mut g = groups(&[(1, &[(0, "h", true)]), (2, &[(0, "h", false)])]);
+        g.get_mut(&2)
+            .unwrap()
+            .members
+            .get_mut(&0)
+            .unwrap()
+            .terminating = true;
+        assert_eq!(
+            super::plan(&g, &wanted, &history, 100),
             GroupPlan::default()
         );
     }

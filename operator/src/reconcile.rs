@@ -141,14 +141,15 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             }
 
             let replicas = pool.spec.replicas.max(0) as u32;
-            plan = groups::plan(
-                &observed,
+            let (max_surge, max_unavailable) = pool.spec.rollout.resolve(replicas);
+            let wanted = groups::Wanted {
                 replicas,
-                layout.pods_per_group,
-                builder.template_hash(),
-                &restarts,
-                now.as_second(),
-            );
+                size: layout.pods_per_group,
+                hash: builder.template_hash(),
+                max_surge,
+                max_unavailable,
+            };
+            plan = groups::plan(&observed, &wanted, &restarts, now.as_second());
             for (group, reason, pods) in &plan.delete {
                 for pod in pods {
                     delete_ignoring_absent(&pod_api, pod).await?;
@@ -162,7 +163,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                         layout.pods_per_group
                     ),
                     DeleteReason::Outdated => {
-                        format!("replacing group {group} with the current template")
+                        format!("removed group {group}, which ran an older template")
                     }
                     DeleteReason::NodeLost => format!(
                         "a node of group {group} is lost; recreating the group elsewhere under new pod names"

@@ -198,6 +198,12 @@ pub fn compute_status(
             })
             .count() as i32
     });
+    let outdated = template_hash.map_or(0, |hash| {
+        groups
+            .values()
+            .filter(|g| g.members.values().any(|m| !m.terminating && m.hash != hash))
+            .count()
+    });
     let failed = groups
         .iter()
         .filter(|(_, g)| g.members.values().any(|m| m.failed))
@@ -214,13 +220,7 @@ pub fn compute_status(
     };
 
     let previous_restarts = restarts_of(&previous);
-    let restarts = restarts_after(
-        &previous_restarts,
-        plan,
-        groups,
-        (wanted, size),
-        now.0.as_second(),
-    );
+    let restarts = restarts_after(&previous_restarts, plan, groups, size, now.0.as_second());
 
     let problems: Vec<(&str, &PodProblem)> = groups
         .values()
@@ -261,15 +261,15 @@ pub fn compute_status(
                     format!("{ready} of {wanted} groups ready"),
                 )
             };
-            let extra = groups.keys().filter(|i| **i >= wanted).count();
-            let progressing = if extra > 0 {
+            let extra = (live as u32).saturating_sub(wanted);
+            let progressing = if extra > 0 && outdated == 0 {
                 DesiredCondition::new(
                     Progressing,
                     True,
                     Reason::ScalingDown,
                     format!("removing {extra} groups"),
                 )
-            } else if (updated as u32) < wanted && live as u32 >= wanted {
+            } else if outdated > 0 {
                 DesiredCondition::new(
                     Progressing,
                     True,

@@ -6,6 +6,7 @@ mod support;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use kube::{Client, ResourceExt};
@@ -476,6 +477,83 @@ async fn a_pool_lives_and_dies_through_the_controller() {
         );
     }
 
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_one_group_pool_with_surge_is_updated_without_an_outage() {
+    let (_server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let controller = RunningController::start(&client);
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut one = pool();
+    one.spec.replicas = 1;
+    one.spec.rollout.max_surge = IntOrString::Int(1);
+    one.spec.rollout.max_unavailable = IntOrString::Int(0);
+    pools.create(&PostParams::default(), &one).await.unwrap();
+    eventually("the group is ready", &mut changes, TIMEOUT, || async {
+        mark_pods_ready(&client).await;
+        current_pool(&client)
+            .await
+            .is_some_and(|p| condition(&p, "Ready") == Some(("True".into(), "GroupsReady".into())))
+    })
+    .await;
+    let old = pods(&client).await;
+    assert_eq!(old.len(), 1);
+    let old_hash = old[0].annotations()[TEMPLATE_HASH_ANNOTATION].clone();
+
+    // A new template: a second group comes up beside the first, which keeps serving.
+    let patch = json!({"spec": {"batching": {"maxBatchSize": 32}}});
+    pools
+        .patch("llama", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(
+        "a surge group on the new template",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let pods = pods(&client).await;
+            pods.len() == 2
+                && pods.iter().any(|p| p.name_any() == "llama-1-0")
+                && current_pool(&client).await.is_some_and(|p| {
+                    condition(&p, "Progressing") == Some(("True".into(), "RollingUpdate".into()))
+                })
+        },
+    )
+    .await;
+    let pool_now = current_pool(&client).await.unwrap();
+    assert_eq!(
+        condition(&pool_now, "Ready"),
+        Some(("True".into(), "GroupsReady".into())),
+        "the old group still serves"
+    );
+    assert!(
+        pods(&client)
+            .await
+            .iter()
+            .any(|p| p.name_any() == "llama-0-0"
+                && p.annotations()[TEMPLATE_HASH_ANNOTATION] == old_hash)
+    );
+
+    // Ready: the old group goes, and the pool is whole on the new template.
+    mark_pods_ready(&client).await;
+    eventually(
+        "only the new group remains and it is ready",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let pods = pods(&client).await;
+            pods.len() == 1
+                && pods[0].name_any() == "llama-1-0"
+                && current_pool(&client).await.is_some_and(|p| {
+                    let s = p.status.clone().unwrap_or_default();
+                    s.updated_replicas == 1
+                        && s.ready_replicas == 1
+                        && condition(&p, "Progressing") == Some(("False".into(), "Stable".into()))
+                })
+        },
+    )
+    .await;
     controller.stop().await;
 }
 
