@@ -275,8 +275,9 @@ impl HubConfig {
     }
 }
 
-/// How far a download has come.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// How far a download has come; `/ready` shows it as `download` (camelCase fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Progress {
     pub model: String,
     pub files_done: usize,

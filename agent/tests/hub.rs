@@ -336,6 +336,7 @@ async fn serve_downloads_a_hub_model_before_it_is_ready() {
         None,
     );
     let open = hub.hold("smol.Q4_1.gguf");
+    let model_bytes = std::fs::metadata(model_path()).unwrap().len();
     let cache = scratch("serve");
     let port = free_port();
     let mut agent = Agent::spawn_model(
@@ -362,10 +363,14 @@ async fn serve_downloads_a_hub_model_before_it_is_ready() {
                 };
                 let status = answer.status().as_u16();
                 let body: serde_json::Value = answer.json().await.unwrap_or_default();
+                // In words for people, as numbers for the operator's status.
                 status == 503
                     && body["status"]
                         .as_str()
                         .is_some_and(|s| s.starts_with(downloading))
+                    && body["download"]["model"] == "hf://test-org/smol-GGUF@main"
+                    && body["download"]["files"] == 1
+                    && body["download"]["bytes"].as_u64() == Some(model_bytes)
             }
         },
     )

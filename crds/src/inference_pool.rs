@@ -547,6 +547,18 @@ pub struct GroupRestart {
     pub last: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
+/// Downloads of the model under way in the pool's pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDownload {
+    /// Pods downloading.
+    pub pods: i32,
+    /// Bytes they have, together.
+    pub bytes_done: i64,
+    /// Bytes they fetch, together.
+    pub bytes: i64,
+}
+
 /// What the operator observed and decided, written only by the operator.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -603,6 +615,11 @@ pub struct InferencePoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["group"]))]
     pub group_restarts: Vec<GroupRestart>,
+
+    /// Pods downloading the model now, as their agents report it, and how far they have come
+    /// together. Absent when no pod downloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_download: Option<ModelDownload>,
 
     /// The spec generation the layout above was resolved for. The layout is kept until the spec
     /// changes: a cordon, a lost node or a kubelet restart does not resize or move groups.

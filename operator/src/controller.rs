@@ -1,5 +1,6 @@
 //! Wires the reconcile loop: the pool controller, the children it owns and the node inventory.
 
+use crate::agents::AgentProbe;
 use crate::children::POOL_LABEL;
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
@@ -13,13 +14,31 @@ use parallax_crds::InferencePool;
 use std::sync::Arc;
 use tracing::{debug, info};
 
-/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. Pools that
-/// pin no agent image get `agent_image`.
+/// How the controller treats pools' pods.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The agent image of pools that pin none.
+    pub agent_image: String,
+    /// How the agents' download progress is read.
+    pub agents: AgentProbe,
+}
+
+impl Settings {
+    /// Pools that pin no image get `agent_image`; agents are asked on their usual port.
+    pub fn new(agent_image: String) -> Self {
+        Self {
+            agent_image,
+            agents: AgentProbe::default(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     reporter: Reporter,
-    agent_image: String,
+    settings: Settings,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (nodes, writer) = reflector::store();
@@ -41,7 +60,8 @@ pub async fn run(
         nodes,
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
-        agent_image,
+        agent_image: settings.agent_image,
+        agents: settings.agents,
     });
     let children = watcher::Config::default().labels(POOL_LABEL);
     Controller::new(

@@ -3,6 +3,7 @@
 //! Pure modules decide (`inventory`, `tp`, `children`, `groups`, `status`, `leader::decide`);
 //! `reconcile` reads the cluster and applies their results; `controller` wires the watches.
 
+pub mod agents;
 pub mod children;
 pub mod controller;
 pub mod error;

@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
             client,
             health.metrics.clone(),
             reporter,
-            agent_image,
+            controller::Settings::new(agent_image),
             shutdown,
         )
         .await;
@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     leader::acquire(&leases, &settings).await?;
     health.metrics.leader.set(1);
     tokio::select! {
-        () = controller::run(client, health.metrics.clone(), reporter, agent_image, shutdown) => Ok(()),
+        () = controller::run(client, health.metrics.clone(), reporter, controller::Settings::new(agent_image), shutdown) => Ok(()),
         lost = leader::hold(&leases, &settings) => Err(lost).context("stopping: leadership lost"),
     }
 }

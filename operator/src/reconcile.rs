@@ -2,6 +2,7 @@
 //! comes from the pure modules (`tp`, `children`, `groups`, `status`); this file only reads the
 //! cluster, applies their results with server-side apply and records events.
 
+use crate::agents::AgentProbe;
 use crate::children::{
     ChildBuilder, headless_service_name, owned_by, pdb_name, pool_selector, service_name,
     unused_configs,
@@ -23,7 +24,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
-use parallax_crds::InferencePool;
+use parallax_crds::{InferencePool, InferencePoolStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
@@ -38,6 +39,8 @@ pub const FINALIZER: &str = "parallax.dev/cleanup";
 
 /// How often a healthy pool is looked at again without any change.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How often a pool whose pods download the model reads their progress again.
+const DOWNLOAD_PROGRESS: Duration = Duration::from_secs(15);
 /// How soon a pool that cannot be laid out is looked at again (nodes may have appeared).
 const RETRY_LAYOUT: Duration = Duration::from_secs(30);
 
@@ -51,6 +54,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The agent image of pools that pin none.
     pub agent_image: String,
+    /// Reads download progress from agents that are not ready yet.
+    pub agents: AgentProbe,
 }
 
 impl Debug for Context {
@@ -226,12 +231,15 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         Err(_) => None,
     };
 
+    // Pods on their way up may be downloading the model: their agents say how far.
+    let downloads = ctx.agents.downloads(&owned).await;
     let status = compute_status(
         pool,
         layout.as_ref(),
         &observed,
         template_hash.as_deref(),
         &plan,
+        &downloads,
         &Time(now),
     );
     events.extend(decision_events(pool, &layout));
@@ -241,7 +249,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     }
     if pool.status.as_ref() != Some(&status) {
         let pools: Api<InferencePool> = Api::namespaced(client.clone(), &namespace);
-        let patch = serde_json::json!({ "status": status });
+        let patch = serde_json::json!({ "status": status_patch(pool.status.as_ref(), &status) });
         pools
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
@@ -252,11 +260,35 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         .iter()
         .map(|(_, due)| Duration::from_secs((due - now.as_second()).max(1) as u64))
         .min();
-    Ok(Action::requeue(match (due, layout.is_ok()) {
+    let next = match (due, layout.is_ok()) {
         (Some(due), _) => due.min(RESYNC),
         (None, true) => RESYNC,
         (None, false) => RETRY_LAYOUT,
+    };
+    // A download moves no object: its progress is read again on a timer.
+    Ok(Action::requeue(if downloads.is_empty() {
+        next
+    } else {
+        next.min(DOWNLOAD_PROGRESS)
     }))
+}
+
+/// A merge patch from `previous` to `next`: fields `next` leaves out (an absent `Option`, an
+/// empty list) are written as null, which a merge patch needs to remove them.
+fn status_patch(
+    previous: Option<&InferencePoolStatus>,
+    next: &InferencePoolStatus,
+) -> serde_json::Value {
+    let mut patch = serde_json::to_value(next).unwrap_or_default();
+    let before = previous
+        .and_then(|p| serde_json::to_value(p).ok())
+        .unwrap_or_default();
+    if let (Some(patch), Some(before)) = (patch.as_object_mut(), before.as_object()) {
+        for key in before.keys() {
+            patch.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    patch
 }
 
 /// Events for layout decisions, emitted when the decision differs from what status says.

@@ -1,6 +1,7 @@
 //! Status as a pure function of (pool, layout, observed groups), and typed conditions merged so
 //! that `lastTransitionTime` moves only when a condition's status does.
 
+use crate::agents::{self, Download};
 use crate::children::{leader_selector, service_name};
 use crate::groups::{
     GroupPlan, Groups, PodProblem, ProblemKind, Restart, Restarts, restarts_after,
@@ -10,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use parallax_crds::{
-    AGENT_HTTP_PORT as AGENT_PORT, GroupRestart, InferencePool, InferencePoolStatus,
+    AGENT_HTTP_PORT as AGENT_PORT, GroupRestart, InferencePool, InferencePoolStatus, ModelDownload,
 };
 
 /// Condition types of an InferencePool.
@@ -40,6 +41,7 @@ pub enum Reason {
     Creating,
     RollingUpdate,
     ScalingDown,
+    DownloadingModel,
     Stable,
     GroupFailed,
     AsExpected,
@@ -84,6 +86,7 @@ impl Reason {
             Self::Creating => "Creating",
             Self::RollingUpdate => "RollingUpdate",
             Self::ScalingDown => "ScalingDown",
+            Self::DownloadingModel => "DownloadingModel",
             Self::Stable => "Stable",
             Self::GroupFailed => "GroupFailed",
             Self::AsExpected => "AsExpected",
@@ -171,6 +174,7 @@ pub fn compute_status(
     groups: &Groups,
     template_hash: Option<&str>,
     plan: &GroupPlan,
+    downloads: &[(String, Download)],
     now: &Time,
 ) -> InferencePoolStatus {
     use ConditionStatus::{False, True};
@@ -210,10 +214,24 @@ pub fn compute_status(
         .map(|(i, _)| i.to_string())
         .collect::<Vec<_>>();
 
-    // Progress: a spec to roll out, or a group more ready or updated than before.
+    // Downloads under way, summed over the pods.
+    let model_download = (!downloads.is_empty()).then(|| ModelDownload {
+        pods: downloads.len() as i32,
+        bytes_done: downloads.iter().map(|(_, d)| d.bytes_done as i64).sum(),
+        bytes: downloads.iter().map(|(_, d)| d.bytes as i64).sum(),
+    });
+
+    // Progress: a spec to roll out, a group more ready or updated than before, or a download
+    // further along.
+    let downloaded_more = match (&model_download, &previous.model_download) {
+        (Some(now), Some(before)) => now.bytes_done > before.bytes_done,
+        (Some(now), None) => now.bytes_done > 0,
+        (None, _) => false,
+    };
     let progressed = previous.observed_generation != pool.metadata.generation
         || ready > previous.ready_replicas
-        || updated > previous.updated_replicas;
+        || updated > previous.updated_replicas
+        || downloaded_more;
     let last_progress = match &previous.last_progress_time {
         Some(at) if !progressed => Some(at.clone()),
         _ => Some(now.clone()),
@@ -291,6 +309,20 @@ pub fn compute_status(
                     "every group is ready on the current template",
                 )
             };
+            // Groups on their way up that are still downloading say so, with how far.
+            let progressing = if progressing.status == True
+                && matches!(progressing.reason, Reason::Creating | Reason::RollingUpdate)
+                && !downloads.is_empty()
+            {
+                DesiredCondition::new(
+                    Progressing,
+                    True,
+                    Reason::DownloadingModel,
+                    format!("{}: {}", progressing.message, agents::summary(downloads)),
+                )
+            } else {
+                progressing
+            };
             let progressing = past_deadline(progressing, pool, last_progress.as_ref(), now);
             let degraded = if let Some(waiting) = backoff_message(plan, &previous_restarts, now) {
                 DesiredCondition::new(Degraded, True, Reason::GroupRestartBackoff, waiting)
@@ -340,6 +372,7 @@ pub fn compute_status(
             .as_ref()
             .map_or(previous.tensor_parallel_reason, |l| Some(l.reason.clone())),
         last_progress_time: last_progress,
+        model_download,
         group_restarts: restarts
             .iter()
             .map(|(group, r)| GroupRestart {
@@ -529,6 +562,7 @@ mod tests {
             &groups(&[true, true], "h"),
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(10),
         );
         assert_eq!(
@@ -558,6 +592,7 @@ mod tests {
             &groups(&[true, false], "h"),
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(10),
         );
         let ready = condition(&s, "Ready");
@@ -596,6 +631,7 @@ mod tests {
             &g,
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(10),
         );
         let degraded = condition(&s, "Degraded");
@@ -622,6 +658,7 @@ mod tests {
             &g,
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(10),
         );
         assert_eq!(condition(&s, "Degraded").reason, "AsExpected");
@@ -638,6 +675,7 @@ mod tests {
             &stuck,
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(0),
         );
         assert_eq!(
@@ -653,6 +691,7 @@ mod tests {
                 &stuck,
                 Some("h"),
                 &GroupPlan::default(),
+                &[],
                 &time(seconds),
             )
         };
@@ -683,6 +722,7 @@ mod tests {
             &groups(&[true, true], "h"),
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(4000),
         );
         assert_eq!(moved.last_progress_time, Some(time(4000)));
@@ -715,7 +755,15 @@ mod tests {
             backing_off: vec![(0, 140)],
             ..GroupPlan::default()
         };
-        let s = compute_status(&p, Ok(&layout()), &failing, Some("h"), &plan, &time(110));
+        let s = compute_status(
+            &p,
+            Ok(&layout()),
+            &failing,
+            Some("h"),
+            &plan,
+            &[],
+            &time(110),
+        );
         let degraded = condition(&s, "Degraded");
         assert_eq!(
             (degraded.reason.as_str(), degraded.message.as_str()),
@@ -736,6 +784,7 @@ mod tests {
             &failing,
             Some("h"),
             &recreated,
+            &[],
             &time(140),
         );
         assert_eq!(
@@ -756,6 +805,7 @@ mod tests {
             &groups(&[true, true], "old"),
             Some("new"),
             &GroupPlan::default(),
+            &[],
             &time(10),
         );
         assert_eq!(s.updated_replicas, 0);
@@ -774,6 +824,7 @@ mod tests {
             &Groups::new(),
             None,
             &GroupPlan::default(),
+            &[],
             &time(10),
         );
         let ready = condition(&s, "Ready");
@@ -794,6 +845,7 @@ mod tests {
             &groups(&[false], "h"),
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(10),
         );
         p.status = Some(first);
@@ -806,6 +858,7 @@ mod tests {
             &g,
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(20),
         );
         assert_eq!(condition(&second, "Ready").last_transition_time, time(10));
@@ -816,6 +869,7 @@ mod tests {
             &groups(&[true], "h"),
             Some("h"),
             &GroupPlan::default(),
+            &[],
             &time(30),
         );
         assert_eq!(condition(&third, "Ready").last_transition_time, time(30));
@@ -834,5 +888,70 @@ mod tests {
         };
         let merged = merge_conditions(std::slice::from_ref(&foreign), &[], Some(1), &time(5));
         assert_eq!(merged, vec![foreign]);
+    }
+
+    #[test]
+    fn groups_that_download_say_how_far_and_a_moving_download_is_progress() {
+        let download = |done: u64| Download {
+            model: "hf://org/m@main".into(),
+            files_done: 0,
+            files: 2,
+            bytes_done: done << 30,
+            bytes: 8 << 30,
+        };
+        let mut p = pool(2);
+        let starting = groups(&[true, false], "h");
+        let at = |p: &InferencePool, done: u64, now: i64| {
+            compute_status(
+                p,
+                Ok(&layout()),
+                &starting,
+                Some("h"),
+                &GroupPlan::default(),
+                &[("llama-1-0".into(), download(done))],
+                &time(now),
+            )
+        };
+        let first = at(&p, 2, 100);
+        let progressing = condition(&first, "Progressing");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("True", "DownloadingModel")
+        );
+        assert_eq!(
+            progressing.message,
+            "1 of 2 groups ready: downloading hf://org/m@main: pod llama-1-0: 0 of 2 files, 2.00 of 8.00 GiB (25%)"
+        );
+        assert_eq!(
+            first.model_download,
+            Some(ModelDownload {
+                pods: 1,
+                bytes_done: 2 << 30,
+                bytes: 8 << 30
+            })
+        );
+        // A download that keeps moving never runs into the progress deadline (1800 s here);
+        // one that stalls does.
+        p.status = Some(first);
+        let moving = at(&p, 3, 2000);
+        assert_eq!(condition(&moving, "Progressing").reason, "DownloadingModel");
+        assert_eq!(moving.last_progress_time, Some(time(2000)));
+        p.status = Some(moving);
+        let stalled = at(&p, 3, 3900);
+        assert_eq!(
+            condition(&stalled, "Progressing").reason,
+            "ProgressDeadlineExceeded"
+        );
+        // Done downloading: nothing to report.
+        let done = compute_status(
+            &p,
+            Ok(&layout()),
+            &starting,
+            Some("h"),
+            &GroupPlan::default(),
+            &[],
+            &time(3901),
+        );
+        assert_eq!(done.model_download, None);
     }
 }

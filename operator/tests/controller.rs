@@ -11,6 +11,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use kube::{Client, ResourceExt};
 use parallax_crds::InferencePool;
+use parallax_operator::agents::AgentProbe;
 use parallax_operator::children::TEMPLATE_HASH_ANNOTATION;
 use parallax_operator::controller;
 use parallax_operator::metrics::Metrics;
@@ -52,6 +53,13 @@ struct RunningController {
 
 impl RunningController {
     fn start(client: &Client) -> Self {
+        Self::start_with(
+            client,
+            controller::Settings::new("registry.example/parallax-agent:test".into()),
+        )
+    }
+
+    fn start_with(client: &Client, settings: controller::Settings) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let reporter = Reporter {
             controller: "parallax-operator".into(),
@@ -64,7 +72,7 @@ impl RunningController {
             client.clone(),
             Arc::new(Metrics::default()),
             reporter,
-            "registry.example/parallax-agent:test".into(),
+            settings,
             shutdown,
         ));
         Self { stop, task }
@@ -555,6 +563,124 @@ async fn a_one_group_pool_with_surge_is_updated_without_an_outage() {
     )
     .await;
     controller.stop().await;
+}
+
+/// An agent on loopback that answers `/ready` as one downloading its model does.
+async fn downloading_agent(
+    done: Arc<std::sync::atomic::AtomicU64>,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    use axum::http::StatusCode;
+    let app = axum::Router::new().route(
+        "/ready",
+        axum::routing::get(move || {
+            let done = done.load(std::sync::atomic::Ordering::Relaxed);
+            async move {
+                let body = json!({
+                    "status": format!("downloading hf://meta-llama/Llama-3.1-8B-Instruct@main: {done} bytes"),
+                    "download": {"model": "hf://meta-llama/Llama-3.1-8B-Instruct@main",
+                        "filesDone": 1, "files": 4, "bytesDone": done, "bytes": 16_000_000_000_u64},
+                });
+                (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn the_pool_says_how_far_its_pods_have_downloaded_the_model() {
+    let (_server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(4_000_000_000));
+    let (port, agent) = downloading_agent(done.clone()).await;
+    let controller = RunningController::start_with(
+        &client,
+        controller::Settings {
+            agent_image: "registry.example/parallax-agent:test".into(),
+            agents: AgentProbe::on_port(port),
+        },
+    );
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut one = pool();
+    one.spec.replicas = 1;
+    pools.create(&PostParams::default(), &one).await.unwrap();
+    eventually("the pod exists", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+    // The kubelet started the container; the agent downloads and is not ready.
+    let running = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "False"}]}});
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .patch_status(
+            "llama-0-0",
+            &PatchParams::default(),
+            &Patch::Merge(&running),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "Progressing says the model downloads, and how far",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                let message = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Progressing")
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                condition(&p, "Progressing") == Some(("True".into(), "DownloadingModel".into()))
+                    && message.contains("pod llama-0-0: 1 of 4 files, 3.73 of 14.90 GiB (25%)")
+                    && status.model_download.is_some_and(|d| {
+                        (d.pods, d.bytes_done, d.bytes) == (1, 4_000_000_000, 16_000_000_000)
+                    })
+            })
+        },
+    )
+    .await;
+    // Progress is read again as bytes arrive (on a 15 s timer when no object changes).
+    done.store(12_000_000_000, std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let at = current_pool(&client)
+            .await
+            .and_then(|p| p.status)
+            .and_then(|s| s.model_download)
+            .map(|d| d.bytes_done);
+        if at == Some(12_000_000_000) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the download's progress was not read again"
+        );
+        tokio::time::timeout(Duration::from_secs(20), changes.changed())
+            .await
+            .ok();
+    }
+    // Ready: nothing downloads any more.
+    mark_pods_ready(&client).await;
+    eventually(
+        "the download is gone from status",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                status.model_download.is_none() && status.ready_replicas == 1
+            })
+        },
+    )
+    .await;
+    controller.stop().await;
+    agent.abort();
 }
 
 #[tokio::test]

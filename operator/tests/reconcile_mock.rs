@@ -43,6 +43,7 @@ fn context(nodes: Vec<Node>) -> (Arc<Context>, MockHandle) {
         recorder: Recorder::new(client, reporter),
         metrics: Arc::new(Metrics::default()),
         agent_image: AGENT_IMAGE.into(),
+        agents: parallax_operator::agents::AgentProbe::default(),
     };
     (Arc::new(ctx), handle)
 }

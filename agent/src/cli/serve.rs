@@ -376,7 +376,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             let server = server.clone();
             tokio::task::spawn_blocking(move || {
                 // A hub model downloads first; /ready says how far it has come.
-                let engine = engine.fetched(&|progress| server.loading(progress.to_string()))?;
+                let engine = engine.fetched(&|progress| server.downloading(progress))?;
                 match role {
                 GroupRole::Whole => {
                     server.attach(engine.start_observed(server.metrics())?);

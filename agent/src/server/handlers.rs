@@ -131,11 +131,13 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     match state.readiness() {
         Ok(()) => Json(json!({"status": "ready"})).into_response(),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": why})),
-        )
-            .into_response(),
+        Err(why) => {
+            let mut body = json!({"status": why});
+            if let Some(download) = state.download_now() {
+                body["download"] = json!(download);
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
     }
 }
 

@@ -82,8 +82,10 @@ pub struct AppState {
     /// Set on a tensor-parallel worker pod: what it is, and whether its shards are loaded and
     /// joined to the leader. Such a pod serves health and readiness, no requests.
     worker: OnceLock<WorkerRole>,
-    /// What loading is doing now (a download's progress), for `/ready`.
+    /// What loading is doing now, for `/ready`.
     loading: Mutex<Option<String>>,
+    /// A download under way, for `/ready` (and through it the operator's status).
+    download: Mutex<Option<crate::hub::Progress>>,
 }
 
 /// A worker pod of a multi-pod group.
@@ -133,6 +135,11 @@ impl AppState {
 
     fn loading_now(&self) -> Option<String> {
         self.loading.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// The download under way, while the model is not ready.
+    pub fn download_now(&self) -> Option<crate::hub::Progress> {
+        self.download.lock().ok().and_then(|d| d.clone())
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -190,6 +197,7 @@ impl Server {
                 default_max_wait: config.default_max_wait,
                 worker: OnceLock::new(),
                 loading: Mutex::new(None),
+                download: Mutex::new(None),
             }),
             shutdown_timeout: config.shutdown_timeout,
         }
@@ -210,11 +218,18 @@ impl Server {
         });
     }
 
-    /// Tells `/ready` what loading is doing (e.g. a download's progress) until the engine is
-    /// attached.
+    /// Tells `/ready` what loading is doing until the engine is attached.
     pub fn loading(&self, what: String) {
         if let Ok(mut loading) = self.state.loading.lock() {
             *loading = Some(what);
+        }
+    }
+
+    /// Tells `/ready` how far the model's download has come, in words and as numbers.
+    pub fn downloading(&self, progress: &crate::hub::Progress) {
+        self.loading(progress.to_string());
+        if let Ok(mut download) = self.state.download.lock() {
+            *download = Some(progress.clone());
         }
     }
 

@@ -1,0 +1,199 @@
+//! What the pool's agents say of themselves: a pod that is not ready yet may be downloading its
+//! model, and its `/ready` says how far it has come (as numbers in `download`). The operator
+//! reads it straight from the pod's IP, as Prometheus would, so a pool's status can say
+//! "downloading" with progress without any permission beyond reading pods.
+
+use futures::future::join_all;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use parallax_crds::AGENT_HTTP_PORT;
+use serde::Deserialize;
+use std::time::Duration;
+use tracing::debug;
+
+/// A download under way in one pod, as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Download {
+    pub model: String,
+    pub files_done: u64,
+    pub files: u64,
+    pub bytes_done: u64,
+    pub bytes: u64,
+}
+
+impl Download {
+    /// Bytes done rounded down to a hundredth of the whole. Every status write wakes the
+    /// controller again, so progress moves in steps: at most a hundred writes per download,
+    /// and between steps a pass changes nothing.
+    fn in_steps(mut self) -> Self {
+        let step = (self.bytes / 100).max(1);
+        self.bytes_done = self.bytes_done.min(self.bytes) / step * step;
+        self
+    }
+}
+
+/// The largest `/ready` answer read (it is a few hundred bytes).
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// Asks agents how they are coming along.
+#[derive(Debug, Clone)]
+pub struct AgentProbe {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    /// The agents' HTTP port; tests point it at a stand-in agent.
+    port: u16,
+    timeout: Duration,
+}
+
+impl Default for AgentProbe {
+    fn default() -> Self {
+        Self::on_port(AGENT_HTTP_PORT)
+    }
+}
+
+impl AgentProbe {
+    pub fn on_port(port: u16) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            port,
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// The downloads of those `pods` that run but are not ready, by pod name. A pod that does
+    /// not answer in time, or says nothing of a download, is left out: this is a report, never
+    /// a reason to act.
+    pub async fn downloads(&self, pods: &[Pod]) -> Vec<(String, Download)> {
+        let asking = pods.iter().filter_map(|pod| {
+            let status = pod.status.as_ref()?;
+            let running = status.phase.as_deref() == Some("Running");
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let ip = status.pod_ip.as_deref()?;
+            if !running || ready || pod.metadata.deletion_timestamp.is_some() {
+                return None;
+            }
+            Some(async move {
+                let answer = tokio::time::timeout(self.timeout, self.download(ip)).await;
+                match answer {
+                    Ok(Ok(download)) => download.map(|d| (pod.name_any(), d.in_steps())),
+                    Ok(Err(error)) => {
+                        debug!(pod = %pod.name_any(), %error, "no answer from the agent");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(pod = %pod.name_any(), "the agent did not answer in time");
+                        None
+                    }
+                }
+            })
+        });
+        join_all(asking).await.into_iter().flatten().collect()
+    }
+
+    async fn download(&self, ip: &str) -> Result<Option<Download>, String> {
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_owned()
+        };
+        let uri: hyper::Uri = format!("http://{host}:{}/ready", self.port)
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let answer = self.client.get(uri).await.map_err(|e| e.to_string())?;
+        let body = Limited::new(answer.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        #[derive(Deserialize)]
+        struct Ready {
+            download: Option<Download>,
+        }
+        let ready: Ready = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        Ok(ready.download)
+    }
+}
+
+/// The pool's downloads in one line: each pod's progress, four pods at most.
+pub fn summary(downloads: &[(String, Download)]) -> String {
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    let mut parts: Vec<String> = downloads
+        .iter()
+        .take(4)
+        .map(|(pod, d)| {
+            let percent = if d.bytes == 0 {
+                100.0
+            } else {
+                d.bytes_done as f64 * 100.0 / d.bytes as f64
+            };
+            format!(
+                "pod {pod}: {} of {} files, {:.2} of {:.2} GiB ({percent:.0}%)",
+                d.files_done,
+                d.files,
+                gib(d.bytes_done),
+                gib(d.bytes)
+            )
+        })
+        .collect();
+    if downloads.len() > 4 {
+        parts.push(format!("and {} more", downloads.len() - 4));
+    }
+    let model = downloads.first().map_or("", |(_, d)| d.model.as_str());
+    format!("downloading {model}: {}", parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_names_each_pod_and_its_progress() {
+        let d = |done: u64| Download {
+            model: "hf://org/m@main".into(),
+            files_done: 1,
+            files: 4,
+            bytes_done: done << 30,
+            bytes: 4 << 30,
+        };
+        let pods: Vec<(String, Download)> = (0..6).map(|i| (format!("p-{i}-0"), d(1))).collect();
+        assert_eq!(
+            summary(&pods[..1]),
+            "downloading hf://org/m@main: pod p-0-0: 1 of 4 files, 1.00 of 4.00 GiB (25%)"
+        );
+        assert!(
+            summary(&pods).ends_with("; and 2 more"),
+            "{}",
+            summary(&pods)
+        );
+    }
+
+    #[test]
+    fn progress_moves_in_hundredths() {
+        let at = |done: u64| {
+            Download {
+                model: "m".into(),
+                files_done: 0,
+                files: 1,
+                bytes_done: done,
+                bytes: 1000,
+            }
+            .in_steps()
+            .bytes_done
+        };
+        assert_eq!(
+            [at(0), at(9), at(10), at(19), at(999), at(1000), at(5000)],
+            [0, 0, 10, 10, 990, 1000, 1000]
+        );
+    }
+}
