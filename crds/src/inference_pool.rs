@@ -84,6 +84,12 @@ pub struct InferencePoolSpec {
     #[serde(default)]
     pub rollout: RolloutStrategy,
 
+    /// What runs the groups: `pods` (the operator creates, restarts and rolls each pod), or
+    /// `leaderworkerset` (one LeaderWorkerSet, where its CRD is installed, for its gang
+    /// scheduling and topology placement; Parallax still sizes the groups).
+    #[serde(default)]
+    pub group_workload: GroupWorkload,
+
     /// Continuous batching and the execution-time bins of the agent's scheduler.
     #[serde(default)]
     pub batching: BatchingSpec,
@@ -303,6 +309,18 @@ pub enum ParallelismPreference {
     Throughput,
     /// Every GPU of a node: more memory bandwidth per token.
     Latency,
+}
+
+/// What runs a pool's groups.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupWorkload {
+    /// Pods the operator manages itself.
+    #[default]
+    Pods,
+    /// A LeaderWorkerSet (`leaderworkerset.x-k8s.io/v1`): one leader and its workers per group.
+    #[serde(rename = "leaderworkerset")]
+    LeaderWorkerSet,
 }
 
 /// What each pod of a group asks of its node.

@@ -132,10 +132,10 @@ pub fn unused_configs(
 /// Builds the children of `pool` for `layout`. Every child is owned by the pool.
 #[derive(Debug)]
 pub struct ChildBuilder<'a> {
-    pool: &'a InferencePool,
-    layout: &'a GroupLayout,
-    name: String,
-    namespace: String,
+    pub(crate) pool: &'a InferencePool,
+    pub(crate) layout: &'a GroupLayout,
+    pub(crate) name: String,
+    pub(crate) namespace: String,
     config: String,
     template_hash: String,
     /// The agent image the pods run.
@@ -191,7 +191,7 @@ impl<'a> ChildBuilder<'a> {
         config_map_name(&self.name, &self.template_hash)
     }
 
-    fn meta(&self, name: String) -> ObjectMeta {
+    pub(crate) fn meta(&self, name: String) -> ObjectMeta {
         ObjectMeta {
             name: Some(name),
             namespace: Some(self.namespace.clone()),
@@ -658,7 +658,7 @@ fn template_hash(pool: &InferencePool, layout: &GroupLayout, config: &str, image
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 

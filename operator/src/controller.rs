@@ -8,8 +8,9 @@ use futures::{Future, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use parallax_crds::InferencePool;
 use std::sync::Arc;
 use tracing::{debug, info};
@@ -68,7 +69,11 @@ pub async fn run(
         Api::<InferencePool>::all(client.clone()),
         watcher::Config::default().any_semantic(),
     )
-    .owns(Api::<Pod>::all(client.clone()), children.clone())
+    // Pods by the pool's label, not by owner: a LeaderWorkerSet's pods are its StatefulSets'.
+    .watches(Api::<Pod>::all(client.clone()), children.clone(), |pod| {
+        let pool = pod.labels().get(POOL_LABEL)?;
+        Some(ObjectRef::new(pool).within(pod.namespace().as_deref()?))
+    })
     .owns(Api::<Service>::all(client.clone()), children.clone())
     .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
     .owns(Api::<PodDisruptionBudget>::all(client.clone()), children)

@@ -7,6 +7,7 @@ use crate::children::{
     GROUP_LABEL, GROUP_SIZE_ANNOTATION, INCARNATION_LABEL, RANK_LABEL, TEMPLATE_HASH_ANNOTATION,
 };
 use crate::inventory::NodeHealth;
+use crate::lws::{LWS_GROUP_INDEX_LABEL, LWS_WORKER_INDEX_LABEL};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -161,9 +162,16 @@ pub fn observe<'a>(
     let mut groups = Groups::new();
     for pod in pods {
         let labels = pod.labels();
+        // The operator's labels, or those of the LeaderWorkerSet that made the pod.
+        let label = |ours: &str, theirs: &str| {
+            labels
+                .get(ours)
+                .or_else(|| labels.get(theirs))
+                .and_then(|v| v.parse().ok())
+        };
         let (Some(group), Some(rank)) = (
-            labels.get(GROUP_LABEL).and_then(|g| g.parse().ok()),
-            labels.get(RANK_LABEL).and_then(|r| r.parse().ok()),
+            label(GROUP_LABEL, LWS_GROUP_INDEX_LABEL),
+            label(RANK_LABEL, LWS_WORKER_INDEX_LABEL),
         ) else {
             continue;
         };
@@ -248,6 +256,8 @@ pub struct GroupPlan {
     pub delete: Vec<(u32, DeleteReason, Vec<String>)>,
     /// Failed groups left as they are until the second given (their restart backoff).
     pub backing_off: Vec<(u32, i64)>,
+    /// Why no group can run, when the workload the pool asks for is not there.
+    pub blocked: Option<String>,
 }
 
 /// A group's recreations after a member failed: how many in a row, and when the last one was

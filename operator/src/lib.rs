@@ -11,6 +11,7 @@ pub mod groups;
 pub mod http;
 pub mod inventory;
 pub mod leader;
+pub mod lws;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;

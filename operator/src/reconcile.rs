@@ -4,12 +4,13 @@
 
 use crate::agents::AgentProbe;
 use crate::children::{
-    ChildBuilder, headless_service_name, owned_by, pdb_name, pool_selector, service_name,
-    unused_configs,
+    ChildBuilder, TEMPLATE_HASH_ANNOTATION, headless_service_name, owned_by, pdb_name,
+    pool_selector, service_name, unused_configs,
 };
 use crate::error::{Error, Result};
 use crate::groups::{self, DeleteReason, GroupPlan};
 use crate::inventory::{GpuInventory, NodeHealth};
+use crate::lws::{self, LWS_NAME_LABEL};
 use crate::metrics::Metrics;
 use crate::status::{compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
@@ -18,13 +19,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
-use parallax_crds::{InferencePool, InferencePoolStatus};
+use parallax_crds::{GroupWorkload, InferencePool, InferencePoolStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
@@ -113,16 +114,25 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         .list(&ListParams::default().labels(&pool_selector(&name)))
         .await?;
     let pods_per_group = layout.as_ref().map_or(1, |l| l.pods_per_group);
-    // Pods that carry the pool's labels without being its own are neither counted nor touched.
-    let (owned, foreign): (Vec<Pod>, Vec<Pod>) = pods
+    // The pool's pods: those it made itself, and those its LeaderWorkerSet made. Pods that
+    // carry the pool's labels without being either are neither counted nor touched.
+    let lws_name = lws::name(&name);
+    let (owned, others): (Vec<Pod>, Vec<Pod>) = pods
         .items
         .into_iter()
         .partition(|p| owned_by(&p.metadata, pool));
+    let (from_lws, foreign): (Vec<Pod>, Vec<Pod>) = others
+        .into_iter()
+        .partition(|p| p.labels().get(LWS_NAME_LABEL) == Some(&lws_name));
     for pod in &foreign {
         debug!(pod = %pod.name_any(), "carries the pool's labels but is not the pool's: left alone");
     }
+    let workload = pool.spec.group_workload;
     let health = NodeHealth::from_nodes(nodes.iter().map(|n| n.as_ref()), now.as_second());
-    let observed = groups::observe(&owned, pods_per_group, &health);
+    let observed = match workload {
+        GroupWorkload::Pods => groups::observe(&owned, pods_per_group, &health),
+        GroupWorkload::LeaderWorkerSet => groups::observe(&from_lws, pods_per_group, &health),
+    };
 
     let mut events = Vec::new();
     let restarts = pool.status.as_ref().map(restarts_of).unwrap_or_default();
@@ -137,6 +147,67 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             taken.extend(apply_owned(client, &namespace, &children.service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.headless_service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.pdb, pool).await?);
+
+            let replicas = pool.spec.replicas.max(0) as u32;
+            let pod_api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+            // Configurations pods may still read: those of the pool's pods, and while an LWS
+            // rolls, every one (a group restarting on its old template reads its old one).
+            let in_use: Vec<Pod> = owned.iter().chain(&from_lws).cloned().collect();
+            let mut keep_configs = false;
+            match workload {
+                GroupWorkload::Pods => {
+                    // Moved off a LeaderWorkerSet: it goes, and its pods with it.
+                    if !from_lws.is_empty() {
+                        delete_if_owned(&lws_api(client, &namespace), &lws_name, pool).await?;
+                    }
+                    let (max_surge, max_unavailable) = pool.spec.rollout.resolve(replicas);
+                    let wanted = groups::Wanted {
+                        replicas,
+                        size: layout.pods_per_group,
+                        hash: builder.template_hash(),
+                        max_surge,
+                        max_unavailable,
+                    };
+                    plan = groups::plan(&observed, &wanted, &restarts, now.as_second());
+                    delete_groups(&pod_api, &plan, layout, replicas, &mut events).await?;
+                    create_pods(&pod_api, &plan, &observed, &builder, &mut events).await?;
+                }
+                GroupWorkload::LeaderWorkerSet => {
+                    let object = builder.leader_worker_set(replicas);
+                    match apply_leader_worker_set(client, &namespace, &object, pool).await? {
+                        LwsApplied::Applied => {}
+                        LwsApplied::NameTaken(name) => taken.push(name),
+                        LwsApplied::NotInstalled => {
+                            let api = lws::resource();
+                            plan.blocked = Some(format!(
+                                "groupWorkload is leaderworkerset, but the cluster serves no {}/{}: install LeaderWorkerSet, or set groupWorkload: pods",
+                                api.api_version, api.plural
+                            ));
+                        }
+                    }
+                    // Pods the operator made itself before the pool moved to LWS go.
+                    let own_groups = groups::observe(&owned, pods_per_group, &health);
+                    plan.delete = own_groups
+                        .iter()
+                        .filter_map(|(index, group)| {
+                            let names: Vec<String> = group
+                                .members
+                                .values()
+                                .filter(|m| !m.terminating)
+                                .map(|m| m.name.clone())
+                                .collect();
+                            (!names.is_empty()).then_some((*index, DeleteReason::Outdated, names))
+                        })
+                        .collect();
+                    delete_groups(&pod_api, &plan, layout, replicas, &mut events).await?;
+                    keep_configs = from_lws.iter().any(|p| {
+                        p.annotations()
+                            .get(TEMPLATE_HASH_ANNOTATION)
+                            .map(String::as_str)
+                            != Some(builder.template_hash())
+                    });
+                }
+            }
             for name in taken {
                 events.push((
                     EventType::Warning,
@@ -144,87 +215,15 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                     format!("{name} exists and is not the pool's: it is left alone, and the pool works without it"),
                 ));
             }
-
-            let replicas = pool.spec.replicas.max(0) as u32;
-            let (max_surge, max_unavailable) = pool.spec.rollout.resolve(replicas);
-            let wanted = groups::Wanted {
-                replicas,
-                size: layout.pods_per_group,
-                hash: builder.template_hash(),
-                max_surge,
-                max_unavailable,
-            };
-            plan = groups::plan(&observed, &wanted, &restarts, now.as_second());
-            for (group, reason, pods) in &plan.delete {
-                for pod in pods {
-                    delete_ignoring_absent(&pod_api, pod).await?;
-                }
-                let note = match reason {
-                    DeleteReason::ScaledDown => {
-                        format!("removed group {group}: replicas is {replicas}")
-                    }
-                    DeleteReason::MemberFailed => format!(
-                        "group {group} had a failed member; recreating all {} pods",
-                        layout.pods_per_group
-                    ),
-                    DeleteReason::Outdated => {
-                        format!("removed group {group}, which ran an older template")
-                    }
-                    DeleteReason::NodeLost => format!(
-                        "a node of group {group} is lost; recreating the group elsewhere under new pod names"
-                    ),
-                };
-                let type_ = if matches!(reason, DeleteReason::MemberFailed | DeleteReason::NodeLost)
-                {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                };
-                events.push((type_, reason.event_reason(), note));
-            }
-            let mut created_groups = Vec::new();
-            for &(group, rank) in &plan.create {
-                // Created, not applied: a pod of that name that is not the pool's is never
-                // adopted (the create fails and says so).
-                let incarnation = observed.get(&group).map_or(0, groups::Group::incarnation);
-                let pod = builder.pod_in(group, rank, incarnation);
-                match pod_api.create(&PostParams::default(), &pod).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(status)) if status.code == 409 => {
-                        events.push((
-                            EventType::Warning,
-                            "PodNameTaken",
-                            format!(
-                                "pod {} exists and is not the pool's: it is left alone, and group {group} waits for its name",
-                                pod.name_any()
-                            ),
-                        ));
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                if !created_groups.contains(&group) {
-                    created_groups.push(group);
-                }
-            }
-            for group in created_groups {
-                events.push((
-                    EventType::Normal,
-                    "GroupCreated",
-                    format!(
-                        "created pods of group {group} ({} GPUs each)",
-                        layout.gpus_per_pod
-                    ),
-                ));
-            }
             // Revisions no pod reads any more (pods removed above go on the next pass).
             let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
             let revisions = config_maps
                 .list(&ListParams::default().labels(&pool_selector(&name)))
                 .await?;
-            for unused in unused_configs(&revisions.items, &owned, &builder.config_map_name(), pool)
-            {
-                delete_ignoring_absent(&config_maps, &unused).await?;
+            let unused =
+                unused_configs(&revisions.items, &in_use, &builder.config_map_name(), pool);
+            for unused in unused.iter().filter(|_| !keep_configs) {
+                delete_ignoring_absent(&config_maps, unused).await?;
             }
             Some(builder.template_hash().to_owned())
         }
@@ -291,6 +290,135 @@ fn status_patch(
     patch
 }
 
+/// Deletes the pods of the groups `plan` removes, with an event for each group.
+async fn delete_groups(
+    pod_api: &Api<Pod>,
+    plan: &GroupPlan,
+    layout: &GroupLayout,
+    replicas: u32,
+    events: &mut Vec<(EventType, &'static str, String)>,
+) -> Result<()> {
+    for (group, reason, pods) in &plan.delete {
+        for pod in pods {
+            delete_ignoring_absent(pod_api, pod).await?;
+        }
+        let note = match reason {
+            DeleteReason::ScaledDown => format!("removed group {group}: replicas is {replicas}"),
+            DeleteReason::MemberFailed => format!(
+                "group {group} had a failed member; recreating all {} pods",
+                layout.pods_per_group
+            ),
+            DeleteReason::Outdated => format!("removed group {group}, which ran an older template"),
+            DeleteReason::NodeLost => format!(
+                "a node of group {group} is lost; recreating the group elsewhere under new pod names"
+            ),
+        };
+        let type_ = if matches!(reason, DeleteReason::MemberFailed | DeleteReason::NodeLost) {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        events.push((type_, reason.event_reason(), note));
+    }
+    Ok(())
+}
+
+/// Creates the pods `plan` asks for, with an event for each group.
+async fn create_pods(
+    pod_api: &Api<Pod>,
+    plan: &GroupPlan,
+    observed: &groups::Groups,
+    builder: &ChildBuilder<'_>,
+    events: &mut Vec<(EventType, &'static str, String)>,
+) -> Result<()> {
+    let mut created_groups = Vec::new();
+    for &(group, rank) in &plan.create {
+        // Created, not applied: a pod of that name that is not the pool's is never adopted
+        // (the create fails and says so).
+        let incarnation = observed.get(&group).map_or(0, groups::Group::incarnation);
+        let pod = builder.pod_in(group, rank, incarnation);
+        match pod_api.create(&PostParams::default(), &pod).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                events.push((
+                    EventType::Warning,
+                    "PodNameTaken",
+                    format!(
+                        "pod {} exists and is not the pool's: it is left alone, and group {group} waits for its name",
+                        pod.name_any()
+                    ),
+                ));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if !created_groups.contains(&group) {
+            created_groups.push(group);
+        }
+    }
+    for group in created_groups {
+        events.push((
+            EventType::Normal,
+            "GroupCreated",
+            format!(
+                "created pods of group {group} ({} GPUs each)",
+                builder.layout.gpus_per_pod
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What became of the pool's LeaderWorkerSet.
+enum LwsApplied {
+    Applied,
+    /// An object of its name exists and is not the pool's (`KIND/NAME`).
+    NameTaken(String),
+    /// The cluster does not serve the LeaderWorkerSet API.
+    NotInstalled,
+}
+
+fn lws_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), namespace, &lws::resource())
+}
+
+/// Server-side applies the pool's LeaderWorkerSet unless its name is taken; a 404 means the
+/// API is not there (an apply creates what is missing).
+async fn apply_leader_worker_set(
+    client: &Client,
+    namespace: &str,
+    object: &DynamicObject,
+    pool: &InferencePool,
+) -> Result<LwsApplied> {
+    let api = lws_api(client, namespace);
+    let name = object.name_any();
+    match api.get_opt(&name).await {
+        Ok(Some(existing)) if !owned_by(&existing.metadata, pool) => {
+            return Ok(LwsApplied::NameTaken(format!("LeaderWorkerSet/{name}")));
+        }
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(LwsApplied::NotInstalled),
+        Err(e) => return Err(e.into()),
+    }
+    let mut value =
+        serde_json::to_value(object).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+    let resource = lws::resource();
+    value["apiVersion"] = resource.api_version.into();
+    value["kind"] = resource.kind.into();
+    match api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&value),
+        )
+        .await
+    {
+        Ok(_) => Ok(LwsApplied::Applied),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(LwsApplied::NotInstalled),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Events for layout decisions, emitted when the decision differs from what status says.
 fn decision_events(
     pool: &InferencePool,
@@ -341,6 +469,11 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         if owned_by(&pod.metadata, pool) {
             delete_ignoring_absent(&pods, &pod.name_any()).await?;
         }
+    }
+    // A LeaderWorkerSet takes its pods with it (nothing to do where the API is not served).
+    match delete_if_owned(&lws_api(client, &namespace), &lws::name(&name), pool).await {
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {}
+        other => other?,
     }
     delete_if_owned(
         &Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace),

@@ -3,10 +3,11 @@
 
 use crate::children::ChildBuilder;
 use crate::inventory::{GPU_MEMORY_LABEL, GpuInventory};
+use crate::lws;
 use crate::tp;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
-use parallax_crds::InferencePool;
+use parallax_crds::{GroupWorkload, InferencePool};
 use serde::Serialize;
 use serde_json::json;
 
@@ -50,9 +51,23 @@ pub fn render(pool_yaml: &str, nodes: AssumedNodes) -> Result<String, String> {
     push(&mut out, &children.service, "v1", "Service")?;
     push(&mut out, &children.headless_service, "v1", "Service")?;
     push(&mut out, &children.pdb, "policy/v1", "PodDisruptionBudget")?;
-    for group in 0..pool.spec.replicas.max(0) as u32 {
-        for rank in 0..layout.pods_per_group {
-            push(&mut out, &builder.pod(group, rank), "v1", "Pod")?;
+    let replicas = pool.spec.replicas.max(0) as u32;
+    match pool.spec.group_workload {
+        GroupWorkload::Pods => {
+            for group in 0..replicas {
+                for rank in 0..layout.pods_per_group {
+                    push(&mut out, &builder.pod(group, rank), "v1", "Pod")?;
+                }
+            }
+        }
+        GroupWorkload::LeaderWorkerSet => {
+            let resource = lws::resource();
+            push(
+                &mut out,
+                &builder.leader_worker_set(replicas),
+                &resource.api_version,
+                &resource.kind,
+            )?;
         }
     }
     Ok(out)

@@ -56,6 +56,7 @@ pub enum Reason {
     Unschedulable,
     OutOfMemory,
     CrashLooping,
+    LeaderWorkerSetMissing,
 }
 
 impl ConditionType {
@@ -100,6 +101,7 @@ impl Reason {
             Self::Unschedulable => "Unschedulable",
             Self::OutOfMemory => "OutOfMemory",
             Self::CrashLooping => "CrashLooping",
+            Self::LeaderWorkerSetMissing => "LeaderWorkerSetMissing",
             Self::InvalidSpec => "InvalidSpec",
         }
     }
@@ -351,7 +353,34 @@ pub fn compute_status(
                     ),
                 )
             };
-            vec![ready_condition, progressing, degraded]
+            match &plan.blocked {
+                // The workload that runs the groups is not there: nothing starts or changes.
+                Some(why) => vec![
+                    if ready as u32 >= wanted {
+                        ready_condition
+                    } else {
+                        DesiredCondition::new(
+                            Ready,
+                            False,
+                            Reason::LeaderWorkerSetMissing,
+                            format!("{ready} of {wanted} groups ready: {why}"),
+                        )
+                    },
+                    DesiredCondition::new(
+                        Progressing,
+                        False,
+                        Reason::LeaderWorkerSetMissing,
+                        why.clone(),
+                    ),
+                    DesiredCondition::new(
+                        Degraded,
+                        True,
+                        Reason::LeaderWorkerSetMissing,
+                        why.clone(),
+                    ),
+                ],
+                None => vec![ready_condition, progressing, degraded],
+            }
         }
     };
 

@@ -683,6 +683,150 @@ async fn the_pool_says_how_far_its_pods_have_downloaded_the_model() {
     agent.abort();
 }
 
+const LWS: &str = "apis/leaderworkerset.x-k8s.io/v1/leaderworkersets";
+
+/// Plays the LeaderWorkerSet controller: a ready pod per group from its template, named and
+/// labelled as LWS names them, owned by a StatefulSet (not by the pool).
+async fn lws_makes_its_pods(client: &Client, lws: &serde_json::Value) {
+    let name = lws["metadata"]["name"].as_str().unwrap();
+    let template = &lws["spec"]["leaderWorkerTemplate"]["workerTemplate"];
+    let api = Api::<Pod>::namespaced(client.clone(), "ml");
+    for group in 0..lws["spec"]["replicas"].as_u64().unwrap() {
+        let mut labels = template["metadata"]["labels"].clone();
+        labels["leaderworkerset.sigs.k8s.io/name"] = name.into();
+        labels["leaderworkerset.sigs.k8s.io/group-index"] = group.to_string().into();
+        labels["leaderworkerset.sigs.k8s.io/worker-index"] = "0".into();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("{name}-{group}"), "labels": labels,
+                "annotations": template["metadata"]["annotations"],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                    "name": name, "uid": "statefulset-uid", "controller": true}]},
+            "spec": template["spec"],
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    mark_pods_ready(client).await;
+}
+
+#[tokio::test]
+async fn a_pool_on_a_leader_worker_set_is_sized_by_parallax_and_run_by_lws() {
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let controller = RunningController::start(&client);
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut one = pool();
+    one.spec.replicas = 1;
+    pools.create(&PostParams::default(), &one).await.unwrap();
+    eventually("the pool's own pod", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+
+    // Moved to LWS: one LeaderWorkerSet for both groups, and the pool's own pod goes.
+    let patch = json!({"spec": {"groupWorkload": "leaderworkerset", "replicas": 2}});
+    pools
+        .patch("llama", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(
+        "a LeaderWorkerSet of two groups, and no pod of the pool's own",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let sets = server.objects(LWS);
+            sets.len() == 1
+                && sets[0]["spec"]["replicas"] == 2
+                && sets[0]["spec"]["leaderWorkerTemplate"]["size"] == 1
+                && pods(&client).await.is_empty()
+        },
+    )
+    .await;
+    let lws = server.objects(LWS).remove(0);
+    assert_eq!(lws["metadata"]["name"], "llama-groups");
+    assert_eq!(
+        lws["metadata"]["ownerReferences"][0]["kind"],
+        "InferencePool"
+    );
+    lws_makes_its_pods(&client, &lws).await;
+    eventually(
+        "the pool counts LWS's groups: ready and current",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let s = p.status.clone().unwrap_or_default();
+                s.ready_replicas == 2
+                    && s.updated_replicas == 2
+                    && condition(&p, "Ready") == Some(("True".into(), "GroupsReady".into()))
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        pods(&client).await.len(),
+        2,
+        "the operator never deletes LWS's pods"
+    );
+
+    // Back to pods: the LeaderWorkerSet goes, and the pool makes its own groups again.
+    let patch = json!({"spec": {"groupWorkload": "pods"}});
+    pools
+        .patch("llama", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(
+        "the LeaderWorkerSet is gone and the pool's own pods are back",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let own = pods(&client)
+                .await
+                .iter()
+                .filter(|p| {
+                    p.owner_references()
+                        .iter()
+                        .any(|o| o.kind == "InferencePool")
+                })
+                .count();
+            server.objects(LWS).is_empty() && own == 2
+        },
+    )
+    .await;
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_leader_worker_set_api_the_pool_says_what_is_missing() {
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    server.without(LWS);
+    let controller = RunningController::start(&client);
+    let mut lws = pool();
+    lws.spec.group_workload = parallax_crds::GroupWorkload::LeaderWorkerSet;
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &lws)
+        .await
+        .unwrap();
+    until_condition(
+        &client,
+        &mut changes,
+        "Degraded",
+        ("True", "LeaderWorkerSetMissing"),
+    )
+    .await;
+    let p = current_pool(&client).await.unwrap();
+    assert_eq!(
+        condition(&p, "Ready"),
+        Some(("False".into(), "LeaderWorkerSetMissing".into()))
+    );
+    let message = &p.status.unwrap().conditions[0].message;
+    assert!(
+        message.contains("leaderworkerset.x-k8s.io/v1/leaderworkersets"),
+        "{message}"
+    );
+    assert!(pods(&client).await.is_empty());
+    controller.stop().await;
+}
+
 #[tokio::test]
 async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
     let (_server, client, mut changes) = cluster(&[]).await;

@@ -38,6 +38,8 @@ struct Watcher {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Resources this server does not serve (a CRD that is not installed).
+    absent: Vec<String>,
     resource_version: u64,
     objects: BTreeMap<Key, Value>,
     /// (resourceVersion, resource, event type, object)
@@ -69,6 +71,12 @@ impl Default for FakeApiServer {
 impl FakeApiServer {
     pub fn client(&self) -> kube::Client {
         kube::Client::new(self.clone(), "default")
+    }
+
+    /// Answers 404 for `resource` (e.g. `apis/example.org/v1/widgets`), as a server without
+    /// its CRD does.
+    pub fn without(&self, resource: &str) {
+        self.state.lock().unwrap().absent.push(resource.to_owned());
     }
 
     /// A receiver that changes on every write that changed something.
@@ -118,6 +126,13 @@ impl FakeApiServer {
             }
         };
         let mut state = self.state.lock().unwrap();
+        if state.absent.contains(&route.resource) {
+            return status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
         match (&method, &route.name) {
             (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
                 self.watch(&mut state, &route, query)

@@ -93,8 +93,10 @@ async fn a_pool_gets_children_and_status_on_a_real_cluster() {
         client.clone(),
         Arc::new(Metrics::default()),
         reporter,
-        std::env::var("PARALLAX_AGENT_IMAGE")
-            .unwrap_or_else(|_| parallax_operator::children::default_agent_image()),
+        controller::Settings::new(
+            std::env::var("PARALLAX_AGENT_IMAGE")
+                .unwrap_or_else(|_| parallax_operator::children::default_agent_image()),
+        ),
         async {
             let _ = stopped.await;
         },
