@@ -6,7 +6,7 @@
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use kube::{Client, CustomResourceExt};
 use parallax_crds::InferencePool;
@@ -163,6 +163,54 @@ async fn a_pool_gets_children_and_status_on_a_real_cluster() {
         .await
         .expect("scale subresource");
     assert_eq!(pools.get("e2e").await.unwrap().spec.replicas, 2);
+
+    // As a LeaderWorkerSet: where LWS is installed its API server (and webhook) takes the one
+    // the operator renders; where it is not, the pool says what is missing.
+    let lws_installed = crds
+        .get_opt("leaderworkersets.leaderworkerset.x-k8s.io")
+        .await
+        .unwrap()
+        .is_some();
+    let to_lws = json!({"spec": {"groupWorkload": "leaderworkerset"}});
+    pools
+        .patch("e2e", &PatchParams::default(), &Patch::Merge(&to_lws))
+        .await
+        .expect("groupWorkload is accepted");
+    let lws_api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &namespace,
+        &parallax_operator::lws::resource(),
+    );
+    wait_for(
+        if lws_installed {
+            "a LeaderWorkerSet of two groups"
+        } else {
+            "Degraded says LeaderWorkerSet is missing"
+        },
+        Duration::from_secs(120),
+        || async {
+            if lws_installed {
+                lws_api
+                    .get_opt("e2e-groups")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|lws| lws.data["spec"]["replicas"] == 2)
+            } else {
+                pools
+                    .get("e2e")
+                    .await
+                    .ok()
+                    .and_then(|p| p.status)
+                    .is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Degraded" && c.reason == "LeaderWorkerSetMissing")
+                    })
+            }
+        },
+    )
+    .await;
 
     pools.delete("e2e", &DeleteParams::default()).await.unwrap();
     wait_for("the pool is gone", Duration::from_secs(120), || async {
