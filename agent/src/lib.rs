@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod gpu;
 pub mod http_client;
 pub mod hub;
 pub mod loadgen;

@@ -45,6 +45,7 @@ pub fn info(args: &InfoArgs) -> anyhow::Result<()> {
             "name": engine.device.to_string(),
             "gpu": gpu.as_ref().map(|g| json!({"name": g.name, "total_memory_bytes": g.total_memory})),
         },
+        "gpus": super::gpu::inventory(),
         "backend": kind,
         "dtype": if kind == "int8" { "int8".to_owned() } else { format!("{:?}", backend.resolved_precision()).to_lowercase() },
         "profile": profile.name,

@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod engine;
 mod generate;
+mod gpu;
 mod info;
 mod serve;
 
@@ -12,6 +13,7 @@ pub use bench::{BenchArgs, BenchMode, bench};
 pub use check::{CheckKernelsArgs, CheckModelArgs, check_kernels, check_model};
 pub use engine::{BackendArg, DtypeArg, EngineArgs, SchedulerKind, StepWeights};
 pub use generate::{GenerateArgs, generate};
+pub use gpu::GpuArgs;
 pub use info::{InfoArgs, info};
 pub use serve::{ServeArgs, check_config, serve};
 

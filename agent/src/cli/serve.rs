@@ -89,6 +89,8 @@ pub struct ServeArgs {
     pub pod_name: Option<String>,
     #[arg(long, env = "POD_NAMESPACE", hide = true)]
     pub pod_namespace: Option<String>,
+    #[command(flatten)]
+    pub gpu: super::GpuArgs,
 }
 
 /// This process's part in its tensor-parallel group.
@@ -357,6 +359,8 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // GPU health is watched from the start: a GPU that fails while the model loads is known.
+    let gpus = args.gpu.watch()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -367,6 +371,9 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}:{port}", args.host))?;
         tracing::info!(address = %listener.local_addr()?, model = %server_config.served_name, "listening");
         let server = Server::new(server_config);
+        if let Some(gpus) = gpus {
+            server.watch_gpus(gpus);
+        }
         if let GroupRole::Worker { rank, pods, .. } = &role {
             server.serve_as_worker(format!("tensor-parallel group pod {rank} of {pods}"));
         }

@@ -68,6 +68,10 @@ pub enum ApiError {
     #[error("the server is shutting down")]
     ShuttingDown,
 
+    /// A GPU of this agent is unhealthy: it takes no new work until the GPU recovers.
+    #[error("this server takes no new requests: {0}")]
+    GpuUnhealthy(String),
+
     #[error("{0}")]
     Engine(EngineError),
 
@@ -92,7 +96,7 @@ impl ApiError {
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Loading | Self::ShuttingDown | Self::NotLeader(_) => {
+            Self::Loading | Self::ShuttingDown | Self::NotLeader(_) | Self::GpuUnhealthy(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Engine(e) => match e {
@@ -140,6 +144,7 @@ impl ApiError {
             Self::Loading => "model_loading",
             Self::NotLeader(_) => "not_group_leader",
             Self::ShuttingDown => "server_shutting_down",
+            Self::GpuUnhealthy(_) => "gpu_unhealthy",
             Self::Engine(e) => match e {
                 EngineError::ContextExceeded { .. } => "context_length_exceeded",
                 EngineError::RequestTooLarge { .. } => "kv_cache_too_small",
@@ -185,6 +190,7 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), Json(self.body())).into_response();
         let retry_after = match self {
             Self::Loading | Self::ShuttingDown | Self::NotLeader(_) => Some(5),
+            Self::GpuUnhealthy(_) => Some(30),
             Self::Overloaded { retry_after, .. } => Some(retry_after),
             _ => None,
         };

@@ -243,8 +243,13 @@ impl Generation {
             queue_time_ms: millis(p.queue_time),
             processing_time_ms: p.started.filter(|_| finished).map(|s| millis(s.elapsed())),
             batch_size: p.batch_size,
-            // This engine runs on CPU: there is no device utilization to report.
-            gpu_utilization: "unavailable (cpu)",
+            gpu_utilization: match self.state.gpus() {
+                Some(gpus) => gpus.utilization().map_or_else(
+                    || "unavailable (not reported)".into(),
+                    |u| format!("{u:.0}%"),
+                ),
+                None => "unavailable (no GPU watched)".into(),
+            },
         }
     }
 

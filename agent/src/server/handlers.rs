@@ -127,14 +127,25 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// Readiness: loaded, running and not shutting down.
+/// Readiness: loaded, running, not shutting down and no GPU unhealthy; with each GPU's health
+/// where it is watched (the operator reads it).
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let gpus = state.gpus().map(|g| json!(g.statuses()));
     match state.readiness() {
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Ok(()) => {
+            let mut body = json!({"status": "ready"});
+            if let Some(gpus) = gpus {
+                body["gpus"] = gpus;
+            }
+            Json(body).into_response()
+        }
         Err(why) => {
             let mut body = json!({"status": why});
             if let Some(download) = state.download_now() {
                 body["download"] = json!(download);
+            }
+            if let Some(gpus) = gpus {
+                body["gpus"] = gpus;
             }
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }

@@ -5,11 +5,13 @@
 //! step metrics come from the engine thread through [`StepObserver`].
 
 use super::degradation::{DegradationWatch, WatchConfig};
+use super::gpu_metrics::GpuCollector;
 use super::prediction::BinBounds;
 use crate::engine::runtime::{EngineInfo, EngineStats};
 use crate::engine::scheduling::admission::{Bin, Priority, Stall};
 use crate::engine::scheduling::scheduler::Preemption;
 use crate::engine::{FinishReason, StepObserver, StepReport};
+use crate::gpu::monitor::GpuWatch;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -101,6 +103,7 @@ pub struct Metrics {
     bin_bounds: Family<BinLabel, Gauge<f64, AtomicU64>>,
     engine: Arc<OnceLock<EngineView>>,
     watch: Arc<Mutex<DegradationWatch>>,
+    gpus: Arc<OnceLock<Arc<GpuWatch>>>,
 }
 
 impl Metrics {
@@ -132,6 +135,7 @@ impl Metrics {
                 WatchConfig::default(),
                 Instant::now(),
             ))),
+            gpus: Arc::new(OnceLock::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -205,6 +209,9 @@ impl Metrics {
         registry.register_collector(Box::new(WatchCollector {
             watch: metrics.watch.clone(),
         }));
+        registry.register_collector(Box::new(GpuCollector {
+            watch: metrics.gpus.clone(),
+        }));
         Self {
             registry,
             ..metrics
@@ -214,6 +221,11 @@ impl Metrics {
     /// Connects the engine's live counters, once it is loaded.
     pub fn attach(&self, view: EngineView) {
         let _ = self.engine.set(view);
+    }
+
+    /// Connects the GPUs' readings and health.
+    pub fn attach_gpus(&self, watch: Arc<GpuWatch>) {
+        let _ = self.gpus.set(watch);
     }
 
     /// Every metric as OpenMetrics text, or else the Prometheus text format 0.0.4 that older
@@ -332,6 +344,19 @@ impl Collector for EngineCollector {
             "Requests in the running batch",
             ConstGauge::new(stat(|s| s.running.load(Relaxed) as u64) as i64),
         )?;
+        if let Some(view) = view {
+            let limit = view.stats.batch_limit.load(Relaxed);
+            gauge(
+                &mut encoder,
+                "parallax_batch_limit",
+                "Most sequences a step may run now: the configured maximum, less while a GPU is on probation",
+                ConstGauge::new(if limit == 0 {
+                    view.info.max_num_seqs
+                } else {
+                    limit
+                } as i64),
+            )?;
+        }
         gauge(
             &mut encoder,
             "vllm:num_requests_waiting",

@@ -9,6 +9,7 @@
 pub mod degradation;
 pub mod error;
 mod generation;
+mod gpu_metrics;
 mod handlers;
 pub mod metrics;
 pub mod openapi;
@@ -18,6 +19,7 @@ pub mod protocol;
 pub mod validation;
 
 use crate::engine::EngineHandle;
+use crate::gpu::monitor::GpuWatch;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -86,6 +88,8 @@ pub struct AppState {
     loading: Mutex<Option<String>>,
     /// A download under way, for `/ready` (and through it the operator's status).
     download: Mutex<Option<crate::hub::Progress>>,
+    /// The GPUs' health, where it is watched.
+    gpus: OnceLock<Arc<GpuWatch>>,
 }
 
 /// A worker pod of a multi-pod group.
@@ -100,6 +104,9 @@ impl AppState {
     pub fn engine(&self) -> Result<&EngineHandle, ApiError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(ApiError::ShuttingDown);
+        }
+        if let Some(reason) = self.gpus.get().and_then(|g| g.unhealthy()) {
+            return Err(ApiError::GpuUnhealthy(reason));
         }
         if let Some(worker) = self.worker.get() {
             return Err(ApiError::NotLeader(format!(
@@ -142,9 +149,17 @@ impl AppState {
         self.download.lock().ok().and_then(|d| d.clone())
     }
 
+    /// The GPUs' health, where it is watched.
+    pub fn gpus(&self) -> Option<&Arc<GpuWatch>> {
+        self.gpus.get()
+    }
+
     fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
             return Err("shutting down".into());
+        }
+        if let Some(reason) = self.gpus.get().and_then(|g| g.unhealthy()) {
+            return Err(reason);
         }
         if let Some(worker) = self.worker.get() {
             return if worker.joined.load(Ordering::Relaxed) {
@@ -198,6 +213,7 @@ impl Server {
                 worker: OnceLock::new(),
                 loading: Mutex::new(None),
                 download: Mutex::new(None),
+                gpus: OnceLock::new(),
             }),
             shutdown_timeout: config.shutdown_timeout,
         }
@@ -241,12 +257,25 @@ impl Server {
         }
     }
 
+    /// Watches the agent's GPUs: an unhealthy one makes the server unready and refuse new
+    /// requests; one on probation holds the engine to a smaller batch.
+    pub fn watch_gpus(&self, watch: Arc<GpuWatch>) {
+        self.state.metrics.attach_gpus(watch.clone());
+        if let Some(engine) = self.state.engine.get() {
+            watch.limit_engine(engine.stats.clone(), engine.info.max_num_seqs);
+        }
+        let _ = self.state.gpus.set(watch);
+    }
+
     /// Hands over the loaded engine: the server becomes ready.
     pub fn attach(&self, engine: EngineHandle) {
         self.state.metrics.attach(EngineView {
             stats: engine.stats.clone(),
             info: engine.info.clone(),
         });
+        if let Some(gpus) = self.state.gpus.get() {
+            gpus.limit_engine(engine.stats.clone(), engine.info.max_num_seqs);
+        }
         if self.state.engine.set(engine).is_ok() {
             tracing::info!(model = %self.state.served_name, "ready");
         }

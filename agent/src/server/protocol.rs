@@ -183,7 +183,7 @@ pub struct Placement {
     /// Sequences in the request's first step.
     pub batch_size: usize,
     /// The device's utilization, or why there is none.
-    pub gpu_utilization: &'static str,
+    pub gpu_utilization: String,
 }
 
 impl Placement {
@@ -198,7 +198,7 @@ impl Placement {
             ),
             ("x-queue-time", format!("{:.1}ms", self.queue_time_ms)),
             ("x-batch-size", self.batch_size.to_string()),
-            ("x-gpu-utilization", self.gpu_utilization.to_owned()),
+            ("x-gpu-utilization", self.gpu_utilization.clone()),
         ];
         if let Some(ms) = self.processing_time_ms {
             headers.push(("x-processing-time", format!("{ms:.1}ms")));

@@ -190,7 +190,12 @@ impl EngineLoop {
     fn plan(&mut self) -> Vec<Scheduled> {
         let now = Instant::now();
         let single = self.breaker.single_request(now);
-        self.scheduler.set_batch_limit(single.then_some(1));
+        let outside = self.stats.batch_limit.load(Ordering::Relaxed);
+        self.scheduler.set_batch_limit(if single {
+            Some(1)
+        } else {
+            (outside > 0).then_some(outside)
+        });
         self.stats
             .breaker_state
             .store(self.breaker.state(now).code(), Ordering::Relaxed);
