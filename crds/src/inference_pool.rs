@@ -84,6 +84,10 @@ pub struct InferencePoolSpec {
     #[serde(default)]
     pub rollout: RolloutStrategy,
 
+    /// What the operator does about a pod whose agent reports an unhealthy GPU.
+    #[serde(default)]
+    pub gpu_health: GpuHealthSpec,
+
     /// What runs the groups: `pods` (the operator creates, restarts and rolls each pod), or
     /// `leaderworkerset` (one LeaderWorkerSet, where its CRD is installed, for its gang
     /// scheduling and topology placement; Parallax still sizes the groups).
@@ -309,6 +313,56 @@ pub enum ParallelismPreference {
     Throughput,
     /// Every GPU of a node: more memory bandwidth per token.
     Latency,
+}
+
+/// How long a GPU may stay unhealthy before its group moves, and how long its node is avoided.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuHealthSpec {
+    /// Seconds a pod's GPU may report unhealthy (its agent unready, waiting for probation)
+    /// before the operator recreates the pod's group away from its node.
+    #[serde(default = "default_unhealthy_grace")]
+    #[schemars(range(min = 0))]
+    pub unhealthy_grace_seconds: i32,
+
+    /// Seconds new pods of the pool keep off a node whose GPU made a group move.
+    #[serde(default = "default_avoid_node")]
+    #[schemars(range(min = 0))]
+    pub avoid_node_seconds: i32,
+}
+
+impl Default for GpuHealthSpec {
+    fn default() -> Self {
+        Self {
+            unhealthy_grace_seconds: default_unhealthy_grace(),
+            avoid_node_seconds: default_avoid_node(),
+        }
+    }
+}
+
+/// A pod whose agent reports an unhealthy GPU.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuFault {
+    pub pod: String,
+    /// The pod's node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The GPU's index in the pod.
+    pub gpu: i32,
+    pub uuid: String,
+    /// What the agent says happened (`XID 79: GPU has fallen off the bus`).
+    pub reason: String,
+    /// When the operator first saw it.
+    pub since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+}
+
+/// A node new pods keep off, after a GPU of it made a group move.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AvoidedNode {
+    pub node: String,
+    pub until: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
 /// What runs a pool's groups.
@@ -639,6 +693,14 @@ pub struct InferencePoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_download: Option<ModelDownload>,
 
+    /// Pods whose agents report an unhealthy GPU, and since when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_faults: Vec<GpuFault>,
+
+    /// Nodes new pods keep off for now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoided_nodes: Vec<AvoidedNode>,
+
     /// The spec generation the layout above was resolved for. The layout is kept until the spec
     /// changes: a cordon, a lost node or a kubelet restart does not resize or move groups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -673,6 +735,12 @@ fn default_tensor_parallel_size() -> IntOrString {
 }
 fn default_one() -> i32 {
     1
+}
+fn default_unhealthy_grace() -> i32 {
+    300
+}
+fn default_avoid_node() -> i32 {
+    3600
 }
 fn default_max_surge() -> IntOrString {
     IntOrString::Int(0)

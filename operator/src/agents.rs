@@ -1,7 +1,7 @@
-//! What the pool's agents say of themselves: a pod that is not ready yet may be downloading its
-//! model, and its `/ready` says how far it has come (as numbers in `download`). The operator
-//! reads it straight from the pod's IP, as Prometheus would, so a pool's status can say
-//! "downloading" with progress without any permission beyond reading pods.
+//! What the pool's agents say of themselves: a pod that is not ready may be downloading its
+//! model (its `/ready` says how far, as numbers in `download`) or have an unhealthy GPU (in
+//! `gpus`). The operator reads it straight from the pod's IP, as Prometheus would, so a pool's
+//! status can say so without any permission beyond reading pods.
 
 use futures::future::join_all;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -38,6 +38,22 @@ impl Download {
     }
 }
 
+/// A GPU an agent reports unhealthy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SickGpu {
+    pub index: u32,
+    pub uuid: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What one unready pod's agent says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentReport {
+    pub download: Option<Download>,
+    pub sick_gpus: Vec<SickGpu>,
+}
+
 /// The largest `/ready` answer read (it is a few hundred bytes).
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -67,10 +83,9 @@ impl AgentProbe {
         }
     }
 
-    /// The downloads of those `pods` that run but are not ready, by pod name. A pod that does
-    /// not answer in time, or says nothing of a download, is left out: this is a report, never
-    /// a reason to act.
-    pub async fn downloads(&self, pods: &[Pod]) -> Vec<(String, Download)> {
+    /// What the agents of those `pods` that run but are not ready say, by pod name. A pod that
+    /// does not answer in time is left out.
+    pub async fn read(&self, pods: &[Pod]) -> Vec<(String, AgentReport)> {
         let asking = pods.iter().filter_map(|pod| {
             let status = pod.status.as_ref()?;
             let running = status.phase.as_deref() == Some("Running");
@@ -84,9 +99,9 @@ impl AgentProbe {
                 return None;
             }
             Some(async move {
-                let answer = tokio::time::timeout(self.timeout, self.download(ip)).await;
+                let answer = tokio::time::timeout(self.timeout, self.report(ip)).await;
                 match answer {
-                    Ok(Ok(download)) => download.map(|d| (pod.name_any(), d.in_steps())),
+                    Ok(Ok(report)) => Some((pod.name_any(), report)),
                     Ok(Err(error)) => {
                         debug!(pod = %pod.name_any(), %error, "no answer from the agent");
                         None
@@ -101,7 +116,7 @@ impl AgentProbe {
         join_all(asking).await.into_iter().flatten().collect()
     }
 
-    async fn download(&self, ip: &str) -> Result<Option<Download>, String> {
+    async fn report(&self, ip: &str) -> Result<AgentReport, String> {
         let host = if ip.contains(':') {
             format!("[{ip}]")
         } else {
@@ -117,11 +132,27 @@ impl AgentProbe {
             .map_err(|e| e.to_string())?
             .to_bytes();
         #[derive(Deserialize)]
+        struct Gpu {
+            #[serde(flatten)]
+            gpu: SickGpu,
+            state: String,
+        }
+        #[derive(Deserialize)]
         struct Ready {
             download: Option<Download>,
+            #[serde(default)]
+            gpus: Vec<Gpu>,
         }
         let ready: Ready = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        Ok(ready.download)
+        Ok(AgentReport {
+            download: ready.download.map(Download::in_steps),
+            sick_gpus: ready
+                .gpus
+                .into_iter()
+                .filter(|g| g.state == "unhealthy")
+                .map(|g| g.gpu)
+                .collect(),
+        })
     }
 }
 

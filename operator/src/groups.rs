@@ -30,6 +30,8 @@ pub struct Member {
     pub node_lost: bool,
     /// The incarnation of its group it belongs to.
     pub incarnation: u32,
+    /// Its agent has reported an unhealthy GPU for longer than the pool's grace.
+    pub gpu_unhealthy: bool,
 }
 
 /// Why a pod does not run as it should.
@@ -217,6 +219,7 @@ pub fn observe<'a>(
                 problem: problem(pod),
                 node_lost,
                 incarnation,
+                gpu_unhealthy: false,
             },
         );
     }
@@ -234,6 +237,8 @@ pub enum DeleteReason {
     Outdated,
     /// A member's node is lost: the group starts again elsewhere, under new names.
     NodeLost,
+    /// A member's GPU stayed unhealthy past the grace: the group starts again on other nodes.
+    GpuUnhealthy,
 }
 
 impl DeleteReason {
@@ -242,7 +247,7 @@ impl DeleteReason {
             Self::ScaledDown => "GroupRemoved",
             Self::MemberFailed => "GroupRecreated",
             Self::Outdated => "GroupUpdated",
-            Self::NodeLost => "GroupRescheduled",
+            Self::NodeLost | Self::GpuUnhealthy => "GroupRescheduled",
         }
     }
 }
@@ -371,6 +376,9 @@ pub fn plan(groups: &Groups, wanted: &Wanted<'_>, restarts: &Restarts, now: i64)
         } else if group.members.values().any(|m| m.node_lost) {
             delete(index, DeleteReason::NodeLost, group);
             coming_back.push(index);
+        } else if group.members.values().any(|m| m.gpu_unhealthy) {
+            delete(index, DeleteReason::GpuUnhealthy, group);
+            coming_back.push(index);
         } else if group.members.values().any(|m| m.failed) {
             let due = restarts
                 .get(&index)
@@ -488,6 +496,7 @@ mod tests {
             problem: None,
             node_lost: false,
             incarnation: 0,
+            gpu_unhealthy: false,
         }
     }
 
@@ -927,6 +936,36 @@ mod tests {
         assert_eq!(
             super::plan(&g, &wanted, &history, 100),
             GroupPlan::default()
+        );
+    }
+
+    #[test]
+    fn a_group_with_a_gpu_unhealthy_past_its_grace_starts_again_at_once() {
+        let mut g = groups(&[
+            (0, &[(0, "h", false), (1, "h", true)]),
+            (1, &[(0, "h", true), (1, "h", true)]),
+        ]);
+        g.get_mut(&0)
+            .unwrap()
+            .members
+            .get_mut(&0)
+            .unwrap()
+            .gpu_unhealthy = true;
+        // Whatever its restart history: the GPU, not the group, failed.
+        let history = Restarts::from([(0, Restart { count: 5, at: 0 })]);
+        let moved = plan(&g, 2, 2, "h", &history, 1);
+        assert_eq!(
+            moved.delete,
+            [(
+                0,
+                DeleteReason::GpuUnhealthy,
+                vec!["p-0-0".to_owned(), "p-0-1".to_owned()]
+            )]
+        );
+        assert!(moved.backing_off.is_empty());
+        assert_eq!(
+            DeleteReason::GpuUnhealthy.event_reason(),
+            "GroupRescheduled"
         );
     }
 }

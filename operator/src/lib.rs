@@ -7,6 +7,7 @@ pub mod agents;
 pub mod children;
 pub mod controller;
 pub mod error;
+pub mod gpu_faults;
 pub mod groups;
 pub mod http;
 pub mod inventory;

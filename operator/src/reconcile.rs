@@ -8,11 +8,12 @@ use crate::children::{
     pool_selector, service_name, unused_configs,
 };
 use crate::error::{Error, Result};
+use crate::gpu_faults;
 use crate::groups::{self, DeleteReason, GroupPlan};
 use crate::inventory::{GpuInventory, NodeHealth};
 use crate::lws::{self, LWS_NAME_LABEL};
 use crate::metrics::Metrics;
-use crate::status::{compute_status, restarts_of};
+use crate::status::{AgentView, compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
@@ -129,12 +130,55 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     }
     let workload = pool.spec.group_workload;
     let health = NodeHealth::from_nodes(nodes.iter().map(|n| n.as_ref()), now.as_second());
-    let observed = match workload {
+    let mut observed = match workload {
         GroupWorkload::Pods => groups::observe(&owned, pods_per_group, &health),
         GroupWorkload::LeaderWorkerSet => groups::observe(&from_lws, pods_per_group, &health),
     };
 
+    // What the agents of unready pods say: how far their download is, and GPUs gone bad.
+    let pool_pods = match workload {
+        GroupWorkload::Pods => &owned,
+        GroupWorkload::LeaderWorkerSet => &from_lws,
+    };
+    let reports = ctx.agents.read(pool_pods).await;
+    let previous = pool.status.clone().unwrap_or_default();
+    let gpu_health = &pool.spec.gpu_health;
+    let faults = gpu_faults::merge(&previous.gpu_faults, &reports, pool_pods, &Time(now));
     let mut events = Vec::new();
+    for fault in &faults {
+        let known = previous
+            .gpu_faults
+            .iter()
+            .any(|f| f.pod == fault.pod && f.uuid == fault.uuid);
+        if !known {
+            events.push((
+                EventType::Warning,
+                "GpuUnhealthy",
+                format!(
+                    "pod {} on node {}: GPU {} ({}) is unhealthy: {}",
+                    fault.pod,
+                    fault.node.as_deref().unwrap_or("unknown"),
+                    fault.gpu,
+                    fault.uuid,
+                    fault.reason
+                ),
+            ));
+        }
+    }
+    // Past the grace, the group goes elsewhere (a LeaderWorkerSet's groups are LWS's to move).
+    let due = gpu_faults::due(&faults, gpu_health.unhealthy_grace_seconds, &Time(now));
+    if workload == GroupWorkload::Pods {
+        for member in observed.values_mut().flat_map(|g| g.members.values_mut()) {
+            member.gpu_unhealthy = due.contains(&member.name);
+        }
+    }
+    let mut avoided_nodes = gpu_faults::avoided(
+        &previous.avoided_nodes,
+        &[],
+        gpu_health.avoid_node_seconds,
+        &Time(now),
+    );
+
     let restarts = pool.status.as_ref().map(restarts_of).unwrap_or_default();
     let mut plan = GroupPlan::default();
     let template_hash = match &layout {
@@ -170,7 +214,27 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                     };
                     plan = groups::plan(&observed, &wanted, &restarts, now.as_second());
                     delete_groups(&pod_api, &plan, layout, replicas, &mut events).await?;
-                    create_pods(&pod_api, &plan, &observed, &builder, &mut events).await?;
+                    // Groups moved for a GPU keep off its node, and so does every new pod.
+                    let moved_from: Vec<String> = plan
+                        .delete
+                        .iter()
+                        .filter(|(_, reason, _)| *reason == DeleteReason::GpuUnhealthy)
+                        .flat_map(|(_, _, pods)| pods)
+                        .filter_map(|pod| {
+                            faults
+                                .iter()
+                                .find(|f| f.pod == *pod)
+                                .and_then(|f| f.node.clone())
+                        })
+                        .collect();
+                    avoided_nodes = gpu_faults::avoided(
+                        &avoided_nodes,
+                        &moved_from,
+                        gpu_health.avoid_node_seconds,
+                        &Time(now),
+                    );
+                    let avoid: Vec<String> = avoided_nodes.iter().map(|a| a.node.clone()).collect();
+                    create_pods(&pod_api, &plan, &observed, &builder, &avoid, &mut events).await?;
                 }
                 GroupWorkload::LeaderWorkerSet => {
                     let object = builder.leader_worker_set(replicas);
@@ -231,14 +295,21 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     };
 
     // Pods on their way up may be downloading the model: their agents say how far.
-    let downloads = ctx.agents.downloads(&owned).await;
+    let agents = AgentView {
+        downloads: reports
+            .iter()
+            .filter_map(|(pod, r)| Some((pod.clone(), r.download.clone()?)))
+            .collect(),
+        gpu_faults: faults,
+        avoided_nodes,
+    };
     let status = compute_status(
         pool,
         layout.as_ref(),
         &observed,
         template_hash.as_deref(),
         &plan,
-        &downloads,
+        &agents,
         &Time(now),
     );
     events.extend(decision_events(pool, &layout));
@@ -254,10 +325,18 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             .await?;
     }
     // A failed group waiting out its backoff is looked at again when it is due.
+    // A failed group waiting out its backoff, or a GPU its grace, is looked at again when due.
+    let grace_ends = agents
+        .gpu_faults
+        .iter()
+        .map(|f| gpu_faults::due_at(f, gpu_health.unhealthy_grace_seconds).as_second())
+        .filter(|at| *at > now.as_second());
     let due = plan
         .backing_off
         .iter()
-        .map(|(_, due)| Duration::from_secs((due - now.as_second()).max(1) as u64))
+        .map(|(_, due)| *due)
+        .chain(grace_ends)
+        .map(|due| Duration::from_secs((due - now.as_second()).max(1) as u64))
         .min();
     let next = match (due, layout.is_ok()) {
         (Some(due), _) => due.min(RESYNC),
@@ -265,7 +344,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         (None, false) => RETRY_LAYOUT,
     };
     // A download moves no object: its progress is read again on a timer.
-    Ok(Action::requeue(if downloads.is_empty() {
+    Ok(Action::requeue(if agents.downloads.is_empty() {
         next
     } else {
         next.min(DOWNLOAD_PROGRESS)
@@ -312,8 +391,14 @@ async fn delete_groups(
             DeleteReason::NodeLost => format!(
                 "a node of group {group} is lost; recreating the group elsewhere under new pod names"
             ),
+            DeleteReason::GpuUnhealthy => format!(
+                "a GPU of group {group} stayed unhealthy past the grace; recreating the group away from its node"
+            ),
         };
-        let type_ = if matches!(reason, DeleteReason::MemberFailed | DeleteReason::NodeLost) {
+        let type_ = if matches!(
+            reason,
+            DeleteReason::MemberFailed | DeleteReason::NodeLost | DeleteReason::GpuUnhealthy
+        ) {
             EventType::Warning
         } else {
             EventType::Normal
@@ -329,6 +414,7 @@ async fn create_pods(
     plan: &GroupPlan,
     observed: &groups::Groups,
     builder: &ChildBuilder<'_>,
+    avoid: &[String],
     events: &mut Vec<(EventType, &'static str, String)>,
 ) -> Result<()> {
     let mut created_groups = Vec::new();
@@ -336,7 +422,7 @@ async fn create_pods(
         // Created, not applied: a pod of that name that is not the pool's is never adopted
         // (the create fails and says so).
         let incarnation = observed.get(&group).map_or(0, groups::Group::incarnation);
-        let pod = builder.pod_in(group, rank, incarnation);
+        let pod = keep_off(builder.pod_in(group, rank, incarnation), avoid);
         match pod_api.create(&PostParams::default(), &pod).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -367,6 +453,38 @@ async fn create_pods(
         ));
     }
     Ok(())
+}
+
+/// `pod` with a required node affinity that keeps it off the `avoid` nodes (added to each of
+/// its terms; not part of the template: it is where the pod may go, not what it is).
+fn keep_off(mut pod: Pod, avoid: &[String]) -> Pod {
+    use k8s_openapi::api::core::v1::{
+        Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    };
+    if avoid.is_empty() {
+        return pod;
+    }
+    let requirement = NodeSelectorRequirement {
+        key: "kubernetes.io/hostname".into(),
+        operator: "NotIn".into(),
+        values: Some(avoid.to_vec()),
+    };
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    let required = spec
+        .affinity
+        .get_or_insert_with(Affinity::default)
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default)
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(|| NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm::default()],
+        });
+    for term in &mut required.node_selector_terms {
+        term.match_expressions
+            .get_or_insert_with(Vec::new)
+            .push(requirement.clone());
+    }
+    pod
 }
 
 /// What became of the pool's LeaderWorkerSet.

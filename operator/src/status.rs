@@ -13,6 +13,7 @@ use kube::ResourceExt;
 use parallax_crds::{
     AGENT_HTTP_PORT as AGENT_PORT, GroupRestart, InferencePool, InferencePoolStatus, ModelDownload,
 };
+use parallax_crds::{AvoidedNode, GpuFault};
 
 /// Condition types of an InferencePool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,7 @@ pub enum Reason {
     OutOfMemory,
     CrashLooping,
     LeaderWorkerSetMissing,
+    GpuUnhealthy,
 }
 
 impl ConditionType {
@@ -102,6 +104,7 @@ impl Reason {
             Self::OutOfMemory => "OutOfMemory",
             Self::CrashLooping => "CrashLooping",
             Self::LeaderWorkerSetMissing => "LeaderWorkerSetMissing",
+            Self::GpuUnhealthy => "GpuUnhealthy",
             Self::InvalidSpec => "InvalidSpec",
         }
     }
@@ -169,6 +172,17 @@ pub fn merge_conditions(
     merged
 }
 
+/// What the pool's agents said this pass, and what the operator made of it.
+#[derive(Debug, Clone, Default)]
+pub struct AgentView {
+    /// Downloads under way, by pod.
+    pub downloads: Vec<(String, Download)>,
+    /// Unhealthy GPUs, with when each was first seen.
+    pub gpu_faults: Vec<GpuFault>,
+    /// Nodes new pods keep off.
+    pub avoided_nodes: Vec<AvoidedNode>,
+}
+
 /// Computes the pool's status from its layout (or why there is none) and its groups.
 pub fn compute_status(
     pool: &InferencePool,
@@ -176,9 +190,10 @@ pub fn compute_status(
     groups: &Groups,
     template_hash: Option<&str>,
     plan: &GroupPlan,
-    downloads: &[(String, Download)],
+    agents: &AgentView,
     now: &Time,
 ) -> InferencePoolStatus {
+    let downloads = agents.downloads.as_slice();
     use ConditionStatus::{False, True};
     use ConditionType::{Degraded, Progressing, Ready};
     let previous = pool.status.clone().unwrap_or_default();
@@ -326,7 +341,14 @@ pub fn compute_status(
                 progressing
             };
             let progressing = past_deadline(progressing, pool, last_progress.as_ref(), now);
-            let degraded = if let Some(waiting) = backoff_message(plan, &previous_restarts, now) {
+            let degraded = if !agents.gpu_faults.is_empty() {
+                DesiredCondition::new(
+                    Degraded,
+                    True,
+                    Reason::GpuUnhealthy,
+                    gpu_fault_message(pool, &agents.gpu_faults, now),
+                )
+            } else if let Some(waiting) = backoff_message(plan, &previous_restarts, now) {
                 DesiredCondition::new(Degraded, True, Reason::GroupRestartBackoff, waiting)
             } else if let Some(kind) = problems.iter().map(|(_, p)| p.kind).min() {
                 DesiredCondition::new(
@@ -402,6 +424,8 @@ pub fn compute_status(
             .map_or(previous.tensor_parallel_reason, |l| Some(l.reason.clone())),
         last_progress_time: last_progress,
         model_download,
+        gpu_faults: agents.gpu_faults.clone(),
+        avoided_nodes: agents.avoided_nodes.clone(),
         group_restarts: restarts
             .iter()
             .map(|(group, r)| GroupRestart {
@@ -490,6 +514,37 @@ fn past_deadline(
     )
 }
 
+/// `pod P on node N: GPU i (UUID): reason; …` for the first few faults, with what happens next.
+fn gpu_fault_message(pool: &InferencePool, faults: &[GpuFault], now: &Time) -> String {
+    const SHOWN: usize = 4;
+    let grace = pool.spec.gpu_health.unhealthy_grace_seconds;
+    let mut text = faults
+        .iter()
+        .take(SHOWN)
+        .map(|f| {
+            let left = (crate::gpu_faults::due_at(f, grace).as_second() - now.0.as_second()).max(0);
+            let next = if left > 0 {
+                format!("its group moves off the node in {left}s unless the GPU recovers")
+            } else {
+                "its group is recreated away from the node".to_owned()
+            };
+            format!(
+                "pod {} on node {}: GPU {} ({}) is unhealthy: {}; {next}",
+                f.pod,
+                f.node.as_deref().unwrap_or("unknown"),
+                f.gpu,
+                f.uuid,
+                f.reason
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    if faults.len() > SHOWN {
+        text.push_str(&format!("; and {} more GPUs", faults.len() - SHOWN));
+    }
+    text
+}
+
 impl From<ProblemKind> for Reason {
     fn from(kind: ProblemKind) -> Self {
         match kind {
@@ -566,6 +621,7 @@ mod tests {
                     problem: None,
                     node_lost: false,
                     incarnation: 0,
+                    gpu_unhealthy: false,
                 };
                 (
                     i as u32,
@@ -591,7 +647,7 @@ mod tests {
             &groups(&[true, true], "h"),
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(10),
         );
         assert_eq!(
@@ -621,7 +677,7 @@ mod tests {
             &groups(&[true, false], "h"),
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(10),
         );
         let ready = condition(&s, "Ready");
@@ -660,7 +716,7 @@ mod tests {
             &g,
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(10),
         );
         let degraded = condition(&s, "Degraded");
@@ -687,7 +743,7 @@ mod tests {
             &g,
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(10),
         );
         assert_eq!(condition(&s, "Degraded").reason, "AsExpected");
@@ -704,7 +760,7 @@ mod tests {
             &stuck,
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(0),
         );
         assert_eq!(
@@ -720,7 +776,7 @@ mod tests {
                 &stuck,
                 Some("h"),
                 &GroupPlan::default(),
-                &[],
+                &AgentView::default(),
                 &time(seconds),
             )
         };
@@ -751,7 +807,7 @@ mod tests {
             &groups(&[true, true], "h"),
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(4000),
         );
         assert_eq!(moved.last_progress_time, Some(time(4000)));
@@ -790,7 +846,7 @@ mod tests {
             &failing,
             Some("h"),
             &plan,
-            &[],
+            &AgentView::default(),
             &time(110),
         );
         let degraded = condition(&s, "Degraded");
@@ -813,7 +869,7 @@ mod tests {
             &failing,
             Some("h"),
             &recreated,
-            &[],
+            &AgentView::default(),
             &time(140),
         );
         assert_eq!(
@@ -834,7 +890,7 @@ mod tests {
             &groups(&[true, true], "old"),
             Some("new"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(10),
         );
         assert_eq!(s.updated_replicas, 0);
@@ -853,7 +909,7 @@ mod tests {
             &Groups::new(),
             None,
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(10),
         );
         let ready = condition(&s, "Ready");
@@ -874,7 +930,7 @@ mod tests {
             &groups(&[false], "h"),
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(10),
         );
         p.status = Some(first);
@@ -887,7 +943,7 @@ mod tests {
             &g,
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(20),
         );
         assert_eq!(condition(&second, "Ready").last_transition_time, time(10));
@@ -898,7 +954,7 @@ mod tests {
             &groups(&[true], "h"),
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(30),
         );
         assert_eq!(condition(&third, "Ready").last_transition_time, time(30));
@@ -937,7 +993,10 @@ mod tests {
                 &starting,
                 Some("h"),
                 &GroupPlan::default(),
-                &[("llama-1-0".into(), download(done))],
+                &AgentView {
+                    downloads: vec![("llama-1-0".into(), download(done))],
+                    ..AgentView::default()
+                },
                 &time(now),
             )
         };
@@ -978,7 +1037,7 @@ mod tests {
             &starting,
             Some("h"),
             &GroupPlan::default(),
-            &[],
+            &AgentView::default(),
             &time(3901),
         );
         assert_eq!(done.model_download, None);

@@ -15,7 +15,7 @@ use parallax_operator::agents::AgentProbe;
 use parallax_operator::children::TEMPLATE_HASH_ANNOTATION;
 use parallax_operator::controller;
 use parallax_operator::metrics::Metrics;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use support::eventually;
@@ -284,7 +284,7 @@ async fn a_pool_lives_and_dies_through_the_controller() {
         .delete("gpu-a", &DeleteParams::default())
         .await
         .unwrap();
-    let container_state = |state: serde_json::Value| {
+    let container_state = |state: Value| {
         json!({"status": {"containerStatuses": [{"name": "agent", "image": "i", "imageID": "",
             "ready": false, "restartCount": 0, "state": state}]}})
     };
@@ -687,7 +687,7 @@ const LWS: &str = "apis/leaderworkerset.x-k8s.io/v1/leaderworkersets";
 
 /// Plays the LeaderWorkerSet controller: a ready pod per group from its template, named and
 /// labelled as LWS names them, owned by a StatefulSet (not by the pool).
-async fn lws_makes_its_pods(client: &Client, lws: &serde_json::Value) {
+async fn lws_makes_its_pods(client: &Client, lws: &Value) {
     let name = lws["metadata"]["name"].as_str().unwrap();
     let template = &lws["spec"]["leaderWorkerTemplate"]["workerTemplate"];
     let api = Api::<Pod>::namespaced(client.clone(), "ml");
@@ -825,6 +825,155 @@ async fn without_the_leader_worker_set_api_the_pool_says_what_is_missing() {
     );
     assert!(pods(&client).await.is_empty());
     controller.stop().await;
+}
+
+/// An agent on loopback whose `/ready` answers 503 with `body`.
+async fn unready_agent(body: Value) -> (u16, tokio::task::JoinHandle<()>) {
+    use axum::http::StatusCode;
+    let app = axum::Router::new().route(
+        "/ready",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn a_group_whose_gpu_stays_unhealthy_moves_off_its_node() {
+    let (server, client, mut changes) = cluster(&["gpu-a", "gpu-b"]).await;
+    let reason = "GPU 1 (GPU-bad) is unhealthy: XID 79: GPU has fallen off the bus";
+    let (port, agent) = unready_agent(json!({"status": reason, "gpus": [
+        {"index": 0, "uuid": "GPU-good", "name": "H100", "state": "healthy"},
+        {"index": 1, "uuid": "GPU-bad", "name": "H100", "state": "unhealthy",
+         "reason": "XID 79: GPU has fallen off the bus", "last_xid": 79}]}))
+    .await;
+    let controller = RunningController::start_with(
+        &client,
+        controller::Settings {
+            agent_image: "registry.example/parallax-agent:test".into(),
+            agents: AgentProbe::on_port(port),
+        },
+    );
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut one = pool();
+    one.spec.replicas = 1;
+    pools.create(&PostParams::default(), &one).await.unwrap();
+    eventually("the pod exists", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+    // Scheduled on gpu-a, running, and its agent reports GPU 1 unhealthy.
+    let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
+    pod_api
+        .patch(
+            "llama-0-0",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"nodeName": "gpu-a"}})),
+        )
+        .await
+        .unwrap();
+    let running = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "False"}]}});
+    pod_api
+        .patch_status(
+            "llama-0-0",
+            &PatchParams::default(),
+            &Patch::Merge(&running),
+        )
+        .await
+        .unwrap();
+    let first_uid = pod_api.get("llama-0-0").await.unwrap().uid();
+    eventually(
+        "Degraded names the pod, the node, the GPU and the XID",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                let message = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Degraded")
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                condition(&p, "Degraded") == Some(("True".into(), "GpuUnhealthy".into()))
+                    && message.starts_with("pod llama-0-0 on node gpu-a: GPU 1 (GPU-bad) is unhealthy: XID 79: GPU has fallen off the bus; its group moves off the node in")
+                    && status.gpu_faults.len() == 1
+            })
+        },
+    )
+    .await;
+    assert!(recorded(&server, "GpuUnhealthy", "GPU 1 (GPU-bad)"));
+    assert_eq!(
+        pod_api.get("llama-0-0").await.unwrap().uid(),
+        first_uid,
+        "within the grace nothing moves"
+    );
+
+    // The grace runs out: the group comes back on another node, and gpu-a is avoided.
+    pools
+        .patch(
+            "llama",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"gpuHealth": {"unhealthyGraceSeconds": 0}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the group is recreated with a node affinity that keeps it off gpu-a",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let Ok(pod) = pod_api.get("llama-0-0").await else {
+                return false;
+            };
+            let terms = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.affinity.as_ref())
+                .and_then(|a| a.node_affinity.as_ref())
+                .and_then(|n| {
+                    n.required_during_scheduling_ignored_during_execution
+                        .as_ref()
+                })
+                .map(|r| r.node_selector_terms.clone())
+                .unwrap_or_default();
+            pod.uid() != first_uid
+                && !terms.is_empty()
+                && terms.iter().all(|t| {
+                    t.match_expressions.iter().flatten().any(|e| {
+                        e.key == "kubernetes.io/hostname"
+                            && e.operator == "NotIn"
+                            && e.values.as_deref() == Some(&["gpu-a".to_owned()][..])
+                    })
+                })
+        },
+    )
+    .await;
+    eventually(
+        "status keeps gpu-a avoided and the fault is gone with its pod",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                status.avoided_nodes.iter().any(|a| a.node == "gpu-a")
+                    && status.gpu_faults.is_empty()
+                    && condition(&p, "Degraded") == Some(("False".into(), "AsExpected".into()))
+            })
+        },
+    )
+    .await;
+    assert!(recorded(&server, "GroupRescheduled", "away from its node"));
+    controller.stop().await;
+    agent.abort();
 }
 
 #[tokio::test]

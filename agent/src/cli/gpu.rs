@@ -96,10 +96,25 @@ impl GpuArgs {
     }
 }
 
-/// The GPUs NVML sees, for `info`: their inventory, or why there is none.
+/// The GPUs NVML sees, for `info`: each one's inventory and one sample of every reading, or
+/// why there is none.
 pub fn inventory() -> serde_json::Value {
     match NvmlSource::open() {
-        Ok(nvml) => serde_json::json!(nvml.inventory()),
+        Ok(mut nvml) => {
+            let sample = nvml.sample();
+            let gpus: Vec<serde_json::Value> = nvml
+                .inventory()
+                .iter()
+                .zip(sample)
+                .map(|(gpu, reading)| match reading {
+                    Ok(reading) => serde_json::json!({"gpu": gpu, "reading": reading}),
+                    Err(event) => {
+                        serde_json::json!({"gpu": gpu, "unreadable": format!("{event:?}")})
+                    }
+                })
+                .collect();
+            serde_json::json!(gpus)
+        }
         Err(why) => serde_json::json!({"unavailable": why}),
     }
 }
