@@ -4,6 +4,7 @@
 //! `reconcile` reads the cluster and applies their results; `controller` wires the watches.
 
 pub mod agents;
+pub mod autoscale;
 pub mod children;
 pub mod controller;
 pub mod error;

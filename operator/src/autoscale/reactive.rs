@@ -1,0 +1,338 @@
+//! The reactive rules: scale up on a queue or slow requests, an emergency step on a long queue
+//! or errors, scale down after utilization stays low; bounded steps, cooldowns and a
+//! stabilization window for scaling down, as the HPA's `behavior` has.
+
+use super::{Decision, Signals};
+
+/// The rules' thresholds and pacing (the pool's `autoscaling` spec).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    /// Scale up when more requests than this wait…
+    pub up_queue: f64,
+    /// …or p95 end-to-end latency is above this.
+    pub up_p95_seconds: f64,
+    /// Scale down when utilization stays below this…
+    pub down_utilization: f64,
+    /// …for this long.
+    pub down_window_seconds: f64,
+    /// An emergency step when more than this wait…
+    pub emergency_queue: f64,
+    /// …or more than this share of requests fail.
+    pub emergency_errors: f64,
+    /// The utilization a pool is sized for when the load is known.
+    pub target_utilization: f64,
+    /// Most groups added in one step, and the share of the current ones (the larger wins).
+    pub up_step_groups: u32,
+    pub up_step_share: f64,
+    /// Most groups removed in one step, and the share of the current ones (the larger wins).
+    pub down_step_groups: u32,
+    pub down_step_share: f64,
+    /// Least time between two scale-ups, and from any change to a scale-down.
+    pub up_cooldown_seconds: f64,
+    pub down_cooldown_seconds: f64,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            up_queue: 20.0,
+            up_p95_seconds: 0.3,
+            down_utilization: 0.6,
+            down_window_seconds: 300.0,
+            emergency_queue: 100.0,
+            emergency_errors: 0.05,
+            target_utilization: 0.6,
+            up_step_groups: 4,
+            up_step_share: 1.0,
+            down_step_groups: 1,
+            down_step_share: 0.25,
+            up_cooldown_seconds: 60.0,
+            down_cooldown_seconds: 300.0,
+            min_replicas: 1,
+            max_replicas: 10,
+        }
+    }
+}
+
+/// What the rules remember between looks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    last_up: Option<f64>,
+    last_change: Option<f64>,
+    /// Since when utilization has been below the scale-down threshold.
+    low_since: Option<f64>,
+}
+
+impl Rules {
+    fn clamp(&self, wanted: u32) -> (u32, bool) {
+        let clamped = wanted.clamp(self.min_replicas, self.max_replicas.max(self.min_replicas));
+        (clamped, clamped != wanted)
+    }
+
+    /// Groups needed for `rate` at the target utilization, when a group's capacity is known.
+    pub fn needed(&self, rate: f64, capacity: Option<f64>) -> Option<u32> {
+        let capacity = capacity.filter(|c| *c > 0.0)?;
+        Some(
+            (rate / (capacity * self.target_utilization))
+                .ceil()
+                .max(0.0) as u32,
+        )
+    }
+
+    /// The rules' answer for a pool of `current` groups (ready or starting) given `signals`.
+    pub fn decide(
+        &self,
+        state: &mut State,
+        signals: &Signals,
+        current: u32,
+        capacity: Option<f64>,
+    ) -> Decision {
+        let now = signals.at;
+        let step_up = self
+            .up_step_groups
+            .max((f64::from(current) * self.up_step_share).ceil() as u32)
+            .max(1);
+        let needed = self.needed(signals.request_rate, capacity);
+        let decision = |replicas: u32, rule: &'static str, why: String| {
+            let (replicas, limited) = self.clamp(replicas);
+            Decision {
+                replicas,
+                rule,
+                why,
+                limited,
+            }
+        };
+
+        // Emergency: at once, whatever the cooldown.
+        let emergency = if signals.queue > self.emergency_queue {
+            Some(format!(
+                "queue {:.0} > {:.0}",
+                signals.queue, self.emergency_queue
+            ))
+        } else if signals.error_rate > self.emergency_errors {
+            Some(format!(
+                "errors {:.1} % > {:.1} %",
+                signals.error_rate * 100.0,
+                self.emergency_errors * 100.0
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = emergency {
+            // Groups already starting count here too: a queue takes their startup to drain.
+            let starting = current.saturating_sub(signals.ready);
+            if starting > 0 && needed.is_none_or(|n| n <= current) {
+                return decision(
+                    current,
+                    "hold",
+                    format!("{why}, {starting} groups starting"),
+                );
+            }
+            let wanted = (current + step_up.max(2)).max(needed.unwrap_or(0));
+            state.low_since = None;
+            return self.changed(state, now, decision(wanted, "emergency", why), current);
+        }
+
+        let up = if signals.queue > self.up_queue {
+            Some(format!("queue {:.0} > {:.0}", signals.queue, self.up_queue))
+        } else {
+            signals
+                .p95_seconds
+                .filter(|p95| *p95 > self.up_p95_seconds)
+                .map(|p95| {
+                    format!(
+                        "p95 {:.0} ms > {:.0} ms",
+                        p95 * 1e3,
+                        self.up_p95_seconds * 1e3
+                    )
+                })
+        };
+        if let Some(why) = up {
+            state.low_since = None;
+            let cooled = state
+                .last_up
+                .is_none_or(|at| now - at >= self.up_cooldown_seconds);
+            if !cooled {
+                return decision(
+                    current,
+                    "hold",
+                    format!("{why}, cooling down after a scale-up"),
+                );
+            }
+            // Groups already starting count: ask for more only when they will not do.
+            let starting = current.saturating_sub(signals.ready);
+            if starting > 0 && needed.is_none_or(|n| n <= current) {
+                return decision(
+                    current,
+                    "hold",
+                    format!("{why}, {starting} groups starting"),
+                );
+            }
+            let wanted = needed.unwrap_or(0).clamp(current + 1, current + step_up);
+            return self.changed(state, now, decision(wanted, "scale-up", why), current);
+        }
+
+        match signals.utilization {
+            Some(utilization) if utilization < self.down_utilization => {
+                let since = *state.low_since.get_or_insert(now);
+                let low_for = now - since;
+                let cooled = state
+                    .last_change
+                    .is_none_or(|at| now - at >= self.down_cooldown_seconds);
+                if low_for >= self.down_window_seconds && cooled {
+                    let step = self
+                        .down_step_groups
+                        .max((f64::from(current) * self.down_step_share).floor() as u32)
+                        .max(1);
+                    // Down to what the load needs at the target, a step at most.
+                    let fits =
+                        (f64::from(current) * utilization / self.target_utilization).ceil() as u32;
+                    let wanted = fits.max(current.saturating_sub(step)).min(current);
+                    let why = format!(
+                        "utilization {:.0} % < {:.0} % for {:.0} s",
+                        utilization * 100.0,
+                        self.down_utilization * 100.0,
+                        low_for
+                    );
+                    return self.changed(state, now, decision(wanted, "scale-down", why), current);
+                }
+            }
+            _ => state.low_since = None,
+        }
+        decision(current, "hold", "within the rules".into())
+    }
+
+    fn changed(&self, state: &mut State, now: f64, decision: Decision, current: u32) -> Decision {
+        if decision.replicas > current {
+            state.last_up = Some(now);
+        }
+        if decision.replicas != current {
+            state.last_change = Some(now);
+            state.low_since = None;
+        }
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn look(at: f64) -> Signals {
+        Signals {
+            at,
+            request_rate: 10.0,
+            queue: 0.0,
+            p95_seconds: Some(0.1),
+            error_rate: 0.0,
+            utilization: Some(0.7),
+            ready: 4,
+        }
+    }
+
+    #[test]
+    fn a_queue_or_slow_requests_scale_up_within_the_step_and_the_cooldown() {
+        let rules = Rules::default();
+        let mut state = State::default();
+        let queued = Signals {
+            queue: 35.0,
+            ..look(0.0)
+        };
+        let d = rules.decide(&mut state, &queued, 4, None);
+        assert_eq!(
+            (d.replicas, d.rule, d.why.as_str()),
+            (5, "scale-up", "queue 35 > 20")
+        );
+        // Within the cooldown: held.
+        let d = rules.decide(&mut state, &Signals { at: 30.0, ..queued }, 5, None);
+        assert_eq!((d.replicas, d.rule), (5, "hold"));
+        // A known capacity sizes the step, bounded by it (4 groups or 100 %).
+        let slow = Signals {
+            at: 60.0,
+            p95_seconds: Some(0.45),
+            request_rate: 100.0,
+            ..look(60.0)
+        };
+        let d = rules.decide(&mut state, &slow, 5, Some(2.0));
+        assert_eq!((d.replicas, d.why.as_str()), (10, "p95 450 ms > 300 ms"));
+    }
+
+    #[test]
+    fn an_emergency_steps_at_once_and_max_replicas_limits() {
+        let rules = Rules {
+            max_replicas: 8,
+            ..Rules::default()
+        };
+        let mut state = State::default();
+        rules.decide(
+            &mut state,
+            &Signals {
+                queue: 30.0,
+                ..look(0.0)
+            },
+            4,
+            None,
+        );
+        let failing = Signals {
+            error_rate: 0.08,
+            ready: 5,
+            ..look(10.0)
+        };
+        let d = rules.decide(&mut state, &failing, 5, None);
+        assert_eq!((d.replicas, d.rule), (8, "emergency"));
+        assert!(d.limited, "10 wanted, 8 allowed");
+        assert_eq!(d.why, "errors 8.0 % > 5.0 %");
+        let flooded = Signals {
+            queue: 150.0,
+            ready: 2,
+            ..look(20.0)
+        };
+        assert_eq!(rules.decide(&mut state, &flooded, 2, None).replicas, 6);
+        // Groups already starting count: no second step until they are ready.
+        let d = rules.decide(
+            &mut state,
+            &Signals {
+                ready: 2,
+                ..flooded
+            },
+            6,
+            None,
+        );
+        assert_eq!((d.replicas, d.rule), (6, "hold"));
+        assert_eq!(d.why, "queue 150 > 100, 4 groups starting");
+    }
+
+    #[test]
+    fn low_utilization_scales_down_only_after_the_window_and_a_step_at_a_time() {
+        let rules = Rules::default();
+        let mut state = State::default();
+        let idle = |at| Signals {
+            utilization: Some(0.2),
+            ..look(at)
+        };
+        assert_eq!(rules.decide(&mut state, &idle(0.0), 8, None).rule, "hold");
+        assert_eq!(rules.decide(&mut state, &idle(299.0), 8, None).rule, "hold");
+        let d = rules.decide(&mut state, &idle(300.0), 8, None);
+        assert_eq!(
+            (d.replicas, d.rule),
+            (6, "scale-down"),
+            "a quarter of 8 at most"
+        );
+        assert_eq!(d.why, "utilization 20 % < 60 % for 300 s");
+        // The window starts again after a change; a busy look resets it too.
+        assert_eq!(rules.decide(&mut state, &idle(400.0), 6, None).rule, "hold");
+        rules.decide(&mut state, &look(500.0), 6, None);
+        assert_eq!(rules.decide(&mut state, &idle(700.0), 6, None).rule, "hold");
+        // Never below min_replicas.
+        let one = Rules {
+            min_replicas: 2,
+            ..Rules::default()
+        };
+        let mut state = State::default();
+        one.decide(&mut state, &idle(0.0), 2, None);
+        let d = one.decide(&mut state, &idle(400.0), 2, None);
+        assert_eq!((d.replicas, d.limited), (2, true));
+    }
+}
