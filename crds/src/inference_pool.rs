@@ -84,6 +84,11 @@ pub struct InferencePoolSpec {
     #[serde(default)]
     pub rollout: RolloutStrategy,
 
+    /// The built-in autoscaler: off unless enabled; it writes `replicas` within
+    /// `minReplicas`/`maxReplicas` from the group leaders' metrics.
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+
     /// What the operator does about a pod whose agent reports an unhealthy GPU.
     #[serde(default)]
     pub gpu_health: GpuHealthSpec,
@@ -313,6 +318,91 @@ pub enum ParallelismPreference {
     Throughput,
     /// Every GPU of a node: more memory bandwidth per token.
     Latency,
+}
+
+/// The built-in autoscaler's rules (the product's defaults). It reads the group leaders'
+/// `/metrics` every few seconds and writes `replicas` through the scale subresource.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Scale this pool by itself (an HPA or KEDA object that targets the pool wins).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Utilization a pool is sized for when it scales to a known load.
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 0.05, max = 1.0))]
+    pub target_utilization: f64,
+    /// Scale up when more requests than this wait, summed over the groups…
+    #[serde(default = "default_scale_up_queue")]
+    #[schemars(range(min = 0))]
+    pub scale_up_queue: i32,
+    /// …or p95 end-to-end latency is above this many milliseconds.
+    #[serde(default = "default_scale_up_p95")]
+    #[schemars(range(min = 1))]
+    pub scale_up_p95_milliseconds: i32,
+    /// Scale down when utilization stays below this…
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub scale_down_utilization: f64,
+    /// …for this many seconds.
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(min = 0))]
+    pub scale_down_window_seconds: i32,
+    /// An emergency step (at least two groups, at once) when more than this wait…
+    #[serde(default = "default_emergency_queue")]
+    #[schemars(range(min = 0))]
+    pub emergency_queue: i32,
+    /// …or more than this share of requests fail.
+    #[serde(default = "default_emergency_errors")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub emergency_error_rate: f64,
+    /// Least seconds between two scale-ups.
+    #[serde(default = "default_scale_up_cooldown")]
+    #[schemars(range(min = 0))]
+    pub scale_up_cooldown_seconds: i32,
+    /// Least seconds from any change to a scale-down.
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(min = 0))]
+    pub scale_down_cooldown_seconds: i32,
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            target_utilization: default_target_utilization(),
+            scale_up_queue: default_scale_up_queue(),
+            scale_up_p95_milliseconds: default_scale_up_p95(),
+            scale_down_utilization: default_target_utilization(),
+            scale_down_window_seconds: default_scale_down_window(),
+            emergency_queue: default_emergency_queue(),
+            emergency_error_rate: default_emergency_errors(),
+            scale_up_cooldown_seconds: default_scale_up_cooldown(),
+            scale_down_cooldown_seconds: default_scale_down_window(),
+        }
+    }
+}
+
+fn default_target_utilization() -> f64 {
+    0.6
+}
+fn default_scale_up_queue() -> i32 {
+    20
+}
+fn default_scale_up_p95() -> i32 {
+    300
+}
+fn default_scale_down_window() -> i32 {
+    300
+}
+fn default_emergency_queue() -> i32 {
+    100
+}
+fn default_emergency_errors() -> f64 {
+    0.05
+}
+fn default_scale_up_cooldown() -> i32 {
+    60
 }
 
 /// How long a GPU may stay unhealthy before its group moves, and how long its node is avoided.

@@ -83,6 +83,11 @@ impl AgentProbe {
         }
     }
 
+    /// The agents' HTTP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// What the agents of those `pods` that run but are not ready say, by pod name. A pod that
     /// does not answer in time is left out.
     pub async fn read(&self, pods: &[Pod]) -> Vec<(String, AgentReport)> {

@@ -4,6 +4,7 @@ use crate::agents::AgentProbe;
 use crate::children::POOL_LABEL;
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
+use crate::scaler::Scaler;
 use futures::{Future, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -13,6 +14,7 @@ use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use parallax_crds::InferencePool;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{debug, info};
 
 /// How the controller treats pools' pods.
@@ -22,6 +24,8 @@ pub struct Settings {
     pub agent_image: String,
     /// How the agents' download progress is read.
     pub agents: AgentProbe,
+    /// How often the built-in autoscaler reads the agents' metrics.
+    pub autoscale_every: Duration,
 }
 
 impl Settings {
@@ -30,6 +34,7 @@ impl Settings {
         Self {
             agent_image,
             agents: AgentProbe::default(),
+            autoscale_every: Duration::from_secs(15),
         }
     }
 }
@@ -56,6 +61,15 @@ pub async fn run(
     }
     info!(nodes = nodes.state().len(), "node inventory ready");
 
+    // The built-in autoscaler, for pools that enable it.
+    let scaler = tokio::spawn(
+        Scaler::new(
+            client.clone(),
+            Recorder::new(client.clone(), reporter.clone()),
+            settings.agents.port(),
+        )
+        .run(settings.autoscale_every),
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         nodes,
@@ -86,5 +100,6 @@ pub async fn run(
         }
     })
     .await;
+    scaler.abort();
     node_task.abort();
 }

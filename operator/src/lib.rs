@@ -17,6 +17,7 @@ pub mod lws;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
+pub mod scaler;
 pub mod status;
 pub mod tp;
 

@@ -24,6 +24,10 @@ pub enum ConditionType {
     Progressing,
     /// Something needs a person or will not heal by itself soon.
     Degraded,
+    /// The built-in autoscaler is deciding the number of groups.
+    ScalingActive,
+    /// The autoscaler wanted a number beyond minReplicas/maxReplicas.
+    ScalingLimited,
 }
 
 /// Status of a condition.
@@ -59,6 +63,10 @@ pub enum Reason {
     CrashLooping,
     LeaderWorkerSetMissing,
     GpuUnhealthy,
+    ReactiveRules,
+    ExternalAutoscaler,
+    TooFewOrTooManyReplicas,
+    WithinBounds,
 }
 
 impl ConditionType {
@@ -67,6 +75,8 @@ impl ConditionType {
             Self::Ready => "Ready",
             Self::Progressing => "Progressing",
             Self::Degraded => "Degraded",
+            Self::ScalingActive => "ScalingActive",
+            Self::ScalingLimited => "ScalingLimited",
         }
     }
 }
@@ -105,6 +115,10 @@ impl Reason {
             Self::CrashLooping => "CrashLooping",
             Self::LeaderWorkerSetMissing => "LeaderWorkerSetMissing",
             Self::GpuUnhealthy => "GpuUnhealthy",
+            Self::ReactiveRules => "ReactiveRules",
+            Self::ExternalAutoscaler => "ExternalAutoscaler",
+            Self::TooFewOrTooManyReplicas => "TooFewOrTooManyReplicas",
+            Self::WithinBounds => "WithinBounds",
             Self::InvalidSpec => "InvalidSpec",
         }
     }
@@ -120,7 +134,7 @@ pub struct DesiredCondition {
 }
 
 impl DesiredCondition {
-    fn new(
+    pub fn new(
         type_: ConditionType,
         status: ConditionStatus,
         reason: Reason,

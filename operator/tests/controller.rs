@@ -600,8 +600,8 @@ async fn the_pool_says_how_far_its_pods_have_downloaded_the_model() {
     let controller = RunningController::start_with(
         &client,
         controller::Settings {
-            agent_image: "registry.example/parallax-agent:test".into(),
             agents: AgentProbe::on_port(port),
+            ..controller::Settings::new("registry.example/parallax-agent:test".into())
         },
     );
     let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
@@ -857,8 +857,8 @@ async fn a_group_whose_gpu_stays_unhealthy_moves_off_its_node() {
     let controller = RunningController::start_with(
         &client,
         controller::Settings {
-            agent_image: "registry.example/parallax-agent:test".into(),
             agents: AgentProbe::on_port(port),
+            ..controller::Settings::new("registry.example/parallax-agent:test".into())
         },
     );
     let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
@@ -972,6 +972,124 @@ async fn a_group_whose_gpu_stays_unhealthy_moves_off_its_node() {
     )
     .await;
     assert!(recorded(&server, "GroupRescheduled", "away from its node"));
+    controller.stop().await;
+    agent.abort();
+}
+
+/// An agent on loopback whose `/metrics` says what `body` holds now.
+async fn metrics_agent(body: Arc<std::sync::Mutex<String>>) -> (u16, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = body.lock().unwrap().clone();
+            async move { text }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (port, task)
+}
+
+fn agent_metrics(waiting: u32, utilization: f64) -> String {
+    format!(
+        "vllm:num_requests_waiting{{model_name=\"llama\"}} {waiting}\n\
+         parallax_batch_utilization{{model_name=\"llama\"}} {utilization}\n\
+         vllm:request_success_total{{finished_reason=\"stop\",model_name=\"llama\"}} 10\n"
+    )
+}
+
+#[tokio::test]
+async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa() {
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let body = Arc::new(std::sync::Mutex::new(agent_metrics(35, 0.9)));
+    let (port, agent) = metrics_agent(body.clone()).await;
+    let controller = RunningController::start_with(
+        &client,
+        controller::Settings {
+            agents: AgentProbe::on_port(port),
+            autoscale_every: Duration::from_millis(100),
+            ..controller::Settings::new("registry.example/parallax-agent:test".into())
+        },
+    );
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut scaled = pool();
+    scaled.spec.replicas = 1;
+    scaled.spec.max_replicas = 3;
+    scaled.spec.autoscaling.enabled = true;
+    scaled.spec.autoscaling.scale_down_window_seconds = 0;
+    scaled.spec.autoscaling.scale_down_cooldown_seconds = 0;
+    pools.create(&PostParams::default(), &scaled).await.unwrap();
+    // The group's leader is ready at 127.0.0.1, where the stand-in agent answers.
+    let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
+    eventually("the first pod", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+    let ready = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pod_api
+        .patch_status("llama-0-0", &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .unwrap();
+
+    // 35 requests wait: one more group, through the scale subresource.
+    eventually(
+        "a scale-up to 2 groups with its event and condition",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                p.spec.replicas == 2
+                    && condition(&p, "ScalingActive")
+                        == Some(("True".into(), "ReactiveRules".into()))
+            }) && recorded(
+                &server,
+                "ScaledUp",
+                "from 1 to 2 groups: scale-up (queue 35 > 20)",
+            )
+        },
+    )
+    .await;
+    // The new group is starting: no second step for the same queue.
+    assert_eq!(current_pool(&client).await.unwrap().spec.replicas, 2);
+
+    // The queue drains and the groups idle: back to one after the (zero) window.
+    *body.lock().unwrap() = agent_metrics(0, 0.1);
+    eventually("a scale-down to 1 group", &mut changes, TIMEOUT, || async {
+        current_pool(&client)
+            .await
+            .is_some_and(|p| p.spec.replicas == 1)
+            && recorded(&server, "ScaledDown", "utilization 10 % < 60 %")
+    })
+    .await;
+
+    // An HPA that targets the pool: the built-in autoscaler stands aside and says so.
+    let hpa: k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler =
+        serde_json::from_value(json!({
+            "metadata": {"name": "llama-keda", "namespace": "ml"},
+            "spec": {"scaleTargetRef": {"apiVersion": "parallax.dev/v1alpha1",
+                "kind": "InferencePool", "name": "llama"}, "maxReplicas": 3}
+        }))
+        .unwrap();
+    Api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>::namespaced(
+        client.clone(),
+        "ml",
+    )
+    .create(&PostParams::default(), &hpa)
+    .await
+    .unwrap();
+    *body.lock().unwrap() = agent_metrics(200, 1.0);
+    until_condition(
+        &client,
+        &mut changes,
+        "ScalingActive",
+        ("False", "ExternalAutoscaler"),
+    )
+    .await;
+    assert_eq!(current_pool(&client).await.unwrap().spec.replicas, 1);
     controller.stop().await;
     agent.abort();
 }

@@ -4,6 +4,7 @@
 
 pub mod forecast;
 pub mod reactive;
+pub mod signals;
 pub mod simulate;
 
 /// One look at a pool's load over the last interval.

@@ -199,6 +199,25 @@ impl FakeApiServer {
                     json_response(StatusCode::OK, &written)
                 }
             }
+            // The scale subresource: `spec.replicas` in and out as an autoscaling/v1 Scale.
+            (&Method::PATCH, Some(name)) if route.subresource.as_deref() == Some("scale") => {
+                let Some(existing) = state.objects.get(&route.key(name)).cloned() else {
+                    return not_found(&route, name);
+                };
+                let patch = body.unwrap_or(Value::Null);
+                let mut object = existing.clone();
+                if let Some(replicas) = patch["spec"].get("replicas") {
+                    object["spec"]["replicas"] = replicas.clone();
+                }
+                let written = self.write(&mut state, &route, name, Some(existing), object, false);
+                let scale = json!({
+                    "apiVersion": "autoscaling/v1", "kind": "Scale",
+                    "metadata": {"name": name, "namespace": written["metadata"]["namespace"]},
+                    "spec": {"replicas": written["spec"]["replicas"]},
+                    "status": {"replicas": written["status"]["replicas"].as_i64().unwrap_or(0)},
+                });
+                json_response(StatusCode::OK, &scale)
+            }
             (&Method::PATCH, Some(name)) => {
                 let patch = body.unwrap_or(Value::Null);
                 let existing = state.objects.get(&route.key(name)).cloned();

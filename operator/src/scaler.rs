@@ -1,0 +1,356 @@
+//! The built-in autoscaler. Every interval, for each pool whose `spec.autoscaling.enabled` is
+//! true: read its ready group leaders' `/metrics` (at their pod IPs, as Prometheus would), turn
+//! two scrapes into the last interval's signals, let the reactive rules decide, and write the
+//! decision through the pool's scale subresource — with an event that names the rule, the
+//! signal and its value, and `ScalingActive`/`ScalingLimited` conditions. Where an HPA (or
+//! KEDA, which makes one) already targets the pool, it stands aside and says so.
+
+use crate::autoscale::reactive::{self, Rules};
+use crate::autoscale::signals::Scrape;
+use crate::autoscale::{Capacity, Decision};
+use crate::children::leader_selector;
+use crate::status::{ConditionStatus, ConditionType, DesiredCondition, Reason, merge_conditions};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use parallax_crds::InferencePool;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// The largest `/metrics` answer read.
+const MAX_METRICS: usize = 4 << 20;
+
+/// What the scaler remembers of a pool between looks.
+#[derive(Debug, Default)]
+struct PoolScaling {
+    last: Option<Scrape>,
+    rules: reactive::State,
+    capacity: Option<Capacity>,
+}
+
+/// The autoscaler's loop and its memory.
+pub struct Scaler {
+    client: Client,
+    recorder: Recorder,
+    http: HttpClient<HttpConnector, Empty<Bytes>>,
+    /// The agents' HTTP port; tests point it at a stand-in.
+    port: u16,
+    origin: Instant,
+    pools: HashMap<(String, String), PoolScaling>,
+}
+
+impl std::fmt::Debug for Scaler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scaler")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pool's rules from its spec.
+pub fn rules(pool: &InferencePool) -> Rules {
+    let spec = &pool.spec.autoscaling;
+    Rules {
+        up_queue: f64::from(spec.scale_up_queue),
+        up_p95_seconds: f64::from(spec.scale_up_p95_milliseconds) / 1e3,
+        down_utilization: spec.scale_down_utilization,
+        down_window_seconds: f64::from(spec.scale_down_window_seconds),
+        emergency_queue: f64::from(spec.emergency_queue),
+        emergency_errors: spec.emergency_error_rate,
+        target_utilization: spec.target_utilization,
+        up_cooldown_seconds: f64::from(spec.scale_up_cooldown_seconds),
+        down_cooldown_seconds: f64::from(spec.scale_down_cooldown_seconds),
+        min_replicas: pool.spec.min_replicas.max(0) as u32,
+        max_replicas: pool.spec.max_replicas.max(0) as u32,
+        ..Rules::default()
+    }
+}
+
+impl Scaler {
+    pub fn new(client: Client, recorder: Recorder, port: u16) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        Self {
+            client,
+            recorder,
+            http: HttpClient::builder(TokioExecutor::new()).build(connector),
+            port,
+            origin: Instant::now(),
+            pools: HashMap::new(),
+        }
+    }
+
+    /// Looks at every pool every `interval`, until the task is dropped.
+    pub async fn run(mut self, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(error) = self.pass().await {
+                debug!(%error, "autoscaling pass did not complete");
+            }
+        }
+    }
+
+    async fn pass(&mut self) -> kube::Result<()> {
+        let pools: Api<InferencePool> = Api::all(self.client.clone());
+        let pools = pools.list(&ListParams::default()).await?;
+        let mut seen = Vec::new();
+        for pool in pools.items {
+            if !pool.spec.autoscaling.enabled || pool.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+            seen.push(key.clone());
+            if let Err(error) = self.look(&pool, &key).await {
+                warn!(pool = %key.1, namespace = %key.0, %error, "autoscaling this pool failed");
+            }
+        }
+        self.pools.retain(|key, _| seen.contains(key));
+        Ok(())
+    }
+
+    async fn look(&mut self, pool: &InferencePool, key: &(String, String)) -> kube::Result<()> {
+        let (namespace, name) = key;
+        // An HPA or KEDA object that scales the pool: stand aside.
+        let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client.clone(), namespace);
+        let external = hpas
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|h| {
+                h.spec.as_ref().is_some_and(|s| {
+                    s.scale_target_ref.kind == "InferencePool" && s.scale_target_ref.name == *name
+                })
+            });
+        if let Some(hpa) = external {
+            let message = format!(
+                "HorizontalPodAutoscaler {} scales this pool; the built-in autoscaler stands aside",
+                hpa.name_any()
+            );
+            return self
+                .conditions(
+                    pool,
+                    ConditionStatus::False,
+                    Reason::ExternalAutoscaler,
+                    message,
+                    None,
+                )
+                .await;
+        }
+
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let leaders = pods
+            .list(&ListParams::default().labels(&leader_selector(name)))
+            .await?;
+        let ready_leaders: Vec<String> = leaders
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+            .collect();
+        let mut scrape = Scrape {
+            at: self.origin.elapsed().as_secs_f64(),
+            ..Scrape::default()
+        };
+        for ip in &ready_leaders {
+            match self.metrics(ip).await {
+                Ok(text) => scrape.add(&text),
+                Err(error) => debug!(pool = %name, %ip, %error, "no metrics from a leader"),
+            }
+        }
+        let state = self.pools.entry(key.clone()).or_default();
+        let previous = state.last.replace(scrape.clone());
+        let Some(signals) =
+            previous.and_then(|before| scrape.since(&before, ready_leaders.len() as u32))
+        else {
+            return Ok(());
+        };
+        let rules = rules(pool);
+        let capacity = state.capacity.get_or_insert_with(|| Capacity::new(None));
+        capacity.observe(&signals);
+        let current = pool.spec.replicas.max(0) as u32;
+        let decision = rules.decide(&mut state.rules, &signals, current, capacity.per_group());
+        if decision.replicas != current {
+            self.scale(pool, current, &decision).await?;
+        }
+        let message = format!(
+            "{} groups; last look: {:.2} req/s, queue {:.0}, p95 {}, utilization {:.0} %: {} ({})",
+            decision.replicas,
+            signals.request_rate,
+            signals.queue,
+            signals
+                .p95_seconds
+                .map_or("-".to_owned(), |p| format!("{:.0} ms", p * 1e3)),
+            signals.utilization.unwrap_or(0.0) * 100.0,
+            decision.rule,
+            decision.why
+        );
+        self.conditions(
+            pool,
+            ConditionStatus::True,
+            Reason::ReactiveRules,
+            message,
+            Some(&decision),
+        )
+        .await
+    }
+
+    async fn metrics(&self, ip: &str) -> Result<String, String> {
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_owned()
+        };
+        let uri: hyper::Uri = format!("http://{host}:{}/metrics", self.port)
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let answer = tokio::time::timeout(Duration::from_secs(2), self.http.get(uri))
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let body = Limited::new(answer.into_body(), MAX_METRICS)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
+    }
+
+    /// Writes `decision` through the scale subresource, with an event.
+    async fn scale(
+        &self,
+        pool: &InferencePool,
+        from: u32,
+        decision: &Decision,
+    ) -> kube::Result<()> {
+        let namespace = pool.namespace().unwrap_or_default();
+        let pools: Api<InferencePool> = Api::namespaced(self.client.clone(), &namespace);
+        let patch = serde_json::json!({"spec": {"replicas": decision.replicas}});
+        pools
+            .patch_scale(
+                &pool.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        let (reason, verb) = if decision.replicas > from {
+            ("ScaledUp", "up")
+        } else {
+            ("ScaledDown", "down")
+        };
+        let note = format!(
+            "scaled {verb} from {from} to {} groups: {} ({}){}",
+            decision.replicas,
+            decision.rule,
+            decision.why,
+            if decision.limited {
+                ", limited by minReplicas/maxReplicas"
+            } else {
+                ""
+            }
+        );
+        info!(pool = %pool.name_any(), %note, "autoscaling");
+        let event = Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Scale".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &pool.object_ref(&())).await {
+            warn!(%error, "could not record event");
+        }
+        Ok(())
+    }
+
+    /// `ScalingActive` and `ScalingLimited`, merged into the pool's conditions when they change.
+    async fn conditions(
+        &self,
+        pool: &InferencePool,
+        active: ConditionStatus,
+        reason: Reason,
+        message: String,
+        decision: Option<&Decision>,
+    ) -> kube::Result<()> {
+        let mut desired = vec![DesiredCondition::new(
+            ConditionType::ScalingActive,
+            active,
+            reason,
+            message,
+        )];
+        if let Some(decision) = decision {
+            desired.push(if decision.limited {
+                DesiredCondition::new(
+                    ConditionType::ScalingLimited,
+                    ConditionStatus::True,
+                    Reason::TooFewOrTooManyReplicas,
+                    format!(
+                        "{}: {} wanted beyond minReplicas {} / maxReplicas {}",
+                        decision.rule, decision.why, pool.spec.min_replicas, pool.spec.max_replicas
+                    ),
+                )
+            } else {
+                DesiredCondition::new(
+                    ConditionType::ScalingLimited,
+                    ConditionStatus::False,
+                    Reason::WithinBounds,
+                    "the wanted number of groups is within minReplicas and maxReplicas",
+                )
+            });
+        }
+        let existing = pool
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let merged = merge_conditions(
+            &existing,
+            &desired,
+            pool.metadata.generation,
+            &Time(Timestamp::now()),
+        );
+        let same =
+            |a: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+             b: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+                a.len() == b.len()
+                    && a.iter().zip(b).all(|(x, y)| {
+                        (&x.type_, &x.status, &x.reason, &x.message)
+                            == (&y.type_, &y.status, &y.reason, &y.message)
+                    })
+            };
+        if same(&existing, &merged) {
+            return Ok(());
+        }
+        let pools: Api<InferencePool> =
+            Api::namespaced(self.client.clone(), &pool.namespace().unwrap_or_default());
+        let patch = serde_json::json!({"status": {"conditions": merged}});
+        pools
+            .patch_status(
+                &pool.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        Ok(())
+    }
+}
