@@ -430,6 +430,37 @@ impl Default for GpuHealthSpec {
     }
 }
 
+/// What the autoscaler saw and forecast at its last look.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Requests per second over the last interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// Requests waiting, summed over the leaders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_milliseconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<f64>,
+    /// Requests per second one group serves at full utilization, as learned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_per_group: Option<f64>,
+    /// The rate to provision for, one lead ahead (forecast with its margin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast_requests_per_second: Option<f64>,
+    /// The forecast's mean absolute percentage error at the lead over the last day, and a
+    /// naive last-value forecast's; the forecast is used only while it is the better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast_mape: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub naive_mape: Option<f64>,
+    /// Whether the forecast took part in the last decision.
+    #[serde(default)]
+    pub predictive: bool,
+}
+
 /// A pod whose agent reports an unhealthy GPU.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -782,6 +813,10 @@ pub struct InferencePoolStatus {
     /// together. Absent when no pod downloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_download: Option<ModelDownload>,
+
+    /// The built-in autoscaler's last look, when it is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
 
     /// Pods whose agents report an unhealthy GPU, and since when.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -66,6 +66,7 @@ pub async fn run(
         Scaler::new(
             client.clone(),
             Recorder::new(client.clone(), reporter.clone()),
+            metrics.clone(),
             settings.agents.port(),
         )
         .run(settings.autoscale_every),

@@ -13,6 +13,26 @@ pub struct CategoryLabel {
     pub category: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub namespace: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabel {
+    pub namespace: String,
+    pub pool: String,
+    pub signal: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    pub namespace: String,
+    pub pool: String,
+    pub rule: &'static str,
+}
+
 /// Counters and timings of the reconcile loop and leadership.
 #[derive(Debug)]
 pub struct Metrics {
@@ -21,6 +41,13 @@ pub struct Metrics {
     pub failures: Family<CategoryLabel, Counter>,
     pub duration: Histogram,
     pub leader: Gauge,
+    /// The autoscaler's last look at each pool: request rate, queue, p95 (seconds), error
+    /// rate, utilization, capacity per group, forecast and its error against naive.
+    pub autoscaling_signals: Family<SignalLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Groups the autoscaler wants, by pool.
+    pub autoscaling_replicas: Family<PoolLabel, Gauge>,
+    /// Scale decisions written, by pool and rule.
+    pub autoscaling_decisions: Family<DecisionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -50,12 +77,33 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let autoscaling_signals = Family::default();
+        let autoscaling_replicas = Family::default();
+        let autoscaling_decisions = Family::default();
+        registry.register(
+            "autoscaling_signal",
+            "The autoscaler's last look at a pool, by signal: request_rate (req/s), queue, p95_seconds, error_rate, utilization, capacity_per_group (req/s), forecast (req/s at the lead), forecast_mape, naive_mape",
+            autoscaling_signals.clone(),
+        );
+        registry.register(
+            "autoscaling_desired_replicas",
+            "Groups the autoscaler wants for a pool",
+            autoscaling_replicas.clone(),
+        );
+        registry.register(
+            "autoscaling_decisions",
+            "Scale decisions written through the scale subresource, by rule",
+            autoscaling_decisions.clone(),
+        );
         Self {
             registry,
             reconciliations,
             failures,
             duration,
             leader,
+            autoscaling_signals,
+            autoscaling_replicas,
+            autoscaling_decisions,
         }
     }
 }

@@ -5,10 +5,13 @@
 //! signal and its value, and `ScalingActive`/`ScalingLimited` conditions. Where an HPA (or
 //! KEDA, which makes one) already targets the pool, it stands aside and says so.
 
+use crate::autoscale::forecast::Predictor;
 use crate::autoscale::reactive::{self, Rules};
 use crate::autoscale::signals::Scrape;
+use crate::autoscale::simulate::combine;
 use crate::autoscale::{Capacity, Decision};
 use crate::children::leader_selector;
+use crate::metrics::{DecisionLabel, Metrics, PoolLabel, SignalLabel};
 use crate::status::{ConditionStatus, ConditionType, DesiredCondition, Reason, merge_conditions};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
@@ -22,26 +25,51 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
-use parallax_crds::InferencePool;
+use parallax_crds::{AutoscalingStatus, InferencePool};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// The largest `/metrics` answer read.
 const MAX_METRICS: usize = 4 << 20;
 
+/// The lead a forecast looks beyond a new group's startup.
+const LEAD_S: f64 = 300.0;
+/// A new group's startup until one is measured.
+const STARTUP_S: f64 = 180.0;
+
 /// What the scaler remembers of a pool between looks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PoolScaling {
     last: Option<Scrape>,
     rules: reactive::State,
-    capacity: Option<Capacity>,
+    capacity: Capacity,
+    predictor: Predictor,
+    /// A scale-up under way: when, and to how many groups.
+    scaling_up: Option<(f64, u32)>,
+    /// How long new groups took to become ready (mean of the measured ones).
+    startup_s: f64,
+}
+
+impl Default for PoolScaling {
+    fn default() -> Self {
+        Self {
+            last: None,
+            rules: reactive::State::default(),
+            capacity: Capacity::new(None),
+            predictor: Predictor::new(STARTUP_S + LEAD_S),
+            scaling_up: None,
+            startup_s: STARTUP_S,
+        }
+    }
 }
 
 /// The autoscaler's loop and its memory.
 pub struct Scaler {
     client: Client,
     recorder: Recorder,
+    metrics: Arc<Metrics>,
     http: HttpClient<HttpConnector, Empty<Bytes>>,
     /// The agents' HTTP port; tests point it at a stand-in.
     port: u16,
@@ -77,12 +105,13 @@ pub fn rules(pool: &InferencePool) -> Rules {
 }
 
 impl Scaler {
-    pub fn new(client: Client, recorder: Recorder, port: u16) -> Self {
+    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, port: u16) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         Self {
             client,
             recorder,
+            metrics,
             http: HttpClient::builder(TokioExecutor::new()).build(connector),
             port,
             origin: Instant::now(),
@@ -146,6 +175,7 @@ impl Scaler {
                     Reason::ExternalAutoscaler,
                     message,
                     None,
+                    None,
                 )
                 .await;
         }
@@ -186,10 +216,59 @@ impl Scaler {
             return Ok(());
         };
         let rules = rules(pool);
-        let capacity = state.capacity.get_or_insert_with(|| Capacity::new(None));
-        capacity.observe(&signals);
         let current = pool.spec.replicas.max(0) as u32;
-        let decision = rules.decide(&mut state.rules, &signals, current, capacity.per_group());
+        state.capacity.observe(&signals);
+        // How long new groups take to be ready, measured on each scale-up.
+        if let Some((at, target)) = state.scaling_up
+            && signals.ready >= target
+        {
+            state.startup_s = 0.7 * state.startup_s + 0.3 * (signals.at - at);
+            state.predictor.set_lead(state.startup_s + LEAD_S);
+            state.scaling_up = None;
+        }
+        state.predictor.observe(signals.at, signals.request_rate);
+        let capacity = state.capacity.per_group();
+        let predicted = (!state.predictor.standing_down())
+            .then(|| state.predictor.wanted_rate())
+            .flatten()
+            .and_then(|rate| rules.needed(rate, capacity))
+            .map(|n| {
+                n.clamp(
+                    rules.min_replicas,
+                    rules.max_replicas.max(rules.min_replicas),
+                )
+            });
+        let mut decision = rules.decide(&mut state.rules, &signals, current, capacity);
+        let wanted = combine(predicted, &decision);
+        if wanted != decision.replicas {
+            decision = Decision {
+                replicas: wanted,
+                rule: "predictive",
+                why: format!(
+                    "{:.1} req/s forecast {:.0} s ahead at {:.0} % utilization",
+                    state.predictor.wanted_rate().unwrap_or(0.0),
+                    state.startup_s + LEAD_S,
+                    rules.target_utilization * 100.0
+                ),
+                limited: decision.limited,
+            };
+        }
+        if decision.replicas > current {
+            state.scaling_up = Some((signals.at, decision.replicas));
+        }
+        let mape = state.predictor.mape();
+        let view = AutoscalingStatus {
+            requests_per_second: Some(signals.request_rate),
+            queue: Some(signals.queue),
+            p95_milliseconds: signals.p95_seconds.map(|p| p * 1e3),
+            utilization: signals.utilization,
+            capacity_per_group: capacity,
+            forecast_requests_per_second: state.predictor.wanted_rate(),
+            forecast_mape: mape.map(|m| m.0),
+            naive_mape: mape.map(|m| m.1),
+            predictive: predicted.is_some(),
+        };
+        self.record(pool, &view, &decision);
         if decision.replicas != current {
             self.scale(pool, current, &decision).await?;
         }
@@ -205,14 +284,64 @@ impl Scaler {
             decision.rule,
             decision.why
         );
+        let reason = if predicted.is_some() {
+            Reason::PredictiveAndReactive
+        } else {
+            Reason::ReactiveRules
+        };
         self.conditions(
             pool,
             ConditionStatus::True,
-            Reason::ReactiveRules,
+            reason,
             message,
             Some(&decision),
+            Some(view),
         )
         .await
+    }
+
+    /// The pool's signals and the decision as operator metrics.
+    fn record(&self, pool: &InferencePool, view: &AutoscalingStatus, decision: &Decision) {
+        let namespace = pool.namespace().unwrap_or_default();
+        let name = pool.name_any();
+        for (signal, value) in [
+            ("request_rate", view.requests_per_second),
+            ("queue", view.queue),
+            ("p95_seconds", view.p95_milliseconds.map(|p| p / 1e3)),
+            ("utilization", view.utilization),
+            ("capacity_per_group", view.capacity_per_group),
+            ("forecast", view.forecast_requests_per_second),
+            ("forecast_mape", view.forecast_mape),
+            ("naive_mape", view.naive_mape),
+        ] {
+            if let Some(value) = value {
+                self.metrics
+                    .autoscaling_signals
+                    .get_or_create(&SignalLabel {
+                        namespace: namespace.clone(),
+                        pool: name.clone(),
+                        signal,
+                    })
+                    .set(value);
+            }
+        }
+        self.metrics
+            .autoscaling_replicas
+            .get_or_create(&PoolLabel {
+                namespace: namespace.clone(),
+                pool: name.clone(),
+            })
+            .set(i64::from(decision.replicas));
+        if decision.rule != "hold" && decision.replicas != pool.spec.replicas.max(0) as u32 {
+            self.metrics
+                .autoscaling_decisions
+                .get_or_create(&DecisionLabel {
+                    namespace,
+                    pool: name,
+                    rule: decision.rule,
+                })
+                .inc();
+        }
     }
 
     async fn metrics(&self, ip: &str) -> Result<String, String> {
@@ -291,6 +420,7 @@ impl Scaler {
         reason: Reason,
         message: String,
         decision: Option<&Decision>,
+        view: Option<AutoscalingStatus>,
     ) -> kube::Result<()> {
         let mut desired = vec![DesiredCondition::new(
             ConditionType::ScalingActive,
@@ -338,12 +468,17 @@ impl Scaler {
                             == (&y.type_, &y.status, &y.reason, &y.message)
                     })
             };
+        // The last look is written with the conditions, not on every pass: a moving signal
+        // alone does not rewrite the pool.
         if same(&existing, &merged) {
             return Ok(());
         }
         let pools: Api<InferencePool> =
             Api::namespaced(self.client.clone(), &pool.namespace().unwrap_or_default());
-        let patch = serde_json::json!({"status": {"conditions": merged}});
+        let mut patch = serde_json::json!({"status": {"conditions": merged}});
+        if let Some(view) = view {
+            patch["status"]["autoscaling"] = serde_json::json!(view);
+        }
         pools
             .patch_status(
                 &pool.name_any(),

@@ -64,6 +64,7 @@ pub enum Reason {
     LeaderWorkerSetMissing,
     GpuUnhealthy,
     ReactiveRules,
+    PredictiveAndReactive,
     ExternalAutoscaler,
     TooFewOrTooManyReplicas,
     WithinBounds,
@@ -116,6 +117,7 @@ impl Reason {
             Self::LeaderWorkerSetMissing => "LeaderWorkerSetMissing",
             Self::GpuUnhealthy => "GpuUnhealthy",
             Self::ReactiveRules => "ReactiveRules",
+            Self::PredictiveAndReactive => "PredictiveAndReactive",
             Self::ExternalAutoscaler => "ExternalAutoscaler",
             Self::TooFewOrTooManyReplicas => "TooFewOrTooManyReplicas",
             Self::WithinBounds => "WithinBounds",
@@ -438,6 +440,8 @@ pub fn compute_status(
             .map_or(previous.tensor_parallel_reason, |l| Some(l.reason.clone())),
         last_progress_time: last_progress,
         model_download,
+        // The autoscaler's, kept as it wrote it.
+        autoscaling: previous.autoscaling.clone(),
         gpu_faults: agents.gpu_faults.clone(),
         avoided_nodes: agents.avoided_nodes.clone(),
         group_restarts: restarts

@@ -183,6 +183,102 @@ impl ErrorTracker {
     }
 }
 
+/// The forecaster's sample, seconds, and its season (a day).
+const SAMPLE: f64 = 300.0;
+const SEASON: usize = (86_400.0 / SAMPLE) as usize;
+
+/// The predictive part: a forecast of the rate one lead ahead, provisioned with a margin of the
+/// forecast's recent errors; it stands down while it does worse than the naive forecast.
+#[derive(Debug, Clone)]
+pub struct Predictor {
+    forecaster: Forecaster,
+    errors: ErrorTracker,
+    /// Samples ahead the groups asked for now must cover.
+    lead: u64,
+    sample: u64,
+    sum: f64,
+    count: u32,
+    last: Option<f64>,
+    wanted_rate: Option<f64>,
+}
+
+impl Predictor {
+    /// Forecasts `lead_s` seconds ahead (a new group's startup and the decision's own lead).
+    pub fn new(lead_s: f64) -> Self {
+        Self {
+            forecaster: Forecaster::new(SEASON),
+            errors: ErrorTracker::new(SEASON),
+            lead: (lead_s / SAMPLE).ceil().max(1.0) as u64,
+            sample: 0,
+            sum: 0.0,
+            count: 0,
+            last: None,
+            wanted_rate: None,
+        }
+    }
+
+    /// Takes the rate seen in the interval that ended at `t` (seconds on any clock starting
+    /// at zero); at each sample's end, forecasts again.
+    pub fn observe(&mut self, t: f64, rate: f64) {
+        self.sum += rate;
+        self.count += 1;
+        if t < (self.sample + 1) as f64 * SAMPLE {
+            return;
+        }
+        let value = self.sum / f64::from(self.count.max(1));
+        self.errors.actual(self.sample, value);
+        self.forecaster.observe(self.sample, Some(value));
+        let ahead: Vec<f64> = (1..=self.lead)
+            .filter_map(|h| self.forecaster.forecast(h))
+            .collect();
+        if let Some(at_lead) = self.forecaster.forecast(self.lead) {
+            self.errors
+                .predicted(self.sample + self.lead, at_lead, value);
+        }
+        // Cover the highest forecast until the groups asked for now are ready, plus the
+        // forecast's typical error (its 90th percentile relative error).
+        let mut relative: Vec<f64> = self.errors.relative_errors().collect();
+        relative.sort_by(f64::total_cmp);
+        let margin = relative
+            .get((relative.len() as f64 * 0.9) as usize)
+            .copied()
+            .unwrap_or(0.2)
+            .min(1.0);
+        self.wanted_rate = ahead
+            .iter()
+            .copied()
+            .reduce(f64::max)
+            .map(|peak| peak.max(value) * (1.0 + margin));
+        self.last = Some(value);
+        self.sample += 1;
+        self.sum = 0.0;
+        self.count = 0;
+    }
+
+    /// Forecasts `lead_s` ahead from now on (a new group's startup, as measured, and the
+    /// decision's lead).
+    pub fn set_lead(&mut self, lead_s: f64) {
+        self.lead = (lead_s / SAMPLE).ceil().max(1.0) as u64;
+    }
+
+    /// The rate to provision for now: the highest forecast until the lead, with a margin.
+    pub fn wanted_rate(&self) -> Option<f64> {
+        self.wanted_rate
+    }
+
+    /// (forecast MAPE, naive MAPE) at the lead over the last day.
+    pub fn mape(&self) -> Option<(f64, f64)> {
+        self.errors.mape()
+    }
+
+    /// Whether the forecast has lately done worse than the naive one.
+    pub fn standing_down(&self) -> bool {
+        self.errors
+            .mape()
+            .is_some_and(|(ours, naive)| ours > naive && self.sample as usize > SEASON)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

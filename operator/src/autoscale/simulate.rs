@@ -9,7 +9,7 @@
 //! removed groups drain for `drain_s`; both count in GPU-hours. Every policy sees only what the
 //! operator would: the rate, queue, p95 and utilization of the last minute.
 
-use super::forecast::{ErrorTracker, Forecaster};
+use super::forecast::Predictor;
 use super::reactive::{Rules, State};
 use super::{Capacity, Signals};
 use anyhow::{Context, bail};
@@ -20,9 +20,6 @@ use std::collections::VecDeque;
 const STEP: f64 = 10.0;
 /// SLO windows, seconds.
 const WINDOW: f64 = 60.0;
-/// The forecaster's sample, seconds, and its season (a day).
-const SAMPLE: f64 = 300.0;
-const SEASON: usize = (86_400.0 / SAMPLE) as usize;
 
 /// A trace as a request rate over time.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,80 +162,6 @@ pub struct Report {
     pub fallback_minutes: f64,
 }
 
-/// The predictive part: a forecast of the rate one lead ahead, provisioned with a margin of the
-/// forecast's recent errors; it stands down while it does worse than the naive forecast.
-#[derive(Debug, Clone)]
-struct Predictor {
-    forecaster: Forecaster,
-    errors: ErrorTracker,
-    /// Samples ahead the groups asked for now must cover.
-    lead: u64,
-    sample: u64,
-    sum: f64,
-    count: u32,
-    last: Option<f64>,
-    wanted_rate: Option<f64>,
-}
-
-impl Predictor {
-    fn new(lead_s: f64) -> Self {
-        Self {
-            forecaster: Forecaster::new(SEASON),
-            errors: ErrorTracker::new(SEASON),
-            lead: (lead_s / SAMPLE).ceil().max(1.0) as u64,
-            sample: 0,
-            sum: 0.0,
-            count: 0,
-            last: None,
-            wanted_rate: None,
-        }
-    }
-
-    /// Takes the rate seen in one step; at each sample's end, forecasts again.
-    fn observe(&mut self, t: f64, rate: f64) {
-        self.sum += rate;
-        self.count += 1;
-        if t + STEP < (self.sample + 1) as f64 * SAMPLE {
-            return;
-        }
-        let value = self.sum / f64::from(self.count.max(1));
-        self.errors.actual(self.sample, value);
-        self.forecaster.observe(self.sample, Some(value));
-        let ahead: Vec<f64> = (1..=self.lead)
-            .filter_map(|h| self.forecaster.forecast(h))
-            .collect();
-        if let Some(at_lead) = self.forecaster.forecast(self.lead) {
-            self.errors
-                .predicted(self.sample + self.lead, at_lead, value);
-        }
-        // Cover the highest forecast until the groups asked for now are ready, plus the
-        // forecast's typical error (its 90th percentile relative error).
-        let mut relative: Vec<f64> = self.errors.relative_errors().collect();
-        relative.sort_by(f64::total_cmp);
-        let margin = relative
-            .get((relative.len() as f64 * 0.9) as usize)
-            .copied()
-            .unwrap_or(0.2)
-            .min(1.0);
-        self.wanted_rate = ahead
-            .iter()
-            .copied()
-            .reduce(f64::max)
-            .map(|peak| peak.max(value) * (1.0 + margin));
-        self.last = Some(value);
-        self.sample += 1;
-        self.sum = 0.0;
-        self.count = 0;
-    }
-
-    /// Whether the forecast has lately done worse than the naive one.
-    fn standing_down(&self) -> bool {
-        self.errors
-            .mape()
-            .is_some_and(|(ours, naive)| ours > naive && self.sample as usize > SEASON)
-    }
-}
-
 /// The forecast sets the size, up and down; the reactive rules correct it upward when the pool
 /// is short now; without a forecast (too little history, or worse than naive) they decide alone.
 pub fn combine(predicted: Option<u32>, reactive: &super::Decision) -> u32 {
@@ -335,7 +258,7 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
             ready,
         };
         capacity.observe(&signals);
-        predictor.observe(t - STEP, rate);
+        predictor.observe(t, rate);
         let provisioned = groups.len() as u32;
         let clamp = |n: u32| {
             n.clamp(
@@ -347,7 +270,7 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
             None
         } else {
             predictor
-                .wanted_rate
+                .wanted_rate()
                 .and_then(|r| rules.needed(r, capacity.per_group()))
                 .map(clamp)
         };
@@ -386,7 +309,7 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
             events += 1;
         }
     }
-    let mape = predictor.errors.mape();
+    let mape = predictor.mape();
     let predictive = matches!(policy, Policy::Predictive | Policy::PredictiveReactive);
     Report {
         policy: policy.name(),
