@@ -228,9 +228,9 @@ impl Scaler {
         }
         state.predictor.observe(signals.at, signals.request_rate);
         let capacity = state.capacity.per_group();
-        let predicted = (!state.predictor.standing_down())
-            .then(|| state.predictor.wanted_rate())
-            .flatten()
+        let predicted = state
+            .predictor
+            .wanted_rate()
             .and_then(|rate| rules.needed(rate, capacity))
             .map(|n| {
                 n.clamp(

@@ -127,8 +127,8 @@ impl Forecaster {
 pub struct ErrorTracker {
     /// (target sample, forecast, naive forecast)
     pending: VecDeque<(u64, f64, f64)>,
-    /// (|forecast error|, |naive error|) / actual, per target
-    window: VecDeque<(f64, f64)>,
+    /// (forecast, naive forecast, actual) per target
+    window: VecDeque<(f64, f64, f64)>,
     capacity: usize,
 }
 
@@ -153,10 +153,7 @@ impl ErrorTracker {
             }
             self.pending.pop_front();
             if target == index && actual > 0.0 {
-                self.window.push_back((
-                    (forecast - actual).abs() / actual,
-                    (naive - actual).abs() / actual,
-                ));
+                self.window.push_back((forecast, naive, actual));
                 if self.window.len() > self.capacity {
                     self.window.pop_front();
                 }
@@ -173,16 +170,42 @@ impl ErrorTracker {
         let (f, naive) = self
             .window
             .iter()
-            .fold((0.0, 0.0), |(a, b), (f, n)| (a + f, b + n));
+            .fold((0.0, 0.0), |(a, b), (f, n, actual)| {
+                (
+                    a + (f - actual).abs() / actual,
+                    b + (n - actual).abs() / actual,
+                )
+            });
         Some((f / n, naive / n))
     }
 
-    /// Relative errors of the forecast in the window, for a margin.
-    pub fn relative_errors(&self) -> impl Iterator<Item = f64> + '_ {
-        self.window.iter().map(|(f, _)| *f)
+    /// How far demand came in above a forecast, as a share of it, at quantile `q` of the
+    /// window: the margin that would have covered all but `1 − q` of the lead times. The
+    /// naive forecast's with `naive`.
+    pub fn shortfall(&self, q: f64, naive: bool) -> Option<f64> {
+        let mut short: Vec<f64> = self
+            .window
+            .iter()
+            .map(|(f, n, actual)| {
+                let forecast = if naive { *n } else { *f };
+                if forecast > 0.0 {
+                    (actual / forecast - 1.0).max(0.0)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        if short.is_empty() {
+            return None;
+        }
+        short.sort_by(f64::total_cmp);
+        let at = ((short.len() as f64 * q) as usize).min(short.len() - 1);
+        Some(short[at])
     }
 }
 
+/// The share of lead times the provisioning margin covers.
+const MARGIN_QUANTILE: f64 = 0.95;
 /// The forecaster's sample, seconds, and its season (a day).
 const SAMPLE: f64 = 300.0;
 const SEASON: usize = (86_400.0 / SAMPLE) as usize;
@@ -235,20 +258,26 @@ impl Predictor {
             self.errors
                 .predicted(self.sample + self.lead, at_lead, value);
         }
-        // Cover the highest forecast until the groups asked for now are ready, plus the
-        // forecast's typical error (its 90th percentile relative error).
-        let mut relative: Vec<f64> = self.errors.relative_errors().collect();
-        relative.sort_by(f64::total_cmp);
-        let margin = relative
-            .get((relative.len() as f64 * 0.9) as usize)
-            .copied()
+        // Cover the highest forecast until the groups asked for now are ready, with the margin
+        // that would have covered all but 5 % of the last day's lead times. While the forecast
+        // does worse than the last value, the last value is what is provisioned for, with its
+        // own margin.
+        let naive = self.standing_down();
+        let margin = self
+            .errors
+            .shortfall(MARGIN_QUANTILE, naive)
             .unwrap_or(0.2)
             .min(1.0);
-        self.wanted_rate = ahead
-            .iter()
-            .copied()
-            .reduce(f64::max)
-            .map(|peak| peak.max(value) * (1.0 + margin));
+        let base = if naive {
+            Some(value)
+        } else {
+            ahead
+                .iter()
+                .copied()
+                .reduce(f64::max)
+                .map(|peak| peak.max(value))
+        };
+        self.wanted_rate = base.map(|rate| rate * (1.0 + margin));
         self.last = Some(value);
         self.sample += 1;
         self.sum = 0.0;
