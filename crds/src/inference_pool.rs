@@ -89,6 +89,10 @@ pub struct InferencePoolSpec {
     #[serde(default)]
     pub autoscaling: AutoscalingSpec,
 
+    /// Where groups run: on-demand nodes, or spot nodes for a share of them.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+
     /// What the operator does about a pod whose agent reports an unhealthy GPU.
     #[serde(default)]
     pub gpu_health: GpuHealthSpec,
@@ -403,6 +407,42 @@ fn default_emergency_errors() -> f64 {
 }
 fn default_scale_up_cooldown() -> i32 {
     60
+}
+
+/// Spot placement: a share of the groups on spot (reclaimable, cheaper) nodes, the rest and an
+/// on-demand floor on on-demand nodes. Nodes are told apart by the labels (and spot nodes'
+/// taints) the user names, as Karpenter, GKE and EKS label them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Share of the groups that may run on spot nodes (0: none).
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub spot_share: f64,
+    /// Groups that always run on on-demand nodes, whatever the share.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub on_demand_floor: i32,
+    /// Labels of spot nodes (e.g. `karpenter.sh/capacity-type: spot`); spot groups' pods select them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub spot_node_selector: BTreeMap<String, String>,
+    /// Taints of spot nodes that spot groups' pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spot_tolerations: Vec<Toleration>,
+    /// Labels of on-demand nodes (e.g. `karpenter.sh/capacity-type: on-demand`); on-demand groups'
+    /// pods select them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub on_demand_node_selector: BTreeMap<String, String>,
+}
+
+/// GPU-hours the pool's pods have run, by capacity type, since the operator started counting.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuHours {
+    #[serde(default)]
+    pub on_demand: f64,
+    #[serde(default)]
+    pub spot: f64,
 }
 
 /// How long a GPU may stay unhealthy before its group moves, and how long its node is avoided.
@@ -817,6 +857,15 @@ pub struct InferencePoolStatus {
     /// The built-in autoscaler's last look, when it is enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+
+    /// GPU-hours by capacity type (counted by the operator every 15 s from running pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_hours: Option<GpuHours>,
+
+    /// Since when spot capacity has been found wanting (a spot group's pod unschedulable for
+    /// five minutes): new groups go on-demand for 30 minutes after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_unavailable_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 
     /// Pods whose agents report an unhealthy GPU, and since when.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

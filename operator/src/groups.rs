@@ -32,6 +32,8 @@ pub struct Member {
     pub incarnation: u32,
     /// Its agent has reported an unhealthy GPU for longer than the pool's grace.
     pub gpu_unhealthy: bool,
+    /// A spot pod that could not be scheduled for long: spot capacity is wanting.
+    pub spot_unavailable: bool,
 }
 
 /// Why a pod does not run as it should.
@@ -220,6 +222,7 @@ pub fn observe<'a>(
                 node_lost,
                 incarnation,
                 gpu_unhealthy: false,
+                spot_unavailable: false,
             },
         );
     }
@@ -239,6 +242,8 @@ pub enum DeleteReason {
     NodeLost,
     /// A member's GPU stayed unhealthy past the grace: the group starts again on other nodes.
     GpuUnhealthy,
+    /// A spot member could not be scheduled: the group starts again on on-demand nodes.
+    SpotUnavailable,
 }
 
 impl DeleteReason {
@@ -247,7 +252,7 @@ impl DeleteReason {
             Self::ScaledDown => "GroupRemoved",
             Self::MemberFailed => "GroupRecreated",
             Self::Outdated => "GroupUpdated",
-            Self::NodeLost | Self::GpuUnhealthy => "GroupRescheduled",
+            Self::NodeLost | Self::GpuUnhealthy | Self::SpotUnavailable => "GroupRescheduled",
         }
     }
 }
@@ -379,6 +384,9 @@ pub fn plan(groups: &Groups, wanted: &Wanted<'_>, restarts: &Restarts, now: i64)
         } else if group.members.values().any(|m| m.gpu_unhealthy) {
             delete(index, DeleteReason::GpuUnhealthy, group);
             coming_back.push(index);
+        } else if group.members.values().any(|m| m.spot_unavailable) {
+            delete(index, DeleteReason::SpotUnavailable, group);
+            coming_back.push(index);
         } else if group.members.values().any(|m| m.failed) {
             let due = restarts
                 .get(&index)
@@ -497,6 +505,7 @@ mod tests {
             node_lost: false,
             incarnation: 0,
             gpu_unhealthy: false,
+            spot_unavailable: false,
         }
     }
 

@@ -27,6 +27,13 @@ pub struct SignalLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapacityLabel {
+    pub namespace: String,
+    pub pool: String,
+    pub capacity_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabel {
     pub namespace: String,
     pub pool: String,
@@ -48,6 +55,8 @@ pub struct Metrics {
     pub autoscaling_replicas: Family<PoolLabel, Gauge>,
     /// Scale decisions written, by pool and rule.
     pub autoscaling_decisions: Family<DecisionLabel, Counter>,
+    /// GPU-hours of the pools' running pods, by capacity type.
+    pub gpu_hours: Family<CapacityLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -95,12 +104,19 @@ impl Default for Metrics {
             "Scale decisions written through the scale subresource, by rule",
             autoscaling_decisions.clone(),
         );
+        let gpu_hours = Family::default();
+        registry.register(
+            "gpu_hours",
+            "GPU-hours of the pools' running pods, by capacity type (on-demand, spot)",
+            gpu_hours.clone(),
+        );
         Self {
             registry,
             reconciliations,
             failures,
             duration,
             leader,
+            gpu_hours,
             autoscaling_signals,
             autoscaling_replicas,
             autoscaling_decisions,

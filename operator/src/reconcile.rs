@@ -13,6 +13,7 @@ use crate::groups::{self, DeleteReason, GroupPlan};
 use crate::inventory::{GpuInventory, NodeHealth};
 use crate::lws::{self, LWS_NAME_LABEL};
 use crate::metrics::Metrics;
+use crate::placement;
 use crate::status::{AgentView, compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
 use k8s_openapi::NamespaceResourceScope;
@@ -172,6 +173,31 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             member.gpu_unhealthy = due.contains(&member.name);
         }
     }
+    // Spot: a spot pod unschedulable too long means spot capacity is wanting; its group comes
+    // back on on-demand nodes, and new groups go there for a while.
+    let placement_spec = &pool.spec.placement;
+    let stranded = if placement::enabled(placement_spec) && workload == GroupWorkload::Pods {
+        let problems = observed
+            .values()
+            .flat_map(|g| g.members.values())
+            .filter_map(|m| Some((m.name.clone(), m.problem.as_ref()?.kind)))
+            .collect();
+        placement::stranded_spot_pods(&owned, &problems, &Time(now))
+    } else {
+        Vec::new()
+    };
+    let spot_since = placement::enabled(placement_spec)
+        .then(|| {
+            placement::spot_unavailable_since(
+                previous.spot_unavailable_since.as_ref(),
+                !stranded.is_empty(),
+                &Time(now),
+            )
+        })
+        .flatten();
+    for member in observed.values_mut().flat_map(|g| g.members.values_mut()) {
+        member.spot_unavailable = stranded.contains(&member.name);
+    }
     let mut avoided_nodes = gpu_faults::avoided(
         &previous.avoided_nodes,
         &[],
@@ -234,7 +260,26 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                         &Time(now),
                     );
                     let avoid: Vec<String> = avoided_nodes.iter().map(|a| a.node.clone()).collect();
-                    create_pods(&pod_api, &plan, &observed, &builder, &avoid, &mut events).await?;
+                    // New groups on-demand first (the floor, what the share leaves), then spot.
+                    let mut creating: Vec<u32> = plan.create.iter().map(|(g, _)| *g).collect();
+                    creating.dedup();
+                    let deleted: Vec<u32> = plan.delete.iter().map(|(g, ..)| *g).collect();
+                    let mut existing = placement::observed(&owned);
+                    existing.retain(|g, _| !deleted.contains(g));
+                    let capacity = placement::enabled(placement_spec).then(|| {
+                        placement::assign(
+                            &existing,
+                            &creating,
+                            placement::wanted(placement_spec, replicas, spot_since.is_some()),
+                        )
+                    });
+                    let placing = Placing {
+                        builder: &builder,
+                        avoid: &avoid,
+                        capacity: capacity.as_ref(),
+                        spec: placement_spec,
+                    };
+                    create_pods(&pod_api, &plan, &observed, &placing, &mut events).await?;
                 }
                 GroupWorkload::LeaderWorkerSet => {
                     let object = builder.leader_worker_set(replicas);
@@ -302,6 +347,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             .collect(),
         gpu_faults: faults,
         avoided_nodes,
+        spot_unavailable_since: spot_since,
     };
     let status = compute_status(
         pool,
@@ -394,10 +440,17 @@ async fn delete_groups(
             DeleteReason::GpuUnhealthy => format!(
                 "a GPU of group {group} stayed unhealthy past the grace; recreating the group away from its node"
             ),
+            DeleteReason::SpotUnavailable => format!(
+                "a spot pod of group {group} could not be scheduled for {}s; the group comes back on on-demand nodes",
+                placement::SPOT_WAIT_SECONDS
+            ),
         };
         let type_ = if matches!(
             reason,
-            DeleteReason::MemberFailed | DeleteReason::NodeLost | DeleteReason::GpuUnhealthy
+            DeleteReason::MemberFailed
+                | DeleteReason::NodeLost
+                | DeleteReason::GpuUnhealthy
+                | DeleteReason::SpotUnavailable
         ) {
             EventType::Warning
         } else {
@@ -408,21 +461,32 @@ async fn delete_groups(
     Ok(())
 }
 
+/// Where new pods go: the template, nodes to keep off, and each new group's capacity type.
+struct Placing<'a, 'b> {
+    builder: &'a ChildBuilder<'b>,
+    avoid: &'a [String],
+    capacity: Option<&'a std::collections::BTreeMap<u32, placement::CapacityType>>,
+    spec: &'a parallax_crds::PlacementSpec,
+}
+
 /// Creates the pods `plan` asks for, with an event for each group.
 async fn create_pods(
     pod_api: &Api<Pod>,
     plan: &GroupPlan,
     observed: &groups::Groups,
-    builder: &ChildBuilder<'_>,
-    avoid: &[String],
+    placing: &Placing<'_, '_>,
     events: &mut Vec<(EventType, &'static str, String)>,
 ) -> Result<()> {
+    let builder = placing.builder;
     let mut created_groups = Vec::new();
     for &(group, rank) in &plan.create {
         // Created, not applied: a pod of that name that is not the pool's is never adopted
         // (the create fails and says so).
         let incarnation = observed.get(&group).map_or(0, groups::Group::incarnation);
-        let pod = keep_off(builder.pod_in(group, rank, incarnation), avoid);
+        let mut pod = keep_off(builder.pod_in(group, rank, incarnation), placing.avoid);
+        if let Some(capacity) = placing.capacity.and_then(|c| c.get(&group)) {
+            pod = placement::place(pod, *capacity, placing.spec);
+        }
         match pod_api.create(&PostParams::default(), &pod).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 409 => {

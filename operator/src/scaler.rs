@@ -11,7 +11,8 @@ use crate::autoscale::signals::Scrape;
 use crate::autoscale::simulate::combine;
 use crate::autoscale::{Capacity, Decision};
 use crate::children::leader_selector;
-use crate::metrics::{DecisionLabel, Metrics, PoolLabel, SignalLabel};
+use crate::metrics::{CapacityLabel, DecisionLabel, Metrics, PoolLabel, SignalLabel};
+use crate::placement::CapacityType;
 use crate::status::{ConditionStatus, ConditionType, DesiredCondition, Reason, merge_conditions};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
@@ -25,7 +26,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
-use parallax_crds::{AutoscalingStatus, InferencePool};
+use parallax_crds::{AutoscalingStatus, GpuHours, InferencePool};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,6 +76,13 @@ pub struct Scaler {
     port: u16,
     origin: Instant,
     pools: HashMap<(String, String), PoolScaling>,
+    /// GPU-hours counted since the last status write, by pool: (on-demand, spot), and when the
+    /// pass before ran.
+    gpu_hours: HashMap<(String, String), (f64, f64)>,
+    last_pass: Option<Instant>,
+    last_hours_write: Option<Instant>,
+    /// How often GPU-hours go to status: every twenty passes (five minutes at 15 s).
+    hours_every: Duration,
 }
 
 impl std::fmt::Debug for Scaler {
@@ -116,11 +124,16 @@ impl Scaler {
             port,
             origin: Instant::now(),
             pools: HashMap::new(),
+            gpu_hours: HashMap::new(),
+            last_pass: None,
+            last_hours_write: None,
+            hours_every: Duration::from_secs(300),
         }
     }
 
     /// Looks at every pool every `interval`, until the task is dropped.
     pub async fn run(mut self, interval: Duration) {
+        self.hours_every = interval * 20;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -134,6 +147,7 @@ impl Scaler {
     async fn pass(&mut self) -> kube::Result<()> {
         let pools: Api<InferencePool> = Api::all(self.client.clone());
         let pools = pools.list(&ListParams::default()).await?;
+        self.count_gpu_hours(&pools.items).await?;
         let mut seen = Vec::new();
         for pool in pools.items {
             if !pool.spec.autoscaling.enabled || pool.metadata.deletion_timestamp.is_some() {
@@ -298,6 +312,94 @@ impl Scaler {
             Some(view),
         )
         .await
+    }
+
+    /// Adds the GPU-hours the pools' running pods used since the last pass, by capacity type;
+    /// writes each pool's total to its status every twenty passes.
+    async fn count_gpu_hours(&mut self, pools: &[InferencePool]) -> kube::Result<()> {
+        let now = Instant::now();
+        let elapsed = self
+            .last_pass
+            .replace(now)
+            .map_or(0.0, |before| (now - before).as_secs_f64());
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let pods = pods
+            .list(&ListParams::default().labels(crate::children::POOL_LABEL))
+            .await?;
+        for pod in &pods.items {
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            let Some(pool_name) = pod.labels().get(crate::children::POOL_LABEL) else {
+                continue;
+            };
+            let namespace = pod.namespace().unwrap_or_default();
+            let Some(pool) = pools.iter().find(|p| {
+                p.name_any() == *pool_name && p.namespace().as_deref() == Some(&namespace)
+            }) else {
+                continue;
+            };
+            if !running || pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let resource = &pool.spec.resources.gpu_resource_name;
+            let gpus: f64 = pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get(resource))
+                .filter_map(|q| q.0.parse::<f64>().ok())
+                .sum();
+            let hours = gpus * elapsed / 3600.0;
+            let capacity = CapacityType::of(pod).unwrap_or(CapacityType::OnDemand);
+            self.metrics
+                .gpu_hours
+                .get_or_create(&CapacityLabel {
+                    namespace: namespace.clone(),
+                    pool: pool_name.clone(),
+                    capacity_type: capacity.as_str(),
+                })
+                .inc_by(hours);
+            let pending = self
+                .gpu_hours
+                .entry((namespace, pool_name.clone()))
+                .or_default();
+            match capacity {
+                CapacityType::OnDemand => pending.0 += hours,
+                CapacityType::Spot => pending.1 += hours,
+            }
+        }
+        let due = self
+            .last_hours_write
+            .is_none_or(|at| now - at >= self.hours_every);
+        if !due {
+            return Ok(());
+        }
+        self.last_hours_write = Some(now);
+        for ((namespace, name), (on_demand, spot)) in self.gpu_hours.drain() {
+            let Some(pool) = pools
+                .iter()
+                .find(|p| p.name_any() == name && p.namespace().as_deref() == Some(&namespace))
+            else {
+                continue;
+            };
+            let before = pool
+                .status
+                .as_ref()
+                .and_then(|s| s.gpu_hours.clone())
+                .unwrap_or_default();
+            let total = GpuHours {
+                on_demand: before.on_demand + on_demand,
+                spot: before.spot + spot,
+            };
+            let api: Api<InferencePool> = Api::namespaced(self.client.clone(), &namespace);
+            let patch = serde_json::json!({"status": {"gpuHours": total}});
+            if let Err(error) = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                debug!(pool = %name, %error, "could not write GPU-hours");
+            }
+        }
+        Ok(())
     }
 
     /// The pool's signals and the decision as operator metrics.

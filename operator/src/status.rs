@@ -197,6 +197,8 @@ pub struct AgentView {
     pub gpu_faults: Vec<GpuFault>,
     /// Nodes new pods keep off.
     pub avoided_nodes: Vec<AvoidedNode>,
+    /// Since when spot capacity has been found wanting, while it counts.
+    pub spot_unavailable_since: Option<Time>,
 }
 
 /// Computes the pool's status from its layout (or why there is none) and its groups.
@@ -442,6 +444,8 @@ pub fn compute_status(
         model_download,
         // The autoscaler's, kept as it wrote it.
         autoscaling: previous.autoscaling.clone(),
+        gpu_hours: previous.gpu_hours.clone(),
+        spot_unavailable_since: agents.spot_unavailable_since.clone(),
         gpu_faults: agents.gpu_faults.clone(),
         avoided_nodes: agents.avoided_nodes.clone(),
         group_restarts: restarts
@@ -640,6 +644,7 @@ mod tests {
                     node_lost: false,
                     incarnation: 0,
                     gpu_unhealthy: false,
+                    spot_unavailable: false,
                 };
                 (
                     i as u32,

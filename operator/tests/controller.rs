@@ -1095,6 +1095,155 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
 }
 
 #[tokio::test]
+async fn spot_groups_keep_an_on_demand_floor_and_come_back_on_demand_when_spot_is_wanting() {
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let controller = RunningController::start_with(
+        &client,
+        controller::Settings {
+            autoscale_every: Duration::from_millis(100),
+            ..controller::Settings::new("registry.example/parallax-agent:test".into())
+        },
+    );
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut spot: InferencePool = pool();
+    spot.spec.replicas = 3;
+    spot.spec.placement = serde_json::from_value(json!({
+        "spotShare": 1.0, "onDemandFloor": 1,
+        "spotNodeSelector": {"karpenter.sh/capacity-type": "spot"},
+        "spotTolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+        "onDemandNodeSelector": {"karpenter.sh/capacity-type": "on-demand"}}))
+    .unwrap();
+    pools.create(&PostParams::default(), &spot).await.unwrap();
+    let by_type = |pods: &[Pod], capacity: &str| {
+        pods.iter()
+            .filter(|p| {
+                p.labels()
+                    .get("parallax.dev/capacity-type")
+                    .map(String::as_str)
+                    == Some(capacity)
+            })
+            .map(|p| p.name_any())
+            .collect::<Vec<_>>()
+    };
+    eventually(
+        "one on-demand group and two spot ones",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let pods = pods(&client).await;
+            by_type(&pods, "on-demand").len() == 1 && by_type(&pods, "spot").len() == 2
+        },
+    )
+    .await;
+    let all = pods(&client).await;
+    let spot_pod = all
+        .iter()
+        .find(|p| p.labels()["parallax.dev/capacity-type"] == "spot")
+        .unwrap();
+    let spec = spot_pod.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.node_selector.as_ref().unwrap()["karpenter.sh/capacity-type"],
+        "spot"
+    );
+    assert_eq!(
+        spec.tolerations
+            .as_ref()
+            .unwrap()
+            .last()
+            .unwrap()
+            .key
+            .as_deref(),
+        Some("spot")
+    );
+
+    // A spot node is reclaimed and takes its pod: the group comes back, on spot, and the
+    // on-demand floor holds.
+    let reclaimed = spot_pod.name_any();
+    let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
+    pod_api
+        .delete(&reclaimed, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the reclaimed group is back on spot",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let pods = pods(&client).await;
+            pods.iter().any(|p| p.name_any() == reclaimed)
+                && by_type(&pods, "on-demand").len() == 1
+                && by_type(&pods, "spot").len() == 2
+        },
+    )
+    .await;
+
+    // GPU-hours are counted by capacity type from running pods.
+    for pod in pods(&client).await {
+        let running = json!({"status": {"phase": "Running"}});
+        pod_api
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&running),
+            )
+            .await
+            .unwrap();
+    }
+    eventually(
+        "GPU-hours of both kinds in status",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                p.status
+                    .and_then(|s| s.gpu_hours)
+                    .is_some_and(|h| h.on_demand > 0.0 && h.spot > 0.0)
+            })
+        },
+    )
+    .await;
+
+    // No spot capacity: a spot pod unschedulable for five minutes makes its group come back on
+    // on-demand nodes.
+    let stranded = reclaimed;
+    pod_api
+        .patch(
+            &stranded,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}})),
+        )
+        .await
+        .unwrap();
+    let unschedulable = json!({"status": {"phase": "Pending", "conditions": [{"type": "PodScheduled",
+        "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."}]}});
+    pod_api
+        .patch_status(
+            &stranded,
+            &PatchParams::default(),
+            &Patch::Merge(&unschedulable),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the stranded group is back on on-demand",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            let pods = pods(&client).await;
+            by_type(&pods, "on-demand").len() == 2
+                && by_type(&pods, "spot").len() == 1
+                && current_pool(&client)
+                    .await
+                    .is_some_and(|p| p.status.and_then(|s| s.spot_unavailable_since).is_some())
+        },
+    )
+    .await;
+    assert!(recorded(&server, "GroupRescheduled", "on-demand nodes"));
+    controller.stop().await;
+}
+
+#[tokio::test]
 async fn a_pool_that_fits_no_node_is_not_ready_with_a_reason() {
     let (_server, client, mut changes) = cluster(&[]).await;
     let controller = RunningController::start(&client);
