@@ -669,7 +669,7 @@ pub(crate) mod tests {
         pool
     }
 
-    fn layout(size: u32, pods: u32) -> GroupLayout {
+    pub(crate) fn layout(size: u32, pods: u32) -> GroupLayout {
         GroupLayout {
             tensor_parallel_size: size,
             pods_per_group: pods,

@@ -148,20 +148,8 @@ impl ChildBuilder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::children::tests::pool;
-    use crate::tp::GroupLayout;
+    use crate::children::tests::{layout, pool};
     use serde_json::Value;
-
-    fn layout(size: u32, pods: u32) -> GroupLayout {
-        GroupLayout {
-            tensor_parallel_size: size,
-            pods_per_group: pods,
-            gpus_per_pod: size / pods,
-            reason: String::new(),
-            gpu_products: Vec::new(),
-            provisional: false,
-        }
-    }
 
     /// `NAME`'s value or `fieldRef` path in a template's agent container.
     fn env<'a>(template: &'a Value, name: &str) -> &'a Value {

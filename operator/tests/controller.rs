@@ -59,6 +59,17 @@ impl RunningController {
         )
     }
 
+    /// With the agents (stand-ins on loopback) answering on `port`.
+    fn with_agents_on(client: &Client, port: u16) -> Self {
+        Self::start_with(
+            client,
+            controller::Settings {
+                agents: AgentProbe::on_port(port),
+                ..controller::Settings::new("registry.example/parallax-agent:test".into())
+            },
+        )
+    }
+
     fn start_with(client: &Client, settings: controller::Settings) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let reporter = Reporter {
@@ -132,6 +143,22 @@ async fn current_pool(client: &Client) -> Option<InferencePool> {
         .get_opt("llama")
         .await
         .unwrap()
+}
+
+/// Creates the test pool with one group and waits for its pod; the pools' API.
+async fn one_group_pool(
+    client: &Client,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+) -> Api<InferencePool> {
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut one = pool();
+    one.spec.replicas = 1;
+    pools.create(&PostParams::default(), &one).await.unwrap();
+    eventually("the pod exists", changes, TIMEOUT, || async {
+        pods(client).await.len() == 1
+    })
+    .await;
+    pools
 }
 
 /// A fake API server holding GPU nodes of these names, a client of it, and its change feed.
@@ -597,21 +624,8 @@ async fn the_pool_says_how_far_its_pods_have_downloaded_the_model() {
     let (_server, client, mut changes) = cluster(&["gpu-a"]).await;
     let done = Arc::new(std::sync::atomic::AtomicU64::new(4_000_000_000));
     let (port, agent) = downloading_agent(done.clone()).await;
-    let controller = RunningController::start_with(
-        &client,
-        controller::Settings {
-            agents: AgentProbe::on_port(port),
-            ..controller::Settings::new("registry.example/parallax-agent:test".into())
-        },
-    );
-    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
-    let mut one = pool();
-    one.spec.replicas = 1;
-    pools.create(&PostParams::default(), &one).await.unwrap();
-    eventually("the pod exists", &mut changes, TIMEOUT, || async {
-        pods(&client).await.len() == 1
-    })
-    .await;
+    let controller = RunningController::with_agents_on(&client, port);
+    one_group_pool(&client, &mut changes).await;
     // The kubelet started the container; the agent downloads and is not ready.
     let running = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
         "conditions": [{"type": "Ready", "status": "False"}]}});
@@ -854,21 +868,8 @@ async fn a_group_whose_gpu_stays_unhealthy_moves_off_its_node() {
         {"index": 1, "uuid": "GPU-bad", "name": "H100", "state": "unhealthy",
          "reason": "XID 79: GPU has fallen off the bus", "last_xid": 79}]}))
     .await;
-    let controller = RunningController::start_with(
-        &client,
-        controller::Settings {
-            agents: AgentProbe::on_port(port),
-            ..controller::Settings::new("registry.example/parallax-agent:test".into())
-        },
-    );
-    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
-    let mut one = pool();
-    one.spec.replicas = 1;
-    pools.create(&PostParams::default(), &one).await.unwrap();
-    eventually("the pod exists", &mut changes, TIMEOUT, || async {
-        pods(&client).await.len() == 1
-    })
-    .await;
+    let controller = RunningController::with_agents_on(&client, port);
+    let pools = one_group_pool(&client, &mut changes).await;
     // Scheduled on gpu-a, running, and its agent reports GPU 1 unhealthy.
     let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
     pod_api

@@ -120,15 +120,21 @@ impl Rules {
         } else {
             None
         };
-        if let Some(why) = emergency {
-            // Groups already starting count here too: a queue takes their startup to drain.
-            let starting = current.saturating_sub(signals.ready);
-            if starting > 0 && needed.is_none_or(|n| n <= current) {
-                return decision(
+        // Groups already starting count: more are asked for only when they will not do (a
+        // queue takes their startup to drain).
+        let starting = current.saturating_sub(signals.ready);
+        let wait_for_starting = |why: &str| {
+            (starting > 0 && needed.is_none_or(|n| n <= current)).then(|| {
+                decision(
                     current,
                     "hold",
                     format!("{why}, {starting} groups starting"),
-                );
+                )
+            })
+        };
+        if let Some(why) = emergency {
+            if let Some(hold) = wait_for_starting(&why) {
+                return hold;
             }
             let wanted = (current + step_up.max(2)).max(needed.unwrap_or(0));
             state.low_since = None;
@@ -161,14 +167,8 @@ impl Rules {
                     format!("{why}, cooling down after a scale-up"),
                 );
             }
-            // Groups already starting count: ask for more only when they will not do.
-            let starting = current.saturating_sub(signals.ready);
-            if starting > 0 && needed.is_none_or(|n| n <= current) {
-                return decision(
-                    current,
-                    "hold",
-                    format!("{why}, {starting} groups starting"),
-                );
+            if let Some(hold) = wait_for_starting(&why) {
+                return hold;
             }
             let wanted = needed.unwrap_or(0).clamp(current + 1, current + step_up);
             return self.changed(state, now, decision(wanted, "scale-up", why), current);
