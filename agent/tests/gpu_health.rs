@@ -42,7 +42,7 @@ async fn a_fatal_xid_drains_the_agent_and_it_recovers_through_probation() {
         format!("--gpu-source=sim:{}", script.display()),
         "--gpu-sample-interval=0.1".into(),
         "--gpu-quiet-period=3".into(),
-        "--gpu-probation=3".into(),
+        "--gpu-probation=10".into(),
         "--gpu-probation-batch=0.25".into(),
         "--max-num-seqs=8".into(),
     ]
