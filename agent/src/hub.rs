@@ -275,36 +275,8 @@ impl HubConfig {
     }
 }
 
-/// How far a download has come; `/ready` shows it as `download` (camelCase fields).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Progress {
-    pub model: String,
-    pub files_done: usize,
-    pub files: usize,
-    pub bytes_done: u64,
-    pub bytes: u64,
-}
-
-impl fmt::Display for Progress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
-        let percent = if self.bytes == 0 {
-            100.0
-        } else {
-            self.bytes_done as f64 * 100.0 / self.bytes as f64
-        };
-        write!(
-            f,
-            "downloading {}: {} of {} files, {:.2} of {:.2} GiB ({percent:.0}%)",
-            self.model,
-            self.files_done,
-            self.files,
-            gib(self.bytes_done),
-            gib(self.bytes)
-        )
-    }
-}
+/// How far a download has come; `/ready` shows it as `download`, and the operator reads it.
+pub use parallax_crds::DownloadProgress as Progress;
 
 /// The revision's metadata (`/api/models/REPO/revision/REV?blobs=true`), the fields used.
 #[derive(Debug, Deserialize)]
@@ -534,7 +506,7 @@ impl Hub {
     ) -> Result<()> {
         let mut state = Progress {
             model: model.to_string(),
-            files: wanted.len(),
+            files: wanted.len() as u64,
             bytes: wanted.iter().filter_map(|w| w.size).sum(),
             ..Progress::default()
         };

@@ -221,7 +221,10 @@ async fn a_sharded_checkpoint_fetches_what_its_index_names_and_nothing_else() {
     expected.push(".parallax-complete.json".into());
     expected.sort();
     assert_eq!(tree(&folder), expected);
-    assert_eq!(progress.last().unwrap().files, tree(&checkpoint).len());
+    assert_eq!(
+        progress.last().unwrap().files,
+        tree(&checkpoint).len() as u64
+    );
     let files = ModelFiles::open(&ModelSource::parse(folder.to_str().unwrap()).unwrap()).unwrap();
     assert_eq!(files.config.layers, tiny.layers);
     // A revision named by its commit is the same folder.

@@ -127,3 +127,40 @@ mod tests {
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 }
+
+/// How far an agent's model download has come: in its `/ready` as `download` (the operator reads
+/// it into the pool's status), and in its log.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadProgress {
+    pub model: String,
+    pub files_done: u64,
+    pub files: u64,
+    pub bytes_done: u64,
+    pub bytes: u64,
+}
+
+impl DownloadProgress {
+    /// `2 of 7 files, 1.50 of 3.00 GiB (50%)`.
+    pub fn amounts(&self) -> String {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        let percent = if self.bytes == 0 {
+            100.0
+        } else {
+            self.bytes_done as f64 * 100.0 / self.bytes as f64
+        };
+        format!(
+            "{} of {} files, {:.2} of {:.2} GiB ({percent:.0}%)",
+            self.files_done,
+            self.files,
+            gib(self.bytes_done),
+            gib(self.bytes)
+        )
+    }
+}
+
+impl std::fmt::Display for DownloadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "downloading {}: {}", self.model, self.amounts())
+    }
+}

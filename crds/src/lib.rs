@@ -9,7 +9,9 @@ pub mod inference_pool;
 pub mod quantity;
 pub mod shape;
 
-pub use agent_config::{AGENT_CONFIG_FILE, AGENT_GROUP_PORT, AGENT_HTTP_PORT, AgentConfig};
+pub use agent_config::{
+    AGENT_CONFIG_FILE, AGENT_GROUP_PORT, AGENT_HTTP_PORT, AgentConfig, DownloadProgress,
+};
 pub use inference_pool::*;
 pub use shape::ResolvedShape;
 

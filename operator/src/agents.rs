@@ -17,25 +17,15 @@ use std::time::Duration;
 use tracing::debug;
 
 /// A download under way in one pod, as its agent reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Download {
-    pub model: String,
-    pub files_done: u64,
-    pub files: u64,
-    pub bytes_done: u64,
-    pub bytes: u64,
-}
+pub type Download = parallax_crds::DownloadProgress;
 
-impl Download {
-    /// Bytes done rounded down to a hundredth of the whole. Every status write wakes the
-    /// controller again, so progress moves in steps: at most a hundred writes per download,
-    /// and between steps a pass changes nothing.
-    fn in_steps(mut self) -> Self {
-        let step = (self.bytes / 100).max(1);
-        self.bytes_done = self.bytes_done.min(self.bytes) / step * step;
-        self
-    }
+/// Bytes done rounded down to a hundredth of the whole. Every status write wakes the controller
+/// again, so progress moves in steps: at most a hundred writes per download, and between steps a
+/// pass changes nothing.
+fn in_steps(mut download: Download) -> Download {
+    let step = (download.bytes / 100).max(1);
+    download.bytes_done = download.bytes_done.min(download.bytes) / step * step;
+    download
 }
 
 /// A GPU an agent reports unhealthy.
@@ -83,11 +73,6 @@ impl AgentProbe {
         }
     }
 
-    /// The agents' HTTP port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// What the agents of those `pods` that run but are not ready say, by pod name. A pod that
     /// does not answer in time is left out.
     pub async fn read(&self, pods: &[Pod]) -> Vec<(String, AgentReport)> {
@@ -104,15 +89,10 @@ impl AgentProbe {
                 return None;
             }
             Some(async move {
-                let answer = tokio::time::timeout(self.timeout, self.report(ip)).await;
-                match answer {
-                    Ok(Ok(report)) => Some((pod.name_any(), report)),
-                    Ok(Err(error)) => {
+                match self.report(ip).await {
+                    Ok(report) => Some((pod.name_any(), report)),
+                    Err(error) => {
                         debug!(pod = %pod.name_any(), %error, "no answer from the agent");
-                        None
-                    }
-                    Err(_) => {
-                        debug!(pod = %pod.name_any(), "the agent did not answer in time");
                         None
                     }
                 }
@@ -121,21 +101,32 @@ impl AgentProbe {
         join_all(asking).await.into_iter().flatten().collect()
     }
 
-    async fn report(&self, ip: &str) -> Result<AgentReport, String> {
+    /// The body of `GET path` from the agent at `ip`, at most `limit` bytes, within the
+    /// probe's timeout.
+    pub async fn get(&self, ip: &str, path: &str, limit: usize) -> Result<Bytes, String> {
         let host = if ip.contains(':') {
             format!("[{ip}]")
         } else {
             ip.to_owned()
         };
-        let uri: hyper::Uri = format!("http://{host}:{}/ready", self.port)
+        let uri: hyper::Uri = format!("http://{host}:{}{path}", self.port)
             .parse()
             .map_err(|e| format!("{e}"))?;
-        let answer = self.client.get(uri).await.map_err(|e| e.to_string())?;
-        let body = Limited::new(answer.into_body(), MAX_ANSWER)
-            .collect()
+        let fetch = async {
+            let answer = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            Limited::new(answer.into_body(), limit)
+                .collect()
+                .await
+                .map(|body| body.to_bytes())
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(self.timeout, fetch)
             .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+            .map_err(|_| "did not answer in time".to_owned())?
+    }
+
+    async fn report(&self, ip: &str) -> Result<AgentReport, String> {
+        let body = self.get(ip, "/ready", MAX_ANSWER).await?;
         #[derive(Deserialize)]
         struct Gpu {
             #[serde(flatten)]
@@ -150,7 +141,7 @@ impl AgentProbe {
         }
         let ready: Ready = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         Ok(AgentReport {
-            download: ready.download.map(Download::in_steps),
+            download: ready.download.map(in_steps),
             sick_gpus: ready
                 .gpus
                 .into_iter()
@@ -163,24 +154,10 @@ impl AgentProbe {
 
 /// The pool's downloads in one line: each pod's progress, four pods at most.
 pub fn summary(downloads: &[(String, Download)]) -> String {
-    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
     let mut parts: Vec<String> = downloads
         .iter()
         .take(4)
-        .map(|(pod, d)| {
-            let percent = if d.bytes == 0 {
-                100.0
-            } else {
-                d.bytes_done as f64 * 100.0 / d.bytes as f64
-            };
-            format!(
-                "pod {pod}: {} of {} files, {:.2} of {:.2} GiB ({percent:.0}%)",
-                d.files_done,
-                d.files,
-                gib(d.bytes_done),
-                gib(d.bytes)
-            )
-        })
+        .map(|(pod, d)| format!("pod {pod}: {}", d.amounts()))
         .collect();
     if downloads.len() > 4 {
         parts.push(format!("and {} more", downloads.len() - 4));
@@ -217,14 +194,13 @@ mod tests {
     #[test]
     fn progress_moves_in_hundredths() {
         let at = |done: u64| {
-            Download {
+            in_steps(Download {
                 model: "m".into(),
                 files_done: 0,
                 files: 1,
                 bytes_done: done,
                 bytes: 1000,
-            }
-            .in_steps()
+            })
             .bytes_done
         };
         assert_eq!(

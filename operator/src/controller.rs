@@ -67,7 +67,7 @@ pub async fn run(
             client.clone(),
             Recorder::new(client.clone(), reporter.clone()),
             metrics.clone(),
-            settings.agents.port(),
+            settings.agents.clone(),
         )
         .run(settings.autoscale_every),
     );

@@ -144,6 +144,22 @@ impl Group {
     fn terminating(&self) -> bool {
         self.members.values().any(|m| m.terminating)
     }
+    /// Why the group must start again elsewhere at once, whatever its restart history: the
+    /// place failed, not the group (a lost node, a GPU unhealthy past its grace, no spot
+    /// capacity).
+    fn must_move(&self) -> Option<DeleteReason> {
+        let any = |flag: fn(&Member) -> bool| self.members.values().any(flag);
+        if any(|m| m.node_lost) {
+            Some(DeleteReason::NodeLost)
+        } else if any(|m| m.gpu_unhealthy) {
+            Some(DeleteReason::GpuUnhealthy)
+        } else if any(|m| m.spot_unavailable) {
+            Some(DeleteReason::SpotUnavailable)
+        } else {
+            None
+        }
+    }
+
     /// The incarnation new members join: the members', or the one after an abandoned one.
     pub fn incarnation(&self) -> u32 {
         match self.members.values().map(|m| m.incarnation).max() {
@@ -378,14 +394,8 @@ pub fn plan(groups: &Groups, wanted: &Wanted<'_>, restarts: &Restarts, now: i64)
             } else {
                 on_the_way_out += 1;
             }
-        } else if group.members.values().any(|m| m.node_lost) {
-            delete(index, DeleteReason::NodeLost, group);
-            coming_back.push(index);
-        } else if group.members.values().any(|m| m.gpu_unhealthy) {
-            delete(index, DeleteReason::GpuUnhealthy, group);
-            coming_back.push(index);
-        } else if group.members.values().any(|m| m.spot_unavailable) {
-            delete(index, DeleteReason::SpotUnavailable, group);
+        } else if let Some(reason) = group.must_move() {
+            delete(index, reason, group);
             coming_back.push(index);
         } else if group.members.values().any(|m| m.failed) {
             let due = restarts

@@ -5,6 +5,7 @@
 //! signal and its value, and `ScalingActive`/`ScalingLimited` conditions. Where an HPA (or
 //! KEDA, which makes one) already targets the pool, it stands aside and says so.
 
+use crate::agents::AgentProbe;
 use crate::autoscale::forecast::Predictor;
 use crate::autoscale::reactive::{self, Rules};
 use crate::autoscale::signals::Scrape;
@@ -14,11 +15,6 @@ use crate::children::leader_selector;
 use crate::metrics::{CapacityLabel, DecisionLabel, Metrics, PoolLabel, SignalLabel};
 use crate::placement::CapacityType;
 use crate::status::{ConditionStatus, ConditionType, DesiredCondition, Reason, merge_conditions};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -71,9 +67,8 @@ pub struct Scaler {
     client: Client,
     recorder: Recorder,
     metrics: Arc<Metrics>,
-    http: HttpClient<HttpConnector, Empty<Bytes>>,
-    /// The agents' HTTP port; tests point it at a stand-in.
-    port: u16,
+    /// Reads the agents' `/metrics`.
+    agents: AgentProbe,
     origin: Instant,
     pools: HashMap<(String, String), PoolScaling>,
     /// GPU-hours counted since the last status write, by pool: (on-demand, spot), and when the
@@ -88,7 +83,7 @@ pub struct Scaler {
 impl std::fmt::Debug for Scaler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scaler")
-            .field("port", &self.port)
+            .field("agents", &self.agents)
             .finish_non_exhaustive()
     }
 }
@@ -113,15 +108,17 @@ pub fn rules(pool: &InferencePool) -> Rules {
 }
 
 impl Scaler {
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, port: u16) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        agents: AgentProbe,
+    ) -> Self {
         Self {
             client,
             recorder,
             metrics,
-            http: HttpClient::builder(TokioExecutor::new()).build(connector),
-            port,
+            agents,
             origin: Instant::now(),
             pools: HashMap::new(),
             gpu_hours: HashMap::new(),
@@ -447,23 +444,7 @@ impl Scaler {
     }
 
     async fn metrics(&self, ip: &str) -> Result<String, String> {
-        let host = if ip.contains(':') {
-            format!("[{ip}]")
-        } else {
-            ip.to_owned()
-        };
-        let uri: hyper::Uri = format!("http://{host}:{}/metrics", self.port)
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let answer = tokio::time::timeout(Duration::from_secs(2), self.http.get(uri))
-            .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let body = Limited::new(answer.into_body(), MAX_METRICS)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let body = self.agents.get(ip, "/metrics", MAX_METRICS).await?;
         String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
     }
 

@@ -211,6 +211,16 @@ async fn until_condition(
     .await;
 }
 
+/// The message of the pool's condition `type_` (empty when there is none).
+fn condition_message(pool: &InferencePool, type_: &str) -> String {
+    pool.status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == type_)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 fn condition(pool: &InferencePool, type_: &str) -> Option<(String, String)> {
     let status = pool.status.as_ref()?;
     let c = status.conditions.iter().find(|c| c.type_ == type_)?;
@@ -328,18 +338,12 @@ async fn a_pool_lives_and_dies_through_the_controller() {
         TIMEOUT,
         || async {
             current_pool(&client).await.is_some_and(|p| {
-                let message = p.status.as_ref().and_then(|s| {
-                    s.conditions
-                        .iter()
-                        .find(|c| c.type_ == "Degraded")
-                        .map(|c| c.message.clone())
-                });
+                let message = condition_message(&p, "Degraded");
                 condition(&p, "Degraded") == Some(("True".into(), "ImagePullFailing".into()))
                     && condition(&p, "Ready") == Some(("True".into(), "GroupsReady".into()))
                     && p.status.as_ref().and_then(|s| s.tensor_parallel_size) == Some(2)
-                    && message.is_some_and(|m| {
-                        m.starts_with("pod llama-0-0: ImagePullBackOff: Back-off pulling image")
-                    })
+                    && message
+                        .starts_with("pod llama-0-0: ImagePullBackOff: Back-off pulling image")
             })
         },
     )
@@ -592,6 +596,16 @@ async fn a_one_group_pool_with_surge_is_updated_without_an_outage() {
     controller.stop().await;
 }
 
+/// Serves `app` on a free loopback port: the port, and the task to abort.
+async fn serve_on_loopback(app: axum::Router) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (port, task)
+}
+
 /// An agent on loopback that answers `/ready` as one downloading its model does.
 async fn downloading_agent(
     done: Arc<std::sync::atomic::AtomicU64>,
@@ -611,12 +625,7 @@ async fn downloading_agent(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (port, task)
+    serve_on_loopback(app).await
 }
 
 #[tokio::test]
@@ -644,12 +653,7 @@ async fn the_pool_says_how_far_its_pods_have_downloaded_the_model() {
         || async {
             current_pool(&client).await.is_some_and(|p| {
                 let status = p.status.clone().unwrap_or_default();
-                let message = status
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == "Progressing")
-                    .map(|c| c.message.clone())
-                    .unwrap_or_default();
+                let message = condition_message(&p, "Progressing");
                 condition(&p, "Progressing") == Some(("True".into(), "DownloadingModel".into()))
                     && message.contains("pod llama-0-0: 1 of 4 files, 3.73 of 14.90 GiB (25%)")
                     && status.model_download.is_some_and(|d| {
@@ -851,12 +855,7 @@ async fn unready_agent(body: Value) -> (u16, tokio::task::JoinHandle<()>) {
             async move { (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (port, task)
+    serve_on_loopback(app).await
 }
 
 #[tokio::test]
@@ -898,12 +897,7 @@ async fn a_group_whose_gpu_stays_unhealthy_moves_off_its_node() {
         || async {
             current_pool(&client).await.is_some_and(|p| {
                 let status = p.status.clone().unwrap_or_default();
-                let message = status
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == "Degraded")
-                    .map(|c| c.message.clone())
-                    .unwrap_or_default();
+                let message = condition_message(&p, "Degraded");
                 condition(&p, "Degraded") == Some(("True".into(), "GpuUnhealthy".into()))
                     && message.starts_with("pod llama-0-0 on node gpu-a: GPU 1 (GPU-bad) is unhealthy: XID 79: GPU has fallen off the bus; its group moves off the node in")
                     && status.gpu_faults.len() == 1
@@ -986,12 +980,7 @@ async fn metrics_agent(body: Arc<std::sync::Mutex<String>>) -> (u16, tokio::task
             async move { text }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (port, task)
+    serve_on_loopback(app).await
 }
 
 fn agent_metrics(waiting: u32, utilization: f64) -> String {

@@ -174,18 +174,21 @@ impl GpuWatch {
             .unwrap_or(State::Healthy)
     }
 
-    /// Why the agent must not take work: its unhealthy GPUs and what happened to them.
+    /// Why the agent must not take work: its unhealthy GPUs and what happened to them. Asked
+    /// for every request: nothing is built while every GPU is fit.
     pub fn unhealthy(&self) -> Option<String> {
-        let statuses = self.statuses();
-        let sick: Vec<String> = statuses
+        let inner = self.inner();
+        let sick: Vec<String> = self
+            .inventory
             .iter()
-            .filter(|s| s.state == State::Unhealthy)
-            .map(|s| {
+            .zip(&inner.health)
+            .filter(|(_, health)| health.state() == State::Unhealthy)
+            .map(|(info, health)| {
                 format!(
                     "GPU {} ({}) is unhealthy: {}",
-                    s.index,
-                    s.uuid,
-                    s.reason.as_deref().unwrap_or("unknown")
+                    info.index,
+                    info.uuid,
+                    health.reason().unwrap_or("unknown")
                 )
             })
             .collect();
@@ -195,12 +198,12 @@ impl GpuWatch {
     /// The mean utilization of the GPUs that report one, in percent.
     pub fn utilization(&self) -> Option<f64> {
         let inner = self.inner();
-        let values: Vec<f64> = inner
+        let (sum, count) = inner
             .readings
             .iter()
             .filter_map(|r| r.as_ref()?.utilization_gpu)
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+            .fold((0.0, 0u32), |(sum, n), u| (sum + u, n + 1));
+        (count > 0).then(|| sum / f64::from(count))
     }
 
     /// Lets the monitor limit `stats`'s engine (a batch of `max_num_seqs` at full health).

@@ -20,6 +20,11 @@ pub(super) struct GpuCollector {
 }
 
 type Read = fn(&GpuView) -> Option<f64>;
+/// Gauges (name, help, reading) and the labels they are written with.
+type Table = (
+    &'static [(&'static str, &'static str, Read)],
+    fn(&GpuView) -> Labels,
+);
 
 /// `parallax_gpu_*` gauges: name, help, reading.
 const GAUGES: &[(&str, &str, Read)] = &[
@@ -159,19 +164,15 @@ impl Collector for GpuCollector {
             return Ok(());
         };
         let views = watch.views();
-        for (name, help, read) in GAUGES {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for view in &views {
-                if let Some(value) = read(view) {
-                    ConstGauge::new(value).encode(metric.encode_family(&labels(view))?)?;
-                }
-            }
-        }
-        for (name, help, read) in DCGM {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for view in &views {
-                if let Some(value) = read(view) {
-                    ConstGauge::new(value).encode(metric.encode_family(&dcgm_labels(view))?)?;
+        // Parallax's names with its labels, dcgm-exporter's with its own.
+        let tables: [Table; 2] = [(GAUGES, labels), (DCGM, dcgm_labels)];
+        for (table, labelled) in tables {
+            for (name, help, read) in table {
+                let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for view in &views {
+                    if let Some(value) = read(view) {
+                        ConstGauge::new(value).encode(metric.encode_family(&labelled(view))?)?;
+                    }
                 }
             }
         }
