@@ -97,6 +97,11 @@ pub struct InferencePoolSpec {
     #[serde(default)]
     pub gpu_health: GpuHealthSpec,
 
+    /// Automatic rollback: after a change of what the groups serve, the new revision is
+    /// compared with the last good one, and run no more if it serves worse.
+    #[serde(default)]
+    pub rollback: RollbackSpec,
+
     /// What runs the groups: `pods` (the operator creates, restarts and rolls each pod), or
     /// `leaderworkerset` (one LeaderWorkerSet, where its CRD is installed, for its gang
     /// scheduling and topology placement; Parallax still sizes the groups).
@@ -114,6 +119,56 @@ pub struct InferencePoolSpec {
     /// The agent container.
     #[serde(default)]
     pub agent: AgentSpec,
+}
+
+/// The fields of the spec that say what the groups serve: a change of any is a new revision,
+/// and a rollback puts all of them back. Replicas, rollout, autoscaling, placement and the
+/// rest say how many groups run and where; they are never rolled back.
+const SERVING_FIELDS: [&str; 7] = [
+    "model",
+    "resources",
+    "tensorParallelSize",
+    "parallelismPreference",
+    "batching",
+    "kvCache",
+    "agent",
+];
+
+impl InferencePoolSpec {
+    /// What the groups serve, as the JSON object of [`SERVING_FIELDS`].
+    pub fn serving(&self) -> serde_json::Value {
+        let spec = serde_json::to_value(self).unwrap_or_default();
+        SERVING_FIELDS
+            .iter()
+            .filter_map(|field| Some((field.to_string(), spec.get(*field)?.clone())))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    /// The serving spec's revision: a digest of [`Self::serving`], stable across operator
+    /// versions (FNV-1a over its JSON).
+    pub fn serving_revision(&self) -> String {
+        let digest = fnv1a(&self.serving().to_string());
+        format!("{:010x}", digest >> 24)
+    }
+
+    /// This spec with the serving fields of `serving` (as [`Self::serving`] gave them).
+    pub fn with_serving(&self, serving: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        let mut spec = serde_json::to_value(self)?;
+        for field in SERVING_FIELDS {
+            if let (Some(value), Some(spec)) = (serving.get(field), spec.as_object_mut()) {
+                spec.insert(field.to_owned(), value.clone());
+            }
+        }
+        serde_json::from_value(spec)
+    }
+}
+
+/// FNV-1a, 64 bits: a digest that stays the same across Rust and operator versions.
+pub fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A rolling update's bounds, in groups, as a Deployment's (a count or a percentage of
@@ -468,6 +523,76 @@ impl Default for GpuHealthSpec {
             avoid_node_seconds: default_avoid_node(),
         }
     }
+}
+
+/// When a new revision of the pool counts as a regression. After the groups' serving spec
+/// changes (model, resources, tensor parallelism, batching, KV cache, agent), the operator reads
+/// the new revision's leaders for `windowSeconds` of traffic and compares them with the last good
+/// revision's last window: p95 end-to-end latency up by more than `latencyIncrease`, throughput
+/// (output tokens per second at full batch) down by more than `throughputDecrease`, more than
+/// `errorRate` of requests failing, or agents reporting `parallax_degraded` for most of the
+/// window. A regression puts the last good revision's serving spec back on the groups (the
+/// pool's spec is left as written) until the spec changes again.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackSpec {
+    /// Judge new revisions and roll back the ones that regress. Turn it off for a change that
+    /// is meant to serve slower (a larger model, say).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds of the new revision's traffic a verdict reads, and of the last good one's it is
+    /// compared with.
+    #[serde(default = "default_rollback_window")]
+    #[schemars(range(min = 1))]
+    pub window_seconds: i32,
+    /// Requests a window must hold before latency and throughput are compared.
+    #[serde(default = "default_rollback_requests")]
+    #[schemars(range(min = 1))]
+    pub min_requests: i32,
+    /// A rise of p95 latency beyond this share of the baseline's is a regression.
+    #[serde(default = "default_latency_increase")]
+    #[schemars(range(min = 0.0))]
+    pub latency_increase: f64,
+    /// A fall of throughput beyond this share of the baseline's is a regression.
+    #[serde(default = "default_throughput_decrease")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub throughput_decrease: f64,
+    /// A share of failed requests above this is a regression.
+    #[serde(default = "default_rollback_errors")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub error_rate: f64,
+}
+
+impl Default for RollbackSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_seconds: default_rollback_window(),
+            min_requests: default_rollback_requests(),
+            latency_increase: default_latency_increase(),
+            throughput_decrease: default_throughput_decrease(),
+            error_rate: default_rollback_errors(),
+        }
+    }
+}
+
+/// What the rollback judge knows of the pool's revisions.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackStatus {
+    /// The serving-spec revision the groups run now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<String>,
+    /// The last revision judged good (or the first one seen): what a regression rolls back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    /// A revision that regressed: while the spec still asks for it, the groups run
+    /// `stableRevision` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
+    /// What the last verdict found, or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What the autoscaler saw and forecast at its last look.
@@ -858,6 +983,10 @@ pub struct InferencePoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
 
+    /// Revisions of the serving spec and the rollback judge's last verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackStatus>,
+
     /// GPU-hours by capacity type (counted by the operator every 15 s from running pods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_hours: Option<GpuHours>,
@@ -942,6 +1071,21 @@ fn default_memory_fraction() -> f64 {
 }
 fn default_block_size() -> i32 {
     16
+}
+fn default_rollback_window() -> i32 {
+    300
+}
+fn default_rollback_requests() -> i32 {
+    50
+}
+fn default_latency_increase() -> f64 {
+    0.2
+}
+fn default_throughput_decrease() -> f64 {
+    0.15
+}
+fn default_rollback_errors() -> f64 {
+    0.01
 }
 fn default_true() -> bool {
     true

@@ -29,6 +29,8 @@ pub const RANK_LABEL: &str = "parallax.dev/rank";
 /// names after a node was lost).
 pub const INCARNATION_LABEL: &str = "parallax.dev/incarnation";
 pub const TEMPLATE_HASH_ANNOTATION: &str = "parallax.dev/template-hash";
+/// The serving-spec revision a pod runs (what the rollback judge compares).
+pub const REVISION_ANNOTATION: &str = "parallax.dev/revision";
 /// Pods in the group a pod was built for: an outdated group is judged by its own size.
 pub const GROUP_SIZE_ANNOTATION: &str = "parallax.dev/group-size";
 const CONFIG_DIR: &str = "/etc/parallax";
@@ -313,6 +315,7 @@ impl<'a> ChildBuilder<'a> {
                 GROUP_SIZE_ANNOTATION.to_owned(),
                 self.layout.pods_per_group.to_string(),
             ),
+            (REVISION_ANNOTATION.to_owned(), spec.serving_revision()),
         ]));
 
         let leader = format!(
@@ -649,12 +652,7 @@ fn template_hash(pool: &InferencePool, layout: &GroupLayout, config: &str, image
         "products": layout.gpu_products,
         "config": config,
     });
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in inputs.to_string().bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    format!("{:016x}", parallax_crds::fnv1a(&inputs.to_string()))
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod placement;
 pub mod reconcile;
 pub mod render;
+pub mod revisions;
 pub mod scaler;
 pub mod status;
 pub mod tp;

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub autoscaling_decisions: Family<DecisionLabel, Counter>,
     /// GPU-hours of the pools' running pods, by capacity type.
     pub gpu_hours: Family<CapacityLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Revisions rolled back, by the signal that regressed.
+    pub rollbacks: Family<SignalLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -110,8 +112,15 @@ impl Default for Metrics {
             "GPU-hours of the pools' running pods, by capacity type (on-demand, spot)",
             gpu_hours.clone(),
         );
+        let rollbacks = Family::default();
+        registry.register(
+            "rollbacks",
+            "Revisions judged worse than the last good one and rolled back, by signal (latency, throughput, errors, degraded)",
+            rollbacks.clone(),
+        );
         Self {
             registry,
+            rollbacks,
             reconciliations,
             failures,
             duration,

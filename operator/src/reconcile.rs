@@ -14,9 +14,11 @@ use crate::inventory::{GpuInventory, NodeHealth};
 use crate::lws::{self, LWS_NAME_LABEL};
 use crate::metrics::Metrics;
 use crate::placement;
+use crate::revisions;
 use crate::status::{AgentView, compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -100,10 +102,21 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let name = pool.name_any();
     let client = &ctx.client;
 
+    // The groups run the spec as written, or, while it asks for a revision that regressed, the
+    // last good revision's serving fields.
+    let revisions = revisions::sync(client, pool).await?;
+    let (serving, unrolled) = revisions::serving_pool(pool, &revisions);
+    let pool = serving.as_ref();
+    if let Some(why) = &unrolled {
+        warn!(pool = %name, why, "not rolled back");
+    }
+
     // One reading of the clock and of the nodes serves the whole pass.
     let now = Timestamp::now();
     let nodes = ctx.nodes.state();
-    let layout = match tp::pinned(pool) {
+    // The pinned layout is the spec's as written: a rolled-back pool sizes its revision anew.
+    let rolled_back = matches!(serving, std::borrow::Cow::Owned(_));
+    let layout = match tp::pinned(pool).filter(|_| !rolled_back) {
         Some(pinned) => Ok(pinned),
         None => tp::resolve(
             &pool.spec,
@@ -666,6 +679,15 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let services = Api::<Service>::namespaced(client.clone(), &namespace);
     delete_if_owned(&services, &service_name(&name), pool).await?;
     delete_if_owned(&services, &headless_service_name(&name), pool).await?;
+    let revisions = Api::<ControllerRevision>::namespaced(client.clone(), &namespace);
+    for revision in revisions
+        .list(&ListParams::default().labels(&pool_selector(&name)))
+        .await?
+    {
+        if owned_by(&revision.metadata, pool) {
+            delete_ignoring_absent(&revisions, &revision.name_any()).await?;
+        }
+    }
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
     for config in config_maps
         .list(&ListParams::default().labels(&pool_selector(&name)))

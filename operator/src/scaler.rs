@@ -1,17 +1,24 @@
-//! The built-in autoscaler. Every interval, for each pool whose `spec.autoscaling.enabled` is
-//! true: read its ready group leaders' `/metrics` (at their pod IPs, as Prometheus would), turn
-//! two scrapes into the last interval's signals, let the reactive rules decide, and write the
-//! decision through the pool's scale subresource — with an event that names the rule, the
-//! signal and its value, and `ScalingActive`/`ScalingLimited` conditions. Where an HPA (or
-//! KEDA, which makes one) already targets the pool, it stands aside and says so.
+//! The built-in autoscaler and the rollback judge. Every interval, for each pool that enables
+//! either: read its ready group leaders' `/metrics` (at their pod IPs, as Prometheus would).
+//!
+//! - Autoscaling turns two scrapes into the last interval's signals, lets the reactive rules
+//!   and the forecast decide, and writes the decision through the pool's scale subresource —
+//!   with an event that names the rule, the signal and its value, and
+//!   `ScalingActive`/`ScalingLimited` conditions. Where an HPA (or KEDA, which makes one)
+//!   already targets the pool, it stands aside and says so.
+//! - The rollback judge keeps a window of each serving revision's leaders; a new revision is
+//!   judged against the last good one's window, and one that regressed is written to
+//!   `status.rollback.failedRevision`, which makes the reconcile run the last good revision
+//!   (`revisions`), with a `RolledBack` condition and event.
 
 use crate::agents::AgentProbe;
 use crate::autoscale::forecast::Predictor;
 use crate::autoscale::reactive::{self, Rules};
+use crate::autoscale::rollback::{self, Outcome, Thresholds, Window};
 use crate::autoscale::signals::Scrape;
 use crate::autoscale::simulate::combine;
 use crate::autoscale::{Capacity, Decision};
-use crate::children::leader_selector;
+use crate::children::{REVISION_ANNOTATION, leader_selector};
 use crate::metrics::{CapacityLabel, DecisionLabel, Metrics, PoolLabel, SignalLabel};
 use crate::placement::CapacityType;
 use crate::status::{ConditionStatus, ConditionType, DesiredCondition, Reason, merge_conditions};
@@ -47,6 +54,17 @@ struct PoolScaling {
     scaling_up: Option<(f64, u32)>,
     /// How long new groups took to become ready (mean of the measured ones).
     startup_s: f64,
+    /// The last window of each revision the leaders run, for the rollback judge.
+    windows: HashMap<String, Window>,
+}
+
+/// A ready group leader.
+#[derive(Debug)]
+struct Leader {
+    pod: String,
+    ip: String,
+    /// The serving-spec revision it runs.
+    revision: Option<String>,
 }
 
 impl Default for PoolScaling {
@@ -58,6 +76,7 @@ impl Default for PoolScaling {
             predictor: Predictor::new(STARTUP_S + LEAD_S),
             scaling_up: None,
             startup_s: STARTUP_S,
+            windows: HashMap::new(),
         }
     }
 }
@@ -147,7 +166,8 @@ impl Scaler {
         self.count_gpu_hours(&pools.items).await?;
         let mut seen = Vec::new();
         for pool in pools.items {
-            if !pool.spec.autoscaling.enabled || pool.metadata.deletion_timestamp.is_some() {
+            let looked_at = pool.spec.autoscaling.enabled || pool.spec.rollback.enabled;
+            if !looked_at || pool.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             let key = (pool.namespace().unwrap_or_default(), pool.name_any());
@@ -162,40 +182,10 @@ impl Scaler {
 
     async fn look(&mut self, pool: &InferencePool, key: &(String, String)) -> kube::Result<()> {
         let (namespace, name) = key;
-        // An HPA or KEDA object that scales the pool: stand aside.
-        let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client.clone(), namespace);
-        let external = hpas
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .find(|h| {
-                h.spec.as_ref().is_some_and(|s| {
-                    s.scale_target_ref.kind == "InferencePool" && s.scale_target_ref.name == *name
-                })
-            });
-        if let Some(hpa) = external {
-            let message = format!(
-                "HorizontalPodAutoscaler {} scales this pool; the built-in autoscaler stands aside",
-                hpa.name_any()
-            );
-            return self
-                .conditions(
-                    pool,
-                    ConditionStatus::False,
-                    Reason::ExternalAutoscaler,
-                    message,
-                    None,
-                    None,
-                )
-                .await;
-        }
-
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let leaders = pods
+        let leaders: Vec<Leader> = pods
             .list(&ListParams::default().labels(&leader_selector(name)))
-            .await?;
-        let ready_leaders: Vec<String> = leaders
+            .await?
             .items
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -207,23 +197,84 @@ impl Scaler {
                         .any(|c| c.type_ == "Ready" && c.status == "True")
                 })
             })
-            .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+            .filter_map(|p| {
+                Some(Leader {
+                    pod: p.name_any(),
+                    ip: p.status.as_ref()?.pod_ip.clone()?,
+                    revision: p.annotations().get(REVISION_ANNOTATION).cloned(),
+                })
+            })
             .collect();
         let mut scrape = Scrape {
             at: self.origin.elapsed().as_secs_f64(),
             ..Scrape::default()
         };
-        for ip in &ready_leaders {
-            match self.metrics(ip).await {
-                Ok(text) => scrape.add(&text),
-                Err(error) => debug!(pool = %name, %ip, %error, "no metrics from a leader"),
+        for leader in &leaders {
+            match self.metrics(&leader.ip).await {
+                Ok(text) => scrape.add(&leader.pod, &text),
+                Err(error) => {
+                    debug!(pool = %name, ip = %leader.ip, %error, "no metrics from a leader");
+                }
             }
         }
-        let state = self.pools.entry(key.clone()).or_default();
+        let mut state = self.pools.remove(key).unwrap_or_default();
         let previous = state.last.replace(scrape.clone());
-        let Some(signals) =
-            previous.and_then(|before| scrape.since(&before, ready_leaders.len() as u32))
-        else {
+        let mut result = Ok(());
+        if pool.spec.rollback.enabled
+            && let Some(before) = &previous
+        {
+            result = self
+                .judge(pool, &mut state, &leaders, &scrape, before)
+                .await;
+        }
+        if result.is_ok() && pool.spec.autoscaling.enabled {
+            result = self
+                .autoscale(pool, &mut state, &scrape, previous.as_ref(), leaders.len())
+                .await;
+        }
+        self.pools.insert(key.clone(), state);
+        result
+    }
+
+    /// The built-in autoscaler's look at one pool, from the interval since the last scrape.
+    async fn autoscale(
+        &self,
+        pool: &InferencePool,
+        state: &mut PoolScaling,
+        scrape: &Scrape,
+        previous: Option<&Scrape>,
+        ready: usize,
+    ) -> kube::Result<()> {
+        let namespace = pool.namespace().unwrap_or_default();
+        let name = pool.name_any();
+        // An HPA or KEDA object that scales the pool: stand aside.
+        let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client.clone(), &namespace);
+        let external = hpas
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|h| {
+                h.spec.as_ref().is_some_and(|s| {
+                    s.scale_target_ref.kind == "InferencePool" && s.scale_target_ref.name == name
+                })
+            });
+        if let Some(hpa) = external {
+            let message = format!(
+                "HorizontalPodAutoscaler {} scales this pool; the built-in autoscaler stands aside",
+                hpa.name_any()
+            );
+            let active = DesiredCondition::new(
+                ConditionType::ScalingActive,
+                ConditionStatus::False,
+                Reason::ExternalAutoscaler,
+                message,
+            );
+            return self
+                .conditions(pool, vec![active], serde_json::json!({}), false)
+                .await;
+        }
+        let Some(signals) = previous.and_then(|before| scrape.since(before, ready as u32)) else {
             return Ok(());
         };
         let rules = rules(pool);
@@ -300,15 +351,168 @@ impl Scaler {
         } else {
             Reason::ReactiveRules
         };
-        self.conditions(
-            pool,
+        let mut desired = vec![DesiredCondition::new(
+            ConditionType::ScalingActive,
             ConditionStatus::True,
             reason,
             message,
-            Some(&decision),
-            Some(view),
-        )
-        .await
+        )];
+        desired.push(if decision.limited {
+            DesiredCondition::new(
+                ConditionType::ScalingLimited,
+                ConditionStatus::True,
+                Reason::TooFewOrTooManyReplicas,
+                format!(
+                    "{}: {} wanted beyond minReplicas {} / maxReplicas {}",
+                    decision.rule, decision.why, pool.spec.min_replicas, pool.spec.max_replicas
+                ),
+            )
+        } else {
+            DesiredCondition::new(
+                ConditionType::ScalingLimited,
+                ConditionStatus::False,
+                Reason::WithinBounds,
+                "the wanted number of groups is within minReplicas and maxReplicas",
+            )
+        });
+        // The last look is written with the conditions, not on every pass: a moving signal
+        // alone does not rewrite the pool.
+        let view = serde_json::json!({"autoscaling": view});
+        self.conditions(pool, desired, view, false).await
+    }
+
+    /// The rollback judge's look at one pool: each revision's interval into its window, then
+    /// the verdict on a new revision, written to status with a condition and an event.
+    async fn judge(
+        &self,
+        pool: &InferencePool,
+        state: &mut PoolScaling,
+        leaders: &[Leader],
+        scrape: &Scrape,
+        before: &Scrape,
+    ) -> kube::Result<()> {
+        let spec = &pool.spec.rollback;
+        let rules = Thresholds {
+            window_seconds: f64::from(spec.window_seconds),
+            min_requests: f64::from(spec.min_requests),
+            latency_increase: spec.latency_increase,
+            throughput_decrease: spec.throughput_decrease,
+            error_rate: spec.error_rate,
+        };
+        let mut running: Vec<&str> = leaders
+            .iter()
+            .filter_map(|l| l.revision.as_deref())
+            .collect();
+        running.sort_unstable();
+        running.dedup();
+        for revision in &running {
+            let runs = |pod: &str| {
+                leaders
+                    .iter()
+                    .any(|l| l.pod == pod && l.revision.as_deref() == Some(revision))
+            };
+            if let Some(interval) = scrape.interval(before, runs) {
+                state
+                    .windows
+                    .entry((*revision).to_owned())
+                    .or_default()
+                    .push(interval, rules.window_seconds);
+            }
+        }
+        let status = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.rollback.clone())
+            .unwrap_or_default();
+        let asked = pool.spec.serving_revision();
+        let (next, outcome) = rollback::step(
+            &status,
+            &asked,
+            running.contains(&asked.as_str()),
+            &mut state.windows,
+            &rules,
+        );
+        debug!(pool = %pool.name_any(), ?next, ?outcome, "rollback judge looked");
+        let stable = next.stable_revision.clone().unwrap_or_default();
+        let condition = match &outcome {
+            Outcome::Quiet => None,
+            Outcome::Judging(_) => Some(DesiredCondition::new(
+                ConditionType::RolledBack,
+                ConditionStatus::False,
+                Reason::JudgingRevision,
+                format!(
+                    "judging revision {asked} against revision {stable} over {} s of its traffic",
+                    spec.window_seconds
+                ),
+            )),
+            Outcome::Promoted(seen) => Some(DesiredCondition::new(
+                ConditionType::RolledBack,
+                ConditionStatus::False,
+                Reason::RevisionHealthy,
+                format!("revision {asked} serves as well as the one before: {seen}"),
+            )),
+            Outcome::Recovered => Some(DesiredCondition::new(
+                ConditionType::RolledBack,
+                ConditionStatus::False,
+                Reason::RevisionHealthy,
+                format!("the spec asks for revision {asked}, the last good one, again"),
+            )),
+            Outcome::RolledBack { signal, message } => Some(DesiredCondition::new(
+                ConditionType::RolledBack,
+                ConditionStatus::True,
+                match *signal {
+                    "latency" => Reason::LatencyRegression,
+                    "throughput" => Reason::ThroughputRegression,
+                    "errors" => Reason::ErrorRegression,
+                    _ => Reason::AgentDegraded,
+                },
+                format!(
+                    "revision {asked} regressed: {message}; the groups run revision {stable} until the spec changes"
+                ),
+            )),
+        };
+        let event = match &outcome {
+            Outcome::Promoted(seen) => Some((
+                EventType::Normal,
+                "RevisionHealthy",
+                format!("revision {asked} is the last good one now: {seen}"),
+            )),
+            Outcome::RolledBack { signal, message } => {
+                self.metrics
+                    .rollbacks
+                    .get_or_create(&SignalLabel {
+                        namespace: pool.namespace().unwrap_or_default(),
+                        pool: pool.name_any(),
+                        signal,
+                    })
+                    .inc();
+                Some((
+                    EventType::Warning,
+                    "RolledBack",
+                    format!(
+                        "rolled back from revision {asked} to {stable}: {signal} regressed, {message}"
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((type_, reason, note)) = event {
+            info!(pool = %pool.name_any(), reason, %note, "rollback judge");
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Rollback".into(),
+                secondary: None,
+            };
+            if let Err(error) = self.recorder.publish(&event, &pool.object_ref(&())).await {
+                warn!(%error, "could not record event");
+            }
+        }
+        let changed = next != status;
+        let patch = serde_json::json!({"rollback": next});
+        self.conditions(pool, condition.into_iter().collect(), patch, changed)
+            .await
     }
 
     /// Adds the GPU-hours the pools' running pods used since the last pass, by capacity type;
@@ -495,42 +699,15 @@ impl Scaler {
         Ok(())
     }
 
-    /// `ScalingActive` and `ScalingLimited`, merged into the pool's conditions when they change.
+    /// `desired` merged into the pool's conditions, written with the status fields of `fields`
+    /// when a condition changes or `changed` says the fields did.
     async fn conditions(
         &self,
         pool: &InferencePool,
-        active: ConditionStatus,
-        reason: Reason,
-        message: String,
-        decision: Option<&Decision>,
-        view: Option<AutoscalingStatus>,
+        desired: Vec<DesiredCondition>,
+        fields: serde_json::Value,
+        changed: bool,
     ) -> kube::Result<()> {
-        let mut desired = vec![DesiredCondition::new(
-            ConditionType::ScalingActive,
-            active,
-            reason,
-            message,
-        )];
-        if let Some(decision) = decision {
-            desired.push(if decision.limited {
-                DesiredCondition::new(
-                    ConditionType::ScalingLimited,
-                    ConditionStatus::True,
-                    Reason::TooFewOrTooManyReplicas,
-                    format!(
-                        "{}: {} wanted beyond minReplicas {} / maxReplicas {}",
-                        decision.rule, decision.why, pool.spec.min_replicas, pool.spec.max_replicas
-                    ),
-                )
-            } else {
-                DesiredCondition::new(
-                    ConditionType::ScalingLimited,
-                    ConditionStatus::False,
-                    Reason::WithinBounds,
-                    "the wanted number of groups is within minReplicas and maxReplicas",
-                )
-            });
-        }
         let existing = pool
             .status
             .as_ref()
@@ -551,17 +728,14 @@ impl Scaler {
                             == (&y.type_, &y.status, &y.reason, &y.message)
                     })
             };
-        // The last look is written with the conditions, not on every pass: a moving signal
-        // alone does not rewrite the pool.
-        if same(&existing, &merged) {
+        if same(&existing, &merged) && !changed {
             return Ok(());
         }
         let pools: Api<InferencePool> =
             Api::namespaced(self.client.clone(), &pool.namespace().unwrap_or_default());
-        let mut patch = serde_json::json!({"status": {"conditions": merged}});
-        if let Some(view) = view {
-            patch["status"]["autoscaling"] = serde_json::json!(view);
-        }
+        let mut status = fields;
+        status["conditions"] = serde_json::json!(merged);
+        let patch = serde_json::json!({ "status": status });
         pools
             .patch_status(
                 &pool.name_any(),

@@ -28,6 +28,8 @@ pub enum ConditionType {
     ScalingActive,
     /// The autoscaler wanted a number beyond minReplicas/maxReplicas.
     ScalingLimited,
+    /// The groups run the last good revision because the one the spec asks for regressed.
+    RolledBack,
 }
 
 /// Status of a condition.
@@ -68,6 +70,12 @@ pub enum Reason {
     ExternalAutoscaler,
     TooFewOrTooManyReplicas,
     WithinBounds,
+    LatencyRegression,
+    ThroughputRegression,
+    ErrorRegression,
+    AgentDegraded,
+    RevisionHealthy,
+    JudgingRevision,
 }
 
 impl ConditionType {
@@ -78,6 +86,7 @@ impl ConditionType {
             Self::Degraded => "Degraded",
             Self::ScalingActive => "ScalingActive",
             Self::ScalingLimited => "ScalingLimited",
+            Self::RolledBack => "RolledBack",
         }
     }
 }
@@ -121,6 +130,12 @@ impl Reason {
             Self::ExternalAutoscaler => "ExternalAutoscaler",
             Self::TooFewOrTooManyReplicas => "TooFewOrTooManyReplicas",
             Self::WithinBounds => "WithinBounds",
+            Self::LatencyRegression => "LatencyRegression",
+            Self::ThroughputRegression => "ThroughputRegression",
+            Self::ErrorRegression => "ErrorRegression",
+            Self::AgentDegraded => "AgentDegraded",
+            Self::RevisionHealthy => "RevisionHealthy",
+            Self::JudgingRevision => "JudgingRevision",
             Self::InvalidSpec => "InvalidSpec",
         }
     }
@@ -442,8 +457,9 @@ pub fn compute_status(
             .map_or(previous.tensor_parallel_reason, |l| Some(l.reason.clone())),
         last_progress_time: last_progress,
         model_download,
-        // The autoscaler's, kept as it wrote it.
+        // The autoscaler's and the rollback judge's, kept as they wrote them.
         autoscaling: previous.autoscaling.clone(),
+        rollback: previous.rollback.clone(),
         gpu_hours: previous.gpu_hours.clone(),
         spot_unavailable_since: agents.spot_unavailable_since.clone(),
         gpu_faults: agents.gpu_faults.clone(),

@@ -1084,6 +1084,190 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
     agent.abort();
 }
 
+/// An agent on `listener` that serves steadily: each `/metrics` answer says 20 more requests
+/// finished, all within `latency` seconds (a bucket bound), with 100 tokens each at half
+/// batch. `scraped` counts the answers.
+async fn steady_agent(
+    listener: tokio::net::TcpListener,
+    latency: &'static str,
+    scraped: Arc<tokio::sync::watch::Sender<u64>>,
+) -> tokio::task::JoinHandle<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            scraped.send_modify(|n| *n += 1);
+            let n = 20 * *scraped.borrow();
+            let fast = if latency == "0.1" { n } else { 0 };
+            async move {
+                format!(
+                    "vllm:request_success_total{{finished_reason=\"stop\",model_name=\"llama\"}} {n}\n\
+                     vllm:generation_tokens_total{{model_name=\"llama\"}} {}\n\
+                     parallax_batch_utilization{{model_name=\"llama\"}} 0.5\n\
+                     vllm:num_requests_waiting{{model_name=\"llama\"}} 0\n\
+                     vllm:e2e_request_latency_seconds_bucket{{le=\"0.1\",model_name=\"llama\"}} {fast}\n\
+                     vllm:e2e_request_latency_seconds_bucket{{le=\"0.5\",model_name=\"llama\"}} {n}\n\
+                     vllm:e2e_request_latency_seconds_bucket{{le=\"+Inf\",model_name=\"llama\"}} {n}\n",
+                    n * 100
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    })
+}
+
+/// Plays the kubelet for one pod: running and ready at `ip`.
+async fn ready_at(client: &Client, pod: &str, ip: &str) {
+    let ready = json!({"status": {"phase": "Running", "podIP": ip,
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .patch_status(pod, &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_revision_that_serves_slower_is_rolled_back_to_the_last_good_one() {
+    support::init_logs();
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    // The old revision's leader answers at 127.0.0.1, the new one's at 127.0.0.2, same port.
+    let fast_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = fast_listener.local_addr().unwrap().port();
+    let slow_listener = tokio::net::TcpListener::bind(("127.0.0.2", port))
+        .await
+        .unwrap();
+    let fast_scraped = Arc::new(tokio::sync::watch::Sender::new(0));
+    let slow_scraped = Arc::new(tokio::sync::watch::Sender::new(0));
+    let fast = steady_agent(fast_listener, "0.1", fast_scraped.clone()).await;
+    let slow = steady_agent(slow_listener, "0.5", slow_scraped.clone()).await;
+    let controller = RunningController::start_with(
+        &client,
+        controller::Settings {
+            agents: AgentProbe::on_port(port),
+            autoscale_every: Duration::from_millis(100),
+            ..controller::Settings::new("registry.example/parallax-agent:test".into())
+        },
+    );
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut one = pool();
+    one.spec.replicas = 1;
+    one.spec.rollout.max_surge = IntOrString::Int(1);
+    one.spec.rollout.max_unavailable = IntOrString::Int(0);
+    one.spec.rollback.window_seconds = 1;
+    one.spec.rollback.min_requests = 10;
+    let good = one.spec.serving_revision();
+    pools.create(&PostParams::default(), &one).await.unwrap();
+    eventually("the first group", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+    ready_at(&client, "llama-0-0", "127.0.0.1").await;
+    eventually(
+        "the first revision is the stable one",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client).await.is_some_and(|p| {
+                p.status
+                    .and_then(|s| s.rollback)
+                    .and_then(|r| r.stable_revision)
+                    == Some(good.clone())
+            })
+        },
+    )
+    .await;
+    // A baseline of the first revision's traffic.
+    let mut scrapes = fast_scraped.subscribe();
+    tokio::time::timeout(TIMEOUT, scrapes.wait_for(|n| *n >= 12))
+        .await
+        .expect("the old revision's leader is read")
+        .unwrap();
+
+    // A new agent image: the new revision's group comes up beside the old one, then serves alone
+    // — five times slower.
+    let patch = json!({"spec": {"agent": {"image": "registry.example/parallax-agent:slow"}}});
+    pools
+        .patch("llama", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let bad = current_pool(&client).await.unwrap().spec.serving_revision();
+    assert_ne!(bad, good);
+    eventually(
+        "the new revision's group",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            pods(&client)
+                .await
+                .iter()
+                .any(|p| p.name_any() == "llama-1-0")
+        },
+    )
+    .await;
+    ready_at(&client, "llama-1-0", "127.0.0.2").await;
+    until_condition(
+        &client,
+        &mut changes,
+        "RolledBack",
+        ("True", "LatencyRegression"),
+    )
+    .await;
+    let rolled = current_pool(&client).await.unwrap();
+    let message = condition_message(&rolled, "RolledBack");
+    assert!(
+        message.contains(&format!(
+            "revision {bad} regressed: p95 480 ms against 95 ms"
+        )),
+        "{message}"
+    );
+    let status = rolled.status.clone().unwrap().rollback.unwrap();
+    assert_eq!(
+        (status.failed_revision, status.stable_revision),
+        (Some(bad.clone()), Some(good.clone()))
+    );
+    assert!(recorded(
+        &server,
+        "RolledBack",
+        &format!("rolled back from revision {bad} to {good}: latency regressed")
+    ));
+    assert!(
+        *slow_scraped.borrow() >= 2,
+        "the new revision was judged on its own intervals"
+    );
+
+    // The groups go back to the last good revision (group 0 anew, the old one gone); the spec
+    // is left as written.
+    eventually(
+        "a group on the last good revision",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            pods(&client).await.iter().any(|p| {
+                p.annotations().get("parallax.dev/revision") == Some(&good)
+                    && p.spec.as_ref().unwrap().containers[0].image.as_deref()
+                        == Some("registry.example/parallax-agent:test")
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        current_pool(&client)
+            .await
+            .unwrap()
+            .spec
+            .agent
+            .image
+            .as_deref(),
+        Some("registry.example/parallax-agent:slow")
+    );
+    let revisions = server.objects("apis/apps/v1/controllerrevisions");
+    assert_eq!(revisions.len(), 2, "one revision per serving spec");
+    controller.stop().await;
+    fast.abort();
+    slow.abort();
+}
+
 #[tokio::test]
 async fn spot_groups_keep_an_on_demand_floor_and_come_back_on_demand_when_spot_is_wanting() {
     let (server, client, mut changes) = cluster(&["gpu-a"]).await;

@@ -175,6 +175,32 @@ async fn absent(handle: &mut MockHandle, path: &'static str) {
     );
 }
 
+/// The pool's serving spec is kept as a ControllerRevision before anything else: listed, and
+/// created when absent. Returns the revision created.
+async fn revision_kept(handle: &mut MockHandle) -> Value {
+    let list = Expect {
+        method: Method::GET,
+        path: "/apis/apps/v1/namespaces/ml/controllerrevisions",
+        query: &[("labelSelector", "parallax.dev/pool=llama")],
+        content_type: None,
+    };
+    next(handle, list, empty_list).await;
+    let create = Expect {
+        method: Method::POST,
+        path: "/apis/apps/v1/namespaces/ml/controllerrevisions",
+        query: &[],
+        content_type: Some("application/json"),
+    };
+    let revision = next(handle, create, echo).await;
+    assert_eq!(revision["revision"], 1);
+    assert_eq!(revision["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    assert!(
+        revision["data"]["model"]["source"].is_string(),
+        "{revision}"
+    );
+    revision
+}
+
 fn echo(body: &Value) -> Value {
     body.clone()
 }
@@ -198,6 +224,7 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
     let config_name = ChildBuilder::with_agent_image(&pool, &layout, AGENT_IMAGE).config_map_name();
     assert!(config_name.starts_with("llama-agent-"), "{config_name}");
     let server = tokio::spawn(async move {
+        revision_kept(&mut handle).await;
         let pods = Expect {
             method: Method::GET,
             path: "/api/v1/namespaces/ml/pods",
@@ -327,6 +354,7 @@ async fn a_pool_without_gpu_nodes_writes_only_a_warning_and_its_status() {
         true,
     );
     let server = tokio::spawn(async move {
+        revision_kept(&mut handle).await;
         let pods = Expect {
             method: Method::GET,
             path: "/api/v1/namespaces/ml/pods",

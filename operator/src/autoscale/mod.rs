@@ -4,6 +4,7 @@
 
 pub mod forecast;
 pub mod reactive;
+pub mod rollback;
 pub mod signals;
 pub mod simulate;
 

@@ -6,21 +6,49 @@
 use super::Signals;
 use std::collections::BTreeMap;
 
-/// What one scrape of every leader of a pool read, summed over the leaders.
+/// What one leader's `/metrics` said.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reading {
+    pub finished: f64,
+    pub errors: f64,
+    /// Output tokens generated.
+    pub tokens: f64,
+    pub waiting: f64,
+    /// GPU utilization where reported, else batch utilization.
+    pub utilization: f64,
+    /// Cumulative count of requests at or below each bucket bound of
+    /// `vllm:e2e_request_latency_seconds`.
+    pub latency_buckets: BTreeMap<String, f64>,
+    /// The signals the agent's `parallax_degraded` marks degraded against its own baseline.
+    pub degraded: Vec<String>,
+}
+
+/// One scrape of a pool's group leaders: each one's reading, by pod.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scrape {
     /// Seconds on any clock.
     pub at: f64,
-    /// Leaders that answered.
-    pub leaders: u32,
+    pub leaders: BTreeMap<String, Reading>,
+}
+
+/// What the leaders did between two scrapes: counters as deltas, gauges as now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Interval {
+    /// When it ended, and how long it was.
+    pub at: f64,
+    pub seconds: f64,
     pub finished: f64,
     pub errors: f64,
+    pub tokens: f64,
+    /// (bucket bound, requests of the interval at or below it), by bound.
+    pub latency: Vec<(f64, f64)>,
     pub waiting: f64,
-    /// Sum over the leaders of their utilization (GPU where reported, else batch).
-    pub utilization_sum: f64,
-    /// Cumulative count of requests at or below each bucket bound of
-    /// `vllm:e2e_request_latency_seconds`.
-    pub latency_buckets: BTreeMap<String, f64>,
+    /// Mean over the leaders.
+    pub utilization: f64,
+    pub leaders: u32,
+    /// Leaders whose agent reports a degraded signal, and the signals.
+    pub degraded_leaders: u32,
+    pub degraded: Vec<String>,
 }
 
 /// (name, labels, value) of each sample in Prometheus text.
@@ -44,83 +72,140 @@ fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
     Some(&rest[..rest.find('"')?])
 }
 
-impl Scrape {
-    /// Adds one leader's `/metrics` text.
-    pub fn add(&mut self, text: &str) {
-        self.leaders += 1;
+impl Reading {
+    /// Reads one leader's `/metrics` text.
+    pub fn parse(text: &str) -> Self {
+        let mut reading = Self::default();
         let (mut gpu, mut gpus, mut batch) = (0.0, 0u32, None);
         for (name, labels, value) in samples(text) {
             match name {
-                "vllm:request_success_total" => self.finished += value,
-                "parallax_request_errors_total" => self.errors += value,
-                "vllm:num_requests_waiting" => self.waiting += value,
+                "vllm:request_success_total" => reading.finished += value,
+                "parallax_request_errors_total" => reading.errors += value,
+                "vllm:generation_tokens_total" => reading.tokens += value,
+                "vllm:num_requests_waiting" => reading.waiting += value,
                 "parallax_gpu_utilization_ratio" => {
                     gpu += value;
                     gpus += 1;
                 }
                 "parallax_batch_utilization" => batch = Some(value),
+                "parallax_degraded" if value > 0.0 => {
+                    reading
+                        .degraded
+                        .push(label(labels, "signal").unwrap_or("unknown").to_owned());
+                }
                 "vllm:e2e_request_latency_seconds_bucket" => {
                     if let Some(le) = label(labels, "le") {
-                        *self.latency_buckets.entry(le.to_owned()).or_default() += value;
+                        *reading.latency_buckets.entry(le.to_owned()).or_default() += value;
                     }
                 }
                 _ => {}
             }
         }
-        self.utilization_sum += if gpus > 0 {
+        reading.utilization = if gpus > 0 {
             gpu / f64::from(gpus)
         } else {
             batch.unwrap_or(0.0)
         };
+        reading
+    }
+}
+
+impl Scrape {
+    /// Adds one leader's `/metrics` text.
+    pub fn add(&mut self, leader: &str, text: &str) {
+        self.leaders.insert(leader.to_owned(), Reading::parse(text));
     }
 
-    /// The interval from `before` to this scrape as signals; `None` when either saw no leader.
-    pub fn since(&self, before: &Scrape, ready: u32) -> Option<Signals> {
+    /// The interval from `before` to this scrape over the leaders `counted` keeps; `None`
+    /// when either scrape read none of them.
+    pub fn interval(&self, before: &Scrape, counted: impl Fn(&str) -> bool) -> Option<Interval> {
         let seconds = self.at - before.at;
-        if self.leaders == 0 || before.leaders == 0 || seconds <= 0.0 {
+        let was_read = before.leaders.keys().any(|l| counted(l));
+        if !was_read || seconds <= 0.0 {
             return None;
         }
-        // Counters restart with an agent: a fall is read as a restart, not as negative traffic.
+        // Counters restart with an agent: a fall is read as a restart, not as negative
+        // traffic; a leader new since `before` counts from zero. A leader gone since counts
+        // no more (its counts are not taken back).
         let delta = |now: f64, then: f64| if now >= then { now - then } else { now };
-        let finished = delta(self.finished, before.finished);
-        let errors = delta(self.errors, before.errors);
-        let mut buckets: Vec<(f64, f64)> = self
-            .latency_buckets
-            .iter()
+        let mut interval = Interval {
+            at: self.at,
+            seconds,
+            ..Interval::default()
+        };
+        let mut latency: BTreeMap<String, f64> = BTreeMap::new();
+        for (leader, now) in self.leaders.iter().filter(|(l, _)| counted(l)) {
+            let then = before.leaders.get(leader).cloned().unwrap_or_default();
+            interval.leaders += 1;
+            interval.finished += delta(now.finished, then.finished);
+            interval.errors += delta(now.errors, then.errors);
+            interval.tokens += delta(now.tokens, then.tokens);
+            interval.waiting += now.waiting;
+            interval.utilization += now.utilization;
+            for (le, count) in &now.latency_buckets {
+                let then = then.latency_buckets.get(le).copied().unwrap_or(0.0);
+                *latency.entry(le.clone()).or_default() += delta(*count, then);
+            }
+            if !now.degraded.is_empty() {
+                interval.degraded_leaders += 1;
+                for signal in &now.degraded {
+                    if !interval.degraded.contains(signal) {
+                        interval.degraded.push(signal.clone());
+                    }
+                }
+            }
+        }
+        if interval.leaders == 0 {
+            return None;
+        }
+        interval.utilization /= f64::from(interval.leaders);
+        interval.latency = latency
+            .into_iter()
             .filter_map(|(le, count)| {
                 let bound = if le == "+Inf" {
                     f64::INFINITY
                 } else {
                     le.parse().ok()?
                 };
-                Some((
-                    bound,
-                    delta(
-                        *count,
-                        before.latency_buckets.get(le).copied().unwrap_or(0.0),
-                    ),
-                ))
+                Some((bound, count))
             })
             .collect();
-        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let total = buckets.last().map_or(0.0, |b| b.1);
+        interval.latency.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Some(interval)
+    }
+
+    /// The interval from `before` to this scrape as signals; `None` when either saw no leader.
+    pub fn since(&self, before: &Scrape, ready: u32) -> Option<Signals> {
+        Some(self.interval(before, |_| true)?.signals(ready))
+    }
+}
+
+impl Interval {
+    /// The autoscaler's view: rates, queue, utilization and the bucket p95 (its upper bound).
+    pub fn signals(&self, ready: u32) -> Signals {
+        let total = self.latency.last().map_or(0.0, |b| b.1);
         let p95 = (total > 0.0)
-            .then(|| buckets.iter().find(|(_, count)| *count >= 0.95 * total))
+            .then(|| {
+                self.latency
+                    .iter()
+                    .find(|(_, count)| *count >= 0.95 * total)
+            })
             .flatten()
             .map(|(bound, _)| *bound);
-        Some(Signals {
+        let requests = self.finished + self.errors;
+        Signals {
             at: self.at,
-            request_rate: (finished + errors) / seconds,
+            request_rate: requests / self.seconds,
             queue: self.waiting,
             p95_seconds: p95,
-            error_rate: if finished + errors > 0.0 {
-                errors / (finished + errors)
+            error_rate: if requests > 0.0 {
+                self.errors / requests
             } else {
                 0.0
             },
-            utilization: Some(self.utilization_sum / f64::from(self.leaders)),
+            utilization: Some(self.utilization),
             ready,
-        })
+        }
     }
 }
 
@@ -148,14 +233,16 @@ vllm:e2e_request_latency_seconds_bucket{{le=\"+Inf\",model_name=\"m\"}} {slow}
             at: 0.0,
             ..Scrape::default()
         };
-        before.add(&text(100.0, 0.0, 0.0, 100.0, 100.0));
+        before.add("a", &text(100.0, 0.0, 0.0, 100.0, 100.0));
+        before.add("gone", &text(5000.0, 0.0, 0.0, 5000.0, 5000.0));
         let mut now = Scrape {
             at: 10.0,
             ..Scrape::default()
         };
-        // Two leaders: 90 + 10 more requests, 10 failed; of the 100 new latencies 80 fast.
-        now.add(&text(150.0, 5.0, 20.0, 140.0, 155.0));
-        now.add(&text(40.0, 5.0, 15.0, 40.0, 45.0));
+        // Leader a: 50 more requests, 5 failed; leader b is new: 40 requests, 5 failed. Of the
+        // 100 new latencies 80 are fast. The leader that left takes nothing back.
+        now.add("a", &text(150.0, 5.0, 20.0, 140.0, 155.0));
+        now.add("b", &text(40.0, 5.0, 15.0, 40.0, 45.0));
         let s = now.since(&before, 2).unwrap();
         assert_eq!(s.request_rate, (90.0 + 10.0) / 10.0);
         assert_eq!(s.error_rate, 0.1);
@@ -166,11 +253,43 @@ vllm:e2e_request_latency_seconds_bucket{{le=\"+Inf\",model_name=\"m\"}} {slow}
             "80 of 100 under 0.3 s: p95 in the 1 s bucket"
         );
         assert_eq!(s.utilization, Some(0.5));
+        // One leader's share alone.
+        let a = now.interval(&before, |l| l == "a").unwrap();
+        assert_eq!((a.finished, a.errors, a.leaders), (50.0, 5.0, 1));
+        // An agent that restarted counts from zero.
+        let mut restarted = Scrape {
+            at: 20.0,
+            ..Scrape::default()
+        };
+        restarted.add("a", &text(7.0, 0.0, 0.0, 7.0, 7.0));
+        assert_eq!(
+            restarted.interval(&now, |l| l == "a").unwrap().finished,
+            7.0
+        );
         // A failed scrape is missing, not zero.
         let empty = Scrape {
             at: 20.0,
             ..Scrape::default()
         };
         assert_eq!(empty.since(&now, 2), None);
+    }
+
+    #[test]
+    fn an_agent_that_reports_a_degraded_signal_is_counted() {
+        let mut before = Scrape::default();
+        before.add("a", "parallax_degraded{signal=\"latency\"} 0\n");
+        let mut now = Scrape {
+            at: 15.0,
+            ..Scrape::default()
+        };
+        now.add(
+            "a",
+            "parallax_degraded{signal=\"latency\"} 1\nparallax_degraded{signal=\"errors\"} 0\n",
+        );
+        let i = now.interval(&before, |_| true).unwrap();
+        assert_eq!(
+            (i.degraded_leaders, i.degraded.clone()),
+            (1, vec!["latency".to_owned()])
+        );
     }
 }
