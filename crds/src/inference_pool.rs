@@ -423,6 +423,41 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_scale_down_window")]
     #[schemars(range(min = 0))]
     pub scale_down_cooldown_seconds: i32,
+    /// Where the leaders' metrics are read, for the autoscaler and the rollback judge: from
+    /// each leader's `/metrics` at its pod IP (absent), or from a Prometheus that already
+    /// scrapes the agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_source: Option<MetricsSource>,
+}
+
+/// A source of the agents' metrics other than the agents themselves.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSource {
+    pub prometheus: PrometheusSource,
+}
+
+/// A Prometheus (or anything that answers its HTTP query API) that scrapes the agents, with the
+/// labels its scrape configuration gives each series.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.url.startsWith('http://')").message("metricsSource.prometheus.url must be an http:// URL (an in-cluster Prometheus; https is not supported)").field_path(".url"))]
+pub struct PrometheusSource {
+    /// Base URL of the query API, e.g. `http://prometheus-operated.monitoring:9090`.
+    pub url: String,
+    /// The label that names a series' pod.
+    #[serde(default = "default_pod_label")]
+    pub pod_label: String,
+    /// The label that names a series' namespace.
+    #[serde(default = "default_namespace_label")]
+    pub namespace_label: String,
+}
+
+fn default_pod_label() -> String {
+    "pod".to_owned()
+}
+fn default_namespace_label() -> String {
+    "namespace".to_owned()
 }
 
 impl Default for AutoscalingSpec {
@@ -438,6 +473,7 @@ impl Default for AutoscalingSpec {
             emergency_error_rate: default_emergency_errors(),
             scale_up_cooldown_seconds: default_scale_up_cooldown(),
             scale_down_cooldown_seconds: default_scale_down_window(),
+            metrics_source: None,
         }
     }
 }

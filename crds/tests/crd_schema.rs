@@ -228,3 +228,19 @@ fn documented_examples_are_valid_pools() {
         "expected the two documented examples, found {seen}"
     );
 }
+
+#[test]
+fn a_prometheus_metrics_source_must_be_reached_over_http() {
+    let source = |url: &str| {
+        json!({"model": shaped(), "autoscaling": {"enabled": true,
+            "metricsSource": {"prometheus": {"url": url}}}})
+    };
+    assert_refused(
+        source("https://prometheus.monitoring:9090"),
+        "metricsSource.prometheus.url must be an http:// URL",
+    );
+    assert!(
+        errors(source("http://prometheus.monitoring:9090")).is_empty(),
+        "an http URL is accepted"
+    );
+}

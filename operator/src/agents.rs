@@ -109,9 +109,14 @@ impl AgentProbe {
         } else {
             ip.to_owned()
         };
-        let uri: hyper::Uri = format!("http://{host}:{}{path}", self.port)
-            .parse()
-            .map_err(|e| format!("{e}"))?;
+        self.get_url(&format!("http://{host}:{}{path}", self.port), limit)
+            .await
+    }
+
+    /// GETs `url` (http only) and reads at most `limit` bytes of the answer, whatever its
+    /// status (an unready agent's `/ready` says why with a 503).
+    pub async fn get_url(&self, url: &str, limit: usize) -> Result<Bytes, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
         let fetch = async {
             let answer = self.client.get(uri).await.map_err(|e| e.to_string())?;
             Limited::new(answer.into_body(), limit)

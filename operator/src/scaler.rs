@@ -15,7 +15,7 @@ use crate::agents::AgentProbe;
 use crate::autoscale::forecast::Predictor;
 use crate::autoscale::reactive::{self, Rules};
 use crate::autoscale::rollback::{self, Outcome, Thresholds, Window};
-use crate::autoscale::signals::Scrape;
+use crate::autoscale::signals::{self, Scrape};
 use crate::autoscale::simulate::combine;
 use crate::autoscale::{Capacity, Decision};
 use crate::children::{REVISION_ANNOTATION, leader_selector};
@@ -40,6 +40,8 @@ const MAX_METRICS: usize = 4 << 20;
 
 /// The lead a forecast looks beyond a new group's startup.
 const LEAD_S: f64 = 300.0;
+/// How long an answer of Prometheus that says nothing new is waited past.
+const PROMETHEUS_PATIENCE_S: f64 = 60.0;
 /// A new group's startup until one is measured.
 const STARTUP_S: f64 = 180.0;
 
@@ -62,7 +64,8 @@ struct PoolScaling {
 #[derive(Debug)]
 struct Leader {
     pod: String,
-    ip: String,
+    /// Where its agent answers (none needed when Prometheus is read instead).
+    ip: Option<String>,
     /// The serving-spec revision it runs.
     revision: Option<String>,
 }
@@ -197,27 +200,79 @@ impl Scaler {
                         .any(|c| c.type_ == "Ready" && c.status == "True")
                 })
             })
-            .filter_map(|p| {
-                Some(Leader {
-                    pod: p.name_any(),
-                    ip: p.status.as_ref()?.pod_ip.clone()?,
-                    revision: p.annotations().get(REVISION_ANNOTATION).cloned(),
-                })
+            .map(|p| Leader {
+                pod: p.name_any(),
+                ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+                revision: p.annotations().get(REVISION_ANNOTATION).cloned(),
             })
             .collect();
         let mut scrape = Scrape {
             at: self.origin.elapsed().as_secs_f64(),
             ..Scrape::default()
         };
-        for leader in &leaders {
-            match self.metrics(&leader.ip).await {
-                Ok(text) => scrape.add(&leader.pod, &text),
-                Err(error) => {
-                    debug!(pool = %name, ip = %leader.ip, %error, "no metrics from a leader");
+        let prometheus = pool
+            .spec
+            .autoscaling
+            .metrics_source
+            .as_ref()
+            .map(|s| &s.prometheus);
+        match prometheus {
+            None => {
+                for leader in &leaders {
+                    let Some(ip) = &leader.ip else { continue };
+                    match self.metrics(ip).await {
+                        Ok(text) => scrape.add(&leader.pod, &text),
+                        Err(error) => {
+                            debug!(pool = %name, %ip, %error, "no metrics from a leader");
+                        }
+                    }
                 }
             }
+            Some(source) if !leaders.is_empty() => {
+                let pods: Vec<&str> = leaders.iter().map(|l| l.pod.as_str()).collect();
+                let query = signals::prometheus_query(
+                    namespace,
+                    &pods,
+                    &source.pod_label,
+                    &source.namespace_label,
+                );
+                let url = format!(
+                    "{}/api/v1/query?query={}",
+                    source.url.trim_end_matches('/'),
+                    signals::url_encode(&query)
+                );
+                let answer = self
+                    .agents
+                    .get_url(&url, MAX_METRICS)
+                    .await
+                    .and_then(|body| signals::prometheus_readings(&body, &source.pod_label));
+                match answer {
+                    Ok(texts) => {
+                        for (pod, text) in
+                            texts.iter().filter(|(pod, _)| pods.contains(&pod.as_str()))
+                        {
+                            scrape.add(pod, text);
+                        }
+                    }
+                    Err(error) => {
+                        warn!(pool = %name, url = %source.url, %error, "no metrics from Prometheus")
+                    }
+                }
+            }
+            Some(_) => {}
         }
         let mut state = self.pools.remove(key).unwrap_or_default();
+        // Prometheus scrapes on its own schedule: an answer that says nothing new waits for the
+        // next (up to a minute), so an interval is never read as one without traffic.
+        if prometheus.is_some()
+            && let Some(last) = &state.last
+            && !scrape.leaders.is_empty()
+            && last.leaders == scrape.leaders
+            && scrape.at - last.at < PROMETHEUS_PATIENCE_S
+        {
+            self.pools.insert(key.clone(), state);
+            return Ok(());
+        }
         let previous = state.last.replace(scrape.clone());
         let mut result = Ok(());
         if pool.spec.rollback.enabled

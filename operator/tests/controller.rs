@@ -1084,6 +1084,87 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
     agent.abort();
 }
 
+#[tokio::test]
+async fn the_autoscaler_reads_a_prometheus_that_scrapes_the_agents() {
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    // A stand-in Prometheus: every answer has the leader's counter a little further on and 35
+    // requests waiting; it remembers the queries.
+    let queries = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let asked = queries.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/query",
+        axum::routing::get(
+            move |query: axum::extract::Query<std::collections::HashMap<String, String>>| {
+                let answer = {
+                    let mut asked = asked.lock().unwrap();
+                    asked.push(query.0.get("query").cloned().unwrap_or_default());
+                    let n = asked.len() * 10;
+                    let sample = |name: &str, value: String| {
+                        json!({"metric": {"__name__": name, "namespace": "ml", "pod": "llama-0-0"},
+                            "value": [1.0, value]})
+                    };
+                    json!({"status": "success", "data": {"resultType": "vector", "result": [
+                        sample("vllm:request_success_total", n.to_string()),
+                        sample("vllm:num_requests_waiting", "35".into()),
+                        sample("parallax_batch_utilization", "0.9".into()),
+                    ]}})
+                };
+                async move { axum::Json(answer) }
+            },
+        ),
+    );
+    let (port, prometheus) = serve_on_loopback(app).await;
+    let controller = RunningController::start_with(
+        &client,
+        controller::Settings {
+            // No agent answers: the leader's metrics can only come from Prometheus.
+            agents: AgentProbe::on_port(1),
+            autoscale_every: Duration::from_millis(100),
+            ..controller::Settings::new("registry.example/parallax-agent:test".into())
+        },
+    );
+    let mut scaled = pool();
+    scaled.spec.replicas = 1;
+    scaled.spec.autoscaling.enabled = true;
+    scaled.spec.autoscaling.metrics_source =
+        serde_json::from_value(json!({"prometheus": {"url": format!("http://127.0.0.1:{port}/")}}))
+            .unwrap();
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &scaled)
+        .await
+        .unwrap();
+    eventually("the first pod", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+    // Ready, with no pod IP to reach it at.
+    let ready = json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .patch_status("llama-0-0", &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .unwrap();
+    eventually(
+        "a scale-up read from Prometheus",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client)
+                .await
+                .is_some_and(|p| p.spec.replicas == 2)
+                && recorded(&server, "ScaledUp", "queue 35 > 20")
+        },
+    )
+    .await;
+    let query = queries.lock().unwrap()[0].clone();
+    assert!(
+        query.contains("namespace=\"ml\",pod=~\"llama-0-0\"")
+            && query.contains("vllm:num_requests_waiting"),
+        "{query}"
+    );
+    controller.stop().await;
+    prometheus.abort();
+}
+
 /// An agent on `listener` that serves steadily: each `/metrics` answer says 20 more requests
 /// finished, all within `latency` seconds (a bucket bound), with 100 tokens each at half
 /// batch. `scraped` counts the answers.

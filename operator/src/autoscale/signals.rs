@@ -180,6 +180,115 @@ impl Scrape {
     }
 }
 
+/// The series the autoscaler and the rollback judge read.
+pub const SERIES: [&str; 8] = [
+    "vllm:request_success_total",
+    "parallax_request_errors_total",
+    "vllm:generation_tokens_total",
+    "vllm:num_requests_waiting",
+    "parallax_gpu_utilization_ratio",
+    "parallax_batch_utilization",
+    "parallax_degraded",
+    "vllm:e2e_request_latency_seconds_bucket",
+];
+
+/// The PromQL instant query for `SERIES` of `pods` in `namespace`, with the scrape
+/// configuration's pod and namespace labels.
+pub fn prometheus_query(
+    namespace: &str,
+    pods: &[&str],
+    pod_label: &str,
+    namespace_label: &str,
+) -> String {
+    let quote = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        "{{__name__=~\"{}\",{namespace_label}=\"{}\",{pod_label}=~\"{}\"}}",
+        SERIES.join("|"),
+        quote(namespace),
+        pods.iter()
+            .map(|p| quote(&regex_escape(p)))
+            .collect::<Vec<_>>()
+            .join("|")
+    )
+}
+
+/// `text` as a literal inside a RE2 regular expression.
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
+}
+
+/// `text` percent-encoded for a URL's query.
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Each pod's samples in an instant query's answer, as the Prometheus text its agent would
+/// have served (the labels `le` and `signal` kept), so one reader serves both sources.
+pub fn prometheus_readings(
+    answer: &[u8],
+    pod_label: &str,
+) -> Result<BTreeMap<String, String>, String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        status: String,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        data: Option<Data>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Data {
+        result: Vec<Sample>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Sample {
+        metric: BTreeMap<String, String>,
+        value: (f64, String),
+    }
+    let answer: Answer = serde_json::from_slice(answer)
+        .map_err(|e| format!("not a Prometheus query answer: {e}"))?;
+    if answer.status != "success" {
+        return Err(format!(
+            "Prometheus answered {}: {}",
+            answer.status,
+            answer.error.unwrap_or_default()
+        ));
+    }
+    let mut texts: BTreeMap<String, String> = BTreeMap::new();
+    for sample in answer.data.map(|d| d.result).unwrap_or_default() {
+        let (Some(name), Some(pod)) = (sample.metric.get("__name__"), sample.metric.get(pod_label))
+        else {
+            continue;
+        };
+        let labels: Vec<String> = ["le", "signal"]
+            .iter()
+            .filter_map(|key| Some(format!("{key}=\"{}\"", sample.metric.get(*key)?)))
+            .collect();
+        let text = texts.entry(pod.clone()).or_default();
+        text.push_str(&format!(
+            "{name}{{{}}} {}\n",
+            labels.join(","),
+            sample.value.1
+        ));
+    }
+    Ok(texts)
+}
+
 impl Interval {
     /// The autoscaler's view: rates, queue, utilization and the bucket p95 (its upper bound).
     pub fn signals(&self, ready: u32) -> Signals {
@@ -290,6 +399,37 @@ vllm:e2e_request_latency_seconds_bucket{{le=\"+Inf\",model_name=\"m\"}} {slow}
         assert_eq!(
             (i.degraded_leaders, i.degraded.clone()),
             (1, vec!["latency".to_owned()])
+        );
+    }
+
+    #[test]
+    fn prometheus_answers_read_as_the_agents_would_have_said() {
+        let query = prometheus_query("ml", &["llama-0-0", "llama-1.0"], "pod", "namespace");
+        assert!(
+            query.starts_with("{__name__=~\"vllm:request_success_total|"),
+            "{query}"
+        );
+        assert!(
+            query.ends_with(",namespace=\"ml\",pod=~\"llama-0-0|llama-1\\\\.0\"}"),
+            "{query}"
+        );
+        assert_eq!(url_encode("a b{\"}"), "a%20b%7B%22%7D");
+        let answer = br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"__name__":"vllm:num_requests_waiting","pod":"llama-0-0","namespace":"ml","model_name":"llama"},"value":[1.5,"35"]},
+            {"metric":{"__name__":"vllm:e2e_request_latency_seconds_bucket","pod":"llama-0-0","le":"0.3"},"value":[1.5,"80"]},
+            {"metric":{"__name__":"parallax_degraded","pod":"llama-0-0","signal":"latency"},"value":[1.5,"1"]},
+            {"metric":{"__name__":"vllm:num_requests_waiting","job":"no pod label"},"value":[1.5,"9"]}
+        ]}}"#;
+        let texts = prometheus_readings(answer, "pod").unwrap();
+        assert_eq!(texts.len(), 1);
+        let reading = Reading::parse(&texts["llama-0-0"]);
+        assert_eq!(reading.waiting, 35.0);
+        assert_eq!(reading.latency_buckets["0.3"], 80.0);
+        assert_eq!(reading.degraded, vec!["latency".to_owned()]);
+        let error = br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
+        assert_eq!(
+            prometheus_readings(error, "pod").unwrap_err(),
+            "Prometheus answered error: parse error"
         );
     }
 }
