@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-const USAGE: &str = "usage: parallax-operator [render POOL.yaml [--nodes N] [--gpus-per-node G] [--gpu-memory-mib M]]\n       parallax-operator simulate --trace FILE [--pool POOL.yaml] [--replica-rps R] [--startup-s S] [--slo-p95-ms M] [--json]";
+const USAGE: &str = "usage: parallax-operator [render POOL.yaml [--nodes N] [--gpus-per-node G] [--gpu-memory-mib M]]\n       parallax-operator simulate --trace FILE [--pool POOL.yaml] [--replica-rps R] [--startup-s S] [--slo-p95-ms M] [--json] [--plot FILE.png]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -89,6 +89,7 @@ fn simulate(args: &[String]) -> anyhow::Result<()> {
     use parallax_operator::autoscale::reactive::Rules;
     use parallax_operator::autoscale::simulate::{Setup, Trace, compare};
     let (mut trace, mut pool, mut replica_rps, mut json) = (None, None, None, false);
+    let mut plot = None;
     let (mut startup_s, mut slo_ms) = (180.0, 300.0);
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -112,6 +113,7 @@ fn simulate(args: &[String]) -> anyhow::Result<()> {
             "--startup-s" => startup_s = number("--startup-s", value("--startup-s")?)?,
             "--slo-p95-ms" => slo_ms = number("--slo-p95-ms", value("--slo-p95-ms")?)?,
             "--json" => json = true,
+            "--plot" => plot = Some(value("--plot")?),
             other => anyhow::bail!("unexpected argument {other:?}\n{USAGE}"),
         }
     }
@@ -150,6 +152,13 @@ fn simulate(args: &[String]) -> anyhow::Result<()> {
         rules,
     };
     let reports = compare(&trace, &setup);
+    if let Some(file) = plot {
+        let name = std::path::Path::new(&path)
+            .file_name()
+            .map_or(path.clone(), |n| n.to_string_lossy().into_owned());
+        let image = parallax_operator::autoscale::plot::draw(&reports, &name);
+        std::fs::write(&file, image).with_context(|| format!("writing {file}"))?;
+    }
     if json {
         for report in &reports {
             println!("{}", serde_json::to_string(report)?);

@@ -3,6 +3,7 @@
 //! trace through them. Nothing here talks to a cluster.
 
 pub mod forecast;
+pub mod plot;
 pub mod reactive;
 pub mod rollback;
 pub mod signals;

@@ -166,6 +166,18 @@ pub struct Report {
     pub scale_events: u32,
     /// Minutes the predictive part stood down because the naive forecast did better.
     pub fallback_minutes: f64,
+    /// A point a minute, for `--plot`.
+    #[serde(skip)]
+    pub timeline: Vec<Point>,
+}
+
+/// One minute of a run: demand, the rate provisioned for, ready capacity (requests per second).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub t: f64,
+    pub demand: f64,
+    pub forecast: Option<f64>,
+    pub capacity: f64,
 }
 
 /// The forecast sets the size, up and down; the reactive rules correct it upward when the pool
@@ -212,6 +224,7 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
     let (mut gpu_seconds, mut windows, mut missed, mut events, mut fallback) =
         (0.0, 0u32, 0u32, 0u32, 0.0);
     let mut window_worst: f64 = 0.0;
+    let mut timeline = Vec::new();
     let mut t = 0.0;
     while t < trace.duration() {
         let rate = trace.rate_at(t);
@@ -265,6 +278,14 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
         };
         capacity.observe(&signals);
         predictor.observe(t, rate);
+        if (t / WINDOW).fract() < 1e-9 {
+            timeline.push(Point {
+                t,
+                demand: signals.request_rate,
+                forecast: predictor.wanted_rate(),
+                capacity: f64::from(ready) * capacity_truth,
+            });
+        }
         let provisioned = groups.len() as u32;
         let clamp = |n: u32| {
             n.clamp(
@@ -331,6 +352,7 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
         naive_mape: mape.filter(|_| predictive).map(|m| m.1),
         scale_events: events,
         fallback_minutes: fallback,
+        timeline,
     }
 }
 
@@ -411,6 +433,8 @@ mod tests {
             "peak provisioning meets the SLO"
         );
         assert_eq!(fixed.scale_events, 0);
+        assert_eq!(both.timeline.len(), 8 * 24 * 60, "a point a minute");
+        assert!(both.timeline.iter().skip(1440).all(|p| p.forecast.is_some()));
         assert!(both.saved_fraction > 0.3, "{both:?}");
         assert!(both.slo_miss_fraction <= 0.01, "{both:?}");
         assert!(
