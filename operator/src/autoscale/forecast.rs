@@ -130,6 +130,10 @@ pub struct ErrorTracker {
     /// (forecast, naive forecast, actual) per target
     window: VecDeque<(f64, f64, f64)>,
     capacity: usize,
+    /// Since target `overall_from`: summed absolute percentage errors (forecast, naive) and
+    /// their count.
+    overall: (f64, f64, u64),
+    overall_from: u64,
 }
 
 impl ErrorTracker {
@@ -153,6 +157,11 @@ impl ErrorTracker {
             }
             self.pending.pop_front();
             if target == index && actual > 0.0 {
+                if target >= self.overall_from {
+                    self.overall.0 += (forecast - actual).abs() / actual;
+                    self.overall.1 += (naive - actual).abs() / actual;
+                    self.overall.2 += 1;
+                }
                 self.window.push_back((forecast, naive, actual));
                 if self.window.len() > self.capacity {
                     self.window.pop_front();
@@ -177,6 +186,18 @@ impl ErrorTracker {
                 )
             });
         Some((f / n, naive / n))
+    }
+
+    /// Counts targets from `index` on in [`Self::mape_overall`].
+    pub fn overall_from(mut self, index: u64) -> Self {
+        self.overall_from = index;
+        self
+    }
+
+    /// (forecast MAPE, naive MAPE) over every target since `overall_from`.
+    pub fn mape_overall(&self) -> Option<(f64, f64)> {
+        let (f, naive, n) = self.overall;
+        (n > 0).then(|| (f / n as f64, naive / n as f64))
     }
 
     /// How far demand came in above a forecast, as a share of it, at quantile `q` of the
@@ -230,7 +251,8 @@ impl Predictor {
     pub fn new(lead_s: f64) -> Self {
         Self {
             forecaster: Forecaster::new(SEASON),
-            errors: ErrorTracker::new(SEASON),
+            // Over the whole run, once the season has been seen a first time.
+            errors: ErrorTracker::new(SEASON).overall_from(SEASON as u64),
             lead: (lead_s / SAMPLE).ceil().max(1.0) as u64,
             sample: 0,
             sum: 0.0,
@@ -298,6 +320,12 @@ impl Predictor {
     /// (forecast MAPE, naive MAPE) at the lead over the last day.
     pub fn mape(&self) -> Option<(f64, f64)> {
         self.errors.mape()
+    }
+
+    /// (forecast MAPE, naive MAPE) at the lead since the first day (the season's first
+    /// sight).
+    pub fn mape_overall(&self) -> Option<(f64, f64)> {
+        self.errors.mape_overall()
     }
 
     /// Whether the forecast has lately done worse than the naive one.

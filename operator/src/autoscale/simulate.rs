@@ -160,7 +160,8 @@ pub struct Report {
     /// Against static-peak provisioning.
     pub saved_fraction: f64,
     pub slo_miss_fraction: f64,
-    /// The forecast's MAPE at the lead time, and a naive last-value forecast's (predictive only).
+    /// The forecast's MAPE at the lead time over the trace after its first day (the season's
+    /// first sight), and a naive last-value forecast's (predictive only).
     pub forecast_mape: Option<f64>,
     pub naive_mape: Option<f64>,
     pub scale_events: u32,
@@ -341,7 +342,7 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
             events += 1;
         }
     }
-    let mape = predictor.mape();
+    let mape = predictor.mape_overall();
     let predictive = matches!(policy, Policy::Predictive | Policy::PredictiveReactive);
     Report {
         policy: policy.name(),
