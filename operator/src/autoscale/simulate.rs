@@ -435,7 +435,12 @@ mod tests {
         );
         assert_eq!(fixed.scale_events, 0);
         assert_eq!(both.timeline.len(), 8 * 24 * 60, "a point a minute");
-        assert!(both.timeline.iter().skip(1440).all(|p| p.forecast.is_some()));
+        assert!(
+            both.timeline
+                .iter()
+                .skip(1440)
+                .all(|p| p.forecast.is_some())
+        );
         assert!(both.saved_fraction > 0.3, "{both:?}");
         assert!(both.slo_miss_fraction <= 0.01, "{both:?}");
         assert!(
