@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// batch to join.
     #[arg(long, default_value_t = 50)]
     pub max_wait_ms: u64,
+    /// Refuse (400, naming it) a request field no API defines, instead of ignoring it with a
+    /// warning as vLLM does.
+    #[arg(long)]
+    pub strict_request_fields: bool,
     /// Requests predicted to run under this many milliseconds are in the fast bin (with
     /// --medium-bin-ms). Without both, the bounds adapt to the traffic: the natural breaks of
     /// recent predicted times.
@@ -149,6 +153,7 @@ impl ServeArgs {
             max_queue_tokens: self.max_queue_tokens,
             default_max_wait: Duration::from_millis(self.max_wait_ms),
             bins: binning(self.fast_bin_ms, self.medium_bin_ms)?,
+            strict_request_fields: self.strict_request_fields,
         };
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)

@@ -1,6 +1,7 @@
 //! Choosing the next token: greedy, or temperature with top-k and top-p, from a per-request seeded
 //! generator (the same seed gives the same tokens, whatever else is batched), and the top-n
-//! log-probabilities.
+//! log-probabilities. Before that, the logits processors vLLM's clients send: a bias per token,
+//! the repetition, presence and frequency penalties, and end tokens held back until `min_tokens`.
 
 /// How one request samples.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,13 +14,30 @@ pub struct SamplingParams {
     pub top_p: f32,
     pub seed: Option<u64>,
     pub max_tokens: usize,
+    /// Tokens generated before an end token or a stop string may end the output.
+    pub min_tokens: usize,
     /// Token ids that end the output (the model's EOS is added unless `ignore_eos`).
     pub stop_token_ids: Vec<u32>,
     /// Strings that end the output; the text stops before them.
     pub stop: Vec<String>,
+    /// Keep the stop string that ended the output in its text.
+    pub include_stop_str_in_output: bool,
     pub ignore_eos: bool,
     /// How many top log-probabilities to return per token (0: none).
     pub logprobs: usize,
+    /// Compute each sampled token's log-probability even without `logprobs` (to rank choices).
+    pub score: bool,
+    /// vLLM's: a token already in the prompt or the output has a positive logit divided by
+    /// this, a negative one multiplied (1: off).
+    pub repetition_penalty: f32,
+    /// OpenAI's: subtracted from the logit of every token already in the output (0: off)…
+    pub presence_penalty: f32,
+    /// …and this times its count in the output.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Leave special tokens out of the text.
+    pub skip_special_tokens: bool,
 }
 
 impl Default for SamplingParams {
@@ -30,10 +48,18 @@ impl Default for SamplingParams {
             top_p: 1.0,
             seed: None,
             max_tokens: 16,
+            min_tokens: 0,
             stop_token_ids: Vec::new(),
             stop: Vec::new(),
+            include_stop_str_in_output: false,
             ignore_eos: false,
             logprobs: 0,
+            score: false,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            skip_special_tokens: true,
         }
     }
 }
@@ -59,7 +85,90 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return Err("stop strings must not be empty".into());
         }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(format!("{name} must be between -2 and 2, got {value}"));
+            }
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err(format!(
+                "min_tokens ({}) must not exceed max_tokens ({})",
+                self.min_tokens, self.max_tokens
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether the logits are changed before sampling (then the device's greedy pick will not
+    /// do: the whole row is needed).
+    pub fn processes_logits(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
+            || self.min_tokens > 0
+    }
+}
+
+/// What a sequence has so far, for the logits processors.
+#[derive(Debug, Clone, Copy)]
+pub struct History<'a> {
+    pub prompt: &'a [u32],
+    pub output: &'a [u32],
+    /// Tokens that would end the output (EOS unless ignored, and the stop tokens): held back
+    /// while fewer than `min_tokens` were generated.
+    pub end_tokens: &'a [u32],
+}
+
+/// Applies the bias, the penalties and `min_tokens` to `logits` in place.
+pub fn process(logits: &mut [f32], params: &SamplingParams, history: History<'_>) {
+    let vocab = logits.len();
+    for &(token, bias) in &params.logit_bias {
+        if let Some(l) = logits.get_mut(token as usize) {
+            *l += bias;
+        }
+    }
+    if params.repetition_penalty != 1.0 {
+        let mut seen = vec![false; vocab];
+        for &t in history.prompt.iter().chain(history.output) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, s)| **s) {
+            *l = if *l > 0.0 {
+                *l / params.repetition_penalty
+            } else {
+                *l * params.repetition_penalty
+            };
+        }
+    }
+    if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in history.output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (token, count) in counts {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l -= params.presence_penalty + params.frequency_penalty * count as f32;
+            }
+        }
+    }
+    if history.output.len() < params.min_tokens {
+        for &t in history.end_tokens {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 
@@ -94,14 +203,29 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
-/// Samples from `logits` (one row of the vocabulary).
-pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> Sampled {
+/// Samples from `logits` (one row of the vocabulary) after the logits processors; the
+/// log-probabilities are of the processed logits, as vLLM reports them.
+pub fn sample(
+    logits: &[f32],
+    params: &SamplingParams,
+    rng: &mut Rng,
+    history: History<'_>,
+) -> Sampled {
+    let processed;
+    let logits = if params.processes_logits() {
+        let mut row = logits.to_vec();
+        process(&mut row, params, history);
+        processed = row;
+        &processed[..]
+    } else {
+        logits
+    };
     let token = if params.temperature == 0.0 {
         argmax(logits)
     } else {
         sample_tempered(logits, params, rng)
     };
-    let (logprob, top) = if params.logprobs > 0 {
+    let (logprob, top) = if params.logprobs > 0 || params.score {
         logprobs(logits, token, params.logprobs)
     } else {
         (0.0, Vec::new())
@@ -178,6 +302,9 @@ fn logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
         .map(|(i, v)| (i as u32, v - log_total))
         .collect();
     let n = n.min(top.len());
+    if n == 0 {
+        return (logits[token as usize] - log_total, Vec::new());
+    }
     top.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1));
     top.truncate(n);
     top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
@@ -188,12 +315,19 @@ fn logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
 mod tests {
     use super::*;
 
+    const NONE: History<'static> = History {
+        prompt: &[],
+        output: &[],
+        end_tokens: &[],
+    };
+
     #[test]
     fn greedy_takes_the_largest_logit() {
         let s = sample(
             &[0.1, 3.0, -1.0],
             &SamplingParams::default(),
             &mut Rng::new(0),
+            NONE,
         );
         assert_eq!(s.token, 1);
     }
@@ -208,7 +342,7 @@ mod tests {
         let run = |seed| {
             let mut rng = Rng::new(seed);
             (0..20)
-                .map(|_| sample(&logits, &params, &mut rng).token)
+                .map(|_| sample(&logits, &params, &mut rng, NONE).token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -224,13 +358,13 @@ mod tests {
             top_k: 1,
             ..SamplingParams::default()
         };
-        assert!((0..50).all(|_| sample(&logits, &k1, &mut rng).token == 0));
+        assert!((0..50).all(|_| sample(&logits, &k1, &mut rng, NONE).token == 0));
         let p = SamplingParams {
             temperature: 1.0,
             top_p: 0.9,
             ..SamplingParams::default()
         };
-        assert!((0..200).all(|_| sample(&logits, &p, &mut rng).token < 2));
+        assert!((0..200).all(|_| sample(&logits, &p, &mut rng, NONE).token < 2));
     }
 
     #[test]
@@ -239,7 +373,7 @@ mod tests {
             logprobs: 2,
             ..SamplingParams::default()
         };
-        let s = sample(&[0.0, 0.0f32.ln_1p(), 2.0], &params, &mut Rng::new(0));
+        let s = sample(&[0.0, 0.0f32.ln_1p(), 2.0], &params, &mut Rng::new(0), NONE);
         assert_eq!(s.token, 2);
         assert_eq!(s.top[0].0, 2);
         let total: f32 = [0.0f32, 0.0, 2.0].iter().map(|v| v.exp()).sum();
@@ -258,5 +392,65 @@ mod tests {
             ..SamplingParams::default()
         };
         assert!(bad.validate().unwrap_err().starts_with("temperature"));
+    }
+
+    #[test]
+    fn penalties_bias_and_min_tokens_change_the_logits_as_vllm_documents() {
+        let history = History {
+            prompt: &[0],
+            output: &[1, 1, 2],
+            end_tokens: &[3],
+        };
+        let run = |params: SamplingParams| {
+            let mut row = vec![2.0, 2.0, -2.0, 1.0, 0.5];
+            process(&mut row, &params, history);
+            row
+        };
+        // Repetition: prompt and output tokens, positive divided, negative multiplied.
+        let r = run(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::default()
+        });
+        assert_eq!(r, vec![1.0, 1.0, -4.0, 1.0, 0.5]);
+        // Presence once per output token, frequency per occurrence; the prompt is not counted.
+        let r = run(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::default()
+        });
+        assert_eq!(r, vec![2.0, 1.0, -2.75, 1.0, 0.5]);
+        let r = run(SamplingParams {
+            logit_bias: vec![(4, 10.0)],
+            ..SamplingParams::default()
+        });
+        assert_eq!(r[4], 10.5);
+        // End tokens held back until min_tokens: 3 generated, min 4.
+        let r = run(SamplingParams {
+            min_tokens: 4,
+            max_tokens: 8,
+            ..SamplingParams::default()
+        });
+        assert_eq!(r[3], f32::NEG_INFINITY);
+        let r = run(SamplingParams {
+            min_tokens: 3,
+            max_tokens: 8,
+            ..SamplingParams::default()
+        });
+        assert_eq!(r[3], 1.0);
+        // Greedy follows the processed logits.
+        let biased = SamplingParams {
+            logit_bias: vec![(4, 10.0)],
+            ..SamplingParams::default()
+        };
+        assert_eq!(
+            sample(
+                &[2.0, 2.0, -2.0, 1.0, 0.5],
+                &biased,
+                &mut Rng::new(0),
+                history
+            )
+            .token,
+            4
+        );
     }
 }

@@ -53,19 +53,31 @@ async fn answer(
     }
 }
 
-/// Parses the body as `R` and checks it with `rules`.
+/// Parses the body as `R` and checks it with `rules`; fields no API defines are logged and
+/// counted (or refused by `rules` under `--strict-request-fields`).
 fn check<R: serde::de::DeserializeOwned>(
     bytes: &[u8],
     state: &AppState,
     engine: &EngineHandle,
-    rules: fn(&R, &str, &TextCodec, ModelLimits) -> Result<ValidRequest, ApiError>,
+    rules: fn(&R, &str, &TextCodec, ModelLimits, bool) -> Result<ValidRequest, ApiError>,
 ) -> Result<ValidRequest, ApiError> {
-    rules(
+    let request = rules(
         &validation::parse(bytes)?,
         &state.served_name,
         &engine.codec,
         AppState::limits(engine),
-    )
+        state.strict_request_fields,
+    )?;
+    if !request.ignored.is_empty() {
+        tracing::warn!(
+            fields = ?request.ignored,
+            "the request has fields no API defines; they are ignored"
+        );
+        for field in &request.ignored {
+            state.metrics.record_ignored_field(field);
+        }
+    }
+    Ok(request)
 }
 
 pub async fn completions(

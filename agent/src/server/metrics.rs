@@ -75,6 +75,14 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FieldLabel {
+    field: String,
+}
+
+/// Distinct field names counted by name; the rest count as `other` (clients choose the names).
+const MAX_IGNORED_FIELD_NAMES: usize = 64;
+
 const ERROR_BUCKETS: &[f64] = &[0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0];
 
 /// The engine as the metrics see it, once it is loaded.
@@ -99,6 +107,8 @@ pub struct Metrics {
     batch_tokens: Histogram,
     admissions: Family<ClassLabel, Counter>,
     rejections: Family<ReasonLabel, Counter>,
+    ignored_fields: Family<FieldLabel, Counter>,
+    ignored_names: Mutex<std::collections::BTreeSet<String>>,
     prediction_error: Histogram,
     bin_bounds: Family<BinLabel, Gauge<f64, AtomicU64>>,
     engine: Arc<OnceLock<EngineView>>,
@@ -128,6 +138,8 @@ impl Metrics {
             batch_tokens: histogram(BATCH_BUCKETS),
             admissions: Family::default(),
             rejections: Family::default(),
+            ignored_fields: Family::default(),
+            ignored_names: Mutex::new(std::collections::BTreeSet::new()),
             prediction_error: histogram(ERROR_BUCKETS),
             bin_bounds: Family::default(),
             engine: Arc::new(OnceLock::new()),
@@ -187,6 +199,11 @@ impl Metrics {
             "parallax_admissions",
             "Requests queued for the engine, by predicted bin and priority",
             metrics.admissions.clone(),
+        );
+        registry.register(
+            "parallax_request_ignored_fields",
+            "Request fields no API defines, accepted and ignored (as vLLM does), by name (the first 64 names; the rest as other)",
+            metrics.ignored_fields.clone(),
         );
         registry.register(
             "parallax_rejections",
@@ -256,6 +273,22 @@ impl Metrics {
                 bin: bin.as_str(),
                 priority: priority.as_str(),
             })
+            .inc();
+    }
+
+    /// Counts a request field that was ignored.
+    pub fn record_ignored_field(&self, field: &str) {
+        let field = {
+            let mut names = self.ignored_names.lock().unwrap_or_else(|e| e.into_inner());
+            if names.contains(field) || names.len() < MAX_IGNORED_FIELD_NAMES {
+                names.insert(field.to_owned());
+                field.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
+        self.ignored_fields
+            .get_or_create(&FieldLabel { field })
             .inc();
     }
 

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub default_max_wait: Duration,
     /// How requests are put into bins by predicted time.
     pub bins: Binning,
+    /// Refuse request fields no API defines (by default they are ignored with a warning).
+    pub strict_request_fields: bool,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +66,7 @@ impl Default for ServerConfig {
             max_queue_tokens: 256 * 1024,
             default_max_wait: Duration::from_millis(50),
             bins: Binning::Adaptive,
+            strict_request_fields: false,
         }
     }
 }
@@ -81,6 +84,8 @@ pub struct AppState {
     pub predictor: Mutex<Predictor>,
     pub budget: Arc<QueueBudget>,
     pub default_max_wait: Duration,
+    /// Refuse request fields no API defines.
+    pub strict_request_fields: bool,
     /// Set on a tensor-parallel worker pod: what it is, and whether its shards are loaded and
     /// joined to the leader. Such a pod serves health and readiness, no requests.
     worker: OnceLock<WorkerRole>,
@@ -210,6 +215,7 @@ impl Server {
                     config.max_queue_tokens,
                 )),
                 default_max_wait: config.default_max_wait,
+                strict_request_fields: config.strict_request_fields,
                 worker: OnceLock::new(),
                 loading: Mutex::new(None),
                 download: Mutex::new(None),

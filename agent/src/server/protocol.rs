@@ -1,28 +1,34 @@
 //! The OpenAI wire types the server reads and writes. Requests take every field the OpenAI API
-//! defines for these endpoints (plus vLLM's `top_k` and `ignore_eos`), so that an option this
-//! server does not support is refused by name rather than silently dropped; unknown fields are
-//! refused too. The same types describe the API in `/openapi.json`.
+//! defines for these endpoints and vLLM's sampling extensions, so that an option this server
+//! cannot honour is refused by name rather than silently dropped. Fields nobody defines are
+//! kept in `extra`: accepted with a warning, as vLLM does, or refused under
+//! `--strict-request-fields`. The same types describe the API in `/openapi.json`.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// A prompt: text, or token ids; a list holding one of either is accepted too.
+/// A prompt: text, or token ids; or a list of either, answered with a choice per prompt.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Prompt {
-    Text(String),
-    Texts(Vec<String>),
-    Tokens(Vec<i64>),
-    TokenLists(Vec<Vec<i64>>),
+    Text(#[schemars(length(min = 1))] String),
+    Texts(#[schemars(length(min = 1))] Vec<String>),
+    Tokens(#[schemars(length(min = 1))] Vec<TokenId>),
+    TokenLists(#[schemars(length(min = 1))] Vec<Vec<TokenId>>),
 }
 
-/// One or more stop strings.
+/// A token id of the model's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct TokenId(#[schemars(range(min = 0))] pub i64);
+
+/// One or more stop strings (at most 4, none empty).
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Stop {
-    One(String),
-    Many(Vec<String>),
+    One(#[schemars(length(min = 1))] String),
+    Many(#[schemars(length(max = 4))] Vec<String>),
 }
 
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
@@ -31,49 +37,84 @@ pub struct StreamOptions {
     /// Send a last chunk with the request's token counts.
     #[serde(default)]
     pub include_usage: bool,
-    /// Accepted for compatibility; usage is only sent in the last chunk.
+    /// Put the token counts so far in every chunk too (needs `include_usage`).
     #[serde(default)]
     pub continuous_usage_stats: bool,
 }
 
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
-    pub model: String,
+    /// The served model (the default).
+    pub model: Option<String>,
     pub prompt: Prompt,
     /// Tokens to generate (default 16).
+    #[schemars(range(min = 1))]
     pub max_tokens: Option<i64>,
+    /// The newer name of `max_tokens`, as vLLM takes it here too.
+    #[schemars(range(min = 1))]
+    pub max_completion_tokens: Option<i64>,
     /// 0 (greedy) to 2; default 1.
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f64>,
     /// In (0, 1]; default 1.
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub top_p: Option<f64>,
-    /// vLLM extension: keep the k most likely tokens (0 or -1: all).
-    pub top_k: Option<i64>,
-    /// Completions per prompt; only 1 is supported.
+    /// Completions per prompt (1 to 128).
+    #[schemars(range(min = 1, max = 128))]
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// Log-probabilities of the sampled token and this many alternatives (0–20).
+    #[schemars(range(min = 0, max = 20))]
     pub logprobs: Option<i64>,
     /// Not supported: must be false.
     pub echo: Option<bool>,
     pub stop: Option<Stop>,
     pub seed: Option<i64>,
-    /// Not supported: must be 0.
+    /// Subtracted from the logit of every token already in the output (-2 to 2).
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub presence_penalty: Option<f64>,
-    /// Not supported: must be 0.
+    /// Subtracted, times its count, from the logit of every token in the output (-2 to 2).
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub frequency_penalty: Option<f64>,
-    /// Not supported: must be 1.
+    /// Candidates per prompt, of which the `n` most likely are returned (at least `n`, at most
+    /// 128; not with `stream`).
+    #[schemars(range(min = 1, max = 128))]
     pub best_of: Option<i64>,
-    /// Not supported: must be empty.
+    /// Added to the logits of these token ids (-100 to 100).
+    #[schemars(extend("additionalProperties" = {"type": "number", "minimum": -100, "maximum": 100}))]
     pub logit_bias: Option<BTreeMap<String, f64>>,
     /// Not supported.
     pub suffix: Option<String>,
     /// Recorded in nothing; accepted for compatibility.
     pub user: Option<String>,
+    /// vLLM extension: keep the k most likely tokens (0 or -1: all).
+    #[schemars(range(min = -1))]
+    pub top_k: Option<i64>,
+    /// vLLM extension: tokens to generate before an end token or a stop string may end the
+    /// output (0 to `max_tokens`).
+    #[schemars(range(min = 0))]
+    pub min_tokens: Option<i64>,
+    /// vLLM extension: a token already in the prompt or the output has a positive logit
+    /// divided by this, a negative one multiplied; 1 is off.
+    #[schemars(extend("exclusiveMinimum" = 0))]
+    pub repetition_penalty: Option<f64>,
+    /// vLLM extension: token ids that end the output besides the model's end-of-sequence.
+    pub stop_token_ids: Option<Vec<TokenId>>,
+    /// vLLM extension: keep the stop string that ended the output in its text.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM extension: leave special tokens out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM extension: add the model's special tokens (its BOS) to the prompt. Default true
+    /// for completions, false for chat (the chat template writes them).
+    pub add_special_tokens: Option<bool>,
     /// vLLM extension: keep generating past the end-of-sequence token.
     pub ignore_eos: Option<bool>,
+    /// Fields no API defines: ignored with a warning (refused with `--strict-request-fields`).
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// A chat message's content: text, or a list of text parts.
@@ -88,7 +129,9 @@ pub enum Content {
 pub struct ContentPart {
     /// Only `text` is supported.
     #[serde(rename = "type")]
+    #[schemars(extend("enum" = ["text"]))]
     pub kind: String,
+    #[schemars(required)]
     pub text: Option<String>,
 }
 
@@ -102,28 +145,39 @@ pub struct ChatMessage {
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
-    pub model: String,
+    /// The served model (the default).
+    pub model: Option<String>,
+    #[schemars(length(min = 1))]
     pub messages: Vec<ChatMessage>,
     /// Tokens to generate (default: as many as the context and KV cache allow).
+    #[schemars(range(min = 1))]
     pub max_tokens: Option<i64>,
     /// The newer name of `max_tokens`.
+    #[schemars(range(min = 1))]
     pub max_completion_tokens: Option<i64>,
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f64>,
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
+    /// Choices (1 to 128).
+    #[schemars(range(min = 1, max = 128))]
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// Return the sampled tokens' log-probabilities.
     pub logprobs: Option<bool>,
     /// Alternatives per token (0–20); needs `logprobs`.
+    #[schemars(range(min = 0, max = 20))]
     pub top_logprobs: Option<i64>,
     pub stop: Option<Stop>,
     pub seed: Option<i64>,
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub presence_penalty: Option<f64>,
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub frequency_penalty: Option<f64>,
+    /// Added to the logits of these token ids (-100 to 100).
+    #[schemars(extend("additionalProperties" = {"type": "number", "minimum": -100, "maximum": 100}))]
     pub logit_bias: Option<BTreeMap<String, f64>>,
     /// Not supported.
     pub tools: Option<serde_json::Value>,
@@ -134,7 +188,32 @@ pub struct ChatCompletionRequest {
     /// Only `{"type": "text"}` is supported.
     pub response_format: Option<serde_json::Value>,
     pub user: Option<String>,
+    /// vLLM extension: keep the k most likely tokens (0 or -1: all).
+    #[schemars(range(min = -1))]
+    pub top_k: Option<i64>,
+    /// vLLM extension: tokens to generate before an end token or a stop string may end the
+    /// output (0 to `max_tokens`).
+    #[schemars(range(min = 0))]
+    pub min_tokens: Option<i64>,
+    /// vLLM extension: a token already in the prompt or the output has a positive logit
+    /// divided by this, a negative one multiplied; 1 is off.
+    #[schemars(extend("exclusiveMinimum" = 0))]
+    pub repetition_penalty: Option<f64>,
+    /// vLLM extension: token ids that end the output besides the model's end-of-sequence.
+    pub stop_token_ids: Option<Vec<TokenId>>,
+    /// vLLM extension: keep the stop string that ended the output in its text.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM extension: leave special tokens out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM extension: add the model's special tokens (its BOS) to the prompt. Default true
+    /// for completions, false for chat (the chat template writes them).
+    pub add_special_tokens: Option<bool>,
+    /// vLLM extension: keep generating past the end-of-sequence token.
     pub ignore_eos: Option<bool>,
+    /// Fields no API defines: ignored with a warning (refused with `--strict-request-fields`).
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// Token counts of a request.

@@ -2,11 +2,14 @@
 //! and the context checked. Everything past this module can trust its input.
 
 use super::error::ApiError;
-use super::protocol::{ChatCompletionRequest, CompletionRequest, Content, Prompt, Stop};
+use super::protocol::{
+    ChatCompletionRequest, CompletionRequest, Content, Prompt, Stop, StreamOptions, TokenId,
+};
 use crate::engine::scheduling::admission::Priority;
 use crate::engine::{Message, SamplingParams, TextCodec};
 use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Which API a request came through; it decides the response's shape.
@@ -29,12 +32,23 @@ pub struct ModelLimits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
     pub api: Api,
-    pub prompt: Vec<u32>,
+    /// The prompts (one, or a completions prompt list), each with its `max_tokens`: each is
+    /// answered with `n` choices, in order.
+    pub prompts: Vec<(Vec<u32>, usize)>,
+    /// Shared by every choice (`max_tokens` aside, which is each prompt's).
     pub params: SamplingParams,
+    /// Choices returned per prompt.
+    pub n: usize,
+    /// Candidates generated per prompt, of which the `n` most likely are returned.
+    pub best_of: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Usage in every chunk of a stream, not only the last.
+    pub continuous_usage: bool,
     /// Return log-probabilities, with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Fields no API defines, which were ignored.
+    pub ignored: Vec<String>,
 }
 
 /// How a request asks to be scheduled (`X-Batch-Preference`).
@@ -203,38 +217,50 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// The options both APIs share, checked.
 struct Common<'a> {
-    model: &'a str,
+    model: Option<&'a str>,
     temperature: Option<f64>,
     top_p: Option<f64>,
-    top_k: Option<i64>,
     n: Option<i64>,
     stream: Option<bool>,
-    include_usage: Option<bool>,
+    stream_options: Option<&'a StreamOptions>,
     stop: Option<&'a Stop>,
     seed: Option<i64>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
-    logit_bias_len: usize,
+    logit_bias: Option<&'a BTreeMap<String, f64>>,
+    top_k: Option<i64>,
+    min_tokens: Option<i64>,
+    repetition_penalty: Option<f64>,
+    stop_token_ids: Option<&'a [TokenId]>,
+    include_stop_str_in_output: Option<bool>,
+    skip_special_tokens: Option<bool>,
     ignore_eos: Option<bool>,
+    extra: &'a BTreeMap<String, serde_json::Value>,
 }
 
 /// The shared options of either request type (their fields have the same names).
 macro_rules! common {
     ($request:expr) => {
         Common {
-            model: &$request.model,
+            model: $request.model.as_deref(),
             temperature: $request.temperature,
             top_p: $request.top_p,
-            top_k: $request.top_k,
             n: $request.n,
             stream: $request.stream,
-            include_usage: $request.stream_options.as_ref().map(|o| o.include_usage),
+            stream_options: $request.stream_options.as_ref(),
             stop: $request.stop.as_ref(),
             seed: $request.seed,
             presence_penalty: $request.presence_penalty,
             frequency_penalty: $request.frequency_penalty,
-            logit_bias_len: $request.logit_bias.as_ref().map_or(0, |b| b.len()),
+            logit_bias: $request.logit_bias.as_ref(),
+            top_k: $request.top_k,
+            min_tokens: $request.min_tokens,
+            repetition_penalty: $request.repetition_penalty,
+            stop_token_ids: $request.stop_token_ids.as_deref(),
+            include_stop_str_in_output: $request.include_stop_str_in_output,
+            skip_special_tokens: $request.skip_special_tokens,
             ignore_eos: $request.ignore_eos,
+            extra: &$request.extra,
         }
     };
 }
@@ -250,10 +276,28 @@ fn unsupported(param: &str, message: &str) -> ApiError {
     }
 }
 
+/// Most choices a request may ask for (`n`, `best_of`, over every prompt of a list).
+pub const MAX_CHOICES: i64 = 128;
+
+/// What the shared options come to.
+struct Checked {
+    params: SamplingParams,
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+    continuous_usage: bool,
+    ignored: Vec<String>,
+}
+
 impl Common<'_> {
-    fn check(&self, served_name: &str) -> Result<(SamplingParams, bool, bool), ApiError> {
-        if self.model != served_name {
-            return Err(ApiError::UnknownModel(self.model.to_owned()));
+    fn check(&self, served_name: &str, vocab: usize, strict: bool) -> Result<Checked, ApiError> {
+        if let Some(model) = self.model
+            && model != served_name
+        {
+            return Err(ApiError::UnknownModel(model.to_owned()));
+        }
+        if strict && let Some(field) = self.extra.keys().next() {
+            return Err(ApiError::UnknownField(field.clone()));
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
@@ -276,15 +320,12 @@ impl Common<'_> {
                 format!("must be -1, 0 (all tokens) or positive, got {top_k}"),
             ));
         }
-        match self.n {
-            None | Some(1) => {}
-            Some(n) if n < 1 => return Err(out_of_range("n", format!("must be 1, got {n}"))),
-            Some(_) => {
-                return Err(unsupported(
-                    "n",
-                    "only one choice per request is supported; send several requests",
-                ));
-            }
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(out_of_range(
+                "n",
+                format!("must be between 1 and {MAX_CHOICES}, got {n}"),
+            ));
         }
         let stop = match self.stop {
             None => Vec::new(),
@@ -303,25 +344,73 @@ impl Common<'_> {
                 "stop sequences must not be empty".into(),
             ));
         }
-        for (param, value) in [
+        let mut penalties = [0.0f32; 2];
+        for (slot, (param, value)) in penalties.iter_mut().zip([
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(unsupported(
+        ]) {
+            let value = value.unwrap_or(0.0);
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(out_of_range(
                     param,
-                    "penalties are not supported; leave it at 0",
+                    format!("must be between -2 and 2, got {value}"),
                 ));
             }
+            *slot = value as f32;
         }
-        if self.logit_bias_len > 0 {
-            return Err(unsupported("logit_bias", "logit_bias is not supported"));
+        let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+            return Err(out_of_range(
+                "repetition_penalty",
+                format!("must be greater than 0, got {repetition_penalty}"),
+            ));
+        }
+        let mut logit_bias = Vec::new();
+        for (key, bias) in self.logit_bias.into_iter().flatten() {
+            let token = key
+                .parse::<u32>()
+                .ok()
+                .filter(|t| (*t as usize) < vocab)
+                .ok_or_else(|| {
+                    out_of_range(
+                        "logit_bias",
+                        format!("{key:?} is not a token id of the vocabulary of {vocab}"),
+                    )
+                })?;
+            if !(-100.0..=100.0).contains(bias) {
+                return Err(out_of_range(
+                    "logit_bias",
+                    format!("the bias of token {key} must be between -100 and 100, got {bias}"),
+                ));
+            }
+            logit_bias.push((token, *bias as f32));
+        }
+        let stop_token_ids = self
+            .stop_token_ids
+            .map(|ids| token_ids("stop_token_ids", ids, vocab))
+            .transpose()?
+            .unwrap_or_default();
+        let min_tokens = self.min_tokens.unwrap_or(0);
+        if min_tokens < 0 {
+            return Err(out_of_range(
+                "min_tokens",
+                format!("must be at least 0, got {min_tokens}"),
+            ));
         }
         let stream = self.stream.unwrap_or(false);
-        if self.include_usage.is_some() && !stream {
+        let options = self.stream_options;
+        if options.is_some() && !stream {
             return Err(out_of_range(
                 "stream_options",
                 "stream_options is only allowed when stream is true".into(),
+            ));
+        }
+        let include_usage = options.is_some_and(|o| o.include_usage);
+        let continuous_usage = options.is_some_and(|o| o.continuous_usage_stats);
+        if continuous_usage && !include_usage {
+            return Err(out_of_range(
+                "stream_options",
+                "continuous_usage_stats needs include_usage: true".into(),
             ));
         }
         let params = SamplingParams {
@@ -332,10 +421,39 @@ impl Common<'_> {
             seed: self.seed.map(|s| s as u64),
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            min_tokens: min_tokens as usize,
+            stop_token_ids,
+            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            repetition_penalty: repetition_penalty as f32,
+            presence_penalty: penalties[0],
+            frequency_penalty: penalties[1],
+            logit_bias,
             ..SamplingParams::default()
         };
-        Ok((params, stream, self.include_usage.unwrap_or(false)))
+        Ok(Checked {
+            params,
+            n: n as usize,
+            stream,
+            include_usage,
+            continuous_usage,
+            ignored: self.extra.keys().cloned().collect(),
+        })
     }
+}
+
+/// `min_tokens` is checked once `max_tokens` is known.
+fn min_tokens_fit(params: &SamplingParams, max_tokens: usize) -> Result<(), ApiError> {
+    if params.min_tokens > max_tokens {
+        return Err(out_of_range(
+            "min_tokens",
+            format!(
+                "must not exceed max_tokens ({max_tokens}), got {}",
+                params.min_tokens
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn logprobs_count(param: &'static str, n: i64) -> Result<usize, ApiError> {
@@ -393,45 +511,98 @@ pub fn completion(
     served_name: &str,
     codec: &TextCodec,
     limits: ModelLimits,
+    strict: bool,
 ) -> Result<ValidRequest, ApiError> {
-    let (mut params, stream, include_usage) = common!(request).check(served_name)?;
+    let Checked {
+        mut params,
+        n,
+        stream,
+        include_usage,
+        continuous_usage,
+        ignored,
+    } = common!(request).check(served_name, limits.vocab_size, strict)?;
     if request.echo == Some(true) {
         return Err(unsupported("echo", "echo is not supported"));
     }
-    if request.best_of.is_some_and(|b| b != 1) {
-        return Err(unsupported("best_of", "only best_of 1 is supported"));
-    }
     if request.suffix.is_some() {
         return Err(unsupported("suffix", "suffix is not supported"));
+    }
+    let best_of = request.best_of.unwrap_or(n as i64);
+    if best_of < n as i64 || best_of > MAX_CHOICES {
+        return Err(out_of_range(
+            "best_of",
+            format!("must be at least n ({n}) and at most {MAX_CHOICES}, got {best_of}"),
+        ));
+    }
+    let best_of = best_of as usize;
+    if best_of > n && stream {
+        return Err(unsupported(
+            "best_of",
+            "best_of above n cannot be streamed: the best choices are known only at the end",
+        ));
     }
     let logprobs = request
         .logprobs
         .map(|n| logprobs_count("logprobs", n))
         .transpose()?;
-    let prompt = match &request.prompt {
-        Prompt::Text(text) => encode(codec, text)?,
-        Prompt::Texts(texts) if texts.len() == 1 => encode(codec, &texts[0])?,
-        Prompt::Tokens(ids) => token_ids(ids, limits.vocab_size)?,
-        Prompt::TokenLists(lists) if lists.len() == 1 => token_ids(&lists[0], limits.vocab_size)?,
-        Prompt::Texts(_) | Prompt::TokenLists(_) => {
-            return Err(unsupported(
-                "prompt",
-                "one prompt per request is supported; send one request per prompt",
-            ));
-        }
+    let add_special = request.add_special_tokens.unwrap_or(true);
+    let prompts: Vec<Vec<u32>> = match &request.prompt {
+        Prompt::Text(text) => vec![encode(codec, text, add_special)?],
+        Prompt::Texts(texts) => texts
+            .iter()
+            .map(|t| encode(codec, t, add_special))
+            .collect::<Result<_, _>>()?,
+        Prompt::Tokens(ids) => vec![token_ids("prompt", ids, limits.vocab_size)?],
+        Prompt::TokenLists(lists) => lists
+            .iter()
+            .map(|ids| token_ids("prompt", ids, limits.vocab_size))
+            .collect::<Result<_, _>>()?,
     };
-    if prompt.is_empty() {
-        return Err(out_of_range("prompt", "the prompt is empty".into()));
+    if prompts.is_empty() {
+        return Err(out_of_range("prompt", "the prompt list is empty".into()));
     }
-    params.max_tokens = max_tokens(request.max_tokens, Some(16), prompt.len(), limits)?;
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        let which = if prompts.len() == 1 {
+            "the prompt is empty".to_owned()
+        } else {
+            format!("prompt {i} of the list is empty")
+        };
+        return Err(out_of_range("prompt", which));
+    }
+    if (prompts.len() * best_of) as i64 > MAX_CHOICES {
+        return Err(out_of_range(
+            "prompt",
+            format!(
+                "{} prompts times {best_of} choices each is more than the {MAX_CHOICES} a request may ask for",
+                prompts.len()
+            ),
+        ));
+    }
+    let requested = request.max_completion_tokens.or(request.max_tokens);
+    let prompts = prompts
+        .into_iter()
+        .map(|p| {
+            let max = max_tokens(requested, Some(16), p.len(), limits)?;
+            min_tokens_fit(&params, max)?;
+            Ok((p, max))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    params.max_tokens = prompts[0].1;
     params.logprobs = logprobs.unwrap_or(0);
+    // The sampled token's log-probability is wanted with `logprobs` (even 0 alternatives) and
+    // to rank `best_of` candidates.
+    params.score = best_of > n || logprobs.is_some();
     Ok(ValidRequest {
         api: Api::Completion,
-        prompt,
+        prompts,
         params,
+        n,
+        best_of,
         stream,
         include_usage,
+        continuous_usage,
         logprobs,
+        ignored,
     })
 }
 
@@ -441,8 +612,16 @@ pub fn chat(
     served_name: &str,
     codec: &TextCodec,
     limits: ModelLimits,
+    strict: bool,
 ) -> Result<ValidRequest, ApiError> {
-    let (mut params, stream, include_usage) = common!(request).check(served_name)?;
+    let Checked {
+        mut params,
+        n,
+        stream,
+        include_usage,
+        continuous_usage,
+        ignored,
+    } = common!(request).check(served_name, limits.vocab_size, strict)?;
     if request
         .tools
         .as_ref()
@@ -544,36 +723,45 @@ pub fn chat(
             param: "messages".into(),
             message: e.to_string(),
         })?;
-    let prompt = encode(codec, &text)?;
+    // The chat template writes the special tokens it wants: none are added unless asked.
+    let prompt = encode(codec, &text, request.add_special_tokens.unwrap_or(false))?;
     let requested = request.max_completion_tokens.or(request.max_tokens);
     params.max_tokens = max_tokens(requested, None, prompt.len(), limits)?;
+    min_tokens_fit(&params, params.max_tokens)?;
     params.logprobs = logprobs.unwrap_or(0);
+    params.score = logprobs.is_some();
     Ok(ValidRequest {
         api: Api::Chat,
-        prompt,
+        prompts: vec![(prompt, params.max_tokens)],
         params,
+        n,
+        best_of: n,
         stream,
         include_usage,
+        continuous_usage,
         logprobs,
+        ignored,
     })
 }
 
-fn encode(codec: &TextCodec, text: &str) -> Result<Vec<u32>, ApiError> {
-    codec.encode(text).map_err(|e| ApiError::WrongType {
-        param: "prompt".into(),
-        message: e.to_string(),
-    })
+fn encode(codec: &TextCodec, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+    codec
+        .encode_with(text, add_special_tokens)
+        .map_err(|e| ApiError::WrongType {
+            param: "prompt".into(),
+            message: e.to_string(),
+        })
 }
 
-fn token_ids(ids: &[i64], vocab: usize) -> Result<Vec<u32>, ApiError> {
+fn token_ids(param: &'static str, ids: &[TokenId], vocab: usize) -> Result<Vec<u32>, ApiError> {
     ids.iter()
-        .map(|&id| {
+        .map(|&TokenId(id)| {
             u32::try_from(id)
                 .ok()
                 .filter(|&id| (id as usize) < vocab)
                 .ok_or_else(|| {
                     out_of_range(
-                        "prompt",
+                        param,
                         format!("token id {id} is outside the vocabulary of {vocab}"),
                     )
                 })
@@ -594,11 +782,15 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_field() {
+        // Fields no API defines are kept aside, to be ignored (or refused when strict).
+        let extra = parse::<CompletionRequest>(br#"{"prompt":"x","bogus":1,"also":{}}"#).unwrap();
+        assert_eq!(extra.extra.keys().collect::<Vec<_>>(), ["also", "bogus"]);
+        assert_eq!(extra.model, None, "model may be left out");
+        assert_eq!(param_of(r#"{"model":"m"}"#).as_deref(), Some("prompt"));
         assert_eq!(
-            param_of(r#"{"model":"m","prompt":"x","bogus":1}"#).as_deref(),
-            Some("bogus")
+            param_of(r#"{"prompt":"x","min_tokens":"few"}"#).as_deref(),
+            Some("min_tokens")
         );
-        assert_eq!(param_of(r#"{"prompt":"x"}"#).as_deref(), Some("model"));
         assert_eq!(
             param_of(r#"{"model":"m","prompt":"x","max_tokens":"many"}"#).as_deref(),
             Some("max_tokens")
@@ -691,8 +883,11 @@ mod tests {
 
     #[test]
     fn token_prompts_must_be_in_the_vocabulary() {
-        assert_eq!(token_ids(&[1, 2], 10).unwrap(), vec![1, 2]);
-        assert!(token_ids(&[10], 10).is_err());
-        assert!(token_ids(&[-1], 10).is_err());
+        assert_eq!(
+            token_ids("prompt", &[TokenId(1), TokenId(2)], 10).unwrap(),
+            vec![1, 2]
+        );
+        assert!(token_ids("prompt", &[TokenId(10)], 10).is_err());
+        assert!(token_ids("stop_token_ids", &[TokenId(-1)], 10).is_err());
     }
 }

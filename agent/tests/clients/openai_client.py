@@ -60,6 +60,53 @@ def main() -> None:
     assert completion.choices[0].text, "completion: empty text"
     assert completion.usage.completion_tokens == 8 or completion.choices[0].finish_reason == "stop"
 
+    # n choices, distinct and reproducible with a seed; the same streamed.
+    several = dict(model=model, prompt="My favourite animal is", n=3, temperature=1.0, seed=7, max_tokens=8)
+    first = client.completions.create(**several)
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in first.choices] == [0, 1, 2], first.choices
+    assert len(set(texts)) == 3, f"n=3 gave {texts}"
+    assert [c.text for c in client.completions.create(**several).choices] == texts, "seeded n"
+    streamed_texts = ["", "", ""]
+    for chunk in client.completions.create(**several, stream=True):
+        for c in chunk.choices:
+            streamed_texts[c.index] += c.text
+    assert streamed_texts == texts, f"streamed n: {streamed_texts} != {texts}"
+    chats = client.chat.completions.create(
+        model=model, messages=messages, n=2, temperature=1.0, seed=3, max_tokens=8
+    )
+    assert [c.index for c in chats.choices] == [0, 1], chats.choices
+
+    # A prompt list: a choice per prompt, in order, each as it would be alone.
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    listed = client.completions.create(model=model, prompt=prompts, max_tokens=6, temperature=0)
+    alone = [
+        client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0).choices[0].text
+        for p in prompts
+    ]
+    assert [c.text for c in listed.choices] == alone, f"{listed.choices} != {alone}"
+
+    # vLLM's extensions through extra_body change the answer.
+    bounded = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Answer with one word: is the sky blue?"}],
+        max_tokens=40,
+        temperature=0,
+    )
+    forced = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Answer with one word: is the sky blue?"}],
+        max_tokens=40,
+        temperature=0,
+        extra_body={"min_tokens": bounded.usage.completion_tokens + 5, "repetition_penalty": 1.1},
+    )
+    assert forced.usage.completion_tokens >= bounded.usage.completion_tokens + 5, forced.usage
+    # A field no API defines is ignored, as vLLM does.
+    ignored = client.completions.create(
+        model=model, prompt="Hi", max_tokens=2, extra_body={"no_such_field": 1}
+    )
+    assert ignored.choices, ignored
+
     try:
         client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=4)
     except openai.NotFoundError as e:
@@ -74,7 +121,10 @@ def main() -> None:
     else:
         raise AssertionError("temperature 7 was accepted")
 
-    print(f"openai {openai.__version__}: chat (plain, streamed), completion and errors ok")
+    print(
+        f"openai {openai.__version__}: chat (plain, streamed), completion, n, prompt lists, "
+        "extra_body and errors ok"
+    )
 
 
 if __name__ == "__main__":

@@ -159,9 +159,16 @@ impl TextCodec {
     /// Token ids of `text`; special tokens written in the text are recognised, BOS is added
     /// when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text`, with the special tokens the model adds (its BOS, where it asks for
+    /// one) only if `add_special_tokens`; special tokens written in the text are recognised
+    /// either way (as Hugging Face tokenizers, and so vLLM, do).
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let encoding = self.tokenizer.encode(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
-        if self.add_bos {
+        if self.add_bos && add_special_tokens {
             ids.extend(self.bos);
         }
         ids.extend_from_slice(encoding.get_ids());
@@ -170,7 +177,14 @@ impl TextCodec {
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(tok_err)
+        self.decode_with(ids, true)
+    }
+
+    /// Text of `ids`, special tokens left out if `skip_special_tokens`.
+    pub fn decode_with(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(tok_err)
     }
 
     /// The text of one token, special tokens included (a piece of a multi-byte character shows
@@ -228,9 +242,9 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     /// New text since the last call, given every id generated so far.
-    pub fn step(&mut self, codec: &TextCodec, ids: &[u32]) -> Result<String> {
-        let before = codec.decode(&ids[self.prefix..self.read])?;
-        let after = codec.decode(&ids[self.prefix..])?;
+    pub fn step(&mut self, codec: &TextCodec, ids: &[u32], skip_special: bool) -> Result<String> {
+        let before = codec.decode_with(&ids[self.prefix..self.read], skip_special)?;
+        let after = codec.decode_with(&ids[self.prefix..], skip_special)?;
         if after.len() > before.len() && !after.ends_with('\u{fffd}') {
             let text = after[before.len()..].to_owned();
             self.prefix = self.read;

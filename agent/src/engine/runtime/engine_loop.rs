@@ -9,7 +9,7 @@ use super::{
 use crate::engine::EngineError;
 use crate::engine::backend::{Executor, RowOutput, SeqInput, StepOutput};
 use crate::engine::model::tokenizer::{IncrementalDecoder, TextCodec};
-use crate::engine::sampling::{Rng, Sampled, sample};
+use crate::engine::sampling::{History, Rng, Sampled, sample};
 use crate::engine::scheduling::admission::Stall;
 use crate::engine::scheduling::blocks::{BlockAllocator, BlockTable};
 use crate::engine::scheduling::breaker::Breaker;
@@ -319,7 +319,20 @@ impl EngineLoop {
             seq.computed += p.tokens;
             seq.table.cache_computed(&seq.tokens, seq.computed);
             let sampled = match outcome {
-                Outcome::Logits(row) => sample(row, &seq.params, &mut seq.rng),
+                Outcome::Logits(row) => {
+                    let end_tokens = if seq.params.ignore_eos {
+                        seq.params.stop_token_ids.clone()
+                    } else {
+                        [&self.codec.eos[..], &seq.params.stop_token_ids[..]].concat()
+                    };
+                    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+                    let history = History {
+                        prompt,
+                        output,
+                        end_tokens: &end_tokens,
+                    };
+                    sample(row, &seq.params, &mut seq.rng, history)
+                }
                 Outcome::Token(token) => Sampled {
                     token,
                     logprob: 0.0,

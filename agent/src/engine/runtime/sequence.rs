@@ -41,7 +41,11 @@ impl Sequence {
     pub fn output(&self, tokens: usize) -> RowOutput {
         if self.computed + tokens < self.tokens.len() {
             RowOutput::None
-        } else if self.params.temperature == 0.0 && self.params.logprobs == 0 {
+        } else if self.params.temperature == 0.0
+            && self.params.logprobs == 0
+            && !self.params.score
+            && !self.params.processes_logits()
+        {
             RowOutput::Argmax
         } else {
             RowOutput::Logits
@@ -59,8 +63,12 @@ impl Sequence {
     ) -> Vec<Event> {
         self.tokens.push(sampled.token);
         let generated = self.tokens.len() - self.prompt_len;
-        let stop_token = self.params.stop_token_ids.contains(&sampled.token)
-            || (!self.params.ignore_eos && codec.eos.contains(&sampled.token));
+        // Before `min_tokens` nothing ends the output but its length (the sampler held the
+        // end tokens back).
+        let may_stop = generated >= self.params.min_tokens;
+        let stop_token = may_stop
+            && (self.params.stop_token_ids.contains(&sampled.token)
+                || (!self.params.ignore_eos && codec.eos.contains(&sampled.token)));
         let mut reason = if stop_token {
             Some(FinishReason::Stop)
         } else if generated >= self.params.max_tokens || self.tokens.len() >= context {
@@ -73,12 +81,21 @@ impl Sequence {
             String::new()
         } else {
             self.decoder
-                .step(codec, &self.tokens[self.prompt_len..])
+                .step(
+                    codec,
+                    &self.tokens[self.prompt_len..],
+                    self.params.skip_special_tokens,
+                )
                 .unwrap_or_default()
         };
         self.pending.push_str(&new_text);
-        if let Some(cut) = find_stop(&self.pending, &self.params.stop) {
-            self.pending.truncate(cut);
+        if may_stop && let Some((at, len)) = find_stop(&self.pending, &self.params.stop) {
+            let keep = if self.params.include_stop_str_in_output {
+                at + len
+            } else {
+                at
+            };
+            self.pending.truncate(keep);
             reason = Some(FinishReason::Stop);
         }
         let text = match reason {
@@ -141,9 +158,12 @@ impl Queued for Sequence {
     }
 }
 
-/// Byte offset of the earliest stop string in `text`.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+/// Byte offset and length of the earliest stop string in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<(usize, usize)> {
+    stops
+        .iter()
+        .filter_map(|s| Some((text.find(s.as_str())?, s.len())))
+        .min()
 }
 
 /// Takes the part of `pending` that cannot be the beginning of a stop string.
@@ -174,7 +194,7 @@ mod tests {
         assert_eq!(pending, "#");
         pending.push_str("# x");
         assert_eq!(take_safe_prefix(&mut pending, &stops), "## x");
-        assert_eq!(find_stop("ab###c", &stops), Some(2));
+        assert_eq!(find_stop("ab###c", &stops), Some((2, 3)));
         let mut none = "abc".to_owned();
         assert_eq!(take_safe_prefix(&mut none, &[]), "abc");
     }
