@@ -5,11 +5,12 @@
 
 mod support;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 use support::http::{MODEL, TestServer, eventually};
+use support::prometheus::{self, Prometheus};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -93,90 +94,11 @@ async fn the_openapi_document_is_valid_openapi() {
     assert!(printed.contains("OK"), "{printed}");
 }
 
-/// A Prometheus server in a scratch folder, stopped and removed on drop.
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-    base: String,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Prometheus {
-    fn start(binary: &Path, target: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!("parallax-prometheus-{nanos}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: parallax-agent\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap();
-        let address = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={address}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            dir,
-            base: format!("http://{address}"),
-        }
-    }
-
-    /// The single value of an instant PromQL query, if it has one yet.
-    async fn query(&self, client: &reqwest::Client, promql: &str) -> Option<(Value, f64)> {
-        let url = reqwest::Url::parse_with_params(
-            &format!("{}/api/v1/query", self.base),
-            [("query", promql)],
-        )
-        .ok()?;
-        let response = client.get(url).send().await.ok()?;
-        let body: Value = response.json().await.ok()?;
-        let result = body["data"]["result"].as_array()?.first()?.clone();
-        let value = result["value"][1].as_str()?.parse().ok()?;
-        Some((result["metric"].clone(), value))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_agent_and_promql_counts_the_generated_tokens() {
-    let binary = root().join(".tools/bin/prometheus");
-    if !binary.exists() {
-        eprintln!(
-            "\n*** SKIPPED: {} is missing (scripts/install-tools could not fetch Debian's prometheus) ***\n",
-            binary.display()
-        );
+    let Some(binary) = prometheus::binary() else {
         return;
-    }
+    };
     let (server, _engine) = TestServer::start().await;
     let mut generated = 0;
     for prompt in ["One", "Two", "Three"] {

@@ -151,4 +151,5 @@ pub fn prompts(engine: &EngineHandle) -> Vec<Vec<u32>> {
 pub mod fake_hub;
 pub mod http;
 pub mod process;
+pub mod prometheus;
 pub mod tiny;
