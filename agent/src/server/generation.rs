@@ -873,7 +873,9 @@ pub async fn respond(
             // Whatever became of the first choice (a token, its end, a failure, the client
             // gone), the siblings are submitted or told why not.
             let _ = siblings_may_start.await;
-            for (tx, params) in senders {
+            // A choice whose response is gone (the client left, the request failed) is not
+            // submitted.
+            for (tx, params) in senders.into_iter().filter(|(tx, _)| !tx.is_closed()) {
                 let _ = tx.send(
                     engine
                         .submit_with(prompt.clone(), params, options)
