@@ -71,6 +71,15 @@ impl RunningController {
     }
 
     fn start_with(client: &Client, settings: controller::Settings) -> Self {
+        Self::start_observed(client, settings, Arc::new(Metrics::default()))
+    }
+
+    /// Recording into `metrics`.
+    fn start_observed(
+        client: &Client,
+        settings: controller::Settings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let reporter = Reporter {
             controller: "parallax-operator".into(),
@@ -81,7 +90,7 @@ impl RunningController {
         };
         let task = tokio::spawn(controller::run(
             client.clone(),
-            Arc::new(Metrics::default()),
+            metrics,
             reporter,
             settings,
             shutdown,
@@ -1347,6 +1356,182 @@ async fn a_revision_that_serves_slower_is_rolled_back_to_the_last_good_one() {
     controller.stop().await;
     fast.abort();
     slow.abort();
+}
+
+/// The repository's root.
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Series an autoscaled pool has only after a forecast sample (five minutes of its history) or
+/// a rollback: the queries of the scaling dashboard that read them cannot have data in a test.
+const NEEDS_HISTORY: [&str; 4] = [
+    "signal=\"forecast\"",
+    "signal=\"forecast_mape\"",
+    "signal=\"naive_mape\"",
+    "parallax_operator_rollbacks_total",
+];
+
+#[tokio::test]
+async fn the_scaling_dashboards_queries_have_data_from_a_live_operator() {
+    let prometheus_binary = root().join(".tools/bin/prometheus");
+    if !prometheus_binary.exists() {
+        eprintln!(
+            "\n*** SKIPPED: {} is missing (scripts/install-tools) ***\n",
+            prometheus_binary.display()
+        );
+        return;
+    }
+    let output = std::process::Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/observability.py"))
+        .args(["--queries", "ml", "llama"])
+        .output()
+        .expect("python runs the dashboards' generator");
+    assert!(output.status.success(), "{output:?}");
+    let queries: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|q: &Value| q["expr"].as_str().unwrap().contains("parallax_operator_"))
+        .collect();
+    assert!(queries.len() >= 9, "{queries:?}");
+
+    // The operator, its metrics served on loopback, autoscaling a pool whose agent says 35
+    // requests wait: it scales up, counts GPU-hours and reports its signals.
+    let (_server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let body = Arc::new(std::sync::Mutex::new(agent_metrics(35, 0.9)));
+    let (agent_port, agent) = metrics_agent(body.clone()).await;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(parallax_operator::http::Health {
+        metrics: metrics.clone(),
+        ..Default::default()
+    });
+    let (metrics_port, metrics_server) =
+        serve_on_loopback(parallax_operator::http::router(health)).await;
+    let controller = RunningController::start_observed(
+        &client,
+        controller::Settings {
+            agents: AgentProbe::on_port(agent_port),
+            autoscale_every: Duration::from_millis(200),
+            ..controller::Settings::new("registry.example/parallax-agent:test".into())
+        },
+        metrics,
+    );
+    let mut scaled = pool();
+    scaled.spec.replicas = 1;
+    scaled.spec.max_replicas = 3;
+    scaled.spec.autoscaling.enabled = true;
+    Api::<InferencePool>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &scaled)
+        .await
+        .unwrap();
+    eventually("the first pod", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+    let ready = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .patch_status("llama-0-0", &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .unwrap();
+    eventually("a scale-up", &mut changes, TIMEOUT, || async {
+        current_pool(&client)
+            .await
+            .is_some_and(|p| p.spec.replicas == 2)
+    })
+    .await;
+
+    let dir = std::env::temp_dir().join(format!(
+        "parallax-operator-prometheus-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!("global: {{scrape_interval: 1s, scrape_timeout: 1s}}\nscrape_configs:\n  - job_name: parallax-operator\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"),
+    )
+    .unwrap();
+    let address = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let mut prometheus = std::process::Command::new(&prometheus_binary)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={address}"))
+        .arg("--log.level=warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = AgentProbe::on_port(address.port());
+    let has_data = |expr: String| {
+        let http = http.clone();
+        async move {
+            let url = format!(
+                "http://{address}/api/v1/query?query={}",
+                parallax_operator::autoscale::signals::url_encode(&expr)
+            );
+            let Ok(body) = http.get_url(&url, 1 << 20).await else {
+                return false;
+            };
+            let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
+            answer["data"]["result"].as_array().is_some_and(|r| {
+                r.iter().any(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite)
+                })
+            })
+        }
+    };
+    let (later, asked): (Vec<&Value>, Vec<&Value>) = queries.iter().partition(|q| {
+        let expr = q["expr"].as_str().unwrap();
+        NEEDS_HISTORY.iter().any(|n| expr.contains(n))
+    });
+    let mut missing: Vec<&Value> = asked.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !missing.is_empty() && std::time::Instant::now() < deadline {
+        let mut still = Vec::new();
+        for q in missing {
+            if !has_data(q["expr"].as_str().unwrap().to_owned()).await {
+                still.push(q);
+            }
+        }
+        missing = still;
+        if !missing.is_empty() {
+            // Prometheus scrapes every second: ask again after the next scrape.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    controller.stop().await;
+    agent.abort();
+    metrics_server.abort();
+    assert!(
+        missing.is_empty(),
+        "operator queries without data:\n{}",
+        missing
+            .iter()
+            .map(|q| format!("{} / {}: {}", q["dashboard"], q["panel"], q["expr"]))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(asked.len() + later.len(), queries.len());
+    eprintln!(
+        "{} operator queries had data; {} need a forecast sample or a rollback first",
+        asked.len(),
+        later.len()
+    );
 }
 
 #[tokio::test]
