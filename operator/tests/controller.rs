@@ -74,6 +74,28 @@ impl RunningController {
         Self::start_observed(client, settings, Arc::new(Metrics::default()))
     }
 
+    /// Agents (stand-ins) on `port`, their metrics read every `every`.
+    fn scaling(client: &Client, port: u16, every: Duration) -> Self {
+        Self::scaling_observed(client, port, every, Arc::new(Metrics::default()))
+    }
+
+    fn scaling_observed(
+        client: &Client,
+        port: u16,
+        every: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::start_observed(
+            client,
+            controller::Settings {
+                agents: AgentProbe::on_port(port),
+                autoscale_every: every,
+                ..controller::Settings::new("registry.example/parallax-agent:test".into())
+            },
+            metrics,
+        )
+    }
+
     /// Recording into `metrics`.
     fn start_observed(
         client: &Client,
@@ -1005,14 +1027,7 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
     let (server, client, mut changes) = cluster(&["gpu-a"]).await;
     let body = Arc::new(std::sync::Mutex::new(agent_metrics(35, 0.9)));
     let (port, agent) = metrics_agent(body.clone()).await;
-    let controller = RunningController::start_with(
-        &client,
-        controller::Settings {
-            agents: AgentProbe::on_port(port),
-            autoscale_every: Duration::from_millis(100),
-            ..controller::Settings::new("registry.example/parallax-agent:test".into())
-        },
-    );
+    let controller = RunningController::scaling(&client, port, Duration::from_millis(100));
     let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
     let mut scaled = pool();
     scaled.spec.replicas = 1;
@@ -1231,14 +1246,7 @@ async fn a_revision_that_serves_slower_is_rolled_back_to_the_last_good_one() {
     let slow_scraped = Arc::new(tokio::sync::watch::Sender::new(0));
     let fast = steady_agent(fast_listener, "0.1", fast_scraped.clone()).await;
     let slow = steady_agent(slow_listener, "0.5", slow_scraped.clone()).await;
-    let controller = RunningController::start_with(
-        &client,
-        controller::Settings {
-            agents: AgentProbe::on_port(port),
-            autoscale_every: Duration::from_millis(100),
-            ..controller::Settings::new("registry.example/parallax-agent:test".into())
-        },
-    );
+    let controller = RunningController::scaling(&client, port, Duration::from_millis(100));
     let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
     let mut one = pool();
     one.spec.replicas = 1;
@@ -1408,13 +1416,10 @@ async fn the_scaling_dashboards_queries_have_data_from_a_live_operator() {
     });
     let (metrics_port, metrics_server) =
         serve_on_loopback(parallax_operator::http::router(health)).await;
-    let controller = RunningController::start_observed(
+    let controller = RunningController::scaling_observed(
         &client,
-        controller::Settings {
-            agents: AgentProbe::on_port(agent_port),
-            autoscale_every: Duration::from_millis(200),
-            ..controller::Settings::new("registry.example/parallax-agent:test".into())
-        },
+        agent_port,
+        Duration::from_millis(200),
         metrics,
     );
     let mut scaled = pool();

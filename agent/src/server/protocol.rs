@@ -89,6 +89,8 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     /// Recorded in nothing; accepted for compatibility.
     pub user: Option<String>,
+    // vLLM's sampling extensions. Written out in each request type rather than flattened from
+    // one struct: a flattened field's type error would lose its name in the 400's `param`.
     /// vLLM extension: keep the k most likely tokens (0 or -1: all).
     #[schemars(range(min = -1))]
     pub top_k: Option<i64>,
