@@ -150,6 +150,42 @@ struct Placing {
     batch_size: usize,
 }
 
+impl Placing {
+    /// How the request was placed; with the processing time once it has `finished`.
+    fn report(&self, state: &AppState, finished: bool) -> Placement {
+        let millis = |d: Duration| d.as_secs_f64() * 1e3;
+        Placement {
+            bin: self.prediction.bin.as_str(),
+            complexity: self.prediction.complexity,
+            predicted_time_ms: millis(self.prediction.time),
+            queue_time_ms: millis(self.queue_time),
+            processing_time_ms: self
+                .started
+                .filter(|_| finished)
+                .map(|s| millis(s.elapsed())),
+            batch_size: self.batch_size,
+            gpu_utilization: match state.gpus() {
+                Some(gpus) => gpus.utilization().map_or_else(
+                    || "unavailable (not reported)".into(),
+                    |u| format!("{u:.0}%"),
+                ),
+                None => "unavailable (no GPU watched)".into(),
+            },
+        }
+    }
+
+    /// The placement as response headers.
+    fn headers(&self, state: &AppState, finished: bool) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in self.report(state, finished).headers() {
+            if let Ok(value) = value.parse() {
+                headers.insert(name, value);
+            }
+        }
+        headers
+    }
+}
+
 /// What every choice of a response shares.
 #[derive(Debug, Clone)]
 struct Shape {
@@ -295,34 +331,7 @@ impl Generation {
 
     /// How the request was placed; with the processing time once it has `finished`.
     fn report(&self, finished: bool) -> Placement {
-        let p = &self.placement;
-        let millis = |d: Duration| d.as_secs_f64() * 1e3;
-        Placement {
-            bin: p.prediction.bin.as_str(),
-            complexity: p.prediction.complexity,
-            predicted_time_ms: millis(p.prediction.time),
-            queue_time_ms: millis(p.queue_time),
-            processing_time_ms: p.started.filter(|_| finished).map(|s| millis(s.elapsed())),
-            batch_size: p.batch_size,
-            gpu_utilization: match self.state.gpus() {
-                Some(gpus) => gpus.utilization().map_or_else(
-                    || "unavailable (not reported)".into(),
-                    |u| format!("{u:.0}%"),
-                ),
-                None => "unavailable (no GPU watched)".into(),
-            },
-        }
-    }
-
-    /// The placement as response headers.
-    fn headers(&self, finished: bool) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in self.report(finished).headers() {
-            if let Ok(value) = value.parse() {
-                headers.insert(name, value);
-            }
-        }
-        headers
+        self.placement.report(&self.state, finished)
     }
 
     async fn next(&mut self) -> Step {
@@ -622,35 +631,8 @@ async fn collect(
         prompt += 1;
     }
     let usage = total_usage(prompt_tokens, cached, &choices);
-    let headers = placement_headers(state, first_started);
+    let headers = first_started.headers(state, true);
     (headers, shape.body(choices, usage)).into_response()
-}
-
-/// The placement headers of the first choice, with its processing time.
-fn placement_headers(state: &AppState, placing: Placing) -> HeaderMap {
-    let millis = |d: Duration| d.as_secs_f64() * 1e3;
-    let placement = Placement {
-        bin: placing.prediction.bin.as_str(),
-        complexity: placing.prediction.complexity,
-        predicted_time_ms: millis(placing.prediction.time),
-        queue_time_ms: millis(placing.queue_time),
-        processing_time_ms: placing.started.map(|s| millis(s.elapsed())),
-        batch_size: placing.batch_size,
-        gpu_utilization: match state.gpus() {
-            Some(gpus) => gpus.utilization().map_or_else(
-                || "unavailable (not reported)".into(),
-                |u| format!("{u:.0}%"),
-            ),
-            None => "unavailable (no GPU watched)".into(),
-        },
-    };
-    let mut headers = HeaderMap::new();
-    for (name, value) in placement.headers() {
-        if let Ok(value) = value.parse() {
-            headers.insert(name, value);
-        }
-    }
-    headers
 }
 
 /// Streams every choice's chunks as they come, each with its index; then the usage chunk (with
@@ -663,7 +645,7 @@ fn stream(
     prompt_tokens: usize,
 ) -> Response {
     use futures::StreamExt;
-    let headers = first.headers(false);
+    let headers = first.placement.headers(&first.state, false);
     let count = 1 + others.len();
     // Each choice: (index, step) until its end; the first also reports its placement at the end.
     let choices = std::iter::once(first).chain(others).map(|g| {

@@ -320,12 +320,15 @@ impl EngineLoop {
             seq.table.cache_computed(&seq.tokens, seq.computed);
             let sampled = match outcome {
                 Outcome::Logits(row) => {
-                    let end_tokens = if seq.params.ignore_eos {
+                    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+                    // The end tokens matter only while `min_tokens` holds them back.
+                    let end_tokens = if output.len() >= seq.params.min_tokens {
+                        Vec::new()
+                    } else if seq.params.ignore_eos {
                         seq.params.stop_token_ids.clone()
                     } else {
                         [&self.codec.eos[..], &seq.params.stop_token_ids[..]].concat()
                     };
-                    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
                     let history = History {
                         prompt,
                         output,
