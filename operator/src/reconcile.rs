@@ -656,15 +656,7 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         .ok_or(Error::MissingField("InferencePool", "namespace"))?;
     let name = pool.name_any();
     let client = &ctx.client;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    for pod in pods
-        .list(&ListParams::default().labels(&pool_selector(&name)))
-        .await?
-    {
-        if owned_by(&pod.metadata, pool) {
-            delete_ignoring_absent(&pods, &pod.name_any()).await?;
-        }
-    }
+    delete_all_owned(&Api::<Pod>::namespaced(client.clone(), &namespace), pool).await?;
     // A LeaderWorkerSet takes its pods with it (nothing to do where the API is not served).
     match delete_if_owned(&lws_api(client, &namespace), &lws::name(&name), pool).await {
         Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {}
@@ -679,24 +671,16 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let services = Api::<Service>::namespaced(client.clone(), &namespace);
     delete_if_owned(&services, &service_name(&name), pool).await?;
     delete_if_owned(&services, &headless_service_name(&name), pool).await?;
-    let revisions = Api::<ControllerRevision>::namespaced(client.clone(), &namespace);
-    for revision in revisions
-        .list(&ListParams::default().labels(&pool_selector(&name)))
-        .await?
-    {
-        if owned_by(&revision.metadata, pool) {
-            delete_ignoring_absent(&revisions, &revision.name_any()).await?;
-        }
-    }
-    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
-    for config in config_maps
-        .list(&ListParams::default().labels(&pool_selector(&name)))
-        .await?
-    {
-        if owned_by(&config.metadata, pool) {
-            delete_ignoring_absent(&config_maps, &config.name_any()).await?;
-        }
-    }
+    delete_all_owned(
+        &Api::<ControllerRevision>::namespaced(client.clone(), &namespace),
+        pool,
+    )
+    .await?;
+    delete_all_owned(
+        &Api::<ConfigMap>::namespaced(client.clone(), &namespace),
+        pool,
+    )
+    .await?;
     publish(
         ctx,
         pool,
@@ -768,6 +752,20 @@ where
     }
     server_side_apply(client, namespace, object).await?;
     Ok(None)
+}
+
+/// Deletes every object of `api` that carries the pool's label and is the pool's.
+async fn delete_all_owned<K>(api: &Api<K>, pool: &InferencePool) -> Result<()>
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+{
+    let selector = pool_selector(&pool.name_any());
+    for object in api.list(&ListParams::default().labels(&selector)).await? {
+        if owned_by(object.meta(), pool) {
+            delete_ignoring_absent(api, &object.name_any()).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes `name` if it is there and the pool's.

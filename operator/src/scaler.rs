@@ -553,16 +553,7 @@ impl Scaler {
         };
         if let Some((type_, reason, note)) = event {
             info!(pool = %pool.name_any(), reason, %note, "rollback judge");
-            let event = Event {
-                type_,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Rollback".into(),
-                secondary: None,
-            };
-            if let Err(error) = self.recorder.publish(&event, &pool.object_ref(&())).await {
-                warn!(%error, "could not record event");
-            }
+            self.publish(pool, type_, reason, "Rollback", note).await;
         }
         let changed = next != status;
         let patch = serde_json::json!({"rollback": next});
@@ -741,17 +732,30 @@ impl Scaler {
             }
         );
         info!(pool = %pool.name_any(), %note, "autoscaling");
+        self.publish(pool, EventType::Normal, reason, "Scale", note)
+            .await;
+        Ok(())
+    }
+
+    /// Records an event on the pool; one that cannot be recorded is logged, nothing more.
+    async fn publish(
+        &self,
+        pool: &InferencePool,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
-            type_: EventType::Normal,
+            type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Scale".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(error) = self.recorder.publish(&event, &pool.object_ref(&())).await {
-            warn!(%error, "could not record event");
+            warn!(%error, reason, "could not record event");
         }
-        Ok(())
     }
 
     /// `desired` merged into the pool's conditions, written with the status fields of `fields`

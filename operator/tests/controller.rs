@@ -1037,17 +1037,11 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
     scaled.spec.autoscaling.scale_down_cooldown_seconds = 0;
     pools.create(&PostParams::default(), &scaled).await.unwrap();
     // The group's leader is ready at 127.0.0.1, where the stand-in agent answers.
-    let pod_api = Api::<Pod>::namespaced(client.clone(), "ml");
     eventually("the first pod", &mut changes, TIMEOUT, || async {
         pods(&client).await.len() == 1
     })
     .await;
-    let ready = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
-        "conditions": [{"type": "Ready", "status": "True"}]}});
-    pod_api
-        .patch_status("llama-0-0", &PatchParams::default(), &Patch::Merge(&ready))
-        .await
-        .unwrap();
+    ready_at(&client, "llama-0-0", "127.0.0.1").await;
 
     // 35 requests wait: one more group, through the scale subresource.
     eventually(
@@ -1434,12 +1428,7 @@ async fn the_scaling_dashboards_queries_have_data_from_a_live_operator() {
         pods(&client).await.len() == 1
     })
     .await;
-    let ready = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
-        "conditions": [{"type": "Ready", "status": "True"}]}});
-    Api::<Pod>::namespaced(client.clone(), "ml")
-        .patch_status("llama-0-0", &PatchParams::default(), &Patch::Merge(&ready))
-        .await
-        .unwrap();
+    ready_at(&client, "llama-0-0", "127.0.0.1").await;
     eventually("a scale-up", &mut changes, TIMEOUT, || async {
         current_pool(&client)
             .await
