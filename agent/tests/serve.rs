@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::http::{MODEL, TestServer, eventually, load_into, sample, server_config, sse_events};
+use support::http::{
+    MODEL, TestServer, eventually, load_into, sample, samples, server_config, sse_events,
+};
 
 /// The text, finish reason and usage of a plain (non-streamed) answer.
 fn plain_parts(api: &str, body: &Value) -> (String, String, Value) {
@@ -297,6 +299,27 @@ async fn thirty_two_concurrent_requests_succeed_and_the_metrics_count_them() {
     }
     // Seven gaps between eight tokens, per request.
     assert_eq!(value("vllm:inter_token_latency_seconds_count"), 32.0 * 7.0);
+    // The same latencies by bin and priority: each class counts the requests admitted in it.
+    let admitted = samples(&text, "parallax_admissions_total");
+    assert!(!admitted.is_empty());
+    for (histogram, per_request) in [
+        ("parallax_time_to_first_token_seconds", 1.0),
+        ("parallax_e2e_request_latency_seconds", 1.0),
+        ("parallax_request_queue_time_seconds", 1.0),
+        ("parallax_inter_token_latency_seconds", 7.0),
+    ] {
+        let counts = samples(&text, &format!("{histogram}_count"));
+        assert_eq!(counts.len(), admitted.len(), "{histogram}: {counts:?}");
+        for (labels, requests) in &admitted {
+            let count = counts.iter().find(|(l, _)| l == labels).map(|c| c.1);
+            assert_eq!(
+                count,
+                Some(requests * per_request),
+                "{histogram}{{{labels}}}"
+            );
+        }
+    }
+    assert_eq!(value("parallax_tensor_parallel_size"), 1.0);
     // Every request's tokens went through steps; steps carried at least one sequence each.
     let steps = value("parallax_step_duration_seconds_count");
     assert_eq!(steps, engine.stats.steps.load(Ordering::Relaxed) as f64);

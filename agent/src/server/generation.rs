@@ -837,7 +837,9 @@ pub async fn respond(
                 want_logprobs: request.logprobs.is_some(),
                 stream,
                 prefilled: None,
-                timer: state.metrics.timer(arrived),
+                timer: state
+                    .metrics
+                    .timer(arrived, prediction.bin, scheduling.priority),
                 abort: state.abort_signal(),
                 offset: 0,
                 completion_tokens: 0,

@@ -92,6 +92,60 @@ pub struct EngineView {
     pub info: Arc<EngineInfo>,
 }
 
+type ClassHistograms = Family<ClassLabel, Histogram, fn() -> Histogram>;
+
+/// vLLM's request latencies again, by the request's predicted bin and priority (vLLM's own carry
+/// no such labels, and dashboards built for them sum over none).
+#[derive(Debug)]
+struct ClassLatency {
+    ttft: ClassHistograms,
+    inter_token: ClassHistograms,
+    e2e: ClassHistograms,
+    queue: ClassHistograms,
+}
+
+impl Default for ClassLatency {
+    fn default() -> Self {
+        Self {
+            ttft: Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS.iter().copied())),
+            inter_token: Family::new_with_constructor(|| {
+                Histogram::new(ITL_BUCKETS.iter().copied())
+            }),
+            e2e: Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS.iter().copied())),
+            queue: Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS.iter().copied())),
+        }
+    }
+}
+
+impl ClassLatency {
+    fn register(&self, registry: &mut Registry) {
+        for (name, help, family) in [
+            (
+                "parallax_time_to_first_token_seconds",
+                "Time from the request's arrival to its first token, by predicted bin and priority",
+                &self.ttft,
+            ),
+            (
+                "parallax_inter_token_latency_seconds",
+                "Time between consecutive output tokens, by the request's predicted bin and priority",
+                &self.inter_token,
+            ),
+            (
+                "parallax_e2e_request_latency_seconds",
+                "Time from a request's arrival to its last token, by predicted bin and priority",
+                &self.e2e,
+            ),
+            (
+                "parallax_request_queue_time_seconds",
+                "Time a request waited before its first step, by predicted bin and priority",
+                &self.queue,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+    }
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -100,6 +154,7 @@ pub struct Metrics {
     inter_token: Histogram,
     e2e: Histogram,
     queue: Histogram,
+    by_class: ClassLatency,
     success: Family<FinishedLabel, Counter>,
     errors: Family<ErrorLabel, Counter>,
     step_duration: Histogram,
@@ -131,6 +186,7 @@ impl Metrics {
             inter_token: histogram(ITL_BUCKETS),
             e2e: histogram(REQUEST_BUCKETS),
             queue: histogram(REQUEST_BUCKETS),
+            by_class: ClassLatency::default(),
             success: Family::default(),
             errors: Family::default(),
             step_duration: histogram(STEP_BUCKETS),
@@ -170,6 +226,7 @@ impl Metrics {
             "Time a request waited before its first step",
             metrics.queue.clone(),
         );
+        metrics.by_class.register(&mut registry);
         registry.register(
             "vllm:request_success",
             "Requests finished, by why they finished (stop, length, abort, error)",
@@ -309,10 +366,14 @@ impl Metrics {
         }
     }
 
-    /// Starts timing a request that arrived at `arrived`.
-    pub fn timer(self: &Arc<Self>, arrived: Instant) -> RequestTimer {
+    /// Starts timing a request of bin `bin` and priority `priority` that arrived at `arrived`.
+    pub fn timer(self: &Arc<Self>, arrived: Instant, bin: Bin, priority: Priority) -> RequestTimer {
         RequestTimer {
             metrics: self.clone(),
+            class: ClassLabel {
+                bin: bin.as_str(),
+                priority: priority.as_str(),
+            },
             arrived,
             last_token: None,
             finished: false,
@@ -378,6 +439,12 @@ impl Collector for EngineCollector {
             ConstGauge::new(stat(|s| s.running.load(Relaxed) as u64) as i64),
         )?;
         if let Some(view) = view {
+            gauge(
+                &mut encoder,
+                "parallax_tensor_parallel_size",
+                "Ranks (GPUs) the model is split over across the group; 1 for a whole model",
+                ConstGauge::new(view.info.tensor_parallel_size as i64),
+            )?;
             let limit = view.stats.batch_limit.load(Relaxed);
             gauge(
                 &mut encoder,
@@ -633,6 +700,7 @@ impl Collector for WatchCollector {
 #[derive(Debug)]
 pub struct RequestTimer {
     metrics: Arc<Metrics>,
+    class: ClassLabel,
     arrived: Instant,
     last_token: Option<Instant>,
     finished: bool,
@@ -642,13 +710,21 @@ impl RequestTimer {
     /// A token arrived now.
     pub fn token(&mut self) {
         let now = Instant::now();
-        match self.last_token {
-            None => self
-                .metrics
-                .ttft
-                .observe((now - self.arrived).as_secs_f64()),
-            Some(last) => self.metrics.inter_token.observe((now - last).as_secs_f64()),
-        }
+        let (vllm, ours, seconds) = match self.last_token {
+            None => (
+                &self.metrics.ttft,
+                &self.metrics.by_class.ttft,
+                now - self.arrived,
+            ),
+            Some(last) => (
+                &self.metrics.inter_token,
+                &self.metrics.by_class.inter_token,
+                now - last,
+            ),
+        };
+        vllm.observe(seconds.as_secs_f64());
+        ours.get_or_create(&self.class)
+            .observe(seconds.as_secs_f64());
         self.last_token = Some(now);
     }
 
@@ -672,11 +748,15 @@ impl RequestTimer {
     ) {
         self.finished = true;
         let e2e = self.arrived.elapsed().as_secs_f64();
+        let queue = queue_time.as_secs_f64();
+        let by_class = &self.metrics.by_class;
         self.metrics.e2e.observe(e2e);
+        by_class.e2e.get_or_create(&self.class).observe(e2e);
         self.metrics
             .watch()
             .request(Instant::now(), e2e, output_tokens);
-        self.metrics.queue.observe(queue_time.as_secs_f64());
+        self.metrics.queue.observe(queue);
+        by_class.queue.get_or_create(&self.class).observe(queue);
         self.metrics
             .success
             .get_or_create(&FinishedLabel {

@@ -165,6 +165,20 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// Every sample of metric `name`: its labels as written (`a="x",b="y"`) and its value.
+#[allow(dead_code)]
+pub fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let labels = rest.strip_suffix('}')?;
+            (metric == name).then(|| Some((labels.to_owned(), value.parse().ok()?)))?
+        })
+        .collect()
+}
+
 /// Waits (polling) until `check` holds, up to `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where

@@ -82,6 +82,11 @@ pub trait Executor: Send + std::fmt::Debug {
     fn faults(&self) -> Option<FaultFlag> {
         None
     }
+    /// Ranks the model is split over, in this process and the group's other pods; 1 for a whole
+    /// model.
+    fn tensor_parallel_size(&self) -> usize {
+        1
+    }
 }
 
 /// Where an executor records a failure found outside any step (a tensor-parallel rank in another

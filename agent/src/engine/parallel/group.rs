@@ -377,6 +377,10 @@ impl Executor for TensorParallel {
     fn faults(&self) -> Option<FaultFlag> {
         self.faults.clone()
     }
+
+    fn tensor_parallel_size(&self) -> usize {
+        self.world
+    }
 }
 
 #[cfg(test)]

@@ -261,6 +261,8 @@ pub struct EngineInfo {
     pub kv_blocks: usize,
     pub weight_bytes: usize,
     pub max_num_seqs: usize,
+    /// Ranks the model is split over across the group (1: the whole model here).
+    pub tensor_parallel_size: usize,
     /// How the GPU's memory was shared, on a GPU sized by memory fraction.
     pub memory: Option<memory::MemoryPlan>,
 }
@@ -448,6 +450,7 @@ pub fn start_observed(
         kv_blocks: blocks,
         weight_bytes: executor.weight_bytes(),
         max_num_seqs: config.max_num_seqs,
+        tensor_parallel_size: executor.tensor_parallel_size(),
         memory: plan,
     });
     let mut stats = EngineStats::default();
