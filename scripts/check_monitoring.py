@@ -4,14 +4,17 @@
 Usage: check_monitoring.py WITH_OPERATOR_CRDS.yaml WITHOUT.yaml RULES_OUT.yaml
 
 WITH_OPERATOR_CRDS.yaml is the chart rendered with the monitoring.coreos.com/v1 kinds available:
-it must hold a PodMonitor for the agents, a ServiceMonitor on the operator's metrics port and a
-PrometheusRule whose spec is the committed rule file (written to RULES_OUT.yaml for promtool).
+it must hold a ServiceMonitor on the operator's metrics port and a PrometheusRule whose spec is
+the committed rule file (written to RULES_OUT.yaml for promtool). The agents' PodMonitors are the
+operator's (one per pool): the chart renders none, and gives the operator the settings for them
+and the right to write them.
 WITHOUT.yaml, rendered without them, must hold none of those kinds and the rules as a ConfigMap.
 Both must carry every dashboard of charts/parallax/dashboards as a ConfigMap the Grafana sidecar
 loads, its JSON as committed.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -39,21 +42,34 @@ def dashboards(docs, where):
         fail(f"{where}: dashboards {sorted(found)} are not the committed {sorted(committed)}")
 
 
+def operator(docs):
+    """The operator is told to make the pools' PodMonitors, how, and may write them."""
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if env.get("PARALLAX_POD_MONITORS") != "auto":
+        fail(f"PARALLAX_POD_MONITORS is {env.get('PARALLAX_POD_MONITORS')!r}, not auto")
+    if not re.fullmatch(r"(\d+(y|w|d|h|m|s|ms))+", env.get("PARALLAX_POD_MONITOR_INTERVAL") or ""):
+        fail(f"PARALLAX_POD_MONITOR_INTERVAL is {env.get('PARALLAX_POD_MONITOR_INTERVAL')!r}")
+    labels = json.loads(env.get("PARALLAX_POD_MONITOR_LABELS") or "null")
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        fail(f"PARALLAX_POD_MONITOR_LABELS is {labels!r}, not an object of strings")
+    service_monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    if not labels.items() <= service_monitor["metadata"]["labels"].items():
+        fail(f"the pools' PodMonitors would be labelled {labels}, unlike the operator's ServiceMonitor")
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    if not any("monitoring.coreos.com" in r.get("apiGroups", []) and "podmonitors" in r.get("resources", [])
+               and {"get", "create", "patch", "delete"} <= set(r["verbs"]) for r in role["rules"]):
+        fail("the operator's ClusterRole does not let it write PodMonitors")
+
+
 def main():
     with_crds, without, rules_out = sys.argv[1:4]
     rule_file = yaml.safe_load((ROOT / "charts/parallax/rules/parallax.rules.yaml").read_text())
     docs = objects(with_crds)
     kinds = {d["kind"]: d for d in docs}
-    pod_monitor = kinds.get("PodMonitor") or fail("no PodMonitor")
-    selector = pod_monitor["spec"]["selector"]["matchExpressions"]
-    if selector != [{"key": "parallax.dev/pool", "operator": "Exists"}]:
-        fail(f"the PodMonitor selects {selector}")
-    endpoint = pod_monitor["spec"]["podMetricsEndpoints"][0]
-    if endpoint["port"] != "http" or endpoint["path"] != "/metrics":
-        fail(f"the PodMonitor scrapes {endpoint}")
-    relabel = endpoint["relabelings"][0]
-    if relabel["targetLabel"] != "pool" or relabel["sourceLabels"] != ["__meta_kubernetes_pod_label_parallax_dev_pool"]:
-        fail(f"the pool label comes from {relabel}")
+    if "PodMonitor" in kinds:
+        fail("the chart renders a PodMonitor: the agents' are the operator's, one per pool")
+    operator(docs)
     service = next(d for d in docs if d["kind"] == "Service")
     service_monitor = kinds.get("ServiceMonitor") or fail("no ServiceMonitor")
     ports = [p["name"] for p in service["spec"]["ports"]]

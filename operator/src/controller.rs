@@ -3,6 +3,7 @@
 use crate::agents::AgentProbe;
 use crate::children::POOL_LABEL;
 use crate::metrics::Metrics;
+use crate::monitoring::{self, PodMonitorSettings, PodMonitors};
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::scaler::Scaler;
 use futures::{Future, StreamExt};
@@ -15,7 +16,8 @@ use kube::{Api, Client, ResourceExt};
 use parallax_crds::InferencePool;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{debug, info};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 /// How the controller treats pools' pods.
 #[derive(Debug, Clone)]
@@ -26,6 +28,10 @@ pub struct Settings {
     pub agents: AgentProbe,
     /// How often the built-in autoscaler reads the agents' metrics.
     pub autoscale_every: Duration,
+    /// The pools' PodMonitors where the cluster serves them; `None`: none.
+    pub pod_monitors: Option<PodMonitorSettings>,
+    /// How often API discovery is asked whether the cluster serves PodMonitors.
+    pub discover_every: Duration,
 }
 
 impl Settings {
@@ -35,6 +41,8 @@ impl Settings {
             agent_image,
             agents: AgentProbe::default(),
             autoscale_every: Duration::from_secs(15),
+            pod_monitors: Some(PodMonitorSettings::default()),
+            discover_every: Duration::from_secs(60),
         }
     }
 }
@@ -71,6 +79,25 @@ pub async fn run(
         )
         .run(settings.autoscale_every),
     );
+    // Whether the cluster serves PodMonitors: asked now, so that the first reconciles know,
+    // then every `discover_every`; a change reconciles every pool. Asked even with monitors
+    // off, so that the pools' old ones go.
+    let (served, served_now) = watch::channel(false);
+    let found = monitoring::served(&client).await.unwrap_or_else(|error| {
+        warn!(%error, "API discovery of {} failed", monitoring::GROUP_VERSION);
+        false
+    });
+    info!(served = found, "PodMonitor API");
+    served.send_replace(found);
+    let discovery = tokio::spawn(monitoring::discover(
+        client.clone(),
+        settings.discover_every,
+        served,
+    ));
+    let monitors_changed = futures::stream::unfold(served_now.clone(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
     let ctx = Arc::new(Context {
         client: client.clone(),
         nodes,
@@ -78,6 +105,10 @@ pub async fn run(
         metrics,
         agent_image: settings.agent_image,
         agents: settings.agents,
+        pod_monitors: PodMonitors {
+            settings: settings.pod_monitors,
+            served: served_now,
+        },
     });
     let children = watcher::Config::default().labels(POOL_LABEL);
     Controller::new(
@@ -92,6 +123,7 @@ pub async fn run(
     .owns(Api::<Service>::all(client.clone()), children.clone())
     .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
     .owns(Api::<PodDisruptionBudget>::all(client.clone()), children)
+    .reconcile_all_on(monitors_changed)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
@@ -103,4 +135,5 @@ pub async fn run(
     .await;
     scaler.abort();
     node_task.abort();
+    discovery.abort();
 }

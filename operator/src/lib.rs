@@ -15,6 +15,7 @@ pub mod inventory;
 pub mod leader;
 pub mod lws;
 pub mod metrics;
+pub mod monitoring;
 pub mod placement;
 pub mod reconcile;
 pub mod render;

@@ -27,6 +27,12 @@ async fn main() -> anyhow::Result<()> {
         logs.init()
     }
 
+    // The pools' PodMonitors (the chart's `monitoring` values): refused by name before anything
+    // starts.
+    let pod_monitors =
+        parallax_operator::monitoring::PodMonitorSettings::from_env(|key| std::env::var(key).ok())
+            .map_err(anyhow::Error::msg)?;
+
     let address = std::env::var("PARALLAX_HTTP_ADDRESS").unwrap_or_else(|_| "0.0.0.0:8080".into());
     let identity = std::env::var("POD_NAME")
         .unwrap_or_else(|_| format!("parallax-operator-{}", std::process::id()));
@@ -50,6 +56,10 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .filter(|image| !image.is_empty())
         .unwrap_or_else(parallax_operator::children::default_agent_image);
+    let controller_settings = controller::Settings {
+        pod_monitors,
+        ..controller::Settings::new(agent_image)
+    };
     let reporter = Reporter {
         controller: "parallax-operator".into(),
         instance: Some(identity.clone()),
@@ -62,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
             client,
             health.metrics.clone(),
             reporter,
-            controller::Settings::new(agent_image),
+            controller_settings,
             shutdown,
         )
         .await;
@@ -79,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     leader::acquire(&leases, &settings).await?;
     health.metrics.leader.set(1);
     tokio::select! {
-        () = controller::run(client, health.metrics.clone(), reporter, controller::Settings::new(agent_image), shutdown) => Ok(()),
+        () = controller::run(client, health.metrics.clone(), reporter, controller_settings, shutdown) => Ok(()),
         lost = leader::hold(&leases, &settings) => Err(lost).context("stopping: leadership lost"),
     }
 }

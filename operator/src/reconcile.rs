@@ -13,6 +13,7 @@ use crate::groups::{self, DeleteReason, GroupPlan};
 use crate::inventory::{GpuInventory, NodeHealth};
 use crate::lws::{self, LWS_NAME_LABEL};
 use crate::metrics::Metrics;
+use crate::monitoring::{self, PodMonitors, Wanted};
 use crate::placement;
 use crate::revisions;
 use crate::status::{AgentView, compute_status, restarts_of};
@@ -23,7 +24,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -61,6 +64,8 @@ pub struct Context {
     pub agent_image: String,
     /// Reads download progress from agents that are not ready yet.
     pub agents: AgentProbe,
+    /// Whether pools get a PodMonitor.
+    pub pod_monitors: PodMonitors,
 }
 
 impl Debug for Context {
@@ -230,6 +235,22 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             taken.extend(apply_owned(client, &namespace, &children.service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.headless_service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.pdb, pool).await?);
+            let monitors = monitoring::resource();
+            match ctx.pod_monitors.wanted() {
+                Wanted::Yes(settings) => {
+                    let object = builder.pod_monitor(settings);
+                    if let CustomApplied::NameTaken(name) =
+                        apply_custom(client, &namespace, &monitors, &object, pool).await?
+                    {
+                        taken.push(name);
+                    }
+                }
+                Wanted::Removed => {
+                    let monitor = monitoring::name(&name);
+                    delete_custom_if_owned(client, &namespace, &monitors, &monitor, pool).await?;
+                }
+                Wanted::NotServed => {}
+            }
 
             let replicas = pool.spec.replicas.max(0) as u32;
             let pod_api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
@@ -241,7 +262,14 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                 GroupWorkload::Pods => {
                     // Moved off a LeaderWorkerSet: it goes, and its pods with it.
                     if !from_lws.is_empty() {
-                        delete_if_owned(&lws_api(client, &namespace), &lws_name, pool).await?;
+                        delete_custom_if_owned(
+                            client,
+                            &namespace,
+                            &lws::resource(),
+                            &lws_name,
+                            pool,
+                        )
+                        .await?;
                     }
                     let (max_surge, max_unavailable) = pool.spec.rollout.resolve(replicas);
                     let wanted = groups::Wanted {
@@ -296,10 +324,10 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                 }
                 GroupWorkload::LeaderWorkerSet => {
                     let object = builder.leader_worker_set(replicas);
-                    match apply_leader_worker_set(client, &namespace, &object, pool).await? {
-                        LwsApplied::Applied => {}
-                        LwsApplied::NameTaken(name) => taken.push(name),
-                        LwsApplied::NotInstalled => {
+                    match apply_custom(client, &namespace, &lws::resource(), &object, pool).await? {
+                        CustomApplied::Applied => {}
+                        CustomApplied::NameTaken(name) => taken.push(name),
+                        CustomApplied::NotInstalled => {
                             let api = lws::resource();
                             plan.blocked = Some(format!(
                                 "groupWorkload is leaderworkerset, but the cluster serves no {}/{}: install LeaderWorkerSet, or set groupWorkload: pods",
@@ -564,42 +592,47 @@ fn keep_off(mut pod: Pod, avoid: &[String]) -> Pod {
     pod
 }
 
-/// What became of the pool's LeaderWorkerSet.
-enum LwsApplied {
+/// What became of a custom resource the pool owns (its LeaderWorkerSet, its PodMonitor).
+enum CustomApplied {
     Applied,
     /// An object of its name exists and is not the pool's (`KIND/NAME`).
     NameTaken(String),
-    /// The cluster does not serve the LeaderWorkerSet API.
+    /// The cluster does not serve the resource's API.
     NotInstalled,
 }
 
-fn lws_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), namespace, &lws::resource())
+fn custom_api(client: &Client, namespace: &str, resource: &ApiResource) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), namespace, resource)
 }
 
-/// Server-side applies the pool's LeaderWorkerSet unless its name is taken; a 404 means the
-/// API is not there (an apply creates what is missing).
-async fn apply_leader_worker_set(
+/// Server-side applies `object`, a `resource`, unless its name is taken; a 404 means the API is
+/// not there (an apply creates what is missing).
+async fn apply_custom(
     client: &Client,
     namespace: &str,
+    resource: &ApiResource,
     object: &DynamicObject,
     pool: &InferencePool,
-) -> Result<LwsApplied> {
-    let api = lws_api(client, namespace);
+) -> Result<CustomApplied> {
+    let api = custom_api(client, namespace, resource);
     let name = object.name_any();
     match api.get_opt(&name).await {
         Ok(Some(existing)) if !owned_by(&existing.metadata, pool) => {
-            return Ok(LwsApplied::NameTaken(format!("LeaderWorkerSet/{name}")));
+            return Ok(CustomApplied::NameTaken(format!(
+                "{}/{name}",
+                resource.kind
+            )));
         }
         Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(LwsApplied::NotInstalled),
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            return Ok(CustomApplied::NotInstalled);
+        }
         Err(e) => return Err(e.into()),
     }
     let mut value =
         serde_json::to_value(object).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
-    let resource = lws::resource();
-    value["apiVersion"] = resource.api_version.into();
-    value["kind"] = resource.kind.into();
+    value["apiVersion"] = resource.api_version.clone().into();
+    value["kind"] = resource.kind.clone().into();
     match api
         .patch(
             &name,
@@ -608,9 +641,24 @@ async fn apply_leader_worker_set(
         )
         .await
     {
-        Ok(_) => Ok(LwsApplied::Applied),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(LwsApplied::NotInstalled),
+        Ok(_) => Ok(CustomApplied::Applied),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(CustomApplied::NotInstalled),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the pool's `resource` called `name`, if it is there and the pool's; nothing where
+/// the cluster does not serve the API.
+async fn delete_custom_if_owned(
+    client: &Client,
+    namespace: &str,
+    resource: &ApiResource,
+    name: &str,
+    pool: &InferencePool,
+) -> Result<()> {
+    match delete_if_owned(&custom_api(client, namespace, resource), name, pool).await {
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => Ok(()),
+        other => other,
     }
 }
 
@@ -658,9 +706,17 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let client = &ctx.client;
     delete_all_owned(&Api::<Pod>::namespaced(client.clone(), &namespace), pool).await?;
     // A LeaderWorkerSet takes its pods with it (nothing to do where the API is not served).
-    match delete_if_owned(&lws_api(client, &namespace), &lws::name(&name), pool).await {
-        Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {}
-        other => other?,
+    delete_custom_if_owned(
+        client,
+        &namespace,
+        &lws::resource(),
+        &lws::name(&name),
+        pool,
+    )
+    .await?;
+    if ctx.pod_monitors.wanted() != Wanted::NotServed {
+        let monitor = monitoring::name(&name);
+        delete_custom_if_owned(client, &namespace, &monitoring::resource(), &monitor, pool).await?;
     }
     delete_if_owned(
         &Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace),

@@ -15,6 +15,7 @@ use parallax_operator::agents::AgentProbe;
 use parallax_operator::children::TEMPLATE_HASH_ANNOTATION;
 use parallax_operator::controller;
 use parallax_operator::metrics::Metrics;
+use parallax_operator::monitoring::PodMonitorSettings;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -873,6 +874,111 @@ async fn without_the_leader_worker_set_api_the_pool_says_what_is_missing() {
         "{message}"
     );
     assert!(pods(&client).await.is_empty());
+    controller.stop().await;
+}
+
+const POD_MONITORS: &str = "apis/monitoring.coreos.com/v1/podmonitors";
+
+/// The test pool's PodMonitor, if there is one.
+fn pod_monitor(server: &FakeApiServer) -> Option<Value> {
+    server
+        .objects(POD_MONITORS)
+        .into_iter()
+        .find(|m| m["metadata"]["name"] == "llama-agents")
+}
+
+#[tokio::test]
+async fn a_pool_gets_a_pod_monitor_once_the_cluster_serves_the_api_and_loses_it_when_monitors_are_off()
+ {
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let settings = |on: bool| controller::Settings {
+        pod_monitors: on.then(|| PodMonitorSettings {
+            labels: [("release".to_owned(), "prometheus".to_owned())].into(),
+            interval: "30s".into(),
+        }),
+        discover_every: Duration::from_millis(50),
+        ..controller::Settings::new("registry.example/parallax-agent:test".into())
+    };
+    let controller = RunningController::start_with(&client, settings(true));
+    let pools = one_group_pool(&client, &mut changes).await;
+    // No Prometheus Operator: nothing is asked of its API.
+    assert!(pod_monitor(&server).is_none());
+
+    // It is installed: discovery finds it and every pool is reconciled at once.
+    server.discoverable("monitoring.coreos.com/v1", "podmonitors", "PodMonitor");
+    eventually(
+        "the pool's PodMonitor exists",
+        &mut changes,
+        TIMEOUT,
+        || async { pod_monitor(&server).is_some() },
+    )
+    .await;
+    let monitor = pod_monitor(&server).unwrap();
+    assert_eq!(monitor["metadata"]["namespace"], "ml");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(
+        monitor["metadata"]["ownerReferences"][0]["kind"],
+        "InferencePool"
+    );
+    assert_eq!(
+        monitor["metadata"]["ownerReferences"][0]["controller"],
+        true
+    );
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(
+        (&endpoint["port"], &endpoint["path"], &endpoint["interval"]),
+        (&json!("http"), &json!("/metrics"), &json!("30s"))
+    );
+    assert_eq!(endpoint["relabelings"][0]["targetLabel"], "pool");
+    // It selects every pod of the pool, by a label they carry, on a port they name.
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    assert!(!selector.is_empty());
+    for pod in pods(&client).await {
+        let labels = pod.labels();
+        assert!(
+            selector
+                .iter()
+                .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str()),
+            "{selector:?} does not select {}",
+            pod.name_any()
+        );
+        let ports = &pod.spec.unwrap().containers[0].ports;
+        assert!(
+            ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some("http"))
+        );
+    }
+
+    // Monitors turned off: the pool's goes.
+    controller.stop().await;
+    let controller = RunningController::start_with(&client, settings(false));
+    eventually("the PodMonitor is gone", &mut changes, TIMEOUT, || async {
+        pod_monitor(&server).is_none()
+    })
+    .await;
+    controller.stop().await;
+
+    // On again, then the pool is deleted: it goes with the pool.
+    let controller = RunningController::start_with(&client, settings(true));
+    eventually("the PodMonitor is back", &mut changes, TIMEOUT, || async {
+        pod_monitor(&server).is_some()
+    })
+    .await;
+    pools
+        .delete("llama", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the pool and its PodMonitor are gone",
+        &mut changes,
+        TIMEOUT,
+        || async { current_pool(&client).await.is_none() && pod_monitor(&server).is_none() },
+    )
+    .await;
     controller.stop().await;
 }
 

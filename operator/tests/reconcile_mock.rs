@@ -44,6 +44,7 @@ fn context(nodes: Vec<Node>) -> (Arc<Context>, MockHandle) {
         metrics: Arc::new(Metrics::default()),
         agent_image: AGENT_IMAGE.into(),
         agents: parallax_operator::agents::AgentProbe::default(),
+        pod_monitors: parallax_operator::monitoring::PodMonitors::off(),
     };
     (Arc::new(ctx), handle)
 }

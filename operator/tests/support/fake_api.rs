@@ -40,6 +40,9 @@ struct Watcher {
 struct State {
     /// Resources this server does not serve (a CRD that is not installed).
     absent: Vec<String>,
+    /// What API discovery lists, by group version (`monitoring.coreos.com/v1`): (plural, kind).
+    /// Only these group versions answer discovery; every resource answers requests.
+    discovery: BTreeMap<String, Vec<(String, String)>>,
     resource_version: u64,
     objects: BTreeMap<Key, Value>,
     /// (resourceVersion, resource, event type, object)
@@ -79,6 +82,18 @@ impl FakeApiServer {
         self.state.lock().unwrap().absent.push(resource.to_owned());
     }
 
+    /// Lists `plural` (of `kind`) in discovery of `group_version` (`monitoring.coreos.com/v1`),
+    /// as a server does once the CRD is installed.
+    pub fn discoverable(&self, group_version: &str, plural: &str, kind: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .discovery
+            .entry(group_version.to_owned())
+            .or_default()
+            .push((plural.to_owned(), kind.to_owned()));
+    }
+
     /// A receiver that changes on every write that changed something.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -104,6 +119,11 @@ impl FakeApiServer {
         body: &[u8],
     ) -> Response<ResponseBody> {
         tracing::debug!(target: "fake_api", %method, path, ?query, content_type, "request");
+        if let ["apis", group, version] = path.trim_matches('/').split('/').collect::<Vec<_>>()[..]
+            && method == Method::GET
+        {
+            return self.discover(&format!("{group}/{version}"));
+        }
         let Some(route) = Route::parse(path) else {
             return status_response(
                 StatusCode::NOT_FOUND,
@@ -293,6 +313,30 @@ impl FakeApiServer {
 
     /// Stores `object` as the new state of `name`, honouring the status subresource, generation
     /// and no-op writes. Returns what is stored.
+    /// An `APIResourceList` of the group version, or 404 where nothing is discoverable.
+    fn discover(&self, group_version: &str) -> Response<ResponseBody> {
+        let state = self.state.lock().unwrap();
+        let Some(resources) = state.discovery.get(group_version) else {
+            return status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        };
+        let resources: Vec<Value> = resources
+            .iter()
+            .map(|(plural, kind)| {
+                json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
+                       "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]})
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            &json!({"kind": "APIResourceList", "apiVersion": "v1",
+                    "groupVersion": group_version, "resources": resources}),
+        )
+    }
+
     fn write(
         &self,
         state: &mut State,
