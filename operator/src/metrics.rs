@@ -1,5 +1,6 @@
 //! Operator metrics in Prometheus text format.
 
+use parallax_crds::AutoscalingStatus;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -150,6 +151,41 @@ impl Metrics {
     }
 
     /// The registry in Prometheus text format.
+    /// The autoscaler's look at a pool: each signal it has.
+    pub fn autoscaling_signals(&self, namespace: &str, pool: &str, view: &AutoscalingStatus) {
+        for (signal, value) in [
+            ("request_rate", view.requests_per_second),
+            ("queue", view.queue),
+            ("p95_seconds", view.p95_milliseconds.map(|p| p / 1e3)),
+            ("utilization", view.utilization),
+            ("capacity_per_group", view.capacity_per_group),
+            ("forecast", view.forecast_requests_per_second),
+            ("forecast_mape", view.forecast_mape),
+            ("naive_mape", view.naive_mape),
+        ] {
+            if let Some(value) = value {
+                self.autoscaling_signals
+                    .get_or_create(&SignalLabel {
+                        namespace: namespace.to_owned(),
+                        pool: pool.to_owned(),
+                        signal,
+                    })
+                    .set(value);
+            }
+        }
+    }
+
+    /// A revision of the pool rolled back because `signal` regressed.
+    pub fn rolled_back(&self, namespace: &str, pool: &str, signal: &'static str) {
+        self.rollbacks
+            .get_or_create(&SignalLabel {
+                namespace: namespace.to_owned(),
+                pool: pool.to_owned(),
+                signal,
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)

@@ -19,7 +19,7 @@ use crate::autoscale::signals::{self, Scrape};
 use crate::autoscale::simulate::combine;
 use crate::autoscale::{Capacity, Decision};
 use crate::children::{REVISION_ANNOTATION, leader_selector};
-use crate::metrics::{CapacityLabel, DecisionLabel, Metrics, PoolLabel, SignalLabel};
+use crate::metrics::{CapacityLabel, DecisionLabel, Metrics, PoolLabel};
 use crate::placement::CapacityType;
 use crate::status::{ConditionStatus, ConditionType, DesiredCondition, Reason, merge_conditions};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -533,14 +533,9 @@ impl Scaler {
                 format!("revision {asked} is the last good one now: {seen}"),
             )),
             Outcome::RolledBack { signal, message } => {
+                let namespace = pool.namespace().unwrap_or_default();
                 self.metrics
-                    .rollbacks
-                    .get_or_create(&SignalLabel {
-                        namespace: pool.namespace().unwrap_or_default(),
-                        pool: pool.name_any(),
-                        signal,
-                    })
-                    .inc();
+                    .rolled_back(&namespace, &pool.name_any(), signal);
                 Some((
                     EventType::Warning,
                     "RolledBack",
@@ -653,27 +648,7 @@ impl Scaler {
     fn record(&self, pool: &InferencePool, view: &AutoscalingStatus, decision: &Decision) {
         let namespace = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
-        for (signal, value) in [
-            ("request_rate", view.requests_per_second),
-            ("queue", view.queue),
-            ("p95_seconds", view.p95_milliseconds.map(|p| p / 1e3)),
-            ("utilization", view.utilization),
-            ("capacity_per_group", view.capacity_per_group),
-            ("forecast", view.forecast_requests_per_second),
-            ("forecast_mape", view.forecast_mape),
-            ("naive_mape", view.naive_mape),
-        ] {
-            if let Some(value) = value {
-                self.metrics
-                    .autoscaling_signals
-                    .get_or_create(&SignalLabel {
-                        namespace: namespace.clone(),
-                        pool: name.clone(),
-                        signal,
-                    })
-                    .set(value);
-            }
-        }
+        self.metrics.autoscaling_signals(&namespace, &name, view);
         self.metrics
             .autoscaling_replicas
             .get_or_create(&PoolLabel {

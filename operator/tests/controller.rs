@@ -1473,6 +1473,52 @@ fn root() -> std::path::PathBuf {
 
 /// Series an autoscaled pool has only after a forecast sample (five minutes of its history) or
 /// a rollback: the queries of the scaling dashboard that read them cannot have data in a test.
+/// Whether Prometheus at `address` answers `expr` with a finite value.
+async fn has_data(http: &AgentProbe, address: std::net::SocketAddr, expr: &str) -> bool {
+    let url = format!(
+        "http://{address}/api/v1/query?query={}",
+        parallax_operator::autoscale::signals::url_encode(expr)
+    );
+    let Ok(body) = http.get_url(&url, 1 << 20).await else {
+        return false;
+    };
+    let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
+    answer["data"]["result"].as_array().is_some_and(|r| {
+        r.iter().any(|s| {
+            s["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(f64::is_finite)
+        })
+    })
+}
+
+/// The dashboard queries that still have no data after a minute of asking.
+async fn without_data<'a>(
+    http: &AgentProbe,
+    address: std::net::SocketAddr,
+    queries: Vec<&'a Value>,
+) -> Vec<&'a Value> {
+    let mut missing = queries;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !missing.is_empty() && std::time::Instant::now() < deadline {
+        let mut still = Vec::new();
+        for q in missing {
+            if !has_data(http, address, q["expr"].as_str().unwrap()).await {
+                still.push(q);
+            }
+        }
+        missing = still;
+        if !missing.is_empty() {
+            // Prometheus scrapes every second: ask again after the next scrape.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    missing
+}
+
+/// Series the operator writes only after a forecast sample (5 minutes of traffic, a lead later
+/// for the errors) or a rollback: the test records them through the paths the scaler takes.
 const NEEDS_HISTORY: [&str; 4] = [
     "signal=\"forecast\"",
     "signal=\"forecast_mape\"",
@@ -1520,7 +1566,7 @@ async fn the_scaling_dashboards_queries_have_data_from_a_live_operator() {
         &client,
         agent_port,
         Duration::from_millis(200),
-        metrics,
+        metrics.clone(),
     );
     let mut scaled = pool();
     scaled.spec.replicas = 1;
@@ -1571,46 +1617,21 @@ async fn the_scaling_dashboards_queries_have_data_from_a_live_operator() {
         .spawn()
         .unwrap();
     let http = AgentProbe::on_port(address.port());
-    let has_data = |expr: String| {
-        let http = http.clone();
-        async move {
-            let url = format!(
-                "http://{address}/api/v1/query?query={}",
-                parallax_operator::autoscale::signals::url_encode(&expr)
-            );
-            let Ok(body) = http.get_url(&url, 1 << 20).await else {
-                return false;
-            };
-            let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
-            answer["data"]["result"].as_array().is_some_and(|r| {
-                r.iter().any(|s| {
-                    s["value"][1]
-                        .as_str()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .is_some_and(f64::is_finite)
-                })
-            })
-        }
-    };
     let (later, asked): (Vec<&Value>, Vec<&Value>) = queries.iter().partition(|q| {
         let expr = q["expr"].as_str().unwrap();
         NEEDS_HISTORY.iter().any(|n| expr.contains(n))
     });
-    let mut missing: Vec<&Value> = asked.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !missing.is_empty() && std::time::Instant::now() < deadline {
-        let mut still = Vec::new();
-        for q in missing {
-            if !has_data(q["expr"].as_str().unwrap().to_owned()).await {
-                still.push(q);
-            }
-        }
-        missing = still;
-        if !missing.is_empty() {
-            // Prometheus scrapes every second: ask again after the next scrape.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    let mut missing = without_data(&http, address, asked.clone()).await;
+    // A forecast with its errors, and a rollback, as the scaler records them.
+    let forecast = parallax_crds::AutoscalingStatus {
+        forecast_requests_per_second: Some(42.0),
+        forecast_mape: Some(0.12),
+        naive_mape: Some(0.15),
+        ..Default::default()
+    };
+    metrics.autoscaling_signals("ml", "llama", &forecast);
+    metrics.rolled_back("ml", "llama", "latency");
+    missing.extend(without_data(&http, address, later.clone()).await);
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -1628,7 +1649,7 @@ async fn the_scaling_dashboards_queries_have_data_from_a_live_operator() {
     );
     assert_eq!(asked.len() + later.len(), queries.len());
     eprintln!(
-        "{} operator queries had data; {} need a forecast sample or a rollback first",
+        "{} operator queries had data from the running scaler, {} once a forecast and a rollback were recorded",
         asked.len(),
         later.len()
     );
