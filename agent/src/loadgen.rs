@@ -44,6 +44,10 @@ pub struct LoadArgs {
     /// the report then gives latencies per class too.
     #[arg(long)]
     pub mix: Option<String>,
+    /// Requests' priorities (the `x-request-priority` header) by share: `PRIORITY:SHARE,…`, e.g.
+    /// `high:0.2,medium:0.6,low:0.2`; none sends no header (medium).
+    #[arg(long)]
+    pub priorities: Option<String>,
     /// Keep generating past the end-of-sequence token (vLLM's `ignore_eos`).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -68,28 +72,47 @@ const WORDS: &[&str] = &[
     "music", "paper", "window",
 ];
 
-/// Parses `--mix`: (max_tokens, share) pairs, shares summing to 1.
-fn parse_mix(text: &str) -> anyhow::Result<Vec<(usize, f64)>> {
-    let classes: Vec<(usize, f64)> = text
+/// Parses `VALUE:SHARE,…` pairs of `flag` (`--mix`, `--priorities`), shares summing to 1;
+/// `valid` says which values are allowed.
+fn parse_shares<T: std::str::FromStr>(
+    flag: &str,
+    text: &str,
+    valid: impl Fn(&T) -> bool,
+) -> anyhow::Result<Vec<(T, f64)>> {
+    let wrong = || {
+        anyhow::anyhow!(
+            "{flag}: {text:?} is not VALUE:SHARE pairs of allowed values whose shares sum to 1"
+        )
+    };
+    let classes: Vec<(T, f64)> = text
         .split(',')
         .map(|part| {
-            let (tokens, share) = part
-                .split_once(':')
-                .with_context(|| format!("--mix: {part:?} is not TOKENS:SHARE"))?;
-            Ok((
-                tokens.trim().parse().context("--mix: tokens")?,
-                share.trim().parse().context("--mix: share")?,
-            ))
+            let (value, share) = part.split_once(':').ok_or_else(wrong)?;
+            let value = value.trim().parse().map_err(|_| wrong())?;
+            let share: f64 = share.trim().parse().map_err(|_| wrong())?;
+            Ok((value, share))
         })
         .collect::<anyhow::Result<_>>()?;
     let total: f64 = classes.iter().map(|c| c.1).sum();
     if classes.is_empty()
-        || classes.iter().any(|c| c.0 == 0 || c.1 <= 0.0)
+        || classes.iter().any(|c| !valid(&c.0) || c.1 <= 0.0)
         || (total - 1.0).abs() > 1e-6
     {
-        bail!("--mix needs positive token counts and shares that sum to 1, got {text:?}");
+        return Err(wrong());
     }
     Ok(classes)
+}
+
+/// The value whose share of the unit interval holds `draw`.
+fn drawn<T>(shares: &[(T, f64)], draw: f64) -> &T {
+    let mut cumulative = 0.0;
+    for (value, share) in shares {
+        cumulative += share;
+        if draw < cumulative {
+            return value;
+        }
+    }
+    &shares[shares.len() - 1].0
 }
 
 /// What one request measured.
@@ -129,14 +152,19 @@ async fn model_name(client: &reqwest::Client, url: &str) -> anyhow::Result<Strin
         .context("/v1/models lists no model")
 }
 
-async fn one(client: reqwest::Client, url: String, body: Value) -> anyhow::Result<Measured> {
+async fn one(
+    client: reqwest::Client,
+    url: String,
+    body: Value,
+    priority: Option<String>,
+) -> anyhow::Result<Measured> {
     let started = Instant::now();
     let class = body["max_tokens"].as_u64().unwrap_or(0) as usize;
-    let response = client
-        .post(format!("{url}/v1/completions"))
-        .json(&body)
-        .send()
-        .await?;
+    let mut request = client.post(format!("{url}/v1/completions")).json(&body);
+    if let Some(priority) = priority {
+        request = request.header("x-request-priority", priority);
+    }
+    let response = request.send().await?;
     if !response.status().is_success() {
         let status = response.status();
         bail!("{status}: {}", response.text().await.unwrap_or_default());
@@ -207,8 +235,14 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
         bail!("--requests and --max-tokens must be positive");
     }
     let mix = match &args.mix {
-        Some(text) => parse_mix(text)?,
+        Some(text) => parse_shares("--mix", text, |tokens: &usize| *tokens > 0)?,
         None => vec![(args.max_tokens, 1.0)],
+    };
+    let priorities = match &args.priorities {
+        Some(text) => Some(parse_shares("--priorities", text, |name: &String| {
+            ["high", "medium", "low"].contains(&name.to_ascii_lowercase().as_str())
+        })?),
+        None => None,
     };
     if args.rate.is_nan() || args.rate <= 0.0 {
         bail!("--rate must be positive (or inf)");
@@ -241,21 +275,16 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
         ));
         let mut class_rng = Rng::new(args.seed ^ 0x5eed_c1a5_5000_0001);
         let mut arrival_rng = Rng::new(args.seed ^ 0x5eed_a441_7a10_0002);
+        let mut priority_rng = Rng::new(args.seed ^ 0x5eed_9e10_7100_0003);
         let started = Instant::now();
         let mut at = Duration::ZERO;
         let mut tasks = Vec::with_capacity(args.requests);
         for _ in 0..args.requests {
-            // The class by its share of the mix.
-            let draw = f64::from(class_rng.next_f32());
-            let mut max_tokens = mix[mix.len() - 1].0;
-            let mut cumulative = 0.0;
-            for &(tokens, share) in &mix {
-                cumulative += share;
-                if draw < cumulative {
-                    max_tokens = tokens;
-                    break;
-                }
-            }
+            // The class by its share of the mix, the priority by its share.
+            let max_tokens = *drawn(&mix, f64::from(class_rng.next_f32()));
+            let priority = priorities
+                .as_deref()
+                .map(|shares| drawn(shares, f64::from(priority_rng.next_f32())).clone());
             let prompt = repeated.clone().unwrap_or_else(|| {
                 let mut text = prefix.clone();
                 words(&mut rng, args.prompt_len, &mut text);
@@ -278,7 +307,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep_until(start_at).await;
                 let _place = places.acquire_owned().await?;
-                one(client, url, body).await
+                one(client, url, body, priority).await
             }));
             if args.rate.is_finite() {
                 // Exponential gaps: a Poisson process of the given rate.
@@ -402,4 +431,36 @@ fn classes(done: &[Measured]) -> Value {
         })
         .collect::<serde_json::Map<_, _>>()
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_parse_draw_and_refuse_what_is_not_allowed() {
+        let mix = parse_shares("--mix", "16:0.8,256:0.2", |t: &usize| *t > 0).unwrap();
+        assert_eq!(mix, vec![(16, 0.8), (256, 0.2)]);
+        assert_eq!(*drawn(&mix, 0.0), 16);
+        assert_eq!(*drawn(&mix, 0.79), 16);
+        assert_eq!(*drawn(&mix, 0.81), 256);
+        assert_eq!(*drawn(&mix, 1.0), 256);
+        let valid = |p: &String| ["high", "low"].contains(&p.as_str());
+        assert!(parse_shares("--priorities", "high:0.5,low:0.5", valid).is_ok());
+        for bad in [
+            "high:0.5",
+            "urgent:1",
+            "high:0.5,low",
+            "high:x",
+            "",
+            "high:-1,low:2",
+        ] {
+            let error = parse_shares("--priorities", bad, valid).unwrap_err();
+            assert!(
+                error.to_string().starts_with("--priorities"),
+                "{bad}: {error}"
+            );
+        }
+        assert!(parse_shares("--mix", "0:1", |t: &usize| *t > 0).is_err());
+    }
 }
