@@ -104,6 +104,15 @@ struct ClassLatency {
     queue: ClassHistograms,
 }
 
+/// One class's histograms of [`ClassLatency`].
+#[derive(Debug)]
+struct ClassHistogramSet {
+    ttft: Histogram,
+    inter_token: Histogram,
+    e2e: Histogram,
+    queue: Histogram,
+}
+
 impl Default for ClassLatency {
     fn default() -> Self {
         Self {
@@ -368,11 +377,18 @@ impl Metrics {
 
     /// Starts timing a request of bin `bin` and priority `priority` that arrived at `arrived`.
     pub fn timer(self: &Arc<Self>, arrived: Instant, bin: Bin, priority: Priority) -> RequestTimer {
+        let class = ClassLabel {
+            bin: bin.as_str(),
+            priority: priority.as_str(),
+        };
+        let of_class = |family: &ClassHistograms| family.get_or_create(&class).clone();
         RequestTimer {
             metrics: self.clone(),
-            class: ClassLabel {
-                bin: bin.as_str(),
-                priority: priority.as_str(),
+            class: ClassHistogramSet {
+                ttft: of_class(&self.by_class.ttft),
+                inter_token: of_class(&self.by_class.inter_token),
+                e2e: of_class(&self.by_class.e2e),
+                queue: of_class(&self.by_class.queue),
             },
             arrived,
             last_token: None,
@@ -700,7 +716,8 @@ impl Collector for WatchCollector {
 #[derive(Debug)]
 pub struct RequestTimer {
     metrics: Arc<Metrics>,
-    class: ClassLabel,
+    /// The request's class's histograms, looked up once.
+    class: ClassHistogramSet,
     arrived: Instant,
     last_token: Option<Instant>,
     finished: bool,
@@ -711,20 +728,15 @@ impl RequestTimer {
     pub fn token(&mut self) {
         let now = Instant::now();
         let (vllm, ours, seconds) = match self.last_token {
-            None => (
-                &self.metrics.ttft,
-                &self.metrics.by_class.ttft,
-                now - self.arrived,
-            ),
+            None => (&self.metrics.ttft, &self.class.ttft, now - self.arrived),
             Some(last) => (
                 &self.metrics.inter_token,
-                &self.metrics.by_class.inter_token,
+                &self.class.inter_token,
                 now - last,
             ),
         };
         vllm.observe(seconds.as_secs_f64());
-        ours.get_or_create(&self.class)
-            .observe(seconds.as_secs_f64());
+        ours.observe(seconds.as_secs_f64());
         self.last_token = Some(now);
     }
 
@@ -749,14 +761,13 @@ impl RequestTimer {
         self.finished = true;
         let e2e = self.arrived.elapsed().as_secs_f64();
         let queue = queue_time.as_secs_f64();
-        let by_class = &self.metrics.by_class;
         self.metrics.e2e.observe(e2e);
-        by_class.e2e.get_or_create(&self.class).observe(e2e);
+        self.class.e2e.observe(e2e);
         self.metrics
             .watch()
             .request(Instant::now(), e2e, output_tokens);
         self.metrics.queue.observe(queue);
-        by_class.queue.get_or_create(&self.class).observe(queue);
+        self.class.queue.observe(queue);
         self.metrics
             .success
             .get_or_create(&FinishedLabel {
