@@ -49,9 +49,9 @@ DASHBOARD_SPECS = [
         "panels": [
             panel("Requests/s by outcome", [(f"sum by (finished_reason) (rate(vllm:request_success_total{{{S}}}[{RATE}]))", "{{finished_reason}}")], "reqps"),
             panel("Errors/s by code", [(f"sum by (code) (rate(parallax_request_errors_total{{{S}}}[{RATE}]))", "{{code}}")], "reqps"),
-            panel("Groups wanted and serving", [
+            panel("Groups", [
+                ('max by (state) (parallax_operator_pool_groups{namespace="$namespace", pool="$pool"})', "{{state}}"),
                 ('max(parallax_operator_autoscaling_desired_replicas{namespace="$namespace", pool="$pool"})', "wanted by the autoscaler"),
-                (f"sum(parallax_model_loaded{{{S}}})", "agents serving"),
             ], source="operator"),
             panel("Agents serving", f"sum(parallax_model_loaded{{{S}}})", kind="stat"),
             panel("Tensor-parallel size", f"max(parallax_tensor_parallel_size{{{S}}})", kind="stat"),
@@ -134,7 +134,10 @@ DASHBOARD_SPECS = [
                 ('max(parallax_operator_autoscaling_signal{namespace="$namespace", pool="$pool", signal="request_rate"})', "seen"),
                 ('max(parallax_operator_autoscaling_signal{namespace="$namespace", pool="$pool", signal="forecast"})', "provisioned for (forecast with margin)"),
             ], "reqps", source="operator"),
-            panel("Groups wanted", [('max(parallax_operator_autoscaling_desired_replicas{namespace="$namespace", pool="$pool"})', "wanted")], source="operator"),
+            panel("Groups wanted and ready", [
+                ('max(parallax_operator_autoscaling_desired_replicas{namespace="$namespace", pool="$pool"})', "wanted"),
+                ('max(parallax_operator_pool_groups{namespace="$namespace", pool="$pool", state="ready"})', "ready"),
+            ], source="operator"),
             panel("Scale decisions by rule", [('sum by (rule) (increase(parallax_operator_autoscaling_decisions_total{namespace="$namespace", pool="$pool"}[1h]))', "{{rule}}")], source="operator"),
             panel("GPU-hours by capacity type", [('sum by (capacity_type) (parallax_operator_gpu_hours_total{namespace="$namespace", pool="$pool"})', "{{capacity_type}}")], source="operator"),
             panel("Forecast error (MAPE) against naive", [

@@ -1,6 +1,6 @@
 //! Operator metrics in Prometheus text format.
 
-use parallax_crds::AutoscalingStatus;
+use parallax_crds::{AutoscalingStatus, InferencePoolStatus};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +25,13 @@ pub struct SignalLabel {
     pub namespace: String,
     pub pool: String,
     pub signal: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupsLabel {
+    pub namespace: String,
+    pub pool: String,
+    pub state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +67,10 @@ pub struct Metrics {
     pub gpu_hours: Family<CapacityLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Revisions rolled back, by the signal that regressed.
     pub rollbacks: Family<SignalLabel, Counter>,
+    /// Each pool's groups as its last reconcile saw them: desired, current, ready, updated.
+    pub pool_groups: Family<GroupsLabel, Gauge>,
+    /// Each pool's tensor-parallel size, once laid out.
+    pub pool_tensor_parallel_size: Family<PoolLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -119,9 +130,23 @@ impl Default for Metrics {
             "Revisions judged worse than the last good one and rolled back, by signal (latency, throughput, errors, degraded)",
             rollbacks.clone(),
         );
+        let pool_groups = Family::default();
+        registry.register(
+            "pool_groups",
+            "A pool's groups as its last reconcile saw them, by state: desired (spec.replicas), current, ready, updated (on the current template)",
+            pool_groups.clone(),
+        );
+        let pool_tensor_parallel_size = Family::default();
+        registry.register(
+            "pool_tensor_parallel_size",
+            "GPUs each of a pool's groups splits the model over (status.tensorParallelSize)",
+            pool_tensor_parallel_size.clone(),
+        );
         Self {
             registry,
             rollbacks,
+            pool_groups,
+            pool_tensor_parallel_size,
             reconciliations,
             failures,
             duration,
@@ -175,6 +200,59 @@ impl Metrics {
         }
     }
 
+    /// The pool's groups and layout as its reconcile just wrote them.
+    pub fn pool_observed(
+        &self,
+        namespace: &str,
+        pool: &str,
+        desired: i32,
+        status: &InferencePoolStatus,
+    ) {
+        for (state, groups) in [
+            ("desired", desired),
+            ("current", status.replicas),
+            ("ready", status.ready_replicas),
+            ("updated", status.updated_replicas),
+        ] {
+            self.pool_groups
+                .get_or_create(&GroupsLabel {
+                    namespace: namespace.to_owned(),
+                    pool: pool.to_owned(),
+                    state,
+                })
+                .set(i64::from(groups));
+        }
+        let label = PoolLabel {
+            namespace: namespace.to_owned(),
+            pool: pool.to_owned(),
+        };
+        match status.tensor_parallel_size {
+            Some(size) => {
+                self.pool_tensor_parallel_size
+                    .get_or_create(&label)
+                    .set(i64::from(size));
+            }
+            None => {
+                self.pool_tensor_parallel_size.remove(&label);
+            }
+        }
+    }
+
+    /// The pool is gone: its series go too.
+    pub fn pool_gone(&self, namespace: &str, pool: &str) {
+        for state in ["desired", "current", "ready", "updated"] {
+            self.pool_groups.remove(&GroupsLabel {
+                namespace: namespace.to_owned(),
+                pool: pool.to_owned(),
+                state,
+            });
+        }
+        self.pool_tensor_parallel_size.remove(&PoolLabel {
+            namespace: namespace.to_owned(),
+            pool: pool.to_owned(),
+        });
+    }
+
     /// A revision of the pool rolled back because `signal` regressed.
     pub fn rolled_back(&self, namespace: &str, pool: &str, signal: &'static str) {
         self.rollbacks
@@ -204,5 +282,36 @@ pub struct ReconcileTimer<'a> {
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pools_groups_and_layout_are_exported_until_it_goes() {
+        let metrics = Metrics::default();
+        let status = InferencePoolStatus {
+            replicas: 3,
+            ready_replicas: 2,
+            updated_replicas: 1,
+            tensor_parallel_size: Some(4),
+            ..Default::default()
+        };
+        metrics.pool_observed("ml", "llama", 4, &status);
+        let text = metrics.encode();
+        for (state, n) in [("desired", 4), ("current", 3), ("ready", 2), ("updated", 1)] {
+            let line = format!(
+                "parallax_operator_pool_groups{{namespace=\"ml\",pool=\"llama\",state=\"{state}\"}} {n}"
+            );
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        assert!(text.contains(
+            "parallax_operator_pool_tensor_parallel_size{namespace=\"ml\",pool=\"llama\"} 4"
+        ));
+        metrics.pool_gone("ml", "llama");
+        let text = metrics.encode();
+        assert!(!text.contains("pool=\"llama\""), "{text}");
     }
 }

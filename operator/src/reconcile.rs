@@ -404,6 +404,8 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         info!(reason, %note, "decision");
         publish(ctx, pool, type_, reason, note).await;
     }
+    ctx.metrics
+        .pool_observed(&namespace, &name, pool.spec.replicas, &status);
     if pool.status.as_ref() != Some(&status) {
         let pools: Api<InferencePool> = Api::namespaced(client.clone(), &namespace);
         let patch = serde_json::json!({ "status": status_patch(pool.status.as_ref(), &status) });
@@ -411,7 +413,6 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
-    // A failed group waiting out its backoff is looked at again when it is due.
     // A failed group waiting out its backoff, or a GPU its grace, is looked at again when due.
     let grace_ends = agents
         .gpu_faults
@@ -737,6 +738,7 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         pool,
     )
     .await?;
+    ctx.metrics.pool_gone(&namespace, &name);
     publish(
         ctx,
         pool,
