@@ -164,6 +164,36 @@ async fn a_pool_gets_children_and_status_on_a_real_cluster() {
         .expect("scale subresource");
     assert_eq!(pools.get("e2e").await.unwrap().spec.replicas, 2);
 
+    // Where the Prometheus Operator is installed, the pool's agents get a PodMonitor that its
+    // API server (and schema) accepted.
+    if parallax_operator::monitoring::served(&client)
+        .await
+        .unwrap()
+    {
+        let monitors: Api<DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            &namespace,
+            &parallax_operator::monitoring::resource(),
+        );
+        wait_for(
+            "the pool's PodMonitor",
+            Duration::from_secs(120),
+            || async {
+                monitors
+                    .get_opt("e2e-agents")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| {
+                        m.data["spec"]["selector"]["matchLabels"]["parallax.dev/pool"] == "e2e"
+                    })
+            },
+        )
+        .await;
+    } else {
+        eprintln!("the cluster serves no PodMonitor: the pool's is not checked");
+    }
+
     // As a LeaderWorkerSet: where LWS is installed its API server (and webhook) takes the one
     // the operator renders; where it is not, the pool says what is missing.
     let lws_installed = crds
