@@ -179,6 +179,35 @@ async fn seeded_sampling_is_reproducible_while_batched(backend: BackendConfig) {
     assert_eq!(alone.tokens, again.tokens);
 }
 
+per_backend!(a_seeded_request_samples_the_same_tokens_on_the_device_as_on_the_host);
+/// Without log-probabilities the backend samples the row itself (`RowOutput::Sample`); with
+/// them the row comes back and the engine samples it: the same seed gives the same tokens.
+async fn a_seeded_request_samples_the_same_tokens_on_the_device_as_on_the_host(
+    backend: BackendConfig,
+) {
+    let engine = start_on(backend, config(256, 256));
+    let prompt = engine.codec.encode("Once upon a time").unwrap();
+    for (temperature, top_k, top_p) in [(1.0, 0, 1.0), (0.8, 50, 0.95), (1.2, 0, 0.8)] {
+        let on_device = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(9),
+            max_tokens: 24,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let on_host = SamplingParams {
+            logprobs: 1,
+            ..on_device.clone()
+        };
+        let device = collect(engine.submit(prompt.clone(), on_device).unwrap()).await;
+        let host = collect(engine.submit(prompt.clone(), on_host).unwrap()).await;
+        assert_eq!(device.tokens, host.tokens, "{temperature} {top_k} {top_p}");
+        assert_eq!(device.tokens.len(), 24);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_the_engine_cannot_serve_are_refused_up_front() {
     let engine = start(config(256, 4));

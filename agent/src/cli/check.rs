@@ -1,7 +1,9 @@
 //! Device checks for `scripts/gpu-check` (they run anywhere candle does):
 //! - `check-kernels`: the device's fused kernels against the gathering path they replace, over a
 //!   few steps of a mixed batch (prefill chunks, decode rows, a one-token prompt) with shuffled
-//!   block tables; the largest logit difference and the lowest cosine per step, as JSON.
+//!   block tables; the largest logit difference and the lowest cosine per step; and the
+//!   sampling kernel against the host's sampler (agreement, and its time against copying the
+//!   rows to the host), as JSON.
 //! - `check-model`: for token-id prompts, the last-position logits (all prompts in one step,
 //!   written as little-endian f32 rows) and greedy continuations through the real scheduler
 //!   (every prompt submitted at once), for comparing with another implementation.
@@ -11,7 +13,7 @@ use crate::engine::BackendKind;
 use crate::engine::backend::candle::CandleExecutor;
 use crate::engine::backend::{Executor, RowOutput, SeqInput};
 use crate::engine::model::loader::ModelFiles;
-use crate::engine::sampling::Rng;
+use crate::engine::sampling::{Draw, Rng, draw_token};
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
@@ -161,12 +163,69 @@ pub fn check_kernels(args: &CheckKernelsArgs) -> anyhow::Result<()> {
         }
         steps.push(json!({"step": step, "rows": rows}));
     }
+    let sampling = check_sampling(&executor, config.vocab_size)?;
     println!(
         "{}",
         json!({"check": "kernels", "backend": executor.describe(), "max_abs_difference": worst,
-               "lowest_cosine": lowest, "steps": steps})
+               "lowest_cosine": lowest, "steps": steps, "sampling": sampling})
     );
     Ok(())
+}
+
+/// The device's sampling kernel against the host's `draw_token` on 256 rows of peaked random
+/// logits (a few tokens stand out, as a model's do) under several draws: how many tokens agree
+/// (float rounding at a boundary may move a few), and what sampling on the device costs
+/// against copying the rows to the host.
+fn check_sampling(executor: &CandleExecutor, vocab: usize) -> anyhow::Result<serde_json::Value> {
+    let rows = 256;
+    let mut rng = Rng::new(17);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| {
+            let u = rng.next_f32();
+            // Mostly low, a few high: a long tail under a handful of likely tokens.
+            if u > 0.999 {
+                8.0 + 4.0 * rng.next_f32()
+            } else {
+                6.0 * u - 3.0
+            }
+        })
+        .collect();
+    let shapes: [(f32, u32, f32); 5] = [
+        (0.0, 0, 1.0),
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (1.0, 0, 0.9),
+        (0.8, 40, 0.95),
+    ];
+    let mut parts = Vec::new();
+    let (mut agreed, mut total) = (0usize, 0usize);
+    for (temperature, top_k, top_p) in shapes {
+        let draws: Vec<Draw> = (0..rows)
+            .map(|_| Draw {
+                temperature,
+                top_k,
+                top_p,
+                uniform: rng.next_f32(),
+            })
+            .collect();
+        let (device, seconds) = executor.sample_rows(&logits, vocab, &draws)?;
+        let same = device
+            .iter()
+            .zip(logits.chunks_exact(vocab).zip(&draws))
+            .filter(|(id, (row, draw))| **id == draw_token(row, draw))
+            .count();
+        agreed += same;
+        total += rows;
+        parts.push(
+            json!({"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                          "rows": rows, "same_token": same, "device_ms": seconds * 1e3}),
+        );
+    }
+    let copy = executor.copy_rows_seconds(&logits, vocab)?;
+    Ok(
+        json!({"vocab": vocab, "agreement": agreed as f64 / total.max(1) as f64,
+              "copy_rows_to_host_ms": copy * 1e3, "draws": parts}),
+    )
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {

@@ -248,49 +248,120 @@ fn argmax(logits: &[f32]) -> u32 {
 }
 
 fn sample_tempered(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
-    let mut candidates: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (i as u32, v / params.temperature))
-        .collect();
-    let keep = if params.top_k > 0 {
-        params.top_k.min(candidates.len())
+    draw_token(logits, &Draw::new(params, rng.next_f32()))
+}
+
+/// One row's sampling as a device can do it alone: the distribution (temperature, top-k,
+/// top-p) and the request's uniform draw for this token. `temperature` 0 is greedy.
+#[derive(Debug, Clone, Copy)]
+pub struct Draw {
+    pub temperature: f32,
+    /// 0 keeps every token.
+    pub top_k: u32,
+    pub top_p: f32,
+    /// In [0, 1): where in the kept distribution's mass the token lies.
+    pub uniform: f32,
+}
+
+impl PartialEq for Draw {
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for Draw {}
+
+impl Draw {
+    pub fn new(params: &SamplingParams, uniform: f32) -> Self {
+        Self {
+            temperature: params.temperature,
+            top_k: params.top_k.min(u32::MAX as usize) as u32,
+            top_p: params.top_p,
+            uniform,
+        }
+    }
+
+    /// The greedy pick.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            uniform: 0.0,
+        }
+    }
+
+    /// As four 32-bit words (temperature, top_k, top_p, uniform; floats by their bits): what
+    /// goes over a group link and into the CUDA kernel's parameter rows.
+    pub fn words(&self) -> [u32; 4] {
+        [
+            self.temperature.to_bits(),
+            self.top_k,
+            self.top_p.to_bits(),
+            self.uniform.to_bits(),
+        ]
+    }
+
+    pub fn from_words(words: [u32; 4]) -> Self {
+        Self {
+            temperature: f32::from_bits(words[0]),
+            top_k: words[1],
+            top_p: f32::from_bits(words[2]),
+            uniform: f32::from_bits(words[3]),
+        }
+    }
+}
+
+/// Samples one row as `draw` says, the way `sample_rows` in the CUDA kernels does (so a row gives
+/// the same token whether the device or the host samples it, up to float rounding at a
+/// boundary): the logits divided by the temperature; kept, the tokens at or above the k-th
+/// largest (ties kept) and at or above the nucleus threshold — the largest value whose tokens at
+/// or above it hold `top_p` of the kept mass; then the first token, in vocabulary order, at
+/// which the kept weights' running sum reaches `uniform` × their total. Greedy at temperature
+/// 0 (the first largest logit).
+pub fn draw_token(logits: &[f32], draw: &Draw) -> u32 {
+    if draw.temperature == 0.0 || logits.is_empty() {
+        return argmax(logits);
+    }
+    let z: Vec<f32> = logits.iter().map(|l| l / draw.temperature).collect();
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let k = draw.top_k as usize;
+    let mut threshold = if k > 0 && k < z.len() {
+        let mut sorted = z.clone();
+        sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        sorted[k - 1]
     } else {
-        candidates.len()
+        f32::NEG_INFINITY
     };
-    if keep < candidates.len() {
-        candidates.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
-        candidates.truncate(keep);
-    }
-    candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let max = candidates[0].1;
-    let mut total = 0.0;
-    for c in candidates.iter_mut() {
-        c.1 = (c.1 - max).exp();
-        total += c.1;
-    }
-    // Nucleus: the smallest prefix whose mass reaches top_p.
-    if params.top_p < 1.0 {
+    let weight = |v: f32, at_least: f32| if v >= at_least { (v - max).exp() } else { 0.0 };
+    if draw.top_p < 1.0 {
+        let total: f32 = z.iter().map(|v| weight(*v, threshold)).sum();
+        let mut kept: Vec<f32> = z.iter().copied().filter(|v| *v >= threshold).collect();
+        kept.sort_unstable_by(|a, b| b.total_cmp(a));
         let mut mass = 0.0;
-        let mut cut = candidates.len();
-        for (i, c) in candidates.iter().enumerate() {
-            mass += c.1 / total;
-            if mass >= params.top_p {
-                cut = i + 1;
+        for v in kept {
+            mass += (v - max).exp();
+            if mass >= draw.top_p * total {
+                threshold = v;
                 break;
             }
         }
-        candidates.truncate(cut);
-        total = candidates.iter().map(|c| c.1).sum();
     }
-    let mut target = rng.next_f32() * total;
-    for c in &candidates {
-        target -= c.1;
-        if target <= 0.0 {
-            return c.0;
+    let total: f32 = z.iter().map(|v| weight(*v, threshold)).sum();
+    let target = draw.uniform * total;
+    let mut sum = 0.0;
+    let mut last = None;
+    for (i, v) in z.iter().enumerate() {
+        let w = weight(*v, threshold);
+        if w > 0.0 {
+            sum += w;
+            last = Some(i);
+            if sum >= target {
+                return i as u32;
+            }
         }
     }
-    candidates.last().map_or(0, |c| c.0)
+    last.map_or_else(|| argmax(logits), |i| i as u32)
 }
 
 fn logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
@@ -365,6 +436,74 @@ mod tests {
             ..SamplingParams::default()
         };
         assert!((0..200).all(|_| sample(&logits, &p, &mut rng, NONE).token < 2));
+    }
+
+    #[test]
+    fn drawn_tokens_follow_the_tempered_distribution_and_its_cuts() {
+        let logits = [2.0f32, 1.0, 0.0, 1.0];
+        let mut rng = Rng::new(3);
+        let draws = 40_000;
+        let frequencies = |draw: &dyn Fn(f32) -> Draw, rng: &mut Rng| {
+            let mut counts = [0u32; 4];
+            for _ in 0..draws {
+                counts[draw_token(&logits, &draw(rng.next_f32())) as usize] += 1;
+            }
+            counts.map(|c| c as f64 / draws as f64)
+        };
+        let softmax = |t: f64, kept: &[usize]| {
+            let w: Vec<f64> = (0..4)
+                .map(|i| {
+                    if kept.contains(&i) {
+                        (f64::from(logits[i]) / t).exp()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            w.iter().map(|x| x / total).collect::<Vec<_>>()
+        };
+        let close = |seen: [f64; 4], want: Vec<f64>| {
+            for (s, w) in seen.iter().zip(&want) {
+                assert!((s - w).abs() < 0.01, "{seen:?} against {want:?}");
+            }
+        };
+        let draw = |temperature, top_k, top_p| {
+            move |uniform| Draw {
+                temperature,
+                top_k,
+                top_p,
+                uniform,
+            }
+        };
+        close(
+            frequencies(&draw(1.0, 0, 1.0), &mut rng),
+            softmax(1.0, &[0, 1, 2, 3]),
+        );
+        close(
+            frequencies(&draw(0.5, 0, 1.0), &mut rng),
+            softmax(0.5, &[0, 1, 2, 3]),
+        );
+        // Top-2 keeps the largest and, tied for second, both ones.
+        close(
+            frequencies(&draw(1.0, 2, 1.0), &mut rng),
+            softmax(1.0, &[0, 1, 3]),
+        );
+        // The largest holds 47.5 % of the mass: a nucleus of 0.4 is it alone, 0.6 adds the tie.
+        close(
+            frequencies(&draw(1.0, 0, 0.4), &mut rng),
+            softmax(1.0, &[0]),
+        );
+        close(
+            frequencies(&draw(1.0, 0, 0.6), &mut rng),
+            softmax(1.0, &[0, 1, 3]),
+        );
+        assert_eq!(draw_token(&logits, &Draw::greedy()), 0);
+        // The uniform walks the kept mass in vocabulary order.
+        assert_eq!(draw_token(&logits, &draw(1.0, 0, 1.0)(0.0)), 0);
+        assert_eq!(draw_token(&logits, &draw(1.0, 0, 1.0)(0.999_999)), 3);
+        let d = draw(0.7, 40, 0.9)(0.25);
+        assert_eq!(Draw::from_words(d.words()), d);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod profile;
 use super::error::{EngineError, Result};
 use super::model::LlamaConfig;
 use super::model::loader::ModelFiles;
+use super::sampling::Draw;
 use super::scheduling::blocks::BlockId;
 
 /// What a sequence wants back for the last token it runs in a step.
@@ -26,6 +27,9 @@ pub enum RowOutput {
     Logits,
     /// The greedy token id alone (picked on the device; nothing vocabulary-wide is copied).
     Argmax,
+    /// A token sampled on the device as the draw says (temperature, top-k, top-p and the
+    /// request's uniform draw; nothing vocabulary-wide is copied).
+    Sample(Draw),
 }
 
 /// One sequence's part of a step.
@@ -41,7 +45,7 @@ pub struct SeqInput<'a> {
 }
 
 /// What a step gives back, in batch order: one vocabulary row per `Logits` sequence, one id per
-/// `Argmax` sequence.
+/// `Argmax` or `Sample` sequence (in `argmax`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
     pub logits: Vec<f32>,

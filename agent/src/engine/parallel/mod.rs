@@ -13,6 +13,7 @@ pub mod link;
 use super::backend::{RowOutput, SeqInput};
 use super::error::{EngineError, Result};
 use super::model::LlamaConfig;
+use super::sampling::Draw;
 
 /// Which part of the model a rank holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +112,7 @@ impl StepPlan {
     }
 
     /// Little-endian u32 words: the sequence count, then per sequence its token count, block
-    /// count, start, output, tokens and blocks.
+    /// count, start, output, a sampled row's draw (four words), tokens and blocks.
     pub fn encode(&self) -> Vec<u8> {
         let mut words = vec![self.seqs.len() as u32];
         for s in &self.seqs {
@@ -123,8 +124,12 @@ impl StepPlan {
                     RowOutput::None => 0,
                     RowOutput::Logits => 1,
                     RowOutput::Argmax => 2,
+                    RowOutput::Sample(_) => 3,
                 },
             ]);
+            if let RowOutput::Sample(draw) = s.output {
+                words.extend(draw.words());
+            }
             words.extend(&s.tokens);
             words.extend(&s.blocks);
         }
@@ -158,6 +163,10 @@ impl StepPlan {
                 0 => RowOutput::None,
                 1 => RowOutput::Logits,
                 2 => RowOutput::Argmax,
+                3 => {
+                    let w = next(4)?;
+                    RowOutput::Sample(Draw::from_words([w[0], w[1], w[2], w[3]]))
+                }
                 _ => return Err(bad()),
             };
             seqs.push(PlannedSeq {
@@ -190,6 +199,17 @@ mod tests {
                     start: 40,
                     blocks: vec![3, 1, 4],
                     output: RowOutput::Argmax,
+                },
+                PlannedSeq {
+                    tokens: vec![5],
+                    start: 12,
+                    blocks: vec![2],
+                    output: RowOutput::Sample(Draw {
+                        temperature: 0.7,
+                        top_k: 40,
+                        top_p: 0.9,
+                        uniform: 0.123,
+                    }),
                 },
             ],
         };

@@ -153,7 +153,7 @@ impl EngineLoop {
         let began = Instant::now();
         let outputs: Vec<RowOutput> = plan
             .iter()
-            .map(|p| self.scheduler.running()[p.index].output(p.tokens))
+            .map(|p| self.scheduler.running_mut()[p.index].output(p.tokens))
             .collect();
         let (groups, failed) = match self.execute(&plan, &outputs) {
             Ok(executed) => executed,
@@ -438,7 +438,9 @@ fn outcomes<'a>(
             outcomes[k] = match outputs[k] {
                 RowOutput::None => Outcome::Ran,
                 RowOutput::Logits => rows.next().map_or(Outcome::Ran, Outcome::Logits),
-                RowOutput::Argmax => ids.next().map_or(Outcome::Ran, |id| Outcome::Token(*id)),
+                RowOutput::Argmax | RowOutput::Sample(_) => {
+                    ids.next().map_or(Outcome::Ran, |id| Outcome::Token(*id))
+                }
             };
         }
     }

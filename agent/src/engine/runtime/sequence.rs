@@ -5,7 +5,7 @@
 use super::{Event, FinishReason, RunTime};
 use crate::engine::backend::RowOutput;
 use crate::engine::model::tokenizer::{IncrementalDecoder, TextCodec};
-use crate::engine::sampling::{Rng, Sampled, SamplingParams};
+use crate::engine::sampling::{Draw, Rng, Sampled, SamplingParams};
 use crate::engine::scheduling::admission::{Queued, Ticket};
 use crate::engine::scheduling::blocks::{BlockHash, BlockTable};
 use crate::engine::scheduling::scheduler::Schedulable;
@@ -37,18 +37,18 @@ pub(super) struct Sequence {
 
 impl Sequence {
     /// What the sequence needs back from a step that runs `tokens` of its tokens: nothing
-    /// mid-prefill; its greedy token alone when that is all it samples; else the logits.
-    pub fn output(&self, tokens: usize) -> RowOutput {
+    /// mid-prefill; its token alone when the device can pick it (greedy, or sampled with the
+    /// next of the request's draws); else the logits (log-probabilities, logits processors).
+    pub fn output(&mut self, tokens: usize) -> RowOutput {
+        let params = &self.params;
         if self.computed + tokens < self.tokens.len() {
             RowOutput::None
-        } else if self.params.temperature == 0.0
-            && self.params.logprobs == 0
-            && !self.params.score
-            && !self.params.processes_logits()
-        {
+        } else if params.logprobs > 0 || params.score || params.processes_logits() {
+            RowOutput::Logits
+        } else if params.temperature == 0.0 {
             RowOutput::Argmax
         } else {
-            RowOutput::Logits
+            RowOutput::Sample(Draw::new(params, self.rng.next_f32()))
         }
     }
 

@@ -19,6 +19,7 @@ use crate::engine::model::LlamaConfig;
 use crate::engine::model::loader::ModelFiles;
 use crate::engine::parallel::Shard;
 use crate::engine::parallel::collective::Collective;
+use crate::engine::sampling::Draw;
 use candle_core::{DType, Device, Tensor};
 use load::backend_error;
 use model::{
@@ -158,6 +159,36 @@ impl CandleExecutor {
         } else if !on && self.model.paged.is_some() {
             self.set_aside = self.model.paged.take();
         }
+    }
+
+    /// Samples `rows` (`[n, vocab]` f32 on the host) as `draws` say, through the path a step
+    /// takes: on the device with its kernel where it has one, else on the host; and the seconds
+    /// the device took (the rows' upload excluded).
+    pub fn sample_rows(
+        &self,
+        rows: &[f32],
+        vocab: usize,
+        draws: &[Draw],
+    ) -> candle_core::Result<(Vec<u32>, f64)> {
+        let logits = Tensor::from_slice(rows, (rows.len() / vocab.max(1), vocab), &self.device)?;
+        self.device.synchronize()?;
+        let began = std::time::Instant::now();
+        let ids = match &self.model.paged {
+            Some(kernels) => kernels.sample_rows(&logits, draws)?,
+            None => model::sample_rows_on_host(&logits, draws)?,
+        };
+        Ok((ids, began.elapsed().as_secs_f64()))
+    }
+
+    /// Seconds to copy `rows` (`[n, vocab]` f32) from the device to the host, as a step that
+    /// samples on the host does.
+    pub fn copy_rows_seconds(&self, rows: &[f32], vocab: usize) -> candle_core::Result<f64> {
+        let logits = Tensor::from_slice(rows, (rows.len() / vocab.max(1), vocab), &self.device)?;
+        self.device.synchronize()?;
+        let began = std::time::Instant::now();
+        let copied: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        std::hint::black_box(copied);
+        Ok(began.elapsed().as_secs_f64())
     }
 
     /// The device tensors of one step.
@@ -321,7 +352,17 @@ impl CandleExecutor {
                 .filter(|r| outputs[*r as usize] == wanted)
                 .collect()
         };
-        let (full, greedy) = (rows_of(RowOutput::Logits), rows_of(RowOutput::Argmax));
+        let full = rows_of(RowOutput::Logits);
+        // Rows whose token the device picks: greedy, or sampled as their draw says.
+        let (picked, draws): (Vec<u32>, Vec<Draw>) = outputs
+            .iter()
+            .enumerate()
+            .filter_map(|(r, o)| match o {
+                RowOutput::Argmax => Some((r as u32, Draw::greedy())),
+                RowOutput::Sample(draw) => Some((r as u32, *draw)),
+                _ => None,
+            })
+            .unzip();
         let select = |rows: Vec<u32>| -> candle_core::Result<Tensor> {
             if rows.len() == outputs.len() {
                 return Ok(logits.clone());
@@ -333,8 +374,16 @@ impl CandleExecutor {
         if !full.is_empty() {
             out.logits = select(full)?.flatten_all()?.to_vec1()?;
         }
-        if !greedy.is_empty() {
-            out.argmax = select(greedy)?.argmax(1)?.to_vec1()?;
+        if draws.iter().all(|d| d.temperature == 0.0) {
+            if !picked.is_empty() {
+                out.argmax = select(picked)?.argmax(1)?.to_vec1()?;
+            }
+        } else {
+            let rows = select(picked)?;
+            out.argmax = match &self.model.paged {
+                Some(kernels) => kernels.sample_rows(&rows, &draws)?,
+                None => model::sample_rows_on_host(&rows, &draws)?,
+            };
         }
         Ok(out)
     }

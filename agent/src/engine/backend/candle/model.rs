@@ -9,6 +9,7 @@
 
 use crate::engine::model::{LlamaConfig, RopeStyle};
 use crate::engine::parallel::collective::Collective;
+use crate::engine::sampling::{Draw, draw_token};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
@@ -56,6 +57,20 @@ pub trait PagedKernels: std::fmt::Debug + Send + Sync {
         token_pos: &Tensor,
         block_size: usize,
     ) -> Result<Tensor>;
+
+    /// One token per row of `logits` (`[rows, vocab]`, f32) as each row's draw says, picked on
+    /// the device: what `sampling::draw_token` computes on the host.
+    fn sample_rows(&self, logits: &Tensor, draws: &[Draw]) -> Result<Vec<u32>>;
+}
+
+/// One token per row of `logits` as each row's draw says, on the host (rows copied over).
+pub fn sample_rows_on_host(logits: &Tensor, draws: &[Draw]) -> Result<Vec<u32>> {
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    Ok(rows
+        .iter()
+        .zip(draws)
+        .map(|(row, draw)| draw_token(row, draw))
+        .collect())
 }
 
 /// The weights, and the rotary tables, on one device in one type.

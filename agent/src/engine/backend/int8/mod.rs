@@ -12,6 +12,7 @@ use super::{Executor, RowOutput, SeqInput, StepOutput, argmax};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::model::LlamaConfig;
 use crate::engine::model::loader::ModelFiles;
+use crate::engine::sampling::draw_token;
 use kv::KvStore;
 use model::{Llama, Workspace};
 
@@ -83,6 +84,7 @@ impl Executor for Int8Executor {
         for (seq, row) in wanted.zip(rows.chunks_exact(vocab)) {
             match seq.output {
                 RowOutput::Logits => out.logits.extend_from_slice(row),
+                RowOutput::Sample(draw) => out.argmax.push(draw_token(row, &draw)),
                 _ => out.argmax.push(argmax(row)),
             }
         }

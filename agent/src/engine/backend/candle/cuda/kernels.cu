@@ -9,6 +9,7 @@
 // One block of WARPS warps per (token, KV head): the GROUP query heads that share the KV head
 // read each cached key and value once; each warp takes every WARPS-th position with an online
 // softmax in f32, and the warps' partial results are merged at the end.
+// sample_rows_f32 (at the end): a token per row of logits, sampled on the device.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -136,8 +137,8 @@ __device__ void paged_attention(
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
             const float top = fmaxf(m[h], s);
-            const float rescale = __expf(m[h] - top);  // 0 at the first position (m = -inf)
-            const float p = __expf(s - top);
+            const float rescale = expf(m[h] - top);  // 0 at the first position (m = -inf)
+            const float p = expf(s - top);
             l[h] = l[h] * rescale + p;
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) acc[h][i] = acc[h][i] * rescale + p * vv[i];
@@ -165,7 +166,7 @@ __device__ void paged_attention(
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
             if (shared_l[w][h] == 0.0f) continue;  // a warp that saw no position
-            const float c = __expf(shared_m[w][h] - top);
+            const float c = expf(shared_m[w][h] - top);
             num += shared_acc[w][h][e] * c;
             den += shared_l[w][h] * c;
         }
@@ -191,3 +192,153 @@ __device__ void paged_attention(
 INSTANTIATE(bf16, Bf16)
 INSTANTIATE(f16, F16)
 INSTANTIATE(f32, F32)
+
+// sample_rows_f32: one token per row of f32 logits, as sampling.rs's `draw_token` picks it.
+// `draws` holds four words a row: temperature (f32 bits), top_k, top_p (f32 bits), uniform (f32
+// bits). One block of SAMPLE_THREADS threads per row. Temperature 0 is greedy (the first largest
+// logit). Otherwise z = logit / temperature; the top-k threshold is the k-th largest z, found
+// exactly by a bitwise search over the floats' ordered bit patterns (32 counting passes); the
+// nucleus threshold is the largest z whose tokens at or above it hold top_p of the kept mass
+// (32 summing passes); then each thread sums the kept weights exp(z - max) of its contiguous
+// slice of the vocabulary, the slices' sums are scanned in order, and the first token at which
+// the running sum reaches uniform x total wins.
+
+#define SAMPLE_THREADS 1024
+
+__device__ __forceinline__ u32 ordered(float f) {
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ float block_sum(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < SAMPLE_THREADS / 32; ++w) total += scratch[w];
+    return total;
+}
+
+__device__ float block_max(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float best = scratch[0];
+    for (int w = 1; w < SAMPLE_THREADS / 32; ++w) best = fmaxf(best, scratch[w]);
+    return best;
+}
+
+__device__ u32 block_count(u32 v, u32* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    u32 total = 0;
+    for (int w = 0; w < SAMPLE_THREADS / 32; ++w) total += scratch[w];
+    return total;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_rows_f32(u32* out, const float* logits, const u32* draws, int vocab) {
+    __shared__ float fscratch[SAMPLE_THREADS / 32];
+    __shared__ u32 uscratch[SAMPLE_THREADS / 32];
+    __shared__ float prefix[SAMPLE_THREADS];
+    __shared__ u32 chosen;
+    __shared__ u32 last_kept;
+    const float* row = logits + (u64)blockIdx.x * vocab;
+    const u32* draw = draws + 4 * blockIdx.x;
+    const float temperature = __uint_as_float(draw[0]);
+    const u32 top_k = draw[1];
+    const float top_p = __uint_as_float(draw[2]);
+    const float uniform = __uint_as_float(draw[3]);
+    const int t = threadIdx.x;
+
+    if (temperature == 0.0f) {
+        // Greedy: the largest logit, the lowest index among equals.
+        float best = neg_infinity();
+        u32 at = 0xffffffffu;
+        for (int i = t; i < vocab; i += SAMPLE_THREADS) {
+            if (row[i] > best) { best = row[i]; at = i; }
+        }
+        float top = block_max(best, fscratch);
+        if (t == 0) chosen = 0xffffffffu;
+        __syncthreads();
+        if (best == top) atomicMin(&chosen, at);
+        __syncthreads();
+        if (t == 0) out[blockIdx.x] = chosen == 0xffffffffu ? 0 : chosen;
+        return;
+    }
+
+    float local_max = neg_infinity();
+    for (int i = t; i < vocab; i += SAMPLE_THREADS) local_max = fmaxf(local_max, row[i] / temperature);
+    const float max = block_max(local_max, fscratch);
+
+    // Top-k: the largest key K with at least k tokens at or above it.
+    u32 threshold = 0;
+    if (top_k > 0 && top_k < (u32)vocab) {
+        for (int bit = 31; bit >= 0; --bit) {
+            const u32 candidate = threshold | (1u << bit);
+            u32 count = 0;
+            for (int i = t; i < vocab; i += SAMPLE_THREADS) count += ordered(row[i] / temperature) >= candidate;
+            if (block_count(count, uscratch) >= top_k) threshold = candidate;
+        }
+    }
+    // Top-p: the largest key P whose kept tokens at or above it hold top_p of the kept mass.
+    if (top_p < 1.0f) {
+        float mass = 0.0f;
+        for (int i = t; i < vocab; i += SAMPLE_THREADS) {
+            const float z = row[i] / temperature;
+            if (ordered(z) >= threshold) mass += expf(z - max);
+        }
+        const float wanted = top_p * block_sum(mass, fscratch);
+        u32 nucleus = 0;
+        for (int bit = 31; bit >= 0; --bit) {
+            const u32 candidate = nucleus | (1u << bit);
+            const u32 at_least = candidate > threshold ? candidate : threshold;
+            float part = 0.0f;
+            for (int i = t; i < vocab; i += SAMPLE_THREADS) {
+                const float z = row[i] / temperature;
+                if (ordered(z) >= at_least) part += expf(z - max);
+            }
+            if (block_sum(part, fscratch) >= wanted) nucleus = candidate;
+        }
+        if (nucleus > threshold) threshold = nucleus;
+    }
+
+    // Each thread's contiguous slice, its kept mass, and the slices scanned in order.
+    const int slice = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const int begin = t * slice;
+    const int end = min(begin + slice, vocab);
+    float mine = 0.0f;
+    for (int i = begin; i < end; ++i) {
+        const float z = row[i] / temperature;
+        if (ordered(z) >= threshold) mine += expf(z - max);
+    }
+    prefix[t] = mine;
+    if (t == 0) { chosen = 0xffffffffu; last_kept = 0; }
+    __syncthreads();
+    if (t == 0) {
+        float running = 0.0f;
+        for (int i = 0; i < SAMPLE_THREADS; ++i) {
+            const float here = prefix[i];
+            prefix[i] = running;
+            running += here;
+        }
+        fscratch[0] = running;
+    }
+    __syncthreads();
+    const float target = uniform * fscratch[0];
+    float running = prefix[t];
+    for (int i = begin; i < end; ++i) {
+        const float z = row[i] / temperature;
+        const float w = ordered(z) >= threshold ? expf(z - max) : 0.0f;
+        if (w <= 0.0f) continue;
+        running += w;
+        atomicMax(&last_kept, (u32)i);
+        if (running >= target) { atomicMin(&chosen, (u32)i); break; }
+    }
+    __syncthreads();
+    if (t == 0) out[blockIdx.x] = chosen != 0xffffffffu ? chosen : last_kept;
+}

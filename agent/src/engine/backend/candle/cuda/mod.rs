@@ -8,6 +8,7 @@
 
 use super::model::PagedKernels;
 use crate::engine::model::{LlamaConfig, RopeStyle};
+use crate::engine::sampling::Draw;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
 use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
@@ -17,6 +18,8 @@ use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 const SOURCE: &str = include_str!("kernels.cu");
 /// Threads of a paged-attention block (`WARPS` warps in `kernels.cu`).
 const ATTENTION_THREADS: u32 = 128;
+/// Threads of a sampling block (`SAMPLE_THREADS` in `kernels.cu`).
+const SAMPLE_THREADS: u32 = 1024;
 
 /// Whether the CUDA driver library can be opened: cudarc would panic on first use otherwise.
 pub fn driver_present() -> bool {
@@ -116,11 +119,18 @@ impl Kernels {
     /// `args` must match the kernel's parameters in number, order and type, and every pointer
     /// must be into live device memory as large as the launch reads and writes.
     unsafe fn launch(&self, name: &str, config: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let function = self.device.get_or_load_custom_func(
-            &format!("{name}_{}", self.suffix),
-            &self.module,
-            &self.ptx,
-        )?;
+        // SAFETY: as the caller promises.
+        unsafe { self.launch_named(&format!("{name}_{}", self.suffix), config, args) }
+    }
+
+    /// Launches kernel `name`, whatever the model's type.
+    ///
+    /// # Safety
+    /// As for [`Kernels::launch`].
+    unsafe fn launch_named(&self, name: &str, config: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let function = self
+            .device
+            .get_or_load_custom_func(name, &self.module, &self.ptx)?;
         let mut launch = function.builder();
         for arg in args {
             match arg {
@@ -219,6 +229,34 @@ impl PagedKernels for Kernels {
         unsafe { self.launch("paged_attention", config, &args)? };
         Ok(out)
     }
+
+    /// One block per row; the draws go over as four words a row, the ids come back alone.
+    fn sample_rows(&self, logits: &Tensor, draws: &[Draw]) -> Result<Vec<u32>> {
+        let (rows, vocab) = logits.dims2()?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        if draws.len() != rows {
+            bail!("{} draws for {rows} rows", draws.len());
+        }
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+        let words: Vec<u32> = draws.iter().flat_map(Draw::words).collect();
+        let draws = Tensor::from_vec(words, rows * 4, logits.device())?;
+        let out = Tensor::zeros(rows, DType::U32, logits.device())?;
+        let stream = self.device.cuda_stream();
+        let mut args = pointers(&[&out, &logits, &draws], &stream)?;
+        args.push(Arg::I32(vocab as i32));
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (SAMPLE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are the kernel's parameters in number, order and type: `out`
+        // holds a u32 per row, `logits` is a contiguous f32 `[rows, vocab]`, `draws` four u32
+        // words per row.
+        unsafe { self.launch_named("sample_rows_f32", config, &args)? };
+        out.to_vec1()
+    }
 }
 
 /// The kernels' PTX for one head size and grouping, from NVRTC.
@@ -296,6 +334,7 @@ mod tests {
                         );
                     }
                 }
+                assert!(ptx.contains(".entry sample_rows_f32"));
             }
         }
     }
