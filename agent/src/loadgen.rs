@@ -48,6 +48,15 @@ pub struct LoadArgs {
     /// `high:0.2,medium:0.6,low:0.2`; none sends no header (medium).
     #[arg(long)]
     pub priorities: Option<String>,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// `top_k` of every request (0: not sent).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// `top_p` of every request (1: not sent).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
     /// Keep generating past the end-of-sequence token (vLLM's `ignore_eos`).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -293,15 +302,21 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
             if args.repeat_prompt {
                 repeated = Some(prompt.clone());
             }
-            let body = json!({
+            let mut body = json!({
                 "model": model,
                 "prompt": prompt,
                 "max_tokens": max_tokens,
-                "temperature": 0.0,
+                "temperature": args.temperature,
                 "ignore_eos": args.ignore_eos,
                 "stream": true,
                 "stream_options": {"include_usage": true},
             });
+            if args.top_k > 0 {
+                body["top_k"] = json!(args.top_k);
+            }
+            if args.top_p < 1.0 {
+                body["top_p"] = json!(args.top_p);
+            }
             let (client, url, places) = (client.clone(), url.clone(), places.clone());
             let start_at = tokio::time::Instant::from_std(started + at);
             tasks.push(tokio::spawn(async move {

@@ -33,6 +33,15 @@ pub struct BenchArgs {
     pub ignore_eos: bool,
     #[arg(long, value_enum, default_value_t = BenchMode::Continuous)]
     pub mode: BenchMode,
+    /// Sample at this temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens when sampling (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the nucleus of this much probability when sampling (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -67,8 +76,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let params = SamplingParams {
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
         ..SamplingParams::default()
     };
+    params
+        .validate()
+        .map_err(|e| anyhow::anyhow!("bench sampling: {e}"))?;
     let concurrency = if args.mode == BenchMode::Sequential {
         1
     } else {

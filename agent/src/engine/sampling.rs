@@ -314,7 +314,7 @@ impl Draw {
 
 /// Samples one row as `draw` says, the way `sample_rows` in the CUDA kernels does (so a row gives
 /// the same token whether the device or the host samples it, up to float rounding at a
-/// boundary): the logits divided by the temperature; kept, the tokens at or above the k-th
+/// boundary): the logits times the temperature's reciprocal; kept, the tokens at or above the k-th
 /// largest (ties kept) and at or above the nucleus threshold — the largest value whose tokens at
 /// or above it hold `top_p` of the kept mass; then the first token, in vocabulary order, at
 /// which the kept weights' running sum reaches `uniform` × their total. Greedy at temperature
@@ -323,45 +323,58 @@ pub fn draw_token(logits: &[f32], draw: &Draw) -> u32 {
     if draw.temperature == 0.0 || logits.is_empty() {
         return argmax(logits);
     }
-    let z: Vec<f32> = logits.iter().map(|l| l / draw.temperature).collect();
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inverse = 1.0 / draw.temperature;
+    let z = |l: &f32| l * inverse;
     let k = draw.top_k as usize;
-    let mut threshold = if k > 0 && k < z.len() {
-        let mut sorted = z.clone();
+    let (max, top_k) = if k > 0 && k < logits.len() {
+        let mut sorted: Vec<f32> = logits.iter().map(z).collect();
         sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        sorted[k - 1]
+        let max = sorted[..k]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        (max, sorted[k - 1])
     } else {
-        f32::NEG_INFINITY
+        let max = logits.iter().map(z).fold(f32::NEG_INFINITY, f32::max);
+        (max, f32::NEG_INFINITY)
     };
-    let weight = |v: f32, at_least: f32| if v >= at_least { (v - max).exp() } else { 0.0 };
+    // The tokens top-k keeps, in vocabulary order, with their weights.
+    let kept: Vec<(u32, f32, f32)> = logits
+        .iter()
+        .map(z)
+        .enumerate()
+        .filter(|(_, v)| *v >= top_k)
+        .map(|(i, v)| (i as u32, v, (v - max).exp()))
+        .filter(|(_, _, w)| *w > 0.0)
+        .collect();
+    let mut threshold = top_k;
     if draw.top_p < 1.0 {
-        let total: f32 = z.iter().map(|v| weight(*v, threshold)).sum();
-        let mut kept: Vec<f32> = z.iter().copied().filter(|v| *v >= threshold).collect();
-        kept.sort_unstable_by(|a, b| b.total_cmp(a));
+        let total: f32 = kept.iter().map(|c| c.2).sum();
+        let mut by_value: Vec<(f32, f32)> = kept.iter().map(|c| (c.1, c.2)).collect();
+        by_value.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
         let mut mass = 0.0;
-        for v in kept {
-            mass += (v - max).exp();
+        for (v, w) in by_value {
+            mass += w;
             if mass >= draw.top_p * total {
                 threshold = v;
                 break;
             }
         }
     }
-    let total: f32 = z.iter().map(|v| weight(*v, threshold)).sum();
+    let total: f32 = kept.iter().filter(|c| c.1 >= threshold).map(|c| c.2).sum();
     let target = draw.uniform * total;
     let mut sum = 0.0;
     let mut last = None;
-    for (i, v) in z.iter().enumerate() {
-        let w = weight(*v, threshold);
-        if w > 0.0 {
+    for &(i, v, w) in &kept {
+        if v >= threshold {
             sum += w;
             last = Some(i);
             if sum >= target {
-                return i as u32;
+                return i;
             }
         }
     }
-    last.map_or_else(|| argmax(logits), |i| i as u32)
+    last.unwrap_or_else(|| argmax(logits))
 }
 
 fn logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {

@@ -196,7 +196,7 @@ INSTANTIATE(f32, F32)
 // sample_rows_f32: one token per row of f32 logits, as sampling.rs's `draw_token` picks it.
 // `draws` holds four words a row: temperature (f32 bits), top_k, top_p (f32 bits), uniform (f32
 // bits). One block of SAMPLE_THREADS threads per row. Temperature 0 is greedy (the first largest
-// logit). Otherwise z = logit / temperature; the top-k threshold is the k-th largest z, found
+// logit). Otherwise z = logit x (1 / temperature); the top-k threshold is the k-th largest z, found
 // exactly by a bitwise search over the floats' ordered bit patterns (32 counting passes); the
 // nucleus threshold is the largest z whose tokens at or above it hold top_p of the kept mass
 // (32 summing passes); then each thread sums the kept weights exp(z - max) of its contiguous
@@ -271,8 +271,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         return;
     }
 
+    const float inverse = 1.0f / temperature;
     float local_max = neg_infinity();
-    for (int i = t; i < vocab; i += SAMPLE_THREADS) local_max = fmaxf(local_max, row[i] / temperature);
+    for (int i = t; i < vocab; i += SAMPLE_THREADS) local_max = fmaxf(local_max, row[i] * inverse);
     const float max = block_max(local_max, fscratch);
 
     // Top-k: the largest key K with at least k tokens at or above it.
@@ -281,7 +282,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         for (int bit = 31; bit >= 0; --bit) {
             const u32 candidate = threshold | (1u << bit);
             u32 count = 0;
-            for (int i = t; i < vocab; i += SAMPLE_THREADS) count += ordered(row[i] / temperature) >= candidate;
+            for (int i = t; i < vocab; i += SAMPLE_THREADS) count += ordered(row[i] * inverse) >= candidate;
             if (block_count(count, uscratch) >= top_k) threshold = candidate;
         }
     }
@@ -289,7 +290,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     if (top_p < 1.0f) {
         float mass = 0.0f;
         for (int i = t; i < vocab; i += SAMPLE_THREADS) {
-            const float z = row[i] / temperature;
+            const float z = row[i] * inverse;
             if (ordered(z) >= threshold) mass += expf(z - max);
         }
         const float wanted = top_p * block_sum(mass, fscratch);
@@ -299,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             const u32 at_least = candidate > threshold ? candidate : threshold;
             float part = 0.0f;
             for (int i = t; i < vocab; i += SAMPLE_THREADS) {
-                const float z = row[i] / temperature;
+                const float z = row[i] * inverse;
                 if (ordered(z) >= at_least) part += expf(z - max);
             }
             if (block_sum(part, fscratch) >= wanted) nucleus = candidate;
@@ -313,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const int end = min(begin + slice, vocab);
     float mine = 0.0f;
     for (int i = begin; i < end; ++i) {
-        const float z = row[i] / temperature;
+        const float z = row[i] * inverse;
         if (ordered(z) >= threshold) mine += expf(z - max);
     }
     prefix[t] = mine;
@@ -332,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const float target = uniform * fscratch[0];
     float running = prefix[t];
     for (int i = begin; i < end; ++i) {
-        const float z = row[i] / temperature;
+        const float z = row[i] * inverse;
         const float w = ordered(z) >= threshold ? expf(z - max) : 0.0f;
         if (w <= 0.0f) continue;
         running += w;
