@@ -2,6 +2,7 @@
 //! latency percentiles.
 
 use super::EngineArgs;
+use super::generate::SamplingArgs;
 use crate::engine::{self, EngineHandle, Event, SamplingParams};
 use anyhow::bail;
 use clap::{Args, ValueEnum};
@@ -33,15 +34,8 @@ pub struct BenchArgs {
     pub ignore_eos: bool,
     #[arg(long, value_enum, default_value_t = BenchMode::Continuous)]
     pub mode: BenchMode,
-    /// Sample at this temperature (0: greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Keep the k most likely tokens when sampling (0: all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Keep the nucleus of this much probability when sampling (1: all).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +54,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if args.requests == 0 || args.concurrency == 0 || args.prompt_len == 0 || args.max_tokens == 0 {
         bail!("--requests, --concurrency, --prompt-len and --max-tokens must be positive");
     }
+    let params = args.sampling.params(SamplingParams {
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+        ..SamplingParams::default()
+    })?;
     let engine = args.engine.start()?;
     let vocab = engine.info.vocab_size as u64;
     // Deterministic prompts of exactly --prompt-len ids, different per request.
@@ -73,17 +72,6 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             })
             .collect(),
     );
-    let params = SamplingParams {
-        max_tokens: args.max_tokens,
-        ignore_eos: args.ignore_eos,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        ..SamplingParams::default()
-    };
-    params
-        .validate()
-        .map_err(|e| anyhow::anyhow!("bench sampling: {e}"))?;
     let concurrency = if args.mode == BenchMode::Sequential {
         1
     } else {

@@ -18,12 +18,8 @@ pub struct GenerateArgs {
     pub chat: bool,
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[arg(long)]
     pub seed: Option<u64>,
     /// A string that ends the output (repeatable).
@@ -33,7 +29,42 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
 }
 
+/// How `generate` and `bench` sample.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens when sampling (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the nucleus of this much probability when sampling (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+}
+
+impl SamplingArgs {
+    /// `base` sampling as these flags say; an error names a value out of range.
+    pub fn params(&self, base: SamplingParams) -> anyhow::Result<SamplingParams> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            ..base
+        };
+        params.validate().map_err(anyhow::Error::msg)?;
+        Ok(params)
+    }
+}
+
 pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    let params = args.sampling.params(SamplingParams {
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+        ..SamplingParams::default()
+    })?;
     let engine = args.engine.start()?;
     let text = if args.chat {
         engine.codec.chat_prompt(&[Message {
@@ -44,16 +75,6 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         args.prompt.clone()
     };
     let prompt = engine.codec.encode(&text)?;
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-        max_tokens: args.max_tokens,
-        stop: args.stop.clone(),
-        ignore_eos: args.ignore_eos,
-        ..SamplingParams::default()
-    };
     let started = Instant::now();
     let mut stream = engine.submit(prompt, params)?;
     let mut stdout = std::io::stdout().lock();
