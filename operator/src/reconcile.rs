@@ -358,11 +358,20 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                     });
                 }
             }
-            for name in taken {
+            // One event names them all: the recorder folds events of one reason into a series
+            // that keeps its first note.
+            if !taken.is_empty() {
+                let (them, verb) = match taken.len() {
+                    1 => ("it", "exists and is"),
+                    _ => ("them", "exist and are"),
+                };
                 events.push((
                     EventType::Warning,
                     "ChildNameTaken",
-                    format!("{name} exists and is not the pool's: it is left alone, and the pool works without it"),
+                    format!(
+                        "{} {verb} not the pool's: left alone, and the pool works without {them}",
+                        taken.join(", ")
+                    ),
                 ));
             }
             // Revisions no pod reads any more (pods removed above go on the next pass).

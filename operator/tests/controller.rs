@@ -1847,6 +1847,23 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted(
         .create(&PostParams::default(), &theirs)
         .await
         .unwrap();
+    // And, where the cluster serves PodMonitors, somebody's of the name the pool's would have.
+    server.discoverable("monitoring.coreos.com/v1", "podmonitors", "PodMonitor");
+    let monitors = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        "ml",
+        &parallax_operator::monitoring::resource(),
+    );
+    let their_monitor: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+        "metadata": {"name": "llama-agents", "namespace": "ml"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}}
+    }))
+    .unwrap();
+    monitors
+        .create(&PostParams::default(), &their_monitor)
+        .await
+        .unwrap();
     let controller = RunningController::start(&client);
     Api::<InferencePool>::namespaced(client.clone(), "ml")
         .create(&PostParams::default(), &pool())
@@ -1859,7 +1876,11 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted(
         || async {
             let taken = recorded(&server, "PodNameTaken", "llama-1-0");
             let service_taken = recorded(&server, "ChildNameTaken", "Service/llama");
-            taken && service_taken && pod_api.get_opt("llama-0-0").await.unwrap().is_some()
+            let monitor_taken = recorded(&server, "ChildNameTaken", "PodMonitor/llama-agents");
+            taken
+                && service_taken
+                && monitor_taken
+                && pod_api.get_opt("llama-0-0").await.unwrap().is_some()
         },
     )
     .await;
@@ -1891,6 +1912,15 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted(
         "the Service was adopted"
     );
     assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 80);
+    let monitor = monitors.get("llama-agents").await.unwrap();
+    assert!(
+        monitor.metadata.owner_references.is_none(),
+        "the PodMonitor was adopted"
+    );
+    assert_eq!(
+        monitor.data["spec"]["selector"]["matchLabels"]["app"],
+        "web"
+    );
 
     Api::<InferencePool>::namespaced(client.clone(), "ml")
         .delete("llama", &DeleteParams::default())
@@ -1906,6 +1936,7 @@ async fn what_the_pool_does_not_own_is_never_adopted_counted_changed_or_deleted(
                 && names == ["llama-1-0"]
                 && services.get_opt("llama").await.unwrap().is_some()
                 && services.get_opt("llama-pods").await.unwrap().is_none()
+                && monitors.get_opt("llama-agents").await.unwrap().is_some()
         },
     )
     .await;
