@@ -358,20 +358,11 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
                     });
                 }
             }
-            // One event names them all: the recorder folds events of one reason into a series
-            // that keeps its first note.
-            if !taken.is_empty() {
-                let (them, verb) = match taken.len() {
-                    1 => ("it", "exists and is"),
-                    _ => ("them", "exist and are"),
-                };
+            for name in taken {
                 events.push((
                     EventType::Warning,
                     "ChildNameTaken",
-                    format!(
-                        "{} {verb} not the pool's: left alone, and the pool works without {them}",
-                        taken.join(", ")
-                    ),
+                    format!("{name} exists and is not the pool's: it is left alone, and the pool works without it"),
                 ));
             }
             // Revisions no pod reads any more (pods removed above go on the next pass).
@@ -409,7 +400,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         &Time(now),
     );
     events.extend(decision_events(pool, &layout));
-    for (type_, reason, note) in events {
+    for (type_, reason, note) in one_per_reason(events) {
         info!(reason, %note, "decision");
         publish(ctx, pool, type_, reason, note).await;
     }
@@ -846,6 +837,29 @@ where
     }
 }
 
+/// A pass's events, one per type and reason with their notes joined by "; ", in the order each
+/// reason first came: the event recorder folds events of one reason on one object into a series
+/// that keeps its first note, so a second note of the same reason would never be seen.
+fn one_per_reason(
+    events: Vec<(EventType, &'static str, String)>,
+) -> Vec<(EventType, &'static str, String)> {
+    let mut merged: Vec<(EventType, &'static str, String)> = Vec::new();
+    for (type_, reason, note) in events {
+        match merged
+            .iter_mut()
+            .find(|(t, r, _)| *t == type_ && *r == reason)
+        {
+            Some((_, _, notes)) if !notes.split("; ").any(|n| n == note) => {
+                notes.push_str("; ");
+                notes.push_str(&note);
+            }
+            Some(_) => {}
+            None => merged.push((type_, reason, note)),
+        }
+    }
+    merged
+}
+
 /// Events are best effort: a failure to record one is logged, never fails the reconcile.
 async fn publish(
     ctx: &Context,
@@ -863,5 +877,40 @@ async fn publish(
     };
     if let Err(error) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
         warn!(%error, reason, "could not record event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_records_one_event_per_reason_with_every_note() {
+        let events = vec![
+            (EventType::Normal, "GroupCreated", "group 0".to_owned()),
+            (EventType::Warning, "ChildNameTaken", "Service/a".to_owned()),
+            (EventType::Normal, "GroupCreated", "group 1".to_owned()),
+            (EventType::Warning, "ChildNameTaken", "Service/a".to_owned()),
+            (
+                EventType::Warning,
+                "ChildNameTaken",
+                "PodMonitor/a-agents".to_owned(),
+            ),
+        ];
+        assert_eq!(
+            one_per_reason(events),
+            vec![
+                (
+                    EventType::Normal,
+                    "GroupCreated",
+                    "group 0; group 1".to_owned()
+                ),
+                (
+                    EventType::Warning,
+                    "ChildNameTaken",
+                    "Service/a; PodMonitor/a-agents".to_owned()
+                ),
+            ]
+        );
     }
 }
