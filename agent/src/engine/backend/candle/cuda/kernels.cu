@@ -137,8 +137,8 @@ __device__ void paged_attention(
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
             const float top = fmaxf(m[h], s);
-            const float rescale = expf(m[h] - top);  // 0 at the first position (m = -inf)
-            const float p = expf(s - top);
+            const float rescale = __expf(m[h] - top);  // 0 at the first position (m = -inf)
+            const float p = __expf(s - top);
             l[h] = l[h] * rescale + p;
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) acc[h][i] = acc[h][i] * rescale + p * vv[i];
@@ -166,7 +166,7 @@ __device__ void paged_attention(
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
             if (shared_l[w][h] == 0.0f) continue;  // a warp that saw no position
-            const float c = expf(shared_m[w][h] - top);
+            const float c = __expf(shared_m[w][h] - top);
             num += shared_acc[w][h][e] * c;
             den += shared_l[w][h] * c;
         }
@@ -210,12 +210,14 @@ __device__ __forceinline__ u32 ordered(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__device__ float block_sum(float v, float* scratch) {
+// The block's sum of `v` (float weights, u32 counts); every thread gets it.
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     __syncthreads();
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
     __syncthreads();
-    float total = 0.0f;
+    T total = 0;
     for (int w = 0; w < SAMPLE_THREADS / 32; ++w) total += scratch[w];
     return total;
 }
@@ -228,16 +230,6 @@ __device__ float block_max(float v, float* scratch) {
     float best = scratch[0];
     for (int w = 1; w < SAMPLE_THREADS / 32; ++w) best = fmaxf(best, scratch[w]);
     return best;
-}
-
-__device__ u32 block_count(u32 v, u32* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-    __syncthreads();
-    u32 total = 0;
-    for (int w = 0; w < SAMPLE_THREADS / 32; ++w) total += scratch[w];
-    return total;
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
@@ -283,7 +275,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             const u32 candidate = threshold | (1u << bit);
             u32 count = 0;
             for (int i = t; i < vocab; i += SAMPLE_THREADS) count += ordered(row[i] * inverse) >= candidate;
-            if (block_count(count, uscratch) >= top_k) threshold = candidate;
+            if (block_sum(count, uscratch) >= top_k) threshold = candidate;
         }
     }
     // Top-p: the largest key P whose kept tokens at or above it hold top_p of the kept mass.
