@@ -228,13 +228,14 @@ def histogram(name, pool, slow_per_min):
     above 1 s (between 1 and 5 s)."""
     fast = 10 - slow_per_min
     return [
-        (f'{name}_bucket{{namespace="ml", pool="{pool}", pod="{pool}-0-0", le="1"}}', f"0+{fast / 2:g}x120"),
-        (f'{name}_bucket{{namespace="ml", pool="{pool}", pod="{pool}-0-0", le="5"}}', "0+5x120"),
-        (f'{name}_bucket{{namespace="ml", pool="{pool}", pod="{pool}-0-0", le="+Inf"}}', "0+5x120"),
+        agent(f"{name}_bucket", pool, f"0+{fast / 2:g}x120", le="1"),
+        agent(f"{name}_bucket", pool, "0+5x120", le="5"),
+        agent(f"{name}_bucket", pool, "0+5x120", le="+Inf"),
     ]
 
 
 def agent(name, pool, values, **labels):
+    """One agent series of the pool (the labels the chart's PodMonitor gives) and its values."""
     extra = "".join(f', {k}="{v}"' for k, v in labels.items())
     return (f'{name}{{namespace="ml", pool="{pool}", pod="{pool}-0-0"{extra}}}', values)
 

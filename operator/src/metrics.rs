@@ -177,7 +177,7 @@ impl Metrics {
 
     /// The registry in Prometheus text format.
     /// The autoscaler's look at a pool: each signal it has.
-    pub fn autoscaling_signals(&self, namespace: &str, pool: &str, view: &AutoscalingStatus) {
+    pub fn record_signals(&self, namespace: &str, pool: &str, view: &AutoscalingStatus) {
         for (signal, value) in [
             ("request_rate", view.requests_per_second),
             ("queue", view.queue),

@@ -151,10 +151,15 @@ pub async fn served(client: &Client) -> Result<bool, kube::Error> {
     }
 }
 
-/// Asks discovery every `every` and publishes whether PodMonitors are served; a failed
-/// discovery keeps the last answer. Runs until the receivers are gone.
+/// Asks discovery again every `every` (the caller asked at start) and publishes whether
+/// PodMonitors are served; a failed discovery keeps the last answer. Runs until the receivers
+/// are gone.
 pub async fn discover(client: Client, every: Duration, served_now: watch::Sender<bool>) {
     loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = served_now.closed() => return,
+        }
         match served(&client).await {
             Ok(yes) => {
                 served_now.send_if_modified(|was| {
@@ -167,10 +172,6 @@ pub async fn discover(client: Client, every: Duration, served_now: watch::Sender
                 });
             }
             Err(error) => warn!(%error, "API discovery of {GROUP_VERSION} failed"),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = served_now.closed() => return,
         }
     }
 }

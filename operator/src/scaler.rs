@@ -648,7 +648,7 @@ impl Scaler {
     fn record(&self, pool: &InferencePool, view: &AutoscalingStatus, decision: &Decision) {
         let namespace = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
-        self.metrics.autoscaling_signals(&namespace, &name, view);
+        self.metrics.record_signals(&namespace, &name, view);
         self.metrics
             .autoscaling_replicas
             .get_or_create(&PoolLabel {

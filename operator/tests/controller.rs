@@ -1629,7 +1629,7 @@ async fn the_scaling_dashboards_queries_have_data_from_a_live_operator() {
         naive_mape: Some(0.15),
         ..Default::default()
     };
-    metrics.autoscaling_signals("ml", "llama", &forecast);
+    metrics.record_signals("ml", "llama", &forecast);
     metrics.rolled_back("ml", "llama", "latency");
     missing.extend(without_data(&http, address, later.clone()).await);
     let _ = prometheus.kill();

@@ -237,7 +237,8 @@ pub fn sample(
     }
 }
 
-fn argmax(logits: &[f32]) -> u32 {
+/// The greedy token of a logits row: the first largest.
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in logits.iter().enumerate() {
         if *v > logits[best] {

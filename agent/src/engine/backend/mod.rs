@@ -16,6 +16,7 @@ use super::error::{EngineError, Result};
 use super::model::LlamaConfig;
 use super::model::loader::ModelFiles;
 use super::sampling::Draw;
+pub use super::sampling::argmax;
 use super::scheduling::blocks::BlockId;
 
 /// What a sequence wants back for the last token it runs in a step.
@@ -224,17 +225,6 @@ pub fn gpu_facts(device: DeviceSpec) -> Result<Option<profile::GpuFacts>> {
         DeviceSpec::Cpu => Ok(None),
         DeviceSpec::Cuda(_) => candle::gpu_facts(&candle::device(device)?),
     }
-}
-
-/// The greedy token of a logits row: the first largest.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

@@ -170,25 +170,36 @@ impl CandleExecutor {
         vocab: usize,
         draws: &[Draw],
     ) -> candle_core::Result<(Vec<u32>, f64)> {
-        let logits = Tensor::from_slice(rows, (rows.len() / vocab.max(1), vocab), &self.device)?;
-        self.device.synchronize()?;
+        let logits = self.on_device(rows, vocab)?;
         let began = std::time::Instant::now();
-        let ids = match &self.model.paged {
-            Some(kernels) => kernels.sample_rows(&logits, draws)?,
-            None => model::sample_rows_on_host(&logits, draws)?,
-        };
+        let ids = self.sample(&logits, draws)?;
         Ok((ids, began.elapsed().as_secs_f64()))
     }
 
     /// Seconds to copy `rows` (`[n, vocab]` f32) from the device to the host, as a step that
     /// samples on the host does.
     pub fn copy_rows_seconds(&self, rows: &[f32], vocab: usize) -> candle_core::Result<f64> {
-        let logits = Tensor::from_slice(rows, (rows.len() / vocab.max(1), vocab), &self.device)?;
-        self.device.synchronize()?;
+        let logits = self.on_device(rows, vocab)?;
         let began = std::time::Instant::now();
         let copied: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         std::hint::black_box(copied);
         Ok(began.elapsed().as_secs_f64())
+    }
+
+    /// Host rows (`[n, vocab]` f32) as a tensor on the device, the upload finished.
+    fn on_device(&self, rows: &[f32], vocab: usize) -> candle_core::Result<Tensor> {
+        let logits = Tensor::from_slice(rows, (rows.len() / vocab.max(1), vocab), &self.device)?;
+        self.device.synchronize()?;
+        Ok(logits)
+    }
+
+    /// One token per row of `logits` as `draws` say: by the device's kernel where it has one,
+    /// else on the host.
+    fn sample(&self, logits: &Tensor, draws: &[Draw]) -> candle_core::Result<Vec<u32>> {
+        match &self.model.paged {
+            Some(kernels) => kernels.sample_rows(logits, draws),
+            None => model::sample_rows_on_host(logits, draws),
+        }
     }
 
     /// The device tensors of one step.
@@ -379,11 +390,7 @@ impl CandleExecutor {
                 out.argmax = select(picked)?.argmax(1)?.to_vec1()?;
             }
         } else {
-            let rows = select(picked)?;
-            out.argmax = match &self.model.paged {
-                Some(kernels) => kernels.sample_rows(&rows, &draws)?,
-                None => model::sample_rows_on_host(&rows, &draws)?,
-            };
+            out.argmax = self.sample(&select(picked)?, &draws)?;
         }
         Ok(out)
     }
