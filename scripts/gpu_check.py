@@ -6,8 +6,9 @@ transformers. Commands:
                      the agent can serve it), 8 token-id prompts in DIR/prompts.json, and the
                      model's last-position logits (DIR/reference.f32) and 32 greedy tokens with
                      each step's top-1 margin (DIR/reference.json)
-  compare DIR PARALLAX_JSON   cosine and top-1 agreement of the agent's logits (DIR/parallax.f32)
-                     against the reference's, and greedy agreement where the reference is decisive
+  compare DIR PARALLAX_JSON   cosine and top-1 agreement of the agent's logits (the .f32 file
+                     beside PARALLAX_JSON) against the reference's, and greedy agreement where
+                     the reference is decisive
   throughput SHAPE BATCH...   generate() with static batches: 512-token prompts, 128 new tokens
                      (EOS never ends them), output tokens per second
   summarize WORK     every part's output under WORK (one JSON file per part, *.json, and its exit
@@ -124,7 +125,7 @@ def compare(directory, parallax_json):
         theirs = json.load(f)
     vocab = ours["vocab"]
     a = np.fromfile(os.path.join(directory, "reference.f32"), dtype="<f4").reshape(-1, vocab)
-    b = np.fromfile(os.path.join(directory, "parallax.f32"), dtype="<f4").reshape(-1, vocab)
+    b = np.fromfile(os.path.splitext(parallax_json)[0] + ".f32", dtype="<f4").reshape(-1, vocab)
     cosines = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
     top1 = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)]
     agree, decisive, first_disagreement = 0, 0, []
@@ -208,6 +209,12 @@ def summarize(work):
             entry["bandwidth_bound_ms"] = bound_ms
             entry["over_bound"] = tpot / bound_ms
         summary[shape] = entry
+    # NCCL at world size 1: a group of one rank summing through NCCL against the whole model.
+    nccl = (parts.get("parallax-llama-3.2-1b-64-nccl", {}).get("result") or {})
+    whole = (parts.get("parallax-llama-3.2-1b-64", {}).get("result") or {})
+    if nccl and whole:
+        summary["nccl_world_1_vs_whole_batch_64"] = (
+            nccl["output_tokens_per_s"] / whole["output_tokens_per_s"])
     print(json.dumps(summary, indent=1))
 
 

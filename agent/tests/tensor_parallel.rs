@@ -9,8 +9,8 @@ mod support;
 
 use parallax_agent::engine::backend::{RowOutput, SeqInput};
 use parallax_agent::engine::{
-    self, BackendConfig, BackendKind, EngineConfig, EngineHandle, Event, Executor, ModelSource,
-    SamplingParams,
+    self, BackendConfig, BackendKind, CollectiveKind, EngineConfig, EngineHandle, Event, Executor,
+    ModelSource, SamplingParams,
 };
 use support::tiny::TinyLlama;
 
@@ -222,6 +222,18 @@ fn a_generated_model_split_two_and_four_ways_gives_the_whole_models_logits() {
     };
     let error = engine::load(&source, &int8).unwrap_err().to_string();
     assert!(error.contains("candle backend"), "{error}");
+    // Sums through NCCL are for CUDA devices: asked for on the CPU, refused by name, at any size.
+    for size in [1, 2] {
+        let nccl = BackendConfig {
+            collective: CollectiveKind::Nccl,
+            ..candle(size)
+        };
+        let error = engine::load(&source, &nccl).unwrap_err().to_string();
+        assert!(
+            error.contains("--collective nccl") && error.contains("--device cuda"),
+            "{error}"
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

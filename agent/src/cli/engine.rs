@@ -1,6 +1,7 @@
 //! What loads the model and sizes the engine: the engine's flags, resolved against the device's
 //! hardware profile.
 
+use crate::engine::backend::CollectiveKind;
 use crate::engine::backend::profile::HardwareProfile;
 use crate::engine::scheduling::admission::{Bin, BinShare, Discipline, EVERY_STEP, QueuePolicy};
 use crate::engine::{
@@ -69,6 +70,12 @@ pub struct EngineArgs {
     /// and KV heads. Default: the agent configuration's, or 1.
     #[arg(long, short = 't')]
     pub tensor_parallel_size: Option<usize>,
+    /// How tensor-parallel ranks add up their partial sums: `nccl` on the GPUs, `host` in host
+    /// memory (on CUDA a copy there and back each time), `auto` NCCL on CUDA where libnccl.so
+    /// opens, else the host. `nccl` at tensor parallel size 1 runs a group of one rank through
+    /// NCCL (the path checked on one GPU).
+    #[arg(long, value_enum, default_value_t = CollectiveArg::Auto, env = "PARALLAX_COLLECTIVE")]
+    pub collective: CollectiveArg,
     /// Admission order: `multi-bin` (bins by predicted time, priorities, aging) or `fcfs`.
     #[arg(long, value_enum, default_value_t = SchedulerKind::MultiBin)]
     pub scheduler: SchedulerKind,
@@ -98,6 +105,13 @@ pub struct EngineArgs {
     /// requests whose tokens begin alike, and a repeated prefix is not computed again.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CollectiveArg {
+    Auto,
+    Host,
+    Nccl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -257,6 +271,11 @@ impl EngineArgs {
             },
             device: self.device,
             tensor_parallel_size: self.tensor_parallel_size(),
+            collective: match self.collective {
+                CollectiveArg::Auto => CollectiveKind::Auto,
+                CollectiveArg::Host => CollectiveKind::Host,
+                CollectiveArg::Nccl => CollectiveKind::Nccl,
+            },
             precision: match self.dtype {
                 DtypeArg::Auto => None,
                 DtypeArg::F32 => Some(Precision::F32),

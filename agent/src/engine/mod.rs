@@ -17,7 +17,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod scheduling;
 
-pub use backend::{BackendConfig, BackendKind, DeviceSpec, Executor, Precision};
+pub use backend::{BackendConfig, BackendKind, CollectiveKind, DeviceSpec, Executor, Precision};
 pub use error::EngineError;
 pub use model::loader::{ModelFiles, ModelSource};
 pub use model::tokenizer::{Message, TextCodec};

@@ -532,7 +532,7 @@ impl Collector for EngineCollector {
         let seconds = ConstCounter::new(all_reduce_seconds);
         let metric = encoder.encode_descriptor(
             "parallax_tensor_parallel_all_reduce_seconds",
-            "Rank 0's time in tensor-parallel all-reduces: waiting for the slowest rank, the sum and the link to other pods",
+            "Rank 0's time in tensor-parallel all-reduces: on the host, waiting for the slowest rank, the sum and the link to other pods; through NCCL, the enqueue only (the sum runs on the GPU)",
             None,
             seconds.metric_type(),
         )?;

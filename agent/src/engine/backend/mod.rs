@@ -170,6 +170,21 @@ pub struct BackendConfig {
     /// Ranks the model is split over in this process (one per GPU from `device` on, or threads
     /// on the CPU); 0 or 1 for the whole model.
     pub tensor_parallel_size: usize,
+    /// How the ranks add up their partial sums.
+    pub collective: CollectiveKind,
+}
+
+/// How tensor-parallel ranks add up their partial sums: in host memory (the CPU's threads and
+/// processes; on CUDA a copy to the host and back each time), or on the GPUs through NCCL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CollectiveKind {
+    /// NCCL on CUDA where its library opens, else the host.
+    #[default]
+    Auto,
+    Host,
+    /// NCCL, or an error saying why not. At tensor parallel size 1 it still builds a group of
+    /// one rank with its communicator: the NCCL path checked on one GPU.
+    Nccl,
 }
 
 impl BackendConfig {
@@ -192,6 +207,32 @@ impl BackendConfig {
         }
     }
 
+    /// Whether the ranks sum on the GPUs through NCCL: `Ok(false)` for host sums, an error
+    /// naming the problem where NCCL is asked for and cannot be had.
+    pub fn uses_nccl(&self) -> Result<bool> {
+        let cuda = matches!(self.device, DeviceSpec::Cuda(_));
+        match self.collective {
+            CollectiveKind::Host => Ok(false),
+            CollectiveKind::Auto if cuda && !candle::nccl_present() => {
+                tracing::warn!(
+                    "NCCL is not available (libnccl.so does not open): tensor-parallel sums go \
+                     through host memory"
+                );
+                Ok(false)
+            }
+            CollectiveKind::Auto => Ok(cuda),
+            CollectiveKind::Nccl if !cuda => Err(EngineError::Unsupported(
+                "--collective nccl sums on CUDA devices: use it with --device cuda".into(),
+            )),
+            CollectiveKind::Nccl if !candle::nccl_present() => Err(EngineError::Unsupported(
+                "--collective nccl: NCCL is not available (this build has no CUDA support, or \
+                 libnccl.so cannot be opened: put NCCL's library folder on LD_LIBRARY_PATH)"
+                    .into(),
+            )),
+            CollectiveKind::Nccl => Ok(true),
+        }
+    }
+
     pub fn resolved_precision(&self) -> Precision {
         self.precision.unwrap_or(match self.device {
             DeviceSpec::Cpu => Precision::F32,
@@ -202,7 +243,7 @@ impl BackendConfig {
 
 /// Builds the executor `backend` names from the model's files.
 pub fn load(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn Executor>> {
-    if backend.tensor_parallel_size > 1 {
+    if backend.tensor_parallel_size > 1 || backend.collective == CollectiveKind::Nccl {
         return crate::engine::parallel::group::in_process(files, backend);
     }
     match (backend.resolved_kind(), backend.device) {
@@ -251,5 +292,51 @@ mod tests {
             on(DeviceSpec::Cuda(1)).resolved_precision(),
             Precision::Bf16
         );
+    }
+
+    #[test]
+    fn ranks_sum_through_nccl_only_on_cuda_and_asking_for_it_elsewhere_says_why() {
+        let with = |device, collective| BackendConfig {
+            device,
+            collective,
+            ..BackendConfig::default()
+        };
+        assert!(
+            !with(DeviceSpec::Cpu, CollectiveKind::Auto)
+                .uses_nccl()
+                .unwrap()
+        );
+        assert!(
+            !with(DeviceSpec::Cpu, CollectiveKind::Host)
+                .uses_nccl()
+                .unwrap()
+        );
+        assert!(
+            !with(DeviceSpec::Cuda(0), CollectiveKind::Host)
+                .uses_nccl()
+                .unwrap()
+        );
+        let error = with(DeviceSpec::Cpu, CollectiveKind::Nccl)
+            .uses_nccl()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--collective nccl") && error.contains("--device cuda"),
+            "{error}"
+        );
+        // This build (no CUDA) never has NCCL: auto falls back to the host, nccl says why.
+        assert_eq!(
+            with(DeviceSpec::Cuda(0), CollectiveKind::Auto)
+                .uses_nccl()
+                .unwrap(),
+            candle::nccl_present()
+        );
+        if !candle::nccl_present() {
+            let error = with(DeviceSpec::Cuda(0), CollectiveKind::Nccl)
+                .uses_nccl()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("NCCL is not available"), "{error}");
+        }
     }
 }

@@ -27,8 +27,9 @@ pub trait Uplink: Send + Sync + std::fmt::Debug {
 }
 
 /// Rank 0's all-reduces in this process: how many, and how long from its call to the total —
-/// the wait for the slowest rank, the sum and the other processes' link included. What sharding
-/// costs a step, on the metrics endpoint.
+/// the wait for the slowest rank, the sum and the other processes' link included (through NCCL,
+/// only the enqueue: the sum itself runs on the GPU's stream). What sharding costs a step, on
+/// the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct AllReduceStats {
     count: AtomicU64,
@@ -41,7 +42,7 @@ pub static ALL_REDUCES: AllReduceStats = AllReduceStats {
 };
 
 impl AllReduceStats {
-    fn record(&self, took: Duration) {
+    pub fn record(&self, took: Duration) {
         self.count.fetch_add(1, Ordering::Relaxed);
         self.nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
@@ -118,10 +119,17 @@ impl LocalGroup {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn break_with(&self, reason: &str) {
+    /// Fails the group for `reason` (the first reason stays): every waiting and later call of
+    /// every rank returns it.
+    pub fn break_with(&self, reason: &str) {
         let mut state = self.lock();
         state.broken.get_or_insert_with(|| reason.to_owned());
         self.turned.notify_all();
+    }
+
+    /// Why the group failed, once it has.
+    pub fn broken(&self) -> Option<String> {
+        self.lock().broken.clone()
     }
 
     fn all_reduce(&self, index: usize, data: &mut [f32]) -> Result<(), String> {

@@ -9,7 +9,7 @@
 use super::collective::{Collective, LocalGroup, Uplink};
 use super::link::{self, LeaderLink, LeaderUplink, RemoteRank, WorkerUplink};
 use super::{Shard, StepPlan};
-use crate::engine::backend::candle::CandleExecutor;
+use crate::engine::backend::candle::{self, CandleExecutor, NcclWatch};
 use crate::engine::backend::{
     BackendConfig, BackendKind, DeviceMemory, Executor, FaultFlag, SeqInput, StepOutput,
 };
@@ -28,30 +28,60 @@ pub const RANK_DEADLINE: Duration = Duration::from_secs(120);
 /// The model split over `backend.tensor_parallel_size` ranks of this process (threads; one GPU
 /// each on CUDA), on the candle backend.
 pub fn in_process(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn Executor>> {
-    let world = backend.tensor_parallel_size;
-    Ok(Box::new(this_process(
-        files,
-        backend,
-        0,
-        world,
-        Vec::new(),
-        None,
-    )?))
+    let world = backend.tensor_parallel_size.max(1);
+    let place = Place {
+        first: 0,
+        local: world,
+        remote: Vec::new(),
+        uplink: None,
+        nccl: group_nccl_id(backend)?,
+        faults: None,
+    };
+    Ok(Box::new(this_process(files, backend, place)?))
 }
 
-/// The ranks of one process of a group of `backend.tensor_parallel_size`: `local` ranks from
-/// global rank `first`, a thread each (one GPU each from `backend.device`), joined to other
-/// processes through `uplink`; `remote` are other processes' ranks this one commands (the
-/// leader's). The first local rank's executor answers for the process.
+/// A new NCCL unique id where the group sums through NCCL (see [`BackendConfig::uses_nccl`]).
+fn group_nccl_id(backend: &BackendConfig) -> Result<Option<Vec<u8>>> {
+    backend
+        .uses_nccl()?
+        .then(candle::nccl_unique_id)
+        .transpose()
+}
+
+/// Where one process's ranks stand in their group.
+#[derive(Debug)]
+struct Place {
+    /// Global rank of the first of this process's `local` ranks.
+    first: usize,
+    local: usize,
+    /// Other processes' ranks this one commands (the leader's).
+    remote: Vec<Box<dyn Rank>>,
+    /// How this process's sums join the other processes'.
+    uplink: Option<Box<dyn Uplink>>,
+    /// The group's NCCL unique id, where the ranks sum on the GPUs.
+    nccl: Option<Vec<u8>>,
+    /// Where a lost link to another process is recorded (multi-pod groups).
+    faults: Option<FaultFlag>,
+}
+
+/// The ranks of one process of a group of `backend.tensor_parallel_size`, as `place` says: a
+/// thread each (one GPU each from `backend.device`), summing on the host through a
+/// [`LocalGroup`] or on the GPUs through NCCL. The first local rank's executor answers for the
+/// process.
 fn this_process(
     files: &mut ModelFiles,
     backend: &BackendConfig,
-    first: usize,
-    local: usize,
-    remote: Vec<Box<dyn Rank>>,
-    uplink: Option<Box<dyn Uplink>>,
+    place: Place,
 ) -> Result<TensorParallel> {
-    let world = backend.tensor_parallel_size;
+    let world = backend.tensor_parallel_size.max(1);
+    let Place {
+        first,
+        local,
+        remote,
+        uplink,
+        nccl,
+        faults,
+    } = place;
     if backend.resolved_kind() == BackendKind::Int8 {
         return Err(EngineError::Unsupported(
             "tensor parallelism runs on the candle backend: use --backend candle (or auto)".into(),
@@ -71,6 +101,27 @@ fn this_process(
             },
             Some(group.rank(index)),
         )?);
+    }
+    if let Some(id) = &nccl {
+        let (watched, failing) = (group.clone(), group.clone());
+        let watch = NcclWatch {
+            broken: Box::new(move || {
+                watched.broken().or_else(|| {
+                    faults
+                        .as_ref()
+                        .and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                })
+            }),
+            fail: Box::new(move |reason| failing.break_with(reason)),
+        };
+        candle::join_nccl(
+            &mut executors,
+            first,
+            world,
+            id,
+            (JOIN_DEADLINE, RANK_DEADLINE),
+            watch,
+        )?;
     }
     let mut executors = executors.into_iter();
     let leader = executors.next().expect("a process holds at least one rank");
@@ -104,8 +155,10 @@ pub fn leader(
     listener: &TcpListener,
 ) -> Result<Box<dyn Executor>> {
     let local = per_process(backend.tensor_parallel_size, pods)?;
+    let nccl = group_nccl_id(backend)?;
     let faults = FaultFlag::default();
     let links = link::accept_workers(listener, pods - 1, JOIN_DEADLINE, &faults)?;
+    link::send_collective(&links, nccl.as_deref())?;
     let remote = links
         .iter()
         .map(|l| Box::new(RemoteRank(l.clone())) as Box<dyn Rank>)
@@ -114,7 +167,15 @@ pub fn leader(
         links: links.clone(),
         deadline: RANK_DEADLINE,
     };
-    let group = this_process(files, backend, 0, local, remote, Some(Box::new(uplink)))?;
+    let place = Place {
+        first: 0,
+        local,
+        remote,
+        uplink: Some(Box::new(uplink)),
+        nccl,
+        faults: Some(faults.clone()),
+    };
+    let group = this_process(files, backend, place)?;
     link::wait_ready(&links, JOIN_DEADLINE)?;
     Ok(Box::new(group.with_faults(faults)))
 }
@@ -130,18 +191,26 @@ pub fn worker(
     on_ready: impl FnOnce(),
 ) -> Result<()> {
     let local = per_process(backend.tensor_parallel_size, pods)?;
+    let nccl = link::receive_collective(&leader_link, JOIN_DEADLINE)?;
     let uplink = WorkerUplink {
         link: leader_link.clone(),
         deadline: RANK_DEADLINE,
     };
-    let group = this_process(
-        files,
-        backend,
-        pod * local,
+    let place = Place {
+        first: pod * local,
         local,
-        Vec::new(),
-        Some(Box::new(uplink)),
-    )?;
+        remote: Vec::new(),
+        uplink: Some(Box::new(uplink)),
+        nccl,
+        faults: Some(leader_link.lost()),
+    };
+    let group = match this_process(files, backend, place) {
+        Ok(group) => group,
+        Err(e) => {
+            leader_link.fail(&e.to_string());
+            return Err(e);
+        }
+    };
     on_ready();
     link::serve_worker(&leader_link, group)
 }

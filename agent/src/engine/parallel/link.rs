@@ -9,11 +9,15 @@
 //! dies or stops answering fails the leader's group (the engine stops, readiness fails, the
 //! operator restarts the group); a worker whose leader goes away ends.
 //!
+//! Right after the workers connect, the leader tells each how the group sums: on the host over
+//! this link, or on the GPUs through NCCL, whose unique id (made by the leader) travels here.
+//!
 //! Frames: a kind byte, a little-endian u32 length, the payload.
 
 use super::StepPlan;
 use super::collective::Uplink;
 use super::group::{Command, Rank, TensorParallel};
+use crate::engine::backend::candle;
 use crate::engine::backend::{Executor, FaultFlag};
 use crate::engine::error::{EngineError, Result};
 use std::io::{self, Read, Write};
@@ -42,6 +46,8 @@ enum Frame {
     /// A command finished.
     Done,
     Stop,
+    /// How the group sums: the NCCL unique id, or empty for sums over this link.
+    Collective(Vec<u8>),
 }
 
 fn floats(bytes: &[u8]) -> Vec<f32> {
@@ -64,6 +70,7 @@ fn write_frame(stream: &mut impl Write, frame: &Frame) -> io::Result<()> {
         Frame::Total(values) => (7, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
         Frame::Done => (8, Vec::new()),
         Frame::Stop => (9, Vec::new()),
+        Frame::Collective(id) => (10, id.clone()),
     };
     let mut bytes = Vec::with_capacity(5 + payload.len());
     bytes.push(kind);
@@ -99,6 +106,7 @@ fn read_frame(stream: &mut impl Read) -> io::Result<Frame> {
         7 => Frame::Total(floats(&payload)),
         8 => Frame::Done,
         9 => Frame::Stop,
+        10 => Frame::Collective(payload),
         _ => return Err(bad()),
     })
 }
@@ -216,7 +224,13 @@ fn spawn_leader_reader(
                     let _ = done.send(Ok(()));
                 }
                 Ok(Frame::Failed(reason)) => {
+                    // The group is over: recorded as where a worker that goes away is, so that
+                    // readiness and anything still joining the group (NCCL) learn why.
                     let reason = format!("worker process {process}: {reason}");
+                    faults
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(|| reason.clone());
                     let _ = done.send(Err(reason.clone()));
                     let _ = partials.send(Err(reason));
                 }
@@ -248,6 +262,16 @@ fn receive<T>(
         Err(RecvTimeoutError::Timeout) => Err(format!("{what} did not come within {deadline:?}")),
         Err(RecvTimeoutError::Disconnected) => Err(format!("{what}: the link is gone")),
     }
+}
+
+/// Tells every worker process how the group sums: through NCCL by `nccl_id`, or (`None`) over
+/// the links.
+pub fn send_collective(links: &[Arc<WorkerLink>], nccl_id: Option<&[u8]>) -> Result<()> {
+    for link in links {
+        link.send(&Frame::Collective(nccl_id.unwrap_or_default().to_vec()))
+            .map_err(|e| link_error("telling the workers how to sum", e))?;
+    }
+    Ok(())
 }
 
 /// Waits until every worker process has loaded its shards.
@@ -339,6 +363,9 @@ pub struct LeaderLink {
     writer: Mutex<TcpStream>,
     totals: Mutex<Receiver<std::result::Result<Vec<f32>, String>>>,
     commands: Mutex<Receiver<std::result::Result<Frame, String>>>,
+    /// Why the group is over for this process, once the leader failed it, stopped it or went
+    /// away (what sums on the GPUs watches: it never passes through the link).
+    lost: FaultFlag,
 }
 
 impl LeaderLink {
@@ -346,6 +373,44 @@ impl LeaderLink {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut *writer, frame).map_err(|e| format!("the leader is unreachable: {e}"))
     }
+
+    /// Where the link records that the group is over for this process.
+    pub fn lost(&self) -> FaultFlag {
+        self.lost.clone()
+    }
+
+    /// Tells the leader this process failed (before it reported ready: loading its shards).
+    pub fn fail(&self, reason: &str) {
+        let _ = self.send(&Frame::Failed(reason.to_owned()));
+    }
+}
+
+/// How the leader said the group sums: `Some(NCCL unique id)`, or `None` over the link; an
+/// error where the leader did not say within `deadline` or this process cannot use NCCL.
+pub fn receive_collective(link: &LeaderLink, deadline: Duration) -> Result<Option<Vec<u8>>> {
+    let frame = receive(
+        &link.commands,
+        deadline,
+        "the leader's word on how the group sums",
+    )
+    .map_err(|e| link_error("joining the group", e))?;
+    let id = match frame {
+        Frame::Collective(id) if id.is_empty() => return Ok(None),
+        Frame::Collective(id) => id,
+        other => {
+            return Err(link_error(
+                "joining the group",
+                format!("the leader sent {other:?} before saying how the group sums"),
+            ));
+        }
+    };
+    if !candle::nccl_present() {
+        let reason = "the group sums through NCCL, which this pod cannot open (the CUDA build, \
+                      with libnccl.so on LD_LIBRARY_PATH, is needed)";
+        link.fail(reason);
+        return Err(EngineError::Unsupported(reason.into()));
+    }
+    Ok(Some(id))
 }
 
 /// Connects worker process `process` to its leader at `address` (retrying until `deadline`:
@@ -380,6 +445,15 @@ pub fn connect(address: &str, process: u32, deadline: Duration) -> Result<Arc<Le
         .map_err(|e| link_error("the leader's connection", e))?;
     let (totals_tx, totals) = mpsc::channel();
     let (commands_tx, commands) = mpsc::channel();
+    let lost = FaultFlag::default();
+    let record = {
+        let lost = lost.clone();
+        move |reason: &str| {
+            lost.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| reason.to_owned());
+        }
+    };
     std::thread::spawn(move || {
         loop {
             match read_frame(&mut reader) {
@@ -392,6 +466,7 @@ pub fn connect(address: &str, process: u32, deadline: Duration) -> Result<Arc<Le
                         Frame::Failed(reason) => format!("the leader failed the group: {reason}"),
                         _ => "the leader stopped the group".to_owned(),
                     };
+                    record(&reason);
                     let _ = totals_tx.send(Err(reason));
                     if commands_tx.send(Ok(frame)).is_err() {
                         return;
@@ -404,6 +479,7 @@ pub fn connect(address: &str, process: u32, deadline: Duration) -> Result<Arc<Le
                 }
                 Err(e) => {
                     let reason = format!("the leader went away: {e}");
+                    record(&reason);
                     let _ = totals_tx.send(Err(reason.clone()));
                     let _ = commands_tx.send(Err(reason));
                     return;
@@ -415,6 +491,7 @@ pub fn connect(address: &str, process: u32, deadline: Duration) -> Result<Arc<Le
         writer: Mutex::new(stream),
         totals: Mutex::new(totals),
         commands: Mutex::new(commands),
+        lost,
     }))
 }
 
@@ -497,6 +574,8 @@ mod tests {
             Frame::Total(vec![0.25]),
             Frame::Done,
             Frame::Stop,
+            Frame::Collective(vec![7; 128]),
+            Frame::Collective(Vec::new()),
         ] {
             let mut bytes = Vec::new();
             write_frame(&mut bytes, &frame).unwrap();
@@ -504,5 +583,77 @@ mod tests {
         }
         assert!(read_frame(&mut [42u8, 0, 0, 0, 0].as_slice()).is_err());
         assert!(read_frame(&mut [6u8, 8, 0].as_slice()).is_err());
+    }
+
+    /// What a test's leader ends with: waiting for its worker to load, and the link.
+    type Waited = (Result<()>, Vec<Arc<WorkerLink>>);
+
+    /// A leader on loopback that accepts one worker process, tells it `nccl_id`, and hands back
+    /// what waiting for it to load gives; its address and where it records faults.
+    fn leader_saying(
+        nccl_id: Option<Vec<u8>>,
+    ) -> (String, FaultFlag, std::thread::JoinHandle<Waited>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let faults = FaultFlag::default();
+        let recorded = faults.clone();
+        let leader = std::thread::spawn(move || {
+            let deadline = Duration::from_secs(20);
+            let links = accept_workers(&listener, 1, deadline, &recorded).unwrap();
+            send_collective(&links, nccl_id.as_deref()).unwrap();
+            (wait_ready(&links, deadline), links)
+        });
+        (address, faults, leader)
+    }
+
+    #[test]
+    fn a_pod_that_cannot_open_nccl_refuses_an_nccl_group_and_tells_the_leader_why() {
+        if candle::nccl_present() {
+            eprintln!("SKIPPED: NCCL opens here");
+            return;
+        }
+        let (address, faults, leader) = leader_saying(Some(vec![7; 128]));
+        let link = connect(&address, 1, Duration::from_secs(20)).unwrap();
+        let error = receive_collective(&link, Duration::from_secs(20))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("sums through NCCL"), "{error}");
+        let (ready, _links) = leader.join().unwrap();
+        let error = ready.unwrap_err().to_string();
+        assert!(
+            error.contains("worker process 1") && error.contains("sums through NCCL"),
+            "{error}"
+        );
+        // What the leader's group (its readiness, its own NCCL join) learns.
+        let fault = faults.lock().unwrap().clone().unwrap_or_default();
+        assert!(fault.contains("sums through NCCL"), "{fault}");
+    }
+
+    #[test]
+    fn a_worker_summing_over_the_link_records_its_leader_going_away() {
+        let (address, _, leader) = leader_saying(None);
+        let link = connect(&address, 1, Duration::from_secs(20)).unwrap();
+        assert_eq!(
+            receive_collective(&link, Duration::from_secs(20)).unwrap(),
+            None
+        );
+        assert!(link.lost().lock().unwrap().is_none());
+        link.send(&Frame::Ready).unwrap();
+        let (ready, links) = leader.join().unwrap();
+        ready.unwrap();
+        // The leader's process ends: its end of the link closes.
+        links[0]
+            .writer
+            .lock()
+            .unwrap()
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        while link.lost().lock().unwrap().is_none() {
+            assert!(Instant::now() < until, "the loss was never recorded");
+            std::thread::yield_now();
+        }
+        let reason = link.lost().lock().unwrap().clone().unwrap();
+        assert!(reason.contains("the leader went away"), "{reason}");
     }
 }

@@ -100,6 +100,8 @@ pub fn build(
         sin,
         paged: None,
         collective,
+        #[cfg(feature = "cuda")]
+        nccl: None,
     })
 }
 

@@ -109,6 +109,85 @@ pub fn gpu_facts(device: &Device) -> Result<Option<GpuFacts>> {
     Ok(None)
 }
 
+/// Whether NCCL can sum on the GPUs here: the CUDA build, with libnccl openable.
+pub fn nccl_present() -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::driver_present() && cuda::nccl::present();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// A new NCCL unique id for a group (made by global rank 0's process, sent to the others).
+pub fn nccl_unique_id() -> Result<Vec<u8>> {
+    #[cfg(feature = "cuda")]
+    return cuda::nccl::unique_id().map_err(EngineError::DeviceFault);
+    #[cfg(not(feature = "cuda"))]
+    Err(no_nccl())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_nccl() -> EngineError {
+    EngineError::Unsupported("NCCL needs the CUDA build of the agent (scripts/build-cuda)".into())
+}
+
+/// Where a group's NCCL sums learn that the group failed elsewhere, and tell it when they fail.
+pub struct NcclWatch {
+    /// Why the group failed, once it has.
+    pub broken: Box<dyn Fn() -> Option<String> + Send>,
+    /// Fails the group for `reason`.
+    pub fail: Box<dyn Fn(&str) + Send>,
+}
+
+impl std::fmt::Debug for NcclWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NcclWatch")
+    }
+}
+
+/// Joins this process's ranks — global ranks `first..first + ranks.len()` of `world`, one GPU
+/// each — to the group's NCCL communicator named by `id`, within `join` (every rank of the group
+/// must join by then); from then on their partial sums are added on the GPUs, each within
+/// `deadline`, and `watch` ties the communicators' failures to the group's.
+pub fn join_nccl(
+    ranks: &mut [CandleExecutor],
+    first: usize,
+    world: usize,
+    id: &[u8],
+    (join, deadline): (std::time::Duration, std::time::Duration),
+    watch: NcclWatch,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let streams = ranks
+            .iter()
+            .map(|r| {
+                Ok(r.device
+                    .as_cuda_device()
+                    .map_err(backend_error)?
+                    .cuda_stream())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let comms = cuda::nccl::init(&streams, first, world, id, (join, deadline), &watch.broken)
+            .map_err(EngineError::DeviceFault)?;
+        cuda::nccl::watch(&comms, watch.broken, watch.fail).map_err(EngineError::DeviceFault)?;
+        for (rank, comm) in ranks.iter_mut().zip(comms) {
+            rank.model.nccl = Some(comm);
+        }
+        tracing::info!(
+            first,
+            ranks = ranks.len(),
+            world,
+            "this process's tensor-parallel ranks sum on their GPUs through NCCL"
+        );
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (ranks, first, world, id, join, deadline, watch);
+        Err(no_nccl())
+    }
+}
+
 impl CandleExecutor {
     /// The whole model on one device.
     pub fn load(files: &mut ModelFiles, spec: DeviceSpec, precision: Precision) -> Result<Self> {
@@ -538,13 +617,19 @@ impl Executor for CandleExecutor {
                 reason: "a step before the KV cache was allocated".into(),
             });
         }
-        self.step(batch).map_err(|e| {
+        let output = self.step(batch).map_err(|e| {
             if self.device.is_cuda() {
                 // A CUDA error may have poisoned the context: nothing runs on it again.
                 EngineError::DeviceFault(e.to_string())
             } else {
                 backend_error(e)
             }
-        })
+        })?;
+        // Sums aborted while the step ran leave its output meaningless.
+        #[cfg(feature = "cuda")]
+        if let Some(reason) = self.model.nccl.as_ref().and_then(|c| c.failure()) {
+            return Err(EngineError::DeviceFault(reason));
+        }
+        Ok(output)
     }
 }

@@ -92,6 +92,10 @@ pub struct Llama {
     /// The other ranks of a tensor-parallel group: attention and MLP outputs are partial sums
     /// until all-reduced (`config` is then this rank's slice).
     pub collective: Option<Arc<dyn Collective>>,
+    /// The group's NCCL communicator, where the ranks sum on the GPUs (then `collective` only
+    /// carries the group's failures).
+    #[cfg(feature = "cuda")]
+    pub nccl: Option<Arc<super::cuda::nccl::Comm>>,
 }
 
 /// Keys and values of one layer: `[blocks × block_size, kv_heads × head_dim]` each.
@@ -220,9 +224,16 @@ impl Llama {
         Ok(Some(h.matmul(&lm_head.t()?)?.to_dtype(DType::F32)?))
     }
 
-    /// The sum of a partial result over the tensor-parallel group (in f32 on the host), or the
-    /// result itself without one.
+    /// The sum of a partial result over the tensor-parallel group — on the GPUs through NCCL,
+    /// or in f32 on the host — or the result itself without one.
     fn all_reduce(&self, partial: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(comm) = &self.nccl {
+            // A projection's fresh output: nothing else holds its storage.
+            let partial = partial.contiguous()?;
+            comm.all_reduce(&partial)?;
+            return Ok(partial);
+        }
         let Some(collective) = &self.collective else {
             return Ok(partial);
         };

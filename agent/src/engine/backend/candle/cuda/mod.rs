@@ -15,6 +15,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, cudarc};
 use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 
+pub mod nccl;
+
 const SOURCE: &str = include_str!("kernels.cu");
 /// Threads of a paged-attention block (`WARPS` warps in `kernels.cu`).
 const ATTENTION_THREADS: u32 = 128;
