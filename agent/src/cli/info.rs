@@ -47,6 +47,10 @@ pub fn info(args: &InfoArgs) -> anyhow::Result<()> {
         },
         "gpus": super::gpu::inventory(),
         "backend": kind,
+        "tensor_parallel": {
+            "size": backend.tensor_parallel_size.max(1),
+            "sums": if backend.uses_nccl()? { "nccl" } else { "host" },
+        },
         "dtype": if kind == "int8" { "int8".to_owned() } else { format!("{:?}", backend.resolved_precision()).to_lowercase() },
         "profile": profile.name,
         "defaults": {

@@ -320,6 +320,10 @@ impl Comm {
             }
         }
         let mut pending = lock(&self.pending);
+        // The event's query runs in the watchdog's thread, on the rank's context.
+        if self.stream.context().bind_to_thread().is_err() {
+            return None;
+        }
         if self.recorded.is_complete() {
             *pending = None;
         } else if let Some(since) = *pending
