@@ -234,10 +234,6 @@ fn data_type(dtype: DType) -> Option<sys::ncclDataType_t> {
 }
 
 impl Comm {
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
     /// Why the group's communicators were aborted, once they have been.
     pub fn failure(&self) -> Option<String> {
         lock(&self.failure).clone()
