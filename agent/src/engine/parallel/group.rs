@@ -8,8 +8,9 @@
 
 use super::collective::{Collective, LocalGroup, Uplink};
 use super::link::{self, LeaderLink, LeaderUplink, RemoteRank, WorkerUplink};
+use super::watchdog::GroupWatch;
 use super::{Shard, StepPlan};
-use crate::engine::backend::candle::{self, CandleExecutor, NcclWatch};
+use crate::engine::backend::candle::{self, CandleExecutor};
 use crate::engine::backend::{
     BackendConfig, BackendKind, DeviceMemory, Executor, FaultFlag, SeqInput, StepOutput,
 };
@@ -104,7 +105,7 @@ fn this_process(
     }
     if let Some(id) = &nccl {
         let (watched, failing) = (group.clone(), group.clone());
-        let watch = NcclWatch {
+        let watch = GroupWatch {
             broken: Box::new(move || {
                 watched.broken().or_else(|| {
                     faults

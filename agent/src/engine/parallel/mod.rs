@@ -9,6 +9,7 @@
 pub mod collective;
 pub mod group;
 pub mod link;
+pub mod watchdog;
 
 use super::backend::{RowOutput, SeqInput};
 use super::error::{EngineError, Result};

@@ -19,6 +19,7 @@ use crate::engine::model::LlamaConfig;
 use crate::engine::model::loader::ModelFiles;
 use crate::engine::parallel::Shard;
 use crate::engine::parallel::collective::Collective;
+use crate::engine::parallel::watchdog::GroupWatch;
 use crate::engine::sampling::Draw;
 use candle_core::{DType, Device, Tensor};
 use load::backend_error;
@@ -130,20 +131,6 @@ fn no_nccl() -> EngineError {
     EngineError::Unsupported("NCCL needs the CUDA build of the agent (scripts/build-cuda)".into())
 }
 
-/// Where a group's NCCL sums learn that the group failed elsewhere, and tell it when they fail.
-pub struct NcclWatch {
-    /// Why the group failed, once it has.
-    pub broken: Box<dyn Fn() -> Option<String> + Send>,
-    /// Fails the group for `reason`.
-    pub fail: Box<dyn Fn(&str) + Send>,
-}
-
-impl std::fmt::Debug for NcclWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NcclWatch")
-    }
-}
-
 /// Joins this process's ranks — global ranks `first..first + ranks.len()` of `world`, one GPU
 /// each — to the group's NCCL communicator named by `id`, within `join` (every rank of the group
 /// must join by then); from then on their partial sums are added on the GPUs, each within
@@ -154,7 +141,7 @@ pub fn join_nccl(
     world: usize,
     id: &[u8],
     (join, deadline): (std::time::Duration, std::time::Duration),
-    watch: NcclWatch,
+    watch: GroupWatch,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
@@ -169,7 +156,7 @@ pub fn join_nccl(
             .collect::<Result<Vec<_>>>()?;
         let comms = cuda::nccl::init(&streams, first, world, id, (join, deadline), &watch.broken)
             .map_err(EngineError::DeviceFault)?;
-        cuda::nccl::watch(&comms, watch.broken, watch.fail).map_err(EngineError::DeviceFault)?;
+        cuda::nccl::watch(&comms, watch).map_err(EngineError::DeviceFault)?;
         for (rank, comm) in ranks.iter_mut().zip(comms) {
             rank.model.nccl = Some(comm);
         }

@@ -4,14 +4,15 @@
 //! Every communicator is non-blocking (NCCL's `blocking = 0`), so that no call waits without a
 //! deadline: creating the communicators (which waits for every rank of the group, in this process
 //! and in the others) and each all-reduce's enqueue are polled until done, failed, or past the
-//! deadline. What the GPU does later is watched by [`watch`]: an event recorded after each
-//! all-reduce that has not completed within the deadline (a peer that never joined the sum), an
-//! error NCCL reports asynchronously (a peer process gone), or the group failed elsewhere (a rank
-//! thread's error, a lost link) aborts every communicator of the process — NCCL's kernels then
-//! stop waiting — and the ranks' next steps fail with the reason. No rank hangs on a sum.
+//! deadline. What the GPU does later is watched by [`watch`] (a [`watchdog`]): an event recorded
+//! after each all-reduce that has not completed within the deadline (a peer that never joined the
+//! sum), an error NCCL reports asynchronously (a peer process gone), or the group failed elsewhere
+//! (a rank thread's error, a lost link) aborts every communicator of the process — NCCL's kernels
+//! then stop waiting — and the ranks' next steps fail with the reason. No rank hangs on a sum.
 
 #![allow(unsafe_code)]
 
+use crate::engine::parallel::watchdog::{self, GroupWatch, Watched};
 use candle_core::cuda_backend::cudarc;
 use candle_core::{DType, Tensor};
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -303,9 +304,10 @@ impl Comm {
         *pending = Some(enqueued);
         Ok(())
     }
+}
 
-    /// What is wrong with this rank's sums, if anything: NCCL's asynchronous error, or an
-    /// all-reduce the GPU has not finished within the deadline.
+impl Watched for Comm {
+    /// NCCL's asynchronous error, or an all-reduce the GPU has not finished within the deadline.
     fn trouble(&self) -> Option<String> {
         if let Ok(raw) = self.raw.try_lock()
             && let Some(Raw(comm)) = raw.as_ref()
@@ -334,9 +336,9 @@ impl Comm {
         None
     }
 
-    /// Aborts the communicator for `reason`: NCCL's kernels waiting on other ranks end, and
-    /// this rank's later sums fail with the reason.
-    pub fn abort(&self, reason: &str) {
+    /// Aborts the communicator: NCCL's kernels waiting on other ranks end, and this rank's
+    /// later sums fail with the reason.
+    fn abort(&self, reason: &str) {
         lock(&self.failure).get_or_insert_with(|| reason.to_owned());
         if let Some(Raw(comm)) = lock(&self.raw).take() {
             // SAFETY: taken out under the lock; nobody uses it again.
@@ -365,36 +367,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// How often the watchdog looks.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 
-/// Watches this process's communicators until they are dropped: the first trouble — one of
-/// theirs, or `broken` (the group failed elsewhere) saying why — aborts them all and is passed
-/// to `fail` (which fails the group for the ranks that sum on the host side of it).
-pub fn watch(
-    comms: &[Arc<Comm>],
-    broken: impl Fn() -> Option<String> + Send + 'static,
-    fail: impl Fn(&str) + Send + 'static,
-) -> Result<(), String> {
-    let comms: Vec<Weak<Comm>> = comms.iter().map(Arc::downgrade).collect();
-    std::thread::Builder::new()
-        .name("parallax-nccl-watch".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(WATCH_EVERY);
-                let Some(live) = comms.iter().map(Weak::upgrade).collect::<Option<Vec<_>>>() else {
-                    return;
-                };
-                let reason = broken().or_else(|| live.iter().find_map(|c| c.trouble()));
-                if let Some(reason) = reason {
-                    tracing::error!(%reason, "the tensor-parallel group's NCCL sums are aborted");
-                    for comm in &live {
-                        comm.abort(&reason);
-                    }
-                    fail(&reason);
-                    return;
-                }
-            }
-        })
-        .map(drop)
-        .map_err(|e| format!("the NCCL watchdog thread: {e}"))
+/// Watches this process's communicators until they are dropped (see [`watchdog`]): the first
+/// trouble — one of theirs, or the group failed elsewhere — aborts them all and fails the group
+/// for the ranks that sum on the host side of it.
+pub fn watch(comms: &[Arc<Comm>], group: GroupWatch) -> Result<(), String> {
+    let watched = comms
+        .iter()
+        .map(|c| Arc::downgrade(c) as Weak<dyn Watched>)
+        .collect();
+    watchdog::spawn("parallax-nccl-watch", watched, WATCH_EVERY, group).map(drop)
 }
 
 #[cfg(test)]
