@@ -209,6 +209,16 @@ def summarize(work):
             entry["bandwidth_bound_ms"] = bound_ms
             entry["over_bound"] = tpot / bound_ms
         summary[shape] = entry
+    # The launch floor: a batch-1 step of a model the card reads in microseconds is the host's
+    # time (launches, bookkeeping), which CUDA graphs would take out of the 8B step.
+    floor = ((parts.get("parallax-smollm2-135m-1", {}).get("result") or {})
+             .get("tpot_ms", {}).get("p50"))
+    step_8b = ((parts.get("parallax-llama-3.1-8b-1", {}).get("result") or {})
+               .get("tpot_ms", {}).get("p50"))
+    if floor:
+        summary["launch_floor_ms"] = floor
+        if step_8b:
+            summary["launch_floor_share_of_8b_step"] = floor / step_8b
     # NCCL at world size 1: a group of one rank summing through NCCL against the whole model.
     nccl = (parts.get("parallax-llama-3.2-1b-64-nccl", {}).get("result") or {})
     whole = (parts.get("parallax-llama-3.2-1b-64", {}).get("result") or {})
