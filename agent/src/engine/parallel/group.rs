@@ -10,7 +10,7 @@ use super::collective::{Collective, LocalGroup, Uplink};
 use super::link::{self, LeaderLink, LeaderUplink, RemoteRank, WorkerUplink};
 use super::watchdog::GroupWatch;
 use super::{Shard, StepPlan};
-use crate::engine::backend::candle::{self, CandleExecutor};
+use crate::engine::backend::candle::{self, CandleExecutor, NcclPlace};
 use crate::engine::backend::{
     BackendConfig, BackendKind, DeviceMemory, Executor, FaultFlag, SeqInput, StepOutput,
 };
@@ -115,14 +115,14 @@ fn this_process(
             }),
             fail: Box::new(move |reason| failing.break_with(reason)),
         };
-        candle::join_nccl(
-            &mut executors,
+        let place = NcclPlace {
+            id,
             first,
             world,
-            id,
-            (JOIN_DEADLINE, RANK_DEADLINE),
-            watch,
-        )?;
+            join: JOIN_DEADLINE,
+            deadline: RANK_DEADLINE,
+        };
+        candle::join_nccl(&mut executors, place, watch)?;
     }
     let mut executors = executors.into_iter();
     let leader = executors.next().expect("a process holds at least one rank");

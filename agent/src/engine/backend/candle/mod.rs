@@ -131,16 +131,26 @@ fn no_nccl() -> EngineError {
     EngineError::Unsupported("NCCL needs the CUDA build of the agent (scripts/build-cuda)".into())
 }
 
-/// Joins this process's ranks — global ranks `first..first + ranks.len()` of `world`, one GPU
-/// each — to the group's NCCL communicator named by `id`, within `join` (every rank of the group
-/// must join by then); from then on their partial sums are added on the GPUs, each within
-/// `deadline`, and `watch` ties the communicators' failures to the group's.
+/// Where one process's ranks stand in their group's NCCL communicator.
+#[derive(Debug, Clone, Copy)]
+pub struct NcclPlace<'a> {
+    /// The group's unique id (global rank 0's process made it).
+    pub id: &'a [u8],
+    /// Global rank of this process's first rank, and the group's size.
+    pub first: usize,
+    pub world: usize,
+    /// How long every rank of the group (in every process) has to join.
+    pub join: std::time::Duration,
+    /// How long one all-reduce may take on the GPU before the group is failed.
+    pub deadline: std::time::Duration,
+}
+
+/// Joins this process's ranks — global ranks from `place.first`, one GPU each — to the group's
+/// NCCL communicator; from then on their partial sums are added on the GPUs, and `watch` ties
+/// the communicators' failures to the group's.
 pub fn join_nccl(
     ranks: &mut [CandleExecutor],
-    first: usize,
-    world: usize,
-    id: &[u8],
-    (join, deadline): (std::time::Duration, std::time::Duration),
+    place: NcclPlace<'_>,
     watch: GroupWatch,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
@@ -154,23 +164,23 @@ pub fn join_nccl(
                     .cuda_stream())
             })
             .collect::<Result<Vec<_>>>()?;
-        let comms = cuda::nccl::init(&streams, first, world, id, (join, deadline), &watch.broken)
-            .map_err(EngineError::DeviceFault)?;
+        let comms =
+            cuda::nccl::init(&streams, &place, &watch.broken).map_err(EngineError::DeviceFault)?;
         cuda::nccl::watch(&comms, watch).map_err(EngineError::DeviceFault)?;
         for (rank, comm) in ranks.iter_mut().zip(comms) {
             rank.model.nccl = Some(comm);
         }
         tracing::info!(
-            first,
+            first = place.first,
             ranks = ranks.len(),
-            world,
+            world = place.world,
             "this process's tensor-parallel ranks sum on their GPUs through NCCL"
         );
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (ranks, first, world, id, join, deadline, watch);
+        let _ = (ranks, place, watch);
         Err(no_nccl())
     }
 }

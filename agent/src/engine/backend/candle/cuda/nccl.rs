@@ -12,6 +12,7 @@
 
 #![allow(unsafe_code)]
 
+use crate::engine::backend::candle::NcclPlace;
 use crate::engine::parallel::watchdog::{self, GroupWatch, Watched};
 use candle_core::cuda_backend::cudarc;
 use candle_core::{DType, Tensor};
@@ -134,18 +135,21 @@ struct Raw(sys::ncclComm_t);
 // SAFETY: see above — the handle moves between threads but is used by one at a time.
 unsafe impl Send for Raw {}
 
-/// Creates the communicators of this process's ranks — global ranks `first..first + streams.len()`
-/// of `world`, each on its stream (one GPU each) — joined by `id`, within `join` (every rank of
-/// the group, in every process, must join by then) unless `abandon` gives a reason first (the
-/// group failed elsewhere); each all-reduce then has `deadline`.
+/// Creates the communicators of this process's ranks — global ranks from `place.first`, each on
+/// its stream (one GPU each) — within `place.join` (every rank of the group, in every process,
+/// must join by then) unless `abandon` gives a reason first (the group failed elsewhere).
 pub fn init(
     streams: &[Arc<CudaStream>],
-    first: usize,
-    world: usize,
-    id: &[u8],
-    (join, deadline): (Duration, Duration),
+    place: &NcclPlace<'_>,
     abandon: &dyn Fn() -> Option<String>,
 ) -> Result<Vec<Arc<Comm>>, String> {
+    let NcclPlace {
+        id,
+        first,
+        world,
+        join,
+        deadline,
+    } = *place;
     let internal: [std::ffi::c_char; ID_BYTES] = id
         .iter()
         .map(|&b| b as std::ffi::c_char)
@@ -397,15 +401,14 @@ mod tests {
 
     #[test]
     fn an_id_of_another_size_is_refused_by_its_size_before_nccl_is_asked() {
-        let error = init(
-            &[],
-            0,
-            1,
-            &[1, 2, 3],
-            (Duration::from_secs(1), Duration::from_secs(1)),
-            &|| None,
-        )
-        .unwrap_err();
+        let place = NcclPlace {
+            id: &[1, 2, 3],
+            first: 0,
+            world: 1,
+            join: Duration::from_secs(1),
+            deadline: Duration::from_secs(1),
+        };
+        let error = init(&[], &place, &|| None).unwrap_err();
         assert!(error.contains("3 bytes, not 128"), "{error}");
     }
 }
