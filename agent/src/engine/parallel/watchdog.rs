@@ -113,6 +113,20 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(20);
 
+    /// The group was failed for `reason`, the watchdog ended, and every rank was aborted for it.
+    fn all_aborted_for(
+        fakes: &[Arc<Fake>],
+        thread: std::thread::JoinHandle<()>,
+        failures: &mpsc::Receiver<String>,
+        reason: &str,
+    ) {
+        assert_eq!(failures.recv_timeout(LIMIT).unwrap(), reason);
+        thread.join().unwrap();
+        for fake in fakes {
+            assert_eq!(fake.aborted.lock().unwrap().as_deref(), Some(reason));
+        }
+    }
+
     #[test]
     fn one_ranks_trouble_aborts_every_rank_and_fails_the_group() {
         let fakes = [
@@ -123,14 +137,7 @@ mod tests {
             }),
         ];
         let (thread, failures) = start(&fakes, Arc::default());
-        assert_eq!(failures.recv_timeout(LIMIT).unwrap(), "a sum is overdue");
-        thread.join().unwrap();
-        for fake in &fakes {
-            assert_eq!(
-                fake.aborted.lock().unwrap().as_deref(),
-                Some("a sum is overdue")
-            );
-        }
+        all_aborted_for(&fakes, thread, &failures, "a sum is overdue");
     }
 
     #[test]
@@ -146,17 +153,7 @@ mod tests {
         }
         assert!(fakes[0].aborted.lock().unwrap().is_none());
         *broken.lock().unwrap() = Some("worker process 1 went away".into());
-        assert_eq!(
-            failures.recv_timeout(LIMIT).unwrap(),
-            "worker process 1 went away"
-        );
-        thread.join().unwrap();
-        for fake in &fakes {
-            assert_eq!(
-                fake.aborted.lock().unwrap().as_deref(),
-                Some("worker process 1 went away")
-            );
-        }
+        all_aborted_for(&fakes, thread, &failures, "worker process 1 went away");
     }
 
     #[test]
