@@ -128,12 +128,22 @@ pub struct Comm {
     failure: Mutex<Option<String>>,
 }
 
-/// A communicator handle. NCCL lets a communicator be used from any one thread at a time; every
-/// use here is under [`Comm::raw`]'s lock.
+/// A communicator handle, aborted when dropped (aborting frees it without waiting on other
+/// ranks). NCCL lets a communicator be used from any one thread at a time; every use here is
+/// under [`Comm::raw`]'s lock.
 #[derive(Debug)]
 struct Raw(sys::ncclComm_t);
 // SAFETY: see above — the handle moves between threads but is used by one at a time.
 unsafe impl Send for Raw {}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        // SAFETY: the handle's one owner; nobody uses it again.
+        unsafe {
+            let _ = result::comm_abort(self.0);
+        }
+    }
+}
 
 /// Creates the communicators of this process's ranks — global ranks from `place.first`, each on
 /// its stream (one GPU each) — within `place.join` (every rank of the group, in every process,
@@ -199,12 +209,6 @@ pub fn init(
         }
     }
     if let Some(reason) = failure {
-        for raw in raws {
-            // SAFETY: created above and used by nobody else.
-            unsafe {
-                let _ = result::comm_abort(raw.0);
-            }
-        }
         return Err(reason);
     }
     raws.into_iter()
@@ -251,7 +255,7 @@ impl Comm {
             candle_core::bail!("NCCL sums bf16, f16 and f32, not {:?}", partial.dtype());
         };
         let address = super::pointer(partial, &self.stream)?;
-        let mut raw = lock(&self.raw);
+        let raw = lock(&self.raw);
         let Some(Raw(comm)) = raw.as_ref() else {
             candle_core::bail!(
                 "{}",
@@ -286,18 +290,12 @@ impl Comm {
             Ok(_) => Ok(()),
             Err(e) => Err(nccl_error("all-reduce", e)),
         };
+        drop(raw);
         if let Err(reason) = settled {
             let reason = format!("rank {}: {reason}", self.rank);
-            lock(&self.failure).get_or_insert(reason.clone());
-            if let Some(Raw(comm)) = raw.take() {
-                // SAFETY: taken out under the lock; nobody uses it again.
-                unsafe {
-                    let _ = result::comm_abort(comm);
-                }
-            }
+            self.abort(&reason);
             candle_core::bail!("{reason}");
         }
-        drop(raw);
         if self.rank == 0 {
             crate::engine::parallel::collective::ALL_REDUCES.record(enqueued.elapsed());
         }
@@ -344,23 +342,8 @@ impl Watched for Comm {
     /// later sums fail with the reason.
     fn abort(&self, reason: &str) {
         lock(&self.failure).get_or_insert_with(|| reason.to_owned());
-        if let Some(Raw(comm)) = lock(&self.raw).take() {
-            // SAFETY: taken out under the lock; nobody uses it again.
-            unsafe {
-                let _ = result::comm_abort(comm);
-            }
-        }
-    }
-}
-
-impl Drop for Comm {
-    fn drop(&mut self) {
-        if let Some(Raw(comm)) = lock(&self.raw).take() {
-            // SAFETY: the last owner; aborting frees it without waiting on other ranks.
-            unsafe {
-                let _ = result::comm_abort(comm);
-            }
-        }
+        // Dropping the handle aborts it.
+        lock(&self.raw).take();
     }
 }
 
