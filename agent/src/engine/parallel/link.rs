@@ -215,6 +215,13 @@ fn spawn_leader_reader(
     faults: FaultFlag,
 ) {
     std::thread::spawn(move || {
+        // The group is over, whether the worker failed or went away: recorded for readiness and
+        // for anything still joining the group (NCCL), and passed to whatever waits on it.
+        let over = |reason: String| {
+            record(&faults, &reason);
+            let _ = done.send(Err(reason.clone()));
+            let _ = partials.send(Err(reason));
+        };
         loop {
             match read_frame(&mut stream) {
                 Ok(Frame::Partial(values)) => {
@@ -223,31 +230,23 @@ fn spawn_leader_reader(
                 Ok(Frame::Done | Frame::Ready) => {
                     let _ = done.send(Ok(()));
                 }
-                Ok(Frame::Failed(reason)) => {
-                    // The group is over: recorded as where a worker that goes away is, so that
-                    // readiness and anything still joining the group (NCCL) learn why.
-                    let reason = format!("worker process {process}: {reason}");
-                    faults
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert_with(|| reason.clone());
-                    let _ = done.send(Err(reason.clone()));
-                    let _ = partials.send(Err(reason));
-                }
+                Ok(Frame::Failed(reason)) => over(format!("worker process {process}: {reason}")),
                 Ok(other) => tracing::warn!(process, ?other, "an unexpected frame from a worker"),
                 Err(e) => {
-                    let reason = format!("worker process {process} went away: {e}");
-                    faults
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert_with(|| reason.clone());
-                    let _ = done.send(Err(reason.clone()));
-                    let _ = partials.send(Err(reason));
+                    over(format!("worker process {process} went away: {e}"));
                     return;
                 }
             }
         }
     });
+}
+
+/// Records `reason` in `faults` unless an earlier one is there (the first cause stays).
+fn record(faults: &FaultFlag, reason: &str) {
+    faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(|| reason.to_owned());
 }
 
 /// Waits on a link's channel, at most `deadline`.
@@ -446,14 +445,7 @@ pub fn connect(address: &str, process: u32, deadline: Duration) -> Result<Arc<Le
     let (totals_tx, totals) = mpsc::channel();
     let (commands_tx, commands) = mpsc::channel();
     let lost = FaultFlag::default();
-    let record = {
-        let lost = lost.clone();
-        move |reason: &str| {
-            lost.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert_with(|| reason.to_owned());
-        }
-    };
+    let loses = lost.clone();
     std::thread::spawn(move || {
         loop {
             match read_frame(&mut reader) {
@@ -466,7 +458,7 @@ pub fn connect(address: &str, process: u32, deadline: Duration) -> Result<Arc<Le
                         Frame::Failed(reason) => format!("the leader failed the group: {reason}"),
                         _ => "the leader stopped the group".to_owned(),
                     };
-                    record(&reason);
+                    record(&loses, &reason);
                     let _ = totals_tx.send(Err(reason));
                     if commands_tx.send(Ok(frame)).is_err() {
                         return;
@@ -479,7 +471,7 @@ pub fn connect(address: &str, process: u32, deadline: Duration) -> Result<Arc<Le
                 }
                 Err(e) => {
                     let reason = format!("the leader went away: {e}");
-                    record(&reason);
+                    record(&loses, &reason);
                     let _ = totals_tx.send(Err(reason.clone()));
                     let _ = commands_tx.send(Err(reason));
                     return;
