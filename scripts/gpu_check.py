@@ -184,11 +184,16 @@ def summarize(work):
             pass
         parts[part] = {"rc": rc, "result": result}
     summary = {"parts": parts}
+
+    def outcome(part):
+        """A part's JSON result, or {} where it did not run or gave none."""
+        return parts.get(part, {}).get("result") or {}
+
     card = next((p["result"]["card"] for n, p in parts.items()
                  if n.startswith("transformers-") and (p["result"] or {}).get("card")), "")
     for shape in SHAPES:
-        theirs = (parts.get(f"transformers-{shape}", {}).get("result") or {}).get("batches", {})
-        ours = {b: (parts.get(f"parallax-{shape}-{b}", {}).get("result") or {})
+        theirs = outcome(f"transformers-{shape}").get("batches", {})
+        ours = {b: outcome(f"parallax-{shape}-{b}")
                 for b in ("1", "64", "256")}
         if not theirs or not all(ours.values()):
             continue
@@ -211,17 +216,15 @@ def summarize(work):
         summary[shape] = entry
     # The launch floor: a batch-1 step of a model the card reads in microseconds is the host's
     # time (launches, bookkeeping), which CUDA graphs would take out of the 8B step.
-    floor = ((parts.get("parallax-smollm2-135m-1", {}).get("result") or {})
-             .get("tpot_ms", {}).get("p50"))
-    step_8b = ((parts.get("parallax-llama-3.1-8b-1", {}).get("result") or {})
-               .get("tpot_ms", {}).get("p50"))
+    floor = outcome("parallax-smollm2-135m-1").get("tpot_ms", {}).get("p50")
+    step_8b = outcome("parallax-llama-3.1-8b-1").get("tpot_ms", {}).get("p50")
     if floor:
         summary["launch_floor_ms"] = floor
         if step_8b:
             summary["launch_floor_share_of_8b_step"] = floor / step_8b
     # NCCL at world size 1: a group of one rank summing through NCCL against the whole model.
-    nccl = (parts.get("parallax-llama-3.2-1b-64-nccl", {}).get("result") or {})
-    whole = (parts.get("parallax-llama-3.2-1b-64", {}).get("result") or {})
+    nccl = outcome("parallax-llama-3.2-1b-64-nccl")
+    whole = outcome("parallax-llama-3.2-1b-64")
     if nccl and whole:
         summary["nccl_world_1_vs_whole_batch_64"] = (
             nccl["output_tokens_per_s"] / whole["output_tokens_per_s"])
