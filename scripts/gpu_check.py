@@ -5,16 +5,21 @@ transformers. Commands:
                      transformers as safetensors in DIR/model (with a byte-level tokenizer.json so
                      the agent can serve it), 8 token-id prompts in DIR/prompts.json, and the
                      model's last-position logits (DIR/reference.f32) and 32 greedy tokens with
-                     each step's top-1 margin (DIR/reference.json)
+                     each step's top-1 margin (DIR/reference.json), in bf16; the same from the
+                     weights in f32 (DIR/reference-f32.*), the arbiter
   compare DIR PARALLAX_JSON   cosine and top-1 agreement of the agent's logits (the .f32 file
                      beside PARALLAX_JSON) against the reference's, and greedy agreement where
-                     the reference is decisive
+                     the reference is decisive; the same against the f32 arbiter, and
+                     transformers' bf16 against it
   throughput SHAPE BATCH...   generate() with static batches: 512-token prompts, 128 new tokens
                      (EOS never ends them), output tokens per second
   summarize WORK     every part's output under WORK (one JSON file per part, *.json, and its exit
                      code in *.rc) in one object, with the issue's ratios where their parts ran
 
-Each prints one JSON object.
+Each prints one JSON object. `scripts/gpu-check --rehearse` runs them on the CPU with smaller
+sizes, set through the environment: GPU_CHECK_DEVICE (torch's device, cuda unless set),
+GPU_CHECK_REFERENCE_LAYERS (the reference model's layers), GPU_CHECK_PROMPT_LEN and
+GPU_CHECK_MAX_TOKENS (throughput's prompt and output lengths).
 """
 
 import json
@@ -24,32 +29,48 @@ import time
 
 
 SHAPES = {
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
     "llama-3.2-1b": dict(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
     "llama-3.1-8b": dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
 }
 DECISIVE = 0.1
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 
 
-def model(shape, seed=0):
+def model(shape, seed=0, layers=None):
+    """Random weights in bf16, made as from_pretrained makes a model: the RoPE frequencies stay
+    f32 (`.to(torch.bfloat16)` would round them to bf16, and the logits drift with position)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=0, **SHAPES[shape])
+    shape = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=0, **shape)
     torch.manual_seed(seed)
-    with torch.device("cuda"):
-        m = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(DEVICE):
+        m = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return m.eval()
+
+
+def synchronize():
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def byte_tokenizer(directory):
@@ -83,22 +104,15 @@ def byte_tokenizer(directory):
         json.dump({"eos_token": "</s>"}, f)
 
 
-def reference(directory):
+def run_reference(m, prompts):
+    """Last-position logits (one f32 row per prompt) and 32 greedy tokens per prompt with each
+    step's top-1 margin, from model m."""
     import torch
 
-    m = model("llama-3.2-1b")
-    path = os.path.join(directory, "model")
-    m.save_pretrained(path, safe_serialization=True)
-    byte_tokenizer(path)
-    g = torch.Generator().manual_seed(1)
-    lengths = [5, 17, 33, 64, 100, 128, 200, 256]
-    prompts = [torch.randint(0, 128000, (n,), generator=g).tolist() for n in lengths]
-    with open(os.path.join(directory, "prompts.json"), "w") as f:
-        json.dump(prompts, f)
     rows, greedy, margins = [], [], []
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([p], device="cuda")
+            ids = torch.tensor([p], device=DEVICE)
             rows.append(m(ids).logits[0, -1].float().cpu())
             out = m.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
@@ -108,60 +122,110 @@ def reference(directory):
                 top = torch.topk(scores[0].float(), 2).values
                 step_margins.append(float(top[0] - top[1]))
             margins.append(step_margins)
-    torch.stack(rows).numpy().astype("<f4").tofile(os.path.join(directory, "reference.f32"))
-    with open(os.path.join(directory, "reference.json"), "w") as f:
-        json.dump({"greedy": greedy, "margins": margins}, f)
+    return torch.stack(rows).numpy(), {"greedy": greedy, "margins": margins}
+
+
+def reference(directory):
+    """The saved model loaded as users load it, in bf16 (what the agent serves on a GPU) and, as
+    the arbiter, in f32: how far bf16 alone moves transformers from f32 is the agent's yardstick."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    m = model("llama-3.2-1b", layers=int(os.environ.get("GPU_CHECK_REFERENCE_LAYERS", 0)))
+    path = os.path.join(directory, "model")
+    m.save_pretrained(path, safe_serialization=True)
+    layers = m.config.num_hidden_layers
+    del m
+    byte_tokenizer(path)
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 17, 33, 64, 100, 128, 200, 256]
+    prompts = [torch.randint(0, 128000, (n,), generator=g).tolist() for n in lengths]
+    with open(os.path.join(directory, "prompts.json"), "w") as f:
+        json.dump(prompts, f)
+    for name, precision in (("reference", torch.bfloat16), ("reference-f32", torch.float32)):
+        m = LlamaForCausalLM.from_pretrained(path, dtype=precision).to(DEVICE).eval()
+        rows, greedy = run_reference(m, prompts)
+        del m
+        rows.astype("<f4").tofile(os.path.join(directory, name + ".f32"))
+        with open(os.path.join(directory, name + ".json"), "w") as f:
+            json.dump(greedy, f)
     print(json.dumps({"reference": "llama-3.2-1b", "prompts": len(prompts),
+                      "layers": layers,
                       "transformers": __import__("transformers").__version__,
                       "torch": torch.__version__}))
 
 
+def agreement(want_rows, got_rows, want, got):
+    """Cosine and top-1 agreement of the logit rows, and greedy agreement up to the first step
+    where `want` (greedy tokens and margins) is not decisive."""
+    import numpy as np
+
+    cosines = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
+               for x, y in zip(want_rows, got_rows)]
+    top1 = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(want_rows, got_rows)]
+    agree, decisive, first_disagreement = 0, 0, []
+    for tokens, ours, margin in zip(want["greedy"], got, want["margins"]):
+        stop = next((i for i, m in enumerate(margin) if m <= DECISIVE), len(margin))
+        decisive += stop
+        agree += sum(int(w == g) for w, g in zip(tokens[:stop], ours[:stop]))
+        first_disagreement.append(
+            next((i for i, (w, g) in enumerate(zip(tokens, ours)) if w != g), None))
+    return {
+        "cosine_min": min(cosines), "cosines": cosines, "cosine_ok": min(cosines) >= 0.999,
+        "max_abs_diff": float(np.abs(np.asarray(want_rows) - np.asarray(got_rows)).max()),
+        "top1_agreement": sum(top1) / len(top1),
+        "greedy_decisive_positions": decisive,
+        "greedy_agreement_where_decisive": agree / decisive if decisive else None,
+        "first_disagreement": first_disagreement,
+    }
+
+
 def compare(directory, parallax_json):
+    """The agent against transformers in bf16 (the issue's comparison), against the f32 arbiter,
+    and transformers' own bf16 against the arbiter (the floor bf16 sets)."""
     import numpy as np
 
     with open(parallax_json) as f:
         ours = json.load(f)
-    with open(os.path.join(directory, "reference.json")) as f:
-        theirs = json.load(f)
     vocab = ours["vocab"]
-    a = np.fromfile(os.path.join(directory, "reference.f32"), dtype="<f4").reshape(-1, vocab)
-    b = np.fromfile(os.path.splitext(parallax_json)[0] + ".f32", dtype="<f4").reshape(-1, vocab)
-    cosines = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
-    top1 = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)]
-    agree, decisive, first_disagreement = 0, 0, []
-    for want, got, margin in zip(theirs["greedy"], ours["greedy"], theirs["margins"]):
-        # Up to the first step where the reference is not decisive, tokens must match.
-        stop = next((i for i, m in enumerate(margin) if m <= DECISIVE), len(margin))
-        decisive += stop
-        agree += sum(int(w == g) for w, g in zip(want[:stop], got[:stop]))
-        first_disagreement.append(next((i for i, (w, g) in enumerate(zip(want, got)) if w != g), None))
-    print(json.dumps({
-        "cosine_min": min(cosines), "cosines": cosines, "cosine_ok": min(cosines) >= 0.999,
-        "top1_agreement": sum(top1) / len(top1),
-        "greedy_decisive_positions": decisive, "greedy_agreement_where_decisive":
-            agree / decisive if decisive else None,
-        "first_disagreement": first_disagreement,
-    }))
+
+    def load(name):
+        with open(os.path.join(directory, name + ".json")) as f:
+            greedy = json.load(f)
+        rows = np.fromfile(os.path.join(directory, name + ".f32"), dtype="<f4").reshape(-1, vocab)
+        return rows, greedy
+
+    rows = np.fromfile(os.path.splitext(parallax_json)[0] + ".f32", dtype="<f4").reshape(-1, vocab)
+    bf16, f32 = load("reference"), load("reference-f32")
+    result = agreement(bf16[0], rows, bf16[1], ours["greedy"])
+    result["vs_f32"] = agreement(f32[0], rows, f32[1], ours["greedy"])
+    result["transformers_bf16_vs_f32"] = agreement(f32[0], bf16[0], f32[1], bf16[1]["greedy"])
+    print(json.dumps(result))
 
 
 def throughput(shape, batches):
     import torch
 
+    prompt_len = int(os.environ.get("GPU_CHECK_PROMPT_LEN", 512))
+    new_tokens = int(os.environ.get("GPU_CHECK_MAX_TOKENS", 128))
     m = model(shape)
     g = torch.Generator().manual_seed(2)
     results = {}
     with torch.no_grad():
         for batch in batches:
-            ids = torch.randint(0, 128000, (batch, 512), generator=g).to("cuda")
+            ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, prompt_len),
+                                generator=g).to(DEVICE)
             m.generate(ids[:, :16], max_new_tokens=2, do_sample=False)  # warm-up
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
-            m.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
-            torch.cuda.synchronize()
+            m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            synchronize()
             seconds = time.perf_counter() - start
-            results[str(batch)] = {"seconds": seconds, "output_tokens_per_s": batch * 128 / seconds}
+            results[str(batch)] = {"seconds": seconds,
+                                   "output_tokens_per_s": batch * new_tokens / seconds}
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(json.dumps({"engine": "transformers", "shape": shape, "batches": results,
-                      "card": torch.cuda.get_device_name()}))
+                      "card": card}))
 
 
 # Memory bandwidth of the cards the check meets, bytes per second (NVIDIA's data sheets).
@@ -193,9 +257,8 @@ def summarize(work):
                  if n.startswith("transformers-") and (p["result"] or {}).get("card")), "")
     for shape in SHAPES:
         theirs = outcome(f"transformers-{shape}").get("batches", {})
-        ours = {b: outcome(f"parallax-{shape}-{b}")
-                for b in ("1", "64", "256")}
-        if not theirs or not all(ours.values()):
+        ours = {b: outcome(f"parallax-{shape}-{b}") for b in theirs}
+        if "1" not in theirs or not all(ours.values()):
             continue
         best_static = max(r["output_tokens_per_s"] for r in theirs.values())
         best_ours = max(r["output_tokens_per_s"] for r in ours.values())
@@ -206,7 +269,7 @@ def summarize(work):
             "vs_transformers_best_static": best_ours / best_static,
         }
         bandwidth = next((v for k, v in BANDWIDTH.items() if k in card), None)
-        weights = {"llama-3.2-1b": 2.47e9, "llama-3.1-8b": 16.06e9}[shape]
+        weights = {"smollm2-135m": 0.27e9, "llama-3.2-1b": 2.47e9, "llama-3.1-8b": 16.06e9}[shape]
         tpot = ours["1"].get("tpot_ms", {}).get("p50")
         if bandwidth and tpot:
             bound_ms = weights / bandwidth * 1e3
