@@ -3,7 +3,7 @@
 //! Every default lives here, once, as a serde default: the generated CRD schema carries it so the
 //! API server fills it in, and Rust code that deserializes a partial object gets the same value.
 
-use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::api::core::v1::{EnvVar, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -911,7 +911,7 @@ impl KvCacheDtype {
 }
 
 /// The agent container of every pod.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
     /// Container image of `parallax-agent`. Unset, the operator's own (its `agentImage`, which
@@ -927,6 +927,16 @@ pub struct AgentSpec {
     /// Extra command-line arguments appended to `parallax-agent serve`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_args: Vec<String>,
+
+    /// Environment variables of the agent container, after the operator's own: NCCL's
+    /// (`NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA`, `NCCL_DEBUG`), a proxy for hub downloads
+    /// (`HTTPS_PROXY`), `RUST_LOG`. The names the operator sets are refused: `PARALLAX_*` (the
+    /// agent's flags go in `extraArgs`), `POD_NAME`, `POD_NAMESPACE` and `HF_TOKEN` (from
+    /// `model.hubTokenSecret`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('PARALLAX_') && !(e.name in ['POD_NAME', 'POD_NAMESPACE', 'HF_TOKEN']))").message("agent.env must not set PARALLAX_* (the agent's flags go in agent.extraArgs), POD_NAME, POD_NAMESPACE or HF_TOKEN (model.hubTokenSecret): the operator sets them"))]
+    pub env: Vec<EnvVar>,
 }
 
 /// A group's recreations after failures.

@@ -58,6 +58,24 @@ fn a_minimal_pool_with_defaults_is_accepted() {
 }
 
 #[test]
+fn the_agents_environment_may_not_set_the_operators_names() {
+    let with_env = |name: &str| {
+        json!({"model": shaped(), "agent": {"env": [
+            {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}, {"name": name, "value": "x"}]}})
+    };
+    assert_eq!(errors(with_env("HTTPS_PROXY")), Vec::<String>::new());
+    for name in [
+        "PARALLAX_RANK",
+        "PARALLAX_COLLECTIVE",
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "HF_TOKEN",
+    ] {
+        assert_refused(with_env(name), "agent.env must not set PARALLAX_*");
+    }
+}
+
+#[test]
 fn replica_bounds_are_enforced() {
     assert_refused(
         json!({"model": shaped(), "minReplicas": 3, "maxReplicas": 2, "replicas": 2}),

@@ -377,6 +377,8 @@ impl<'a> ChildBuilder<'a> {
             }),
             ..EnvVar::default()
         }))
+        // The pool's own, last: a value may refer to the operator's as $(NAME).
+        .chain(spec.agent.env.iter().cloned())
         .collect();
 
         // The pod's address, not loopback: probes and the Services reach it from outside.
@@ -753,6 +755,27 @@ pub(crate) mod tests {
         assert_eq!(
             sc.capabilities.as_ref().unwrap().drop.as_deref(),
             Some(&["ALL".to_owned()][..])
+        );
+    }
+
+    #[test]
+    fn the_pools_environment_follows_the_operators() {
+        let spec = json!({"model": {"source": "hf://a/b"}, "tensorParallelSize": 2,
+            "agent": {"env": [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
+                              {"name": "TRACE_RANK", "value": "$(PARALLAX_RANK)"}]}});
+        let pod = ChildBuilder::new(&pool(spec), &layout(2, 1)).pod(0, 1);
+        let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        // Last, so that $(PARALLAX_RANK) expands: Kubernetes expands only earlier variables.
+        assert_eq!(
+            names[names.len() - 2..],
+            ["NCCL_SOCKET_IFNAME", "TRACE_RANK"]
+        );
+        let rank = names.iter().position(|n| *n == "PARALLAX_RANK").unwrap();
+        assert!(rank < names.len() - 2, "{names:?}");
+        assert_eq!(
+            env.last().unwrap().value.as_deref(),
+            Some("$(PARALLAX_RANK)")
         );
     }
 
