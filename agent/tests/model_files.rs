@@ -248,3 +248,32 @@ async fn a_hugging_face_directory_loads_and_generates() {
     assert_eq!(a.tokens, b.tokens, "greedy decoding is deterministic");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_sliding_window_shorter_than_the_context_bounds_what_is_served() {
+    let dir = std::env::temp_dir().join(format!("parallax-{}-window", std::process::id()));
+    let tiny = support::tiny::TinyLlama::default();
+    tiny.write(&dir);
+    let served = |extra: serde_json::Value| {
+        let mut config = tiny.config_json();
+        config["model_type"] = "mistral".into();
+        for (key, value) in extra.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let source = ModelSource::HuggingFace(dir.clone());
+        let model = engine::load(&source, &BackendConfig::default()).unwrap();
+        model.config().context_length
+    };
+    // Mistral 7B v0.1 (a window of 4,096 in 32,768 positions), here 64 in 256.
+    assert_eq!(served(serde_json::json!({"sliding_window": 64})), 64);
+    // Later Mistrals write null; a window as long as the context changes nothing; Qwen2-style
+    // configs switch it off.
+    assert_eq!(served(serde_json::json!({"sliding_window": null})), 256);
+    assert_eq!(served(serde_json::json!({"sliding_window": 4096})), 256);
+    assert_eq!(
+        served(serde_json::json!({"sliding_window": 64, "use_sliding_window": false})),
+        256
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -532,8 +532,31 @@ fn hf_config(dir: &Path) -> Result<LlamaConfig> {
         } else {
             &v["rope_scaling"]
         })?,
-        context_length: int("max_position_embeddings").unwrap_or(4096),
+        context_length: hf_context_length(&v),
     })
+}
+
+/// Positions served: `max_position_embeddings`, or the `sliding_window` where it is shorter
+/// (Mistral 7B v0.1: 4,096 of 32,768). Attention here reads every cached position, so past the
+/// window it would attend where the model never does; a longer request is refused as too long
+/// instead (what vLLM does where its attention has no window).
+fn hf_context_length(v: &serde_json::Value) -> usize {
+    let max = v["max_position_embeddings"]
+        .as_u64()
+        .map_or(4096, |n| n as usize);
+    let window = v["sliding_window"].as_u64().map(|n| n as usize);
+    match window {
+        Some(window) if window < max && v["use_sliding_window"].as_bool() != Some(false) => {
+            tracing::warn!(
+                sliding_window = window,
+                max_position_embeddings = max,
+                "the model attends over a sliding window, which this engine does not: serving \
+                 {window} positions, not {max}"
+            );
+            window
+        }
+        _ => max,
+    }
 }
 
 /// config.json's `rope_scaling`: absent or null, or of type `llama3`; any other type is refused
