@@ -6,7 +6,8 @@ transformers. Commands:
                      the agent can serve it), 8 token-id prompts in DIR/prompts.json, and the
                      model's last-position logits (DIR/reference.f32) and 32 greedy tokens with
                      each step's top-1 margin (DIR/reference.json), in bf16; the same from the
-                     weights in f32 (DIR/reference-f32.*), the arbiter
+                     weights in f32 (DIR/reference-f32.*), the arbiter; `reference DIR GGUF`:
+                     the same for that GGUF file's model, dequantized by transformers
   compare DIR PARALLAX_JSON   cosine and top-1 agreement of the agent's logits (the .f32 file
                      beside PARALLAX_JSON) against the reference's, and greedy agreement where
                      the reference is decisive; the same against the f32 arbiter, and
@@ -125,31 +126,38 @@ def run_reference(m, prompts):
     return torch.stack(rows).numpy(), {"greedy": greedy, "margins": margins}
 
 
-def reference(directory):
+def reference(directory, gguf=None):
     """The saved model loaded as users load it, in bf16 (what the agent serves on a GPU) and, as
-    the arbiter, in f32: how far bf16 alone moves transformers from f32 is the agent's yardstick."""
+    the arbiter, in f32: how far bf16 alone moves transformers from f32 is the agent's yardstick.
+    With `gguf`, that file's model (transformers dequantizes it) instead of random weights."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    m = model("llama-3.2-1b", layers=int(os.environ.get("GPU_CHECK_REFERENCE_LAYERS", 0)))
-    path = os.path.join(directory, "model")
-    m.save_pretrained(path, safe_serialization=True)
-    layers = m.config.num_hidden_layers
-    del m
-    byte_tokenizer(path)
+    if gguf:
+        path, files = os.path.dirname(gguf), {"gguf_file": os.path.basename(gguf)}
+    else:
+        m = model("llama-3.2-1b", layers=int(os.environ.get("GPU_CHECK_REFERENCE_LAYERS", 0)))
+        path, files = os.path.join(directory, "model"), {}
+        m.save_pretrained(path, safe_serialization=True)
+        del m
+        byte_tokenizer(path)
+    vocab = AutoConfig.from_pretrained(path, **files).vocab_size
     g = torch.Generator().manual_seed(1)
     lengths = [5, 17, 33, 64, 100, 128, 200, 256]
-    prompts = [torch.randint(0, 128000, (n,), generator=g).tolist() for n in lengths]
+    # Ids clear of the special tokens at either end of the vocabularies here.
+    prompts = [torch.randint(300, vocab - 300, (n,), generator=g).tolist() for n in lengths]
     with open(os.path.join(directory, "prompts.json"), "w") as f:
         json.dump(prompts, f)
     for name, precision in (("reference", torch.bfloat16), ("reference-f32", torch.float32)):
-        m = LlamaForCausalLM.from_pretrained(path, dtype=precision).to(DEVICE).eval()
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=precision, **files).to(DEVICE).eval()
+        layers = m.config.num_hidden_layers
         rows, greedy = run_reference(m, prompts)
         del m
         rows.astype("<f4").tofile(os.path.join(directory, name + ".f32"))
         with open(os.path.join(directory, name + ".json"), "w") as f:
             json.dump(greedy, f)
-    print(json.dumps({"reference": "llama-3.2-1b", "prompts": len(prompts),
+    print(json.dumps({"reference": os.path.basename(gguf or "llama-3.2-1b"),
+                      "prompts": len(prompts),
                       "layers": layers,
                       "transformers": __import__("transformers").__version__,
                       "torch": torch.__version__}))
