@@ -6,7 +6,8 @@
 //!   rows to the host), as JSON.
 //! - `check-model`: for token-id prompts, the last-position logits (all prompts in one step,
 //!   written as little-endian f32 rows) and greedy continuations through the real scheduler
-//!   (every prompt submitted at once), for comparing with another implementation.
+//!   (every prompt submitted at once), for comparing with another implementation; on the
+//!   backend the arguments choose, as `serve` would.
 
 use super::EngineArgs;
 use crate::engine::BackendKind;
@@ -240,10 +241,11 @@ pub fn check_model(args: &CheckModelArgs) -> anyhow::Result<()> {
     let prompts: Vec<Vec<u32>> = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a list of token-id lists", args.prompts.display()))?;
     let source = args.engine.source()?;
-    let mut backend = args.engine.backend();
-    backend.kind = BackendKind::Candle;
-    let (mut executor, codec) =
-        crate::engine::load_with_tokenizer(&source, args.engine.tokenizer.as_deref(), &backend)?;
+    let (mut executor, codec) = crate::engine::load_with_tokenizer(
+        &source,
+        args.engine.tokenizer.as_deref(),
+        &args.engine.backend(),
+    )?;
     // The logits: every prompt in one step, on a fresh cache.
     let block_size = 16;
     let mut next = 0u32;
