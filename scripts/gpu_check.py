@@ -285,6 +285,18 @@ def summarize(work):
             entry["bandwidth_bound_ms"] = bound_ms
             entry["over_bound"] = tpot / bound_ms
         summary[shape] = entry
+    # Each comparison with transformers in one line: the agent against its bf16 (the issue's
+    # bar) and against f32, beside the floor transformers' own bf16 sets.
+    for name, part in parts.items():
+        result = part["result"] or {}
+        if name.startswith("correctness") and "vs_f32" in result:
+            summary.setdefault("correctness", {})[name] = {
+                "cosine_vs_transformers_bf16": result["cosine_min"],
+                "cosine_vs_f32": result["vs_f32"]["cosine_min"],
+                "transformers_bf16_vs_f32": result["transformers_bf16_vs_f32"]["cosine_min"],
+                "greedy_where_decisive": result["greedy_agreement_where_decisive"],
+                "cosine_ok": result["cosine_ok"],
+            }
     # The launch floor: a batch-1 step of a model the card reads in microseconds is the host's
     # time (launches, bookkeeping), which CUDA graphs would take out of the 8B step.
     floor = outcome("parallax-smollm2-135m-1").get("tpot_ms", {}).get("p50")
