@@ -305,6 +305,11 @@ def summarize(work):
         summary["launch_floor_ms"] = floor
         if step_8b:
             summary["launch_floor_share_of_8b_step"] = floor / step_8b
+    # Attention at batch 1: the 8B step with blocks of 4 warps against the default (a grid of
+    # one block per KV head gets as many warps as the shape allows).
+    four = outcome("parallax-llama-3.1-8b-1-w4").get("tpot_ms", {}).get("p50")
+    if four and step_8b:
+        summary["attention_warps_8b_batch_1_step_ms"] = {"default": step_8b, "4": four}
     # NCCL at world size 1: a group of one rank summing through NCCL against the whole model.
     nccl = outcome("parallax-llama-3.2-1b-64-nccl")
     whole = outcome("parallax-llama-3.2-1b-64")

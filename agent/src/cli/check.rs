@@ -65,7 +65,9 @@ struct Scenario {
 fn scenario(vocab: usize, block_size: usize) -> Vec<Scenario> {
     let mut rng = Rng::new(17);
     // (prompt length, tokens per step): a prompt prefilled whole then decoded; one in three
-    // chunks; a one-token prompt; a long prompt whose decode starts late.
+    // chunks; a one-token prompt; a long prompt whose decode starts late. With 8 KV heads the
+    // second step (118 tokens) fills the device's grid and the others do not, so attention runs
+    // in both of its launch shapes (4 warps a block, and the most the shape allows).
     let shapes: [(usize, Vec<usize>); 4] = [
         (37, vec![37, 1, 1, 1]),
         (40, vec![16, 16, 8, 1]),

@@ -1,21 +1,23 @@
 // Kernels of the candle backend on CUDA, compiled at start-up with NVRTC for the loaded model's
-// shape: the host prepends `#define DIM <head dim>` and `#define GROUP <query heads per KV head>`.
+// shape: the host prepends `#define DIM <head dim>`, `#define GROUP <query heads per KV head>` and
+// `#define WARPS <the most warps a paged-attention block may have>`.
 // No headers: 16-bit floats are converted with bit operations and PTX.
 //
 // rope_and_cache_<type>: rotates each token's query and key heads in place (half-split or
 // interleaved pairs) and writes its keys and values into the paged cache at the token's slot.
 // paged_attention_<type>: every token's attention over its own sequence's cached positions
 // 0..=position, read through the sequence's block table — prefill chunks and decode tokens alike.
-// One block of WARPS warps per (token, KV head): the GROUP query heads that share the KV head
-// read each cached key and value once; each warp takes every WARPS-th position with an online
-// softmax in f32, and the warps' partial results are merged at the end.
+// One block per (token, KV head), of up to WARPS warps (blockDim.x / 32: the host gives a small
+// grid — a decode step of a few sequences — many, a grid that fills the device 4): the GROUP
+// query heads that share the KV head read each cached key and value once; each warp takes every
+// warps-th position with an online softmax in f32, and the warps' partial results are merged at
+// the end.
 // sample_rows_f32 (at the end): a token per row of logits, sampled on the device.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#define WARPS 4
 #define PER_LANE (DIM / 32)
 
 __device__ __forceinline__ float neg_infinity() { return __int_as_float(0xff800000); }
@@ -89,7 +91,7 @@ __device__ void rope_and_cache(
     }
 }
 
-// grid (tokens, kv_heads), block (32 * WARPS).
+// grid (tokens, kv_heads), block (32 * warps), warps <= WARPS.
 template <typename D>
 __device__ void paged_attention(
     typename D::T* __restrict__ out,  // [tokens, heads * DIM]
@@ -102,7 +104,7 @@ __device__ void paged_attention(
     const u32* __restrict__ token_pos,  // [tokens]
     float scale, int kv_heads, int block_size, int max_blocks) {
     const int t = blockIdx.x, g = blockIdx.y;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const u32* table = block_tables + (u64)token_seq[t] * max_blocks;
     const int len = (int)token_pos[t] + 1;
     const int heads = kv_heads * GROUP;
@@ -119,7 +121,7 @@ __device__ void paged_attention(
         m[h] = neg_infinity();
         l[h] = 0.0f;
     }
-    for (int j = warp; j < len; j += WARPS) {
+    for (int j = warp; j < len; j += warps) {
         const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
         const typename D::T* kr = k_cache + (slot * kv_heads + g) * DIM;
         const typename D::T* vr = v_cache + (slot * kv_heads + g) * DIM;
@@ -145,30 +147,35 @@ __device__ void paged_attention(
             m[h] = top;
         }
     }
-    __shared__ float shared_m[WARPS][GROUP], shared_l[WARPS][GROUP];
-    __shared__ float shared_acc[WARPS][GROUP][DIM];
+    // Each warp's maxima, sums and accumulators, [warps][GROUP] and [warps][GROUP][DIM]: sized
+    // by the launch (the host gives warps * GROUP * (DIM + 2) floats), so that a block of few
+    // warps holds no more than it uses.
+    extern __shared__ float partials[];
+    float* shared_m = partials;
+    float* shared_l = partials + warps * GROUP;
+    float* shared_acc = partials + 2 * warps * GROUP;
 #pragma unroll
     for (int h = 0; h < GROUP; ++h) {
+        const int at = warp * GROUP + h;
         if (lane == 0) {
-            shared_m[warp][h] = m[h];
-            shared_l[warp][h] = l[h];
+            shared_m[at] = m[h];
+            shared_l[at] = l[h];
         }
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) shared_acc[warp][h][lane + 32 * i] = acc[h][i];
+        for (int i = 0; i < PER_LANE; ++i) shared_acc[at * DIM + lane + 32 * i] = acc[h][i];
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < GROUP * DIM; idx += blockDim.x) {
         const int h = idx / DIM, e = idx % DIM;
         float top = neg_infinity();
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) top = fmaxf(top, shared_m[w][h]);
+        for (int w = 0; w < warps; ++w) top = fmaxf(top, shared_m[w * GROUP + h]);
         float num = 0.0f, den = 0.0f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            if (shared_l[w][h] == 0.0f) continue;  // a warp that saw no position
-            const float c = __expf(shared_m[w][h] - top);
-            num += shared_acc[w][h][e] * c;
-            den += shared_l[w][h] * c;
+        for (int w = 0; w < warps; ++w) {
+            const int at = w * GROUP + h;
+            if (shared_l[at] == 0.0f) continue;  // a warp that saw no position
+            const float c = __expf(shared_m[at] - top);
+            num += shared_acc[at * DIM + e] * c;
+            den += shared_l[at] * c;
         }
         out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(num / den);
     }

@@ -18,8 +18,14 @@ use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 pub mod nccl;
 
 const SOURCE: &str = include_str!("kernels.cu");
-/// Threads of a paged-attention block (`WARPS` warps in `kernels.cu`).
-const ATTENTION_THREADS: u32 = 128;
+/// Paged-attention blocks from which a launch fills the device (four blocks of 4 warps on each of
+/// a large card's ~130 multiprocessors): from there on a block has 4 warps; a smaller grid (a
+/// decode step of a few sequences has one block per KV head) gives each block as many as the
+/// shape allows, so that each warp walks fewer of the positions.
+const FULL_GRID_BLOCKS: usize = 512;
+/// Fixes the warps of every paged-attention block (a power of two up to the shape's most), for
+/// the device check to time and check each launch shape on any grid.
+const WARPS_VARIABLE: &str = "PARALLAX_ATTENTION_WARPS";
 /// Threads of a sampling block (`SAMPLE_THREADS` in `kernels.cu`).
 const SAMPLE_THREADS: u32 = 1024;
 
@@ -64,6 +70,37 @@ pub struct Kernels {
     kv_heads: usize,
     head_dim: usize,
     interleaved: bool,
+    /// The most warps a paged-attention block of this shape may have (`WARPS`).
+    max_warps: usize,
+    /// `PARALLAX_ATTENTION_WARPS`, where set.
+    fixed_warps: Option<usize>,
+}
+
+/// The most warps a paged-attention block may have: up to 16, as many as keep the block's
+/// partial results (warps × group × head size f32) within 32 KiB of shared memory.
+fn max_attention_warps(head_dim: usize, group: usize) -> usize {
+    let mut warps = 16;
+    while warps > 1 && warps * group * head_dim * 4 > 32 * 1024 {
+        warps /= 2;
+    }
+    warps
+}
+
+/// Shared memory of a paged-attention block: each warp's GROUP maxima and sums, and its
+/// accumulators, f32.
+fn attention_shared_bytes(warps: usize, group: usize, head_dim: usize) -> u32 {
+    (warps * group * (head_dim + 2) * 4) as u32
+}
+
+/// `PARALLAX_ATTENTION_WARPS`: unset, or a power of two from 1 to `max`.
+fn fixed_warps(value: Option<&str>, max: usize) -> Result<Option<usize>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.parse::<usize>() {
+        Ok(n) if n.is_power_of_two() && n <= max => Ok(Some(n)),
+        _ => bail!("{WARPS_VARIABLE}={value}: a power of two from 1 to {max} for this model"),
+    }
 }
 
 /// NVRTC's `--gpu-architecture` for a compute capability.
@@ -101,17 +138,30 @@ impl Kernels {
             DType::F32 => "f32",
             other => bail!("no CUDA kernels for {other:?}"),
         };
+        let max_warps = max_attention_warps(head_dim, group);
+        let fixed_warps = fixed_warps(std::env::var(WARPS_VARIABLE).ok().as_deref(), max_warps)?;
         let capability = facts(device)?.compute_capability;
-        let ptx = ptx(head_dim, group, architecture(capability)?)?;
+        let ptx = ptx(head_dim, group, max_warps, architecture(capability)?)?;
         Ok(Self {
             device: cuda,
-            module: format!("parallax_d{head_dim}_g{group}"),
+            module: format!("parallax_d{head_dim}_g{group}_w{max_warps}"),
             ptx,
             suffix,
             heads,
             kv_heads,
             head_dim,
             interleaved: config.rope_style == RopeStyle::Interleaved,
+            max_warps,
+            fixed_warps,
+        })
+    }
+
+    /// Warps per paged-attention block for a launch of `blocks` blocks.
+    fn attention_warps(&self, blocks: usize) -> usize {
+        self.fixed_warps.unwrap_or(if blocks >= FULL_GRID_BLOCKS {
+            self.max_warps.min(4)
+        } else {
+            self.max_warps
         })
     }
 
@@ -221,10 +271,14 @@ impl PagedKernels for Kernels {
             Arg::I32(block_size as i32),
             Arg::I32(tables.dim(1)? as i32),
         ]);
+        let warps = self.attention_warps(tokens * self.kv_heads);
+        let group = self.heads / self.kv_heads;
         let config = LaunchConfig {
             grid_dim: (tokens as u32, self.kv_heads as u32, 1),
-            block_dim: (ATTENTION_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (32 * warps as u32, 1, 1),
+            // Each warp's maxima, sums and accumulators: within 48 KiB, as `max_attention_warps`
+            // keeps the accumulators within 32.
+            shared_mem_bytes: attention_shared_bytes(warps, group, self.head_dim),
         };
         // SAFETY: as for `rope_and_cache`; `out` is a fresh contiguous tensor of the output's
         // size, and every block-table entry the tokens' positions reach is a block of the caches.
@@ -262,8 +316,9 @@ impl PagedKernels for Kernels {
 }
 
 /// The kernels' PTX for one head size and grouping, from NVRTC.
-fn ptx(head_dim: usize, group: usize, arch: &'static str) -> Result<String> {
-    let source = format!("#define DIM {head_dim}\n#define GROUP {group}\n{SOURCE}");
+fn ptx(head_dim: usize, group: usize, warps: usize, arch: &'static str) -> Result<String> {
+    let source =
+        format!("#define DIM {head_dim}\n#define GROUP {group}\n#define WARPS {warps}\n{SOURCE}");
     let ptx = compile_ptx_with_opts(
         source,
         CompileOptions {
@@ -327,7 +382,8 @@ mod tests {
         }
         for (head_dim, group) in [(64, 3), (64, 4), (128, 1), (128, 4), (128, 8)] {
             for arch in ["sm_90", "sm_80"] {
-                let ptx = ptx(head_dim, group, arch).expect("the kernels compile");
+                let warps = max_attention_warps(head_dim, group);
+                let ptx = ptx(head_dim, group, warps, arch).expect("the kernels compile");
                 for kernel in ["rope_and_cache", "paged_attention"] {
                     for suffix in ["bf16", "f16", "f32"] {
                         assert!(
@@ -338,6 +394,32 @@ mod tests {
                 }
                 assert!(ptx.contains(".entry sample_rows_f32"));
             }
+        }
+    }
+
+    #[test]
+    fn attention_blocks_fit_their_partial_results_in_the_shared_memory_a_block_has() {
+        // SmolLM2 (64 × 3), Llama 3.2 1B (64 × 4), 3.1 8B (128 × 4), 70B (128 × 8), and the
+        // largest shape the kernels take (256 × 16).
+        let warps: Vec<usize> = [(64, 3), (64, 4), (128, 4), (128, 8), (256, 16)]
+            .iter()
+            .map(|&(dim, group)| max_attention_warps(dim, group))
+            .collect();
+        assert_eq!(warps, [16, 16, 16, 8, 2]);
+        // Within the 48 KiB a block may have without opting in, maxima and sums included.
+        for &(dim, group) in &[(64, 3), (128, 8), (256, 16), (32, 1)] {
+            let warps = max_attention_warps(dim, group);
+            assert!(attention_shared_bytes(warps, group, dim) <= 48 * 1024);
+        }
+    }
+
+    #[test]
+    fn a_fixed_warp_count_is_a_power_of_two_the_shape_allows() {
+        assert_eq!(fixed_warps(None, 16).unwrap(), None);
+        assert_eq!(fixed_warps(Some("4"), 16).unwrap(), Some(4));
+        for bad in ["3", "32", "0", "four"] {
+            let error = fixed_warps(Some(bad), 16).unwrap_err().to_string();
+            assert!(error.contains("PARALLAX_ATTENTION_WARPS"), "{error}");
         }
     }
 }
