@@ -197,13 +197,16 @@ def compare(directory, parallax_json):
         ours = json.load(f)
     vocab = ours["vocab"]
 
-    def load(name):
-        with open(os.path.join(directory, name + ".json")) as f:
-            greedy = json.load(f)
-        rows = np.fromfile(os.path.join(directory, name + ".f32"), dtype="<f4").reshape(-1, vocab)
-        return rows, greedy
+    def logits(path):
+        """The f32 rows beside a JSON file."""
+        return np.fromfile(os.path.splitext(path)[0] + ".f32", dtype="<f4").reshape(-1, vocab)
 
-    rows = np.fromfile(os.path.splitext(parallax_json)[0] + ".f32", dtype="<f4").reshape(-1, vocab)
+    def load(name):
+        path = os.path.join(directory, name + ".json")
+        with open(path) as f:
+            return logits(path), json.load(f)
+
+    rows = logits(parallax_json)
     bf16, f32 = load("reference"), load("reference-f32")
     result = agreement(bf16[0], rows, bf16[1], ours["greedy"])
     result["vs_f32"] = agreement(f32[0], rows, f32[1], ours["greedy"])

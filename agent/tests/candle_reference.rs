@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
 use parallax_agent::engine::backend::{RowOutput, SeqInput};
 use parallax_agent::engine::{self, BackendConfig, BackendKind, Executor, ModelSource};
+use support::cosine;
 use support::tiny::TinyLlama;
 
 /// Largest logit difference allowed, against logits of about ±3: f32 sums in different orders
@@ -306,12 +307,6 @@ fn greedy_tokens_equal_the_reference_where_it_is_decisive() {
         );
         assert_eq!(&got[..decided], &want[..decided], "prompt {s}");
     }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / norm(a) / norm(b)
 }
 
 #[test]

@@ -5,8 +5,10 @@
 
 mod support;
 
+use parallax_agent::engine::sampling::argmax;
 use std::path::PathBuf;
 use std::process::Command;
+use support::cosine;
 
 fn scratch(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
@@ -62,16 +64,6 @@ fn check_model(backend: &str, prompts: &[Vec<u32>]) -> (serde_json::Value, Vec<V
     std::fs::remove_file(input).unwrap();
     std::fs::remove_file(out).unwrap();
     (summary, rows)
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (norm(a) * norm(b))
 }
 
 #[test]

@@ -153,3 +153,10 @@ pub mod http;
 pub mod process;
 pub mod prometheus;
 pub mod tiny;
+
+/// Cosine similarity of two logit rows.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / norm(a) / norm(b)
+}
