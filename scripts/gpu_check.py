@@ -313,6 +313,27 @@ def summarize(work):
     four = outcome("parallax-llama-3.1-8b-1-w4").get("tpot_ms", {}).get("p50")
     if four and step_8b:
         summary["attention_warps_8b_batch_1_step_ms"] = {"default": step_8b, "4": four}
+    # CUDA graphs: each bench with decode steps replayed against the same bench without, and
+    # check-kernels' replayed steps against the same steps run eagerly.
+    graphs = {}
+    for name, part in parts.items():
+        if not (name.startswith("parallax-") and name.endswith("-graphs")):
+            continue
+        ours, eager = part["result"] or {}, outcome(name[:-len("-graphs")])
+        if not (ours and eager):
+            continue
+        graphs[name[len("parallax-"):-len("-graphs")]] = {
+            "tpot_ms_p50": {"eager": eager["tpot_ms"]["p50"], "graphs": ours["tpot_ms"]["p50"]},
+            "output_tokens_per_s_ratio": ours["output_tokens_per_s"] / eager["output_tokens_per_s"],
+            "graph_steps": ours.get("graph_steps"),
+            "steps": ours.get("steps"),
+        }
+    for name, part in parts.items():
+        replayed = (part["result"] or {}).get("graphs")
+        if name.startswith("kernels-") and replayed:
+            graphs[name] = replayed
+    if graphs:
+        summary["cuda_graphs"] = graphs
     # NCCL at world size 1: a group of one rank summing through NCCL against the whole model.
     nccl = outcome("parallax-llama-3.2-1b-64-nccl")
     whole = outcome("parallax-llama-3.2-1b-64")

@@ -93,6 +93,8 @@ fn logits_and_greedy_tokens_agree_on_the_backend_asked_for() {
             // The scheduler's first token is the one-step logits' best.
             assert_eq!(tokens[0], argmax(row), "{summary}");
         }
+        // No CUDA graphs on the CPU.
+        assert_eq!(summary["graph_steps"], 0, "{summary}");
     }
     // The int8 engine quantizes activations: close to candle's f32, not equal.
     for (a, b) in candle_rows.iter().zip(&int8_rows) {

@@ -192,6 +192,8 @@ fn report(
         "e2e_ms": {"p50": e2e[0], "p95": e2e[1], "p99": e2e[2]},
         "peak_kv_usage": peak_kv,
         "preemptions": engine.stats.preemptions_total(),
+        "steps": engine.stats.steps.load(Ordering::Relaxed),
+        "graph_steps": engine.stats.graph_steps.load(Ordering::Relaxed),
     });
     if args.json {
         println!("{summary}");

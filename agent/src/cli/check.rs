@@ -12,13 +12,14 @@
 use super::EngineArgs;
 use crate::engine::BackendKind;
 use crate::engine::backend::candle::CandleExecutor;
-use crate::engine::backend::{Executor, RowOutput, SeqInput};
+use crate::engine::backend::{Executor, RowOutput, SeqInput, StepOutput, argmax};
 use crate::engine::model::loader::ModelFiles;
 use crate::engine::sampling::{Draw, Rng, draw_token};
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 #[derive(Debug, Args)]
 pub struct CheckKernelsArgs {
@@ -62,21 +63,32 @@ struct Scenario {
     steps: Vec<usize>,
 }
 
-fn scenario(vocab: usize, block_size: usize) -> Vec<Scenario> {
+/// The kernels' scenario: a prompt prefilled whole then decoded; one in three chunks; a
+/// one-token prompt; a long prompt whose decode starts late. With 8 KV heads the second step
+/// (118 tokens) fills the device's grid and the others do not, so attention runs in both of its
+/// launch shapes (4 warps a block, and the most the shape allows).
+fn mixed_steps() -> Vec<Vec<usize>> {
+    vec![
+        vec![37, 1, 1, 1],
+        vec![16, 16, 8, 1],
+        vec![1, 1, 1, 1],
+        vec![0, 100, 1, 1],
+    ]
+}
+
+/// The graphs' scenario: three prompts prefilled in one step, then decoded together for 8 steps
+/// (crossing block boundaries): one eager step that captures the shape, 7 replays.
+fn decode_steps() -> Vec<Vec<usize>> {
+    let decode = |prompt: usize| [prompt].into_iter().chain([1; 8]).collect();
+    vec![decode(14), decode(30), decode(3)]
+}
+
+/// Sequences that run `shapes` (tokens per step each) with random tokens and shuffled blocks.
+fn scenario(shapes: Vec<Vec<usize>>, vocab: usize, block_size: usize) -> Vec<Scenario> {
     let mut rng = Rng::new(17);
-    // (prompt length, tokens per step): a prompt prefilled whole then decoded; one in three
-    // chunks; a one-token prompt; a long prompt whose decode starts late. With 8 KV heads the
-    // second step (118 tokens) fills the device's grid and the others do not, so attention runs
-    // in both of its launch shapes (4 warps a block, and the most the shape allows).
-    let shapes: [(usize, Vec<usize>); 4] = [
-        (37, vec![37, 1, 1, 1]),
-        (40, vec![16, 16, 8, 1]),
-        (1, vec![1, 1, 1, 1]),
-        (100, vec![0, 100, 1, 1]),
-    ];
     let total_blocks: usize = shapes
         .iter()
-        .map(|(n, _)| (n + 4).div_ceil(block_size))
+        .map(|steps| steps.iter().sum::<usize>().div_ceil(block_size))
         .sum();
     // Every block id once, shuffled, dealt out to the sequences.
     let mut ids: Vec<u32> = (0..total_blocks as u32).collect();
@@ -86,11 +98,12 @@ fn scenario(vocab: usize, block_size: usize) -> Vec<Scenario> {
     let mut next = 0;
     shapes
         .into_iter()
-        .map(|(len, steps)| {
-            let count = (len + 4).div_ceil(block_size);
+        .map(|steps| {
+            let len: usize = steps.iter().sum();
+            let count = len.div_ceil(block_size);
             let blocks = ids[next..next + count].to_vec();
             next += count;
-            let tokens = (0..len + 4)
+            let tokens = (0..len)
                 .map(|_| (rng.next_u64() % vocab as u64) as u32)
                 .collect();
             Scenario {
@@ -102,12 +115,12 @@ fn scenario(vocab: usize, block_size: usize) -> Vec<Scenario> {
         .collect()
 }
 
-/// Runs the scenario from a fresh cache; every step's logits rows.
+/// Runs the scenario from a fresh cache; every step's output (its logits rows).
 fn run(
     executor: &mut CandleExecutor,
     scenario: &[Scenario],
     block_size: usize,
-) -> anyhow::Result<Vec<Vec<f32>>> {
+) -> anyhow::Result<Vec<StepOutput>> {
     let blocks: usize = scenario.iter().map(|s| s.blocks.len()).sum();
     executor.allocate_kv(blocks, block_size)?;
     let mut at = vec![0usize; scenario.len()];
@@ -124,7 +137,7 @@ fn run(
                 output: RowOutput::Logits,
             })
             .collect();
-        steps.push(executor.execute(&batch)?.logits);
+        steps.push(executor.execute(&batch)?);
         for (s, start) in scenario.iter().zip(at.iter_mut()) {
             *start += s.steps[step];
         }
@@ -137,21 +150,40 @@ pub fn check_kernels(args: &CheckKernelsArgs) -> anyhow::Result<()> {
     if !executor.has_kernels() {
         bail!("this device has no fused kernels to check (run with --device cuda on a CUDA build)");
     }
-    let config = executor.config().clone();
+    let vocab = executor.config().vocab_size;
     let block_size = 16;
-    let scenario = scenario(config.vocab_size, block_size);
+    let mixed = scenario(mixed_steps(), vocab, block_size);
     executor.use_kernels(true);
-    let kernels = run(&mut executor, &scenario, block_size)?;
+    let kernels = run(&mut executor, &mixed, block_size)?;
     executor.use_kernels(false);
-    let gathered = run(&mut executor, &scenario, block_size)?;
+    let gathered = run(&mut executor, &mixed, block_size)?;
     executor.use_kernels(true);
+    let (worst, lowest, steps) = differences(&kernels, &gathered, vocab);
+    let sampling = check_sampling(&executor, vocab)?;
+    let graphs = check_graphs(&mut executor, vocab, block_size)?;
+    println!(
+        "{}",
+        json!({"check": "kernels", "backend": executor.describe(), "max_abs_difference": worst,
+               "lowest_cosine": lowest, "steps": steps, "sampling": sampling, "graphs": graphs})
+    );
+    Ok(())
+}
+
+/// Step by step, row by row, how far `a`'s logits are from `b`'s: the largest difference, the
+/// lowest cosine, and each row's.
+fn differences(
+    a: &[StepOutput],
+    b: &[StepOutput],
+    vocab: usize,
+) -> (f32, f32, Vec<serde_json::Value>) {
     let mut steps = Vec::new();
     let (mut worst, mut lowest) = (0f32, 1f32);
-    for (step, (k, g)) in kernels.iter().zip(&gathered).enumerate() {
+    for (step, (a, b)) in a.iter().zip(b).enumerate() {
         let mut rows = Vec::new();
-        for (a, b) in k
-            .chunks_exact(config.vocab_size)
-            .zip(g.chunks_exact(config.vocab_size))
+        for (a, b) in a
+            .logits
+            .chunks_exact(vocab)
+            .zip(b.logits.chunks_exact(vocab))
         {
             let difference = a
                 .iter()
@@ -162,17 +194,35 @@ pub fn check_kernels(args: &CheckKernelsArgs) -> anyhow::Result<()> {
             worst = worst.max(difference);
             lowest = lowest.min(cosine);
             rows.push(json!({"max_abs_difference": difference, "cosine": cosine,
-                             "same_top1": crate::engine::backend::argmax(a) == crate::engine::backend::argmax(b)}));
+                             "same_top1": argmax(a) == argmax(b)}));
         }
         steps.push(json!({"step": step, "rows": rows}));
     }
-    let sampling = check_sampling(&executor, config.vocab_size)?;
-    println!(
-        "{}",
-        json!({"check": "kernels", "backend": executor.describe(), "max_abs_difference": worst,
-               "lowest_cosine": lowest, "steps": steps, "sampling": sampling})
-    );
-    Ok(())
+    (worst, lowest, steps)
+}
+
+/// Decode steps replayed from CUDA graphs against the same steps run eagerly (both with the
+/// kernels): how far the logits are, and how many steps replayed (all but the one that
+/// captured). A build or device without graphs says why instead.
+fn check_graphs(
+    executor: &mut CandleExecutor,
+    vocab: usize,
+    block_size: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let decode = scenario(decode_steps(), vocab, block_size);
+    let eager = run(executor, &decode, block_size)?;
+    if let Err(e) = executor.use_cuda_graphs(true) {
+        return Ok(json!({"error": e.to_string()}));
+    }
+    let graphed = run(executor, &decode, block_size);
+    executor.use_cuda_graphs(false)?;
+    let graphed = graphed?;
+    let (worst, lowest, _) = differences(&graphed, &eager, vocab);
+    let replayed = graphed.iter().filter(|s| s.replayed).count();
+    Ok(
+        json!({"steps": graphed.len(), "replayed": replayed, "max_abs_difference": worst,
+              "lowest_cosine": lowest}),
+    )
 }
 
 /// The device's sampling kernel against the host's `draw_token` on 256 rows of peaked random
@@ -304,7 +354,8 @@ pub fn check_model(args: &CheckModelArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({"prompts": prompts.len(), "vocab": vocab, "backend": described,
-               "logits": args.out, "greedy": greedy})
+               "logits": args.out, "greedy": greedy,
+               "graph_steps": engine.stats.graph_steps.load(Ordering::Relaxed)})
     );
     Ok(())
 }

@@ -76,6 +76,11 @@ pub struct EngineArgs {
     /// NCCL (the path checked on one GPU).
     #[arg(long, value_enum, default_value_t = CollectiveArg::Auto, env = "PARALLAX_COLLECTIVE")]
     pub collective: CollectiveArg,
+    /// Replay decode steps from CUDA graphs: a step of up to 256 single-token rows costs the host
+    /// one launch instead of one per kernel (each batch size and table width is captured on its
+    /// first step). CUDA, whole models only; off by default until measured on a card.
+    #[arg(long)]
+    pub cuda_graphs: bool,
     /// Admission order: `multi-bin` (bins by predicted time, priorities, aging) or `fcfs`.
     #[arg(long, value_enum, default_value_t = SchedulerKind::MultiBin)]
     pub scheduler: SchedulerKind,
@@ -212,6 +217,7 @@ impl EngineArgs {
         if self.tensor_parallel_size == Some(0) {
             bail!("--tensor-parallel-size must be at least 1");
         }
+        self.backend().check_cuda_graphs()?;
         let max_num_seqs = self.max_num_seqs.unwrap_or(profile.max_num_seqs);
         let max_batched_tokens = self
             .max_num_batched_tokens
@@ -282,6 +288,7 @@ impl EngineArgs {
                 DtypeArg::F16 => Some(Precision::F16),
                 DtypeArg::Bf16 => Some(Precision::Bf16),
             },
+            cuda_graphs: self.cuda_graphs,
         }
     }
 
@@ -489,5 +496,38 @@ mod tests {
             error.to_string().contains("--gpu-memory-utilization"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn cuda_graphs_are_refused_by_name_off_a_single_gpu() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            engine: EngineArgs,
+        }
+        let config = |args: &[&str]| {
+            let mut argv = vec!["x", "--model", "dummy:smollm2-135m", "--cuda-graphs"];
+            argv.extend_from_slice(args);
+            let engine = Wrapper::try_parse_from(argv).unwrap().engine;
+            assert!(engine.backend().cuda_graphs);
+            engine.config(&CPU).map(|_| ())
+        };
+        let error = config(&[]).unwrap_err().to_string();
+        assert!(
+            error.contains("--cuda-graphs") && error.contains("--device cuda"),
+            "{error}"
+        );
+        for split in [
+            &["--device", "cuda", "--tensor-parallel-size", "2"][..],
+            &["--device", "cuda:1", "--collective", "nccl"],
+        ] {
+            let error = config(split).unwrap_err().to_string();
+            assert!(
+                error.contains("--cuda-graphs") && error.contains("tensor parallelism"),
+                "{error}"
+            );
+        }
+        config(&["--device", "cuda"]).expect("one whole model on one GPU");
     }
 }

@@ -61,6 +61,7 @@ pub fn info(args: &InfoArgs) -> anyhow::Result<()> {
             "slow_prefill_chunk": config.slow_prefill_chunk,
             "kv_cache": format!("{:?}", config.kv_cache),
             "prefix_caching": config.prefix_caching,
+            "cuda_graphs": backend.cuda_graphs,
         },
     });
     if args.json {

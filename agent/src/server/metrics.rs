@@ -521,6 +521,12 @@ impl Collector for EngineCollector {
             "Engine steps run",
             stat(|s| s.steps.load(Relaxed)),
         )?;
+        counter(
+            &mut encoder,
+            "parallax_cuda_graph_steps",
+            "Forward passes replayed from a captured CUDA graph (--cuda-graphs)",
+            stat(|s| s.graph_steps.load(Relaxed)),
+        )?;
         let (all_reduces, all_reduce_seconds) =
             crate::engine::parallel::collective::ALL_REDUCES.totals();
         counter(

@@ -51,6 +51,8 @@ pub struct SeqInput<'a> {
 pub struct StepOutput {
     pub logits: Vec<f32>,
     pub argmax: Vec<u32>,
+    /// A captured CUDA graph ran the step (`--cuda-graphs`).
+    pub replayed: bool,
 }
 
 /// A model's weights and KV memory on one device.
@@ -172,6 +174,8 @@ pub struct BackendConfig {
     pub tensor_parallel_size: usize,
     /// How the ranks add up their partial sums.
     pub collective: CollectiveKind,
+    /// Decode steps replay CUDA graphs (`--cuda-graphs`; one whole model on one GPU).
+    pub cuda_graphs: bool,
 }
 
 /// How tensor-parallel ranks add up their partial sums: in host memory (the CPU's threads and
@@ -233,6 +237,23 @@ impl BackendConfig {
         }
     }
 
+    /// Whether `--cuda-graphs` can be had here: on CUDA, for a whole model (a tensor-parallel
+    /// rank's sums are not captured).
+    pub fn check_cuda_graphs(&self) -> Result<()> {
+        if !self.cuda_graphs {
+            return Ok(());
+        }
+        let why = if self.device == DeviceSpec::Cpu {
+            "decode steps are captured on CUDA devices: use it with --device cuda"
+        } else if self.tensor_parallel_size > 1 || self.collective == CollectiveKind::Nccl {
+            "not with tensor parallelism yet (a rank's sums are not captured): drop \
+             --tensor-parallel-size or --collective nccl"
+        } else {
+            return Ok(());
+        };
+        Err(EngineError::Unsupported(format!("--cuda-graphs: {why}")))
+    }
+
     pub fn resolved_precision(&self) -> Precision {
         self.precision.unwrap_or(match self.device {
             DeviceSpec::Cpu => Precision::F32,
@@ -243,6 +264,7 @@ impl BackendConfig {
 
 /// Builds the executor `backend` names from the model's files.
 pub fn load(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn Executor>> {
+    backend.check_cuda_graphs()?;
     if backend.tensor_parallel_size > 1 || backend.collective == CollectiveKind::Nccl {
         return crate::engine::parallel::group::in_process(files, backend);
     }
@@ -251,11 +273,14 @@ pub fn load(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn E
         (BackendKind::Int8, DeviceSpec::Cuda(_)) => Err(EngineError::Unsupported(
             "the int8 backend runs on the CPU only: use --backend candle (or auto) on CUDA".into(),
         )),
-        (_, device) => Ok(Box::new(candle::CandleExecutor::load(
-            files,
-            device,
-            backend.resolved_precision(),
-        )?)),
+        (_, device) => {
+            let mut executor =
+                candle::CandleExecutor::load(files, device, backend.resolved_precision())?;
+            if backend.cuda_graphs {
+                executor.use_cuda_graphs(true)?;
+            }
+            Ok(Box::new(executor))
+        }
     }
 }
 

@@ -510,7 +510,7 @@ mod tests {
                         .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
                     Ok(StepOutput {
                         logits: data.to_vec(),
-                        argmax: Vec::new(),
+                        ..StepOutput::default()
                     })
                 }
             }

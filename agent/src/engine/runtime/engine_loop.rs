@@ -236,6 +236,10 @@ impl EngineLoop {
             &mut groups,
             &mut failed,
         )?;
+        let replayed = groups.iter().filter(|(_, output)| output.replayed).count();
+        self.stats
+            .graph_steps
+            .fetch_add(replayed as u64, Ordering::Relaxed);
         if failed.is_empty() {
             self.breaker.success(began);
         } else {

@@ -208,6 +208,8 @@ pub struct EngineStats {
     /// Steps that left requests waiting, by why, indexed like [`Stall::ALL`].
     pub admission_stalls: [AtomicU64; Stall::ALL.len()],
     pub steps: AtomicU64,
+    /// Forward passes a captured CUDA graph ran (`--cuda-graphs`).
+    pub graph_steps: AtomicU64,
     /// Most sequences a step may run, set from outside the engine (a GPU on probation); 0 for
     /// the configured maximum.
     pub batch_limit: AtomicUsize,

@@ -6,6 +6,9 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+// The CPU build tests the layout; only the CUDA build replays graphs.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod graphs;
 mod load;
 mod model;
 
@@ -40,6 +43,11 @@ pub struct CandleExecutor {
     block_size: usize,
     /// The device's kernels while the gathering path is chosen ([`Self::use_kernels`]).
     set_aside: Option<Box<dyn model::PagedKernels>>,
+    /// Decode steps replay CUDA graphs ([`Self::use_cuda_graphs`]).
+    cuda_graphs: bool,
+    /// The graphs captured over the current KV cache, from its first decode step on.
+    #[cfg(feature = "cuda")]
+    graphs: Option<cuda::graphs::DecodeGraphs>,
 }
 
 /// The cache row of a sequence's `position`, through its block table.
@@ -219,7 +227,42 @@ impl CandleExecutor {
             cache: Vec::new(),
             block_size: 0,
             set_aside: None,
+            cuda_graphs: false,
+            #[cfg(feature = "cuda")]
+            graphs: None,
         })
+    }
+
+    /// Replays decode steps from CUDA graphs (`--cuda-graphs`), or stops: graphs need a CUDA
+    /// device with the fused kernels and the whole model on it (a tensor-parallel rank's sums are
+    /// not captured).
+    pub fn use_cuda_graphs(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.cuda_graphs = false;
+            self.drop_graphs();
+            return Ok(());
+        }
+        let unsupported =
+            |why: &str| Err(EngineError::Unsupported(format!("--cuda-graphs: {why}")));
+        if !cfg!(feature = "cuda") {
+            return unsupported("this build has no CUDA support (build with --features cuda)");
+        }
+        if !self.device.is_cuda() || self.model.paged.is_none() {
+            return unsupported("decode steps are captured on CUDA devices: use --device cuda");
+        }
+        if self.model.collective.is_some() {
+            return unsupported("not with tensor parallelism (a rank's sums are not captured)");
+        }
+        self.cuda_graphs = true;
+        Ok(())
+    }
+
+    /// Forgets the captured graphs (they hold the cache's addresses and the block size).
+    fn drop_graphs(&mut self) {
+        #[cfg(feature = "cuda")]
+        {
+            self.graphs = None;
+        }
     }
 
     /// Whether the device has fused kernels (the CUDA build on a GPU).
@@ -424,9 +467,57 @@ impl CandleExecutor {
         })
     }
 
-    fn step(&mut self, batch: &[SeqInput<'_>]) -> candle_core::Result<StepOutput> {
+    /// A decode step through its CUDA graph, where graphs are on and can run it: its logits,
+    /// and whether a graph ran it (rather than the step that captures one).
+    #[cfg(feature = "cuda")]
+    fn graph_step(
+        &mut self,
+        batch: &[SeqInput<'_>],
+    ) -> candle_core::Result<Option<(Tensor, bool)>> {
+        if !self.cuda_graphs || self.model.paged.is_none() {
+            return Ok(None);
+        }
+        let graphs = match &mut self.graphs {
+            Some(graphs) => graphs,
+            None => {
+                let c = &self.model.config;
+                let max_width = c.context_length.div_ceil(self.block_size);
+                self.graphs.insert(cuda::graphs::DecodeGraphs::new(
+                    &self.device,
+                    c.vocab_size,
+                    self.block_size,
+                    max_width,
+                )?)
+            }
+        };
+        if !graphs.working() {
+            return Ok(None);
+        }
+        let Some(plan) = graphs::DecodePlan::of(batch, self.block_size, graphs.max_width()) else {
+            return Ok(None);
+        };
+        graphs.run(&self.model, &self.cache, &plan).map(Some)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn graph_step(&mut self, _: &[SeqInput<'_>]) -> candle_core::Result<Option<(Tensor, bool)>> {
+        Ok(None)
+    }
+
+    /// The step's logits (f32, a row per sequence with output), and whether a CUDA graph ran it.
+    fn logits(&mut self, batch: &[SeqInput<'_>]) -> candle_core::Result<Option<(Tensor, bool)>> {
+        if let Some(graphed) = self.graph_step(batch)? {
+            return Ok(Some(graphed));
+        }
         let device_batch = self.batch(batch)?;
-        let Some(logits) = self.model.forward(&device_batch, &self.cache)? else {
+        Ok(self
+            .model
+            .forward(&device_batch, &self.cache)?
+            .map(|logits| (logits, false)))
+    }
+
+    fn step(&mut self, batch: &[SeqInput<'_>]) -> candle_core::Result<StepOutput> {
+        let Some((logits, replayed)) = self.logits(batch)? else {
             return Ok(StepOutput::default());
         };
         let outputs: Vec<RowOutput> = batch
@@ -457,7 +548,10 @@ impl CandleExecutor {
             let n = rows.len();
             logits.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)
         };
-        let mut out = StepOutput::default();
+        let mut out = StepOutput {
+            replayed,
+            ..StepOutput::default()
+        };
         if !full.is_empty() {
             out.logits = select(full)?.flatten_all()?.to_vec1()?;
         }
@@ -576,6 +670,7 @@ impl Executor for CandleExecutor {
             Ok(self.device_memory().unwrap_or(before))
         });
         self.cache.clear();
+        self.drop_graphs();
         let after = stepped.map_err(|e| {
             EngineError::DoesNotFit(format!(
                 "the largest step ({tokens} tokens over {sequences} sequences) failed on the \
@@ -592,6 +687,8 @@ impl Executor for CandleExecutor {
     }
 
     fn allocate_kv(&mut self, blocks: usize, block_size: usize) -> Result<()> {
+        // Graphs hold the old cache's addresses.
+        self.drop_graphs();
         let c = &self.model.config;
         let shape = (blocks * block_size, c.kv_width());
         let zeros = || Tensor::zeros(shape, self.dtype, &self.device).map_err(backend_error);

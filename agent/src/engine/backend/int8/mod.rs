@@ -77,7 +77,7 @@ impl Executor for Int8Executor {
         if wanted.clone().all(|s| s.output == RowOutput::Logits) {
             return Ok(StepOutput {
                 logits: rows,
-                argmax: Vec::new(),
+                ..StepOutput::default()
             });
         }
         let mut out = StepOutput::default();

@@ -4,7 +4,8 @@
 // No headers: 16-bit floats are converted with bit operations and PTX.
 //
 // rope_and_cache_<type>: rotates each token's query and key heads in place (half-split or
-// interleaved pairs) and writes its keys and values into the paged cache at the token's slot.
+// interleaved pairs) and writes its keys and values into the paged cache at the token's slot
+// (none for a padding row's).
 // paged_attention_<type>: every token's attention over its own sequence's cached positions
 // 0..=position, read through the sequence's block table — prefill chunks and decode tokens alike.
 // One block per (token, KV head), of up to WARPS warps (blockDim.x / 32: the host gives a small
@@ -19,6 +20,8 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define PER_LANE (DIM / 32)
+// The slot of a padding row (a CUDA graph's batch past the step's rows): nothing is cached.
+#define PADDING_SLOT 0xffffffffu
 
 __device__ __forceinline__ float neg_infinity() { return __int_as_float(0xff800000); }
 
@@ -80,9 +83,10 @@ __device__ void rope_and_cache(
     const typename D::T ra = D::store(xa * c - xb * s), rb = D::store(xa * s + xb * c);
     x[a] = ra;
     x[b] = rb;
-    if (h >= heads) {
+    const u32 slot = slots[t];
+    if (h >= heads && slot != PADDING_SLOT) {
         const int g = h - heads;
-        const u64 at = ((u64)slots[t] * kv_heads + g) * DIM;
+        const u64 at = ((u64)slot * kv_heads + g) * DIM;
         const typename D::T* v = qkv + t * stride + (u64)(heads + kv_heads + g) * DIM;
         k_cache[at + a] = ra;
         k_cache[at + b] = rb;

@@ -15,6 +15,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, cudarc};
 use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 
+pub mod graphs;
 pub mod nccl;
 
 const SOURCE: &str = include_str!("kernels.cu");
