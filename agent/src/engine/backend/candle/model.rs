@@ -26,8 +26,9 @@ pub struct Layer {
     pub down: Tensor,
 }
 
-/// Device kernels that replace the gathered attention: the rotary embedding fused with the
-/// KV-cache write, and attention read through the block tables.
+/// Device kernels that replace the gathered attention — the rotary embedding fused with the
+/// KV-cache write, and attention read through the block tables — and fuse SwiGLU's two
+/// element-wise ops.
 pub trait PagedKernels: std::fmt::Debug + Send + Sync {
     /// Rotates the query and key heads of `qkv` (`[tokens, (heads + 2 kv) × dim]`) in place at
     /// `positions` (rotary tables `cos`/`sin` of every position) and writes keys and values into
@@ -61,6 +62,10 @@ pub trait PagedKernels: std::fmt::Debug + Send + Sync {
     /// One token per row of `logits` (`[rows, vocab]`, f32) as each row's draw says, picked on
     /// the device: what `sampling::draw_token` computes on the host.
     fn sample_rows(&self, logits: &Tensor, draws: &[Draw]) -> Result<Vec<u32>>;
+
+    /// `SiLU(gate) × up` of each row of `gate_up` (`[tokens, 2 × ffn]`: gate, then up), in f32
+    /// and rounded once. `[tokens, ffn]`.
+    fn silu_and_mul(&self, gate_up: &Tensor) -> Result<Tensor>;
 }
 
 /// One token per row of `logits` as each row's draw says, on the host (rows copied over).
@@ -212,9 +217,14 @@ impl Llama {
             x = (x + self.all_reduce(attn.matmul(&layer.out.t()?)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate_up = h.matmul(&layer.gate_up.t()?)?;
-            let ffn = c.intermediate_size;
-            let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, ffn)?)?
-                * gate_up.narrow(1, ffn, ffn)?)?;
+            let act = match (&batch.attention, &self.paged) {
+                (AttentionInputs::Paged(_), Some(kernels)) => kernels.silu_and_mul(&gate_up)?,
+                _ => {
+                    let ffn = c.intermediate_size;
+                    (candle_nn::ops::silu(&gate_up.narrow(1, 0, ffn)?)?
+                        * gate_up.narrow(1, ffn, ffn)?)?
+                }
+            };
             x = (x + self.all_reduce(act.matmul(&layer.down.t()?)?)?)?;
         }
         let (Some(last), Some(lm_head)) = (&batch.last, &self.lm_head) else {

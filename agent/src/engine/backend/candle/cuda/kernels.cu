@@ -13,6 +13,7 @@
 // query heads that share the KV head read each cached key and value once; each warp takes every
 // warps-th position with an online softmax in f32, and the warps' partial results are merged at
 // the end.
+// silu_and_mul_<type>: SwiGLU's SiLU(gate) x up, fused.
 // sample_rows_f32 (at the end): a token per row of logits, sampled on the device.
 
 typedef unsigned short u16;
@@ -185,6 +186,20 @@ __device__ void paged_attention(
     }
 }
 
+// grid (tokens, ceil(ffn / 256)), block 256: SiLU(gate) x up of each token's [gate | up] row, in
+// f32, rounded once — what SwiGLU's two element-wise ops do, in one pass over contiguous rows.
+template <typename D>
+__device__ void silu_and_mul(typename D::T* __restrict__ out,  // [tokens, ffn]
+                             const typename D::T* __restrict__ gate_up,  // [tokens, 2 ffn]
+                             int ffn) {
+    const int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= ffn) return;
+    const u64 t = blockIdx.x;
+    const typename D::T* row = gate_up + t * 2 * (u64)ffn;
+    const float g = D::load(row[i]), u = D::load(row[ffn + i]);
+    out[t * (u64)ffn + i] = D::store(g / (1.0f + __expf(-g)) * u);
+}
+
 #define INSTANTIATE(NAME, D)                                                                    \
     extern "C" __global__ void rope_and_cache_##NAME(                                           \
         D::T* qkv, const D::T* cos, const D::T* sin, const u32* positions, const u32* slots,    \
@@ -198,6 +213,9 @@ __device__ void paged_attention(
         int kv_heads, int block_size, int max_blocks) {                                         \
         paged_attention<D>(out, q, q_stride, k_cache, v_cache, block_tables, token_seq,          \
                            token_pos, scale, kv_heads, block_size, max_blocks);                 \
+    }                                                                                           \
+    extern "C" __global__ void silu_and_mul_##NAME(D::T* out, const D::T* gate_up, int ffn) {   \
+        silu_and_mul<D>(out, gate_up, ffn);                                                     \
     }
 
 INSTANTIATE(bf16, Bf16)

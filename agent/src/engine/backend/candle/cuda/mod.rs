@@ -27,6 +27,8 @@ const FULL_GRID_BLOCKS: usize = 512;
 /// Fixes the warps of every paged-attention block (a power of two up to the shape's most), for
 /// the device check to time and check each launch shape on any grid.
 const WARPS_VARIABLE: &str = "PARALLAX_ATTENTION_WARPS";
+/// Threads of a SiLU-and-multiply block: each computes one output.
+const SILU_THREADS: usize = 256;
 /// Threads of a sampling block (`SAMPLE_THREADS` in `kernels.cu`).
 const SAMPLE_THREADS: u32 = 1024;
 
@@ -287,6 +289,29 @@ impl PagedKernels for Kernels {
         Ok(out)
     }
 
+    /// One block per (token, 256 outputs): each reads its token's gate and up once.
+    fn silu_and_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
+        let (tokens, width) = gate_up.dims2()?;
+        let ffn = width / 2;
+        let out = Tensor::zeros((tokens, ffn), gate_up.dtype(), gate_up.device())?;
+        if tokens == 0 || ffn == 0 {
+            return Ok(out);
+        }
+        let stream = self.device.cuda_stream();
+        let mut args = pointers(&[&out, gate_up], &stream)?;
+        args.push(Arg::I32(ffn as i32));
+        let config = LaunchConfig {
+            grid_dim: (tokens as u32, ffn.div_ceil(SILU_THREADS) as u32, 1),
+            block_dim: (SILU_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are the kernel's parameters in number, order and type; `gate_up`
+        // is a contiguous `[tokens, 2 × ffn]` tensor of the model's type (a GEMM's output) and
+        // `out` a fresh contiguous `[tokens, ffn]` one.
+        unsafe { self.launch("silu_and_mul", config, &args)? };
+        Ok(out)
+    }
+
     /// One block per row; the draws go over as four words a row, the ids come back alone.
     fn sample_rows(&self, logits: &Tensor, draws: &[Draw]) -> Result<Vec<u32>> {
         let (rows, vocab) = logits.dims2()?;
@@ -385,7 +410,7 @@ mod tests {
             for arch in ["sm_90", "sm_80"] {
                 let warps = max_attention_warps(head_dim, group);
                 let ptx = ptx(head_dim, group, warps, arch).expect("the kernels compile");
-                for kernel in ["rope_and_cache", "paged_attention"] {
+                for kernel in ["rope_and_cache", "paged_attention", "silu_and_mul"] {
                     for suffix in ["bf16", "f16", "f32"] {
                         assert!(
                             ptx.contains(&format!("{kernel}_{suffix}")),
