@@ -75,8 +75,8 @@ pub trait Executor: Send + std::fmt::Debug {
     }
     /// Runs the largest step the scheduler can form — `tokens` tokens over `sequences`
     /// sequences, every one sampling — once, on a temporary cache of `block_size`-token blocks,
-    /// and returns the bytes its activations took at their peak (as far as the device shows it).
-    /// Where nothing is measured (the CPU), 0.
+    /// and returns the bytes its activations took at their peak (as far as the device shows it),
+    /// plus what CUDA graphs keep where they are on. Where nothing is measured (the CPU), 0.
     fn profile(&mut self, _tokens: usize, _sequences: usize, _block_size: usize) -> Result<usize> {
         Ok(0)
     }

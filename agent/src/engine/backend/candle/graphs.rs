@@ -52,6 +52,14 @@ pub fn input_words(max_width: usize) -> usize {
     TABLES + MAX_GRAPH_BATCH * max_width
 }
 
+/// Device memory decode graphs keep beside what eager steps use, for the KV cache's sizing: the
+/// fixed input buffer, the fixed `[MAX_GRAPH_BATCH, vocab]` f32 logits, and the graphs' own pool
+/// of activations — those of the largest decode step they run, `activations` (CUDA gives graphs
+/// launched into one stream the same physical memory).
+pub fn reserved_bytes(vocab: usize, max_width: usize, activations: usize) -> usize {
+    (input_words(max_width) + MAX_GRAPH_BATCH * vocab) * size_of::<u32>() + activations
+}
+
 /// A decode step laid out for a graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -220,6 +228,14 @@ mod tests {
         let many: Vec<SeqInput<'_>> = ids.chunks(1).map(|t| decode(t, 0, &blocks)).collect();
         assert_eq!(DecodePlan::of(&many, 16, 64), None);
         assert!(DecodePlan::of(&many[..MAX_GRAPH_BATCH], 16, 64).is_some());
+    }
+
+    #[test]
+    fn the_reserve_counts_both_fixed_buffers_and_the_graphs_activations() {
+        // Llama 3's vocabulary, 8,192 blocks of context: 125.25 MiB of logits, 8 MiB of inputs.
+        let bytes = reserved_bytes(128_256, 8192, 100 << 20);
+        assert_eq!(bytes, (1280 + 256 * 8192 + 256 * 128_256) * 4 + (100 << 20));
+        assert!(bytes > 233 << 20 && bytes < 234 << 20, "{bytes}");
     }
 
     #[test]

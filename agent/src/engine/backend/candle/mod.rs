@@ -678,12 +678,25 @@ impl Executor for CandleExecutor {
             ))
         })?;
         let measured = before.free.saturating_sub(after.free);
+        // Decode graphs keep their buffers and their own activations beside the eager steps'.
+        let c = &self.model.config;
+        let graphs = if self.cuda_graphs {
+            let largest = graphs::MAX_GRAPH_BATCH;
+            graphs::reserved_bytes(
+                c.vocab_size,
+                c.context_length.div_ceil(block_size),
+                activation_estimate(c, largest, largest, self.dtype),
+            )
+        } else {
+            0
+        };
         tracing::info!(
             estimate_mib = estimate >> 20,
             measured_mib = measured >> 20,
+            cuda_graphs_mib = graphs >> 20,
             "profiled the largest step"
         );
-        Ok(measured.max(estimate))
+        Ok(measured.max(estimate) + graphs)
     }
 
     fn allocate_kv(&mut self, blocks: usize, block_size: usize) -> Result<()> {
