@@ -105,6 +105,11 @@ impl DecodeGraphs {
     /// stream after the previous step, before this one).
     fn write_inputs(&self, plan: &DecodePlan) -> Result<()> {
         let stream = self.device.as_cuda_device()?.cuda_stream();
+        // The raw copy below does not make the context current on this thread itself.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(candle_core::Error::wrap)?;
         let at = pointer(&self.inputs.narrow(0, IDS, plan.words.len())?, &stream)?;
         // SAFETY: `at` is `plan.words.len()` words into live device memory (the narrow above
         // checked the buffer holds them); the host words are staged before the call returns.
