@@ -3,7 +3,8 @@
 //!   few steps of a mixed batch (prefill chunks, decode rows, a one-token prompt) with shuffled
 //!   block tables; the largest logit difference and the lowest cosine per step; and the
 //!   sampling kernel against the host's sampler (agreement, and its time against copying the
-//!   rows to the host), as JSON.
+//!   rows to the host), and decode steps replayed from CUDA graphs against the same steps run
+//!   eagerly, as JSON.
 //! - `check-model`: for token-id prompts, the last-position logits (all prompts in one step,
 //!   written as little-endian f32 rows) and greedy continuations through the real scheduler
 //!   (every prompt submitted at once), for comparing with another implementation; on the
