@@ -313,6 +313,21 @@ def summarize(work):
     four = outcome("parallax-llama-3.1-8b-1-w4").get("tpot_ms", {}).get("p50")
     if four and step_8b:
         summary["attention_warps_8b_batch_1_step_ms"] = {"default": step_8b, "4": four}
+    # Attention at batch 1 with each token's positions split over 8 blocks, eager and replayed.
+    steps = {label: outcome(part).get("tpot_ms", {}).get("p50") for label, part in [
+        ("default", "parallax-llama-3.1-8b-1"),
+        ("split8", "parallax-llama-3.1-8b-1-split8"),
+        ("graphs", "parallax-llama-3.1-8b-1-graphs"),
+        ("split8_graphs", "parallax-llama-3.1-8b-1-split8-graphs")]}
+    if any(steps.values()):
+        summary["attention_splits_8b_batch_1_step_ms"] = steps
+    split_check = outcome("kernels-llama-3.1-8b-split8")
+    if split_check:
+        summary["attention_splits_8b_kernels"] = {
+            "max_abs_difference": split_check.get("max_abs_difference"),
+            "lowest_cosine": split_check.get("lowest_cosine"),
+            "graphs": split_check.get("graphs"),
+        }
     # CUDA graphs: each bench with decode steps replayed against the same bench without, and
     # check-kernels' replayed steps against the same steps run eagerly.
     graphs = {}

@@ -12,7 +12,8 @@
 // grid — a decode step of a few sequences — many, a grid that fills the device 4): the GROUP
 // query heads that share the KV head read each cached key and value once; each warp takes every
 // warps-th position with an online softmax in f32, and the warps' partial results are merged at
-// the end.
+// the end. A small grid may also split each token's positions over several blocks
+// (PARALLAX_ATTENTION_SPLITS), whose partial results paged_attention_merge_<type> combines.
 // silu_and_mul_<type>: SwiGLU's SiLU(gate) x up, fused.
 // sample_rows_f32 (at the end): a token per row of logits, sampled on the device.
 
@@ -96,7 +97,10 @@ __device__ void rope_and_cache(
     }
 }
 
-// grid (tokens, kv_heads), block (32 * warps), warps <= WARPS.
+// grid (tokens, kv_heads, splits), block (32 * warps), warps <= WARPS. With splits > 1 the block
+// of split s takes the s-th of `splits` equal runs of the token's positions and writes its
+// unnormalized partial result (maximum, sum, weighted values) to `split_out` for
+// paged_attention_merge; with 1 it takes them all and writes `out`.
 template <typename D>
 __device__ void paged_attention(
     typename D::T* __restrict__ out,  // [tokens, heads * DIM]
@@ -107,11 +111,14 @@ __device__ void paged_attention(
     const u32* __restrict__ block_tables,  // [sequences, max_blocks]
     const u32* __restrict__ token_seq,  // [tokens]
     const u32* __restrict__ token_pos,  // [tokens]
-    float scale, int kv_heads, int block_size, int max_blocks) {
-    const int t = blockIdx.x, g = blockIdx.y;
+    float scale, int kv_heads, int block_size, int max_blocks,
+    float* __restrict__ split_out) {  // splits > 1: [3][tokens, kv_heads, splits, GROUP] (x DIM)
+    const int t = blockIdx.x, g = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const u32* table = block_tables + (u64)token_seq[t] * max_blocks;
     const int len = (int)token_pos[t] + 1;
+    const int run = (len + splits - 1) / splits;
+    const int begin = split * run, end = min(len, begin + run);
     const int heads = kv_heads * GROUP;
 
     float qv[GROUP][PER_LANE], acc[GROUP][PER_LANE], m[GROUP], l[GROUP];
@@ -126,7 +133,7 @@ __device__ void paged_attention(
         m[h] = neg_infinity();
         l[h] = 0.0f;
     }
-    for (int j = warp; j < len; j += warps) {
+    for (int j = begin + warp; j < end; j += warps) {
         const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
         const typename D::T* kr = k_cache + (slot * kv_heads + g) * DIM;
         const typename D::T* vr = v_cache + (slot * kv_heads + g) * DIM;
@@ -182,6 +189,42 @@ __device__ void paged_attention(
             num += shared_acc[at * DIM + e] * c;
             den += shared_l[at] * c;
         }
+        if (splits == 1) {
+            out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(num / den);
+        } else {
+            // A split past the token's last position saw nothing: sum 0, which the merge skips.
+            const u64 count = (u64)gridDim.x * kv_heads * splits * GROUP;
+            const u64 p = (((u64)t * kv_heads + g) * splits + split) * GROUP + h;
+            if (e == 0) {
+                split_out[p] = top;
+                split_out[count + p] = den;
+            }
+            split_out[2 * count + p * DIM + e] = num;
+        }
+    }
+}
+
+// grid (tokens, kv_heads), block 256: each token's attention from its splits' partial results.
+template <typename D>
+__device__ void paged_attention_merge(typename D::T* __restrict__ out,  // [tokens, heads * DIM]
+                                      const float* __restrict__ partials, int kv_heads,
+                                      int splits) {
+    const int t = blockIdx.x, g = blockIdx.y;
+    const int heads = kv_heads * GROUP;
+    const u64 count = (u64)gridDim.x * kv_heads * splits * GROUP;
+    for (int idx = threadIdx.x; idx < GROUP * DIM; idx += blockDim.x) {
+        const int h = idx / DIM, e = idx % DIM;
+        const u64 first = ((u64)t * kv_heads + g) * splits * GROUP + h;
+        float top = neg_infinity();
+        for (int s = 0; s < splits; ++s) top = fmaxf(top, partials[first + (u64)s * GROUP]);
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const u64 p = first + (u64)s * GROUP;
+            if (partials[count + p] == 0.0f) continue;
+            const float c = __expf(partials[p] - top);
+            num += partials[2 * count + p * DIM + e] * c;
+            den += partials[count + p] * c;
+        }
         out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(num / den);
     }
 }
@@ -210,9 +253,13 @@ __device__ void silu_and_mul(typename D::T* __restrict__ out,  // [tokens, ffn]
     extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_##NAME(            \
         D::T* out, const D::T* q, u64 q_stride, const D::T* k_cache, const D::T* v_cache,       \
         const u32* block_tables, const u32* token_seq, const u32* token_pos, float scale,       \
-        int kv_heads, int block_size, int max_blocks) {                                         \
+        int kv_heads, int block_size, int max_blocks, float* partials) {                        \
         paged_attention<D>(out, q, q_stride, k_cache, v_cache, block_tables, token_seq,          \
-                           token_pos, scale, kv_heads, block_size, max_blocks);                 \
+                           token_pos, scale, kv_heads, block_size, max_blocks, partials);       \
+    }                                                                                           \
+    extern "C" __global__ void paged_attention_merge_##NAME(D::T* out, const float* partials,   \
+                                                            int kv_heads, int splits) {         \
+        paged_attention_merge<D>(out, partials, kv_heads, splits);                              \
     }                                                                                           \
     extern "C" __global__ void silu_and_mul_##NAME(D::T* out, const D::T* gate_up, int ffn) {   \
         silu_and_mul<D>(out, gate_up, ffn);                                                     \

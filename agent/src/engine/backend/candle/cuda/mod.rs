@@ -27,6 +27,13 @@ const FULL_GRID_BLOCKS: usize = 512;
 /// Fixes the warps of every paged-attention block (a power of two up to the shape's most), for
 /// the device check to time and check each launch shape on any grid.
 const WARPS_VARIABLE: &str = "PARALLAX_ATTENTION_WARPS";
+/// Splits each token's positions over this many paged-attention blocks on a grid that does not
+/// fill the device (a decode step of a few sequences: one block per KV head otherwise), their
+/// partial results merged by a second kernel; unset or 1, one block a token and KV head. For the
+/// device check to time against the default.
+const SPLITS_VARIABLE: &str = "PARALLAX_ATTENTION_SPLITS";
+/// Threads of a block that merges split attention.
+const MERGE_THREADS: u32 = 256;
 /// Threads of a SiLU-and-multiply block: each computes one output.
 const SILU_THREADS: usize = 256;
 /// Threads of a sampling block (`SAMPLE_THREADS` in `kernels.cu`).
@@ -77,6 +84,8 @@ pub struct Kernels {
     max_warps: usize,
     /// `PARALLAX_ATTENTION_WARPS`, where set.
     fixed_warps: Option<usize>,
+    /// `PARALLAX_ATTENTION_SPLITS`, 1 where unset.
+    splits: usize,
 }
 
 /// The most warps a paged-attention block may have: up to 16, as many as keep the block's
@@ -103,6 +112,17 @@ fn fixed_warps(value: Option<&str>, max: usize) -> Result<Option<usize>> {
     match value.parse::<usize>() {
         Ok(n) if n.is_power_of_two() && n <= max => Ok(Some(n)),
         _ => bail!("{WARPS_VARIABLE}={value}: a power of two from 1 to {max} for this model"),
+    }
+}
+
+/// `PARALLAX_ATTENTION_SPLITS`: unset (1), or a count from 1 to 64.
+fn attention_splits(value: Option<&str>) -> Result<usize> {
+    let Some(value) = value else {
+        return Ok(1);
+    };
+    match value.parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => bail!("{SPLITS_VARIABLE}={value}: a count of blocks from 1 to 64"),
     }
 }
 
@@ -143,6 +163,7 @@ impl Kernels {
         };
         let max_warps = max_attention_warps(head_dim, group);
         let fixed_warps = fixed_warps(std::env::var(WARPS_VARIABLE).ok().as_deref(), max_warps)?;
+        let splits = attention_splits(std::env::var(SPLITS_VARIABLE).ok().as_deref())?;
         let capability = facts(device)?.compute_capability;
         let ptx = ptx(head_dim, group, max_warps, architecture(capability)?)?;
         Ok(Self {
@@ -156,6 +177,7 @@ impl Kernels {
             interleaved: config.rope_style == RopeStyle::Interleaved,
             max_warps,
             fixed_warps,
+            splits,
         })
     }
 
@@ -261,6 +283,20 @@ impl PagedKernels for Kernels {
         if tokens == 0 {
             return Ok(out);
         }
+        // A grid that fills the device keeps one block a token and KV head.
+        let splits = if tokens * self.kv_heads < FULL_GRID_BLOCKS {
+            self.splits
+        } else {
+            1
+        };
+        let group = self.heads / self.kv_heads;
+        // Each split block's maximum, sum and weighted values per query head, for the merge.
+        let split_out = (splits > 1)
+            .then(|| {
+                let count = tokens * self.kv_heads * splits * group;
+                Tensor::zeros(count * (2 + self.head_dim), DType::F32, qkv.device())
+            })
+            .transpose()?;
         let stream = self.device.cuda_stream();
         let mut args = pointers(&[&out, qkv], &stream)?;
         args.push(Arg::U64(width as u64));
@@ -273,19 +309,35 @@ impl PagedKernels for Kernels {
             Arg::I32(self.kv_heads as i32),
             Arg::I32(block_size as i32),
             Arg::I32(tables.dim(1)? as i32),
+            Arg::U64(match &split_out {
+                Some(parts) => pointer(parts, &stream)?,
+                None => 0,
+            }),
         ]);
-        let warps = self.attention_warps(tokens * self.kv_heads);
-        let group = self.heads / self.kv_heads;
+        let warps = self.attention_warps(tokens * self.kv_heads * splits);
         let config = LaunchConfig {
-            grid_dim: (tokens as u32, self.kv_heads as u32, 1),
+            grid_dim: (tokens as u32, self.kv_heads as u32, splits as u32),
             block_dim: (32 * warps as u32, 1, 1),
             // Each warp's maxima, sums and accumulators: within 48 KiB, as `max_attention_warps`
             // keeps the accumulators within 32.
             shared_mem_bytes: attention_shared_bytes(warps, group, self.head_dim),
         };
         // SAFETY: as for `rope_and_cache`; `out` is a fresh contiguous tensor of the output's
-        // size, and every block-table entry the tokens' positions reach is a block of the caches.
+        // size, every block-table entry the tokens' positions reach is a block of the caches,
+        // and `split_out` (null with one split) holds the f32 results of every split block.
         unsafe { self.launch("paged_attention", config, &args)? };
+        if let Some(parts) = &split_out {
+            let mut args = pointers(&[&out, parts], &stream)?;
+            args.extend([Arg::I32(self.kv_heads as i32), Arg::I32(splits as i32)]);
+            let config = LaunchConfig {
+                grid_dim: (tokens as u32, self.kv_heads as u32, 1),
+                block_dim: (MERGE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `out` as above; `parts` holds the results the launch above wrote for
+            // `tokens` tokens, `kv_heads` heads and `splits` splits.
+            unsafe { self.launch("paged_attention_merge", config, &args)? };
+        }
         Ok(out)
     }
 
@@ -410,7 +462,12 @@ mod tests {
             for arch in ["sm_90", "sm_80"] {
                 let warps = max_attention_warps(head_dim, group);
                 let ptx = ptx(head_dim, group, warps, arch).expect("the kernels compile");
-                for kernel in ["rope_and_cache", "paged_attention", "silu_and_mul"] {
+                for kernel in [
+                    "rope_and_cache",
+                    "paged_attention",
+                    "paged_attention_merge",
+                    "silu_and_mul",
+                ] {
                     for suffix in ["bf16", "f16", "f32"] {
                         assert!(
                             ptx.contains(&format!("{kernel}_{suffix}")),
@@ -436,6 +493,16 @@ mod tests {
         for &(dim, group) in &[(64, 3), (128, 8), (256, 16), (32, 1)] {
             let warps = max_attention_warps(dim, group);
             assert!(attention_shared_bytes(warps, group, dim) <= 48 * 1024);
+        }
+    }
+
+    #[test]
+    fn attention_splits_are_a_count_up_to_64() {
+        assert_eq!(attention_splits(None).unwrap(), 1);
+        assert_eq!(attention_splits(Some("8")).unwrap(), 8);
+        for bad in ["0", "65", "many"] {
+            let error = attention_splits(Some(bad)).unwrap_err().to_string();
+            assert!(error.contains("PARALLAX_ATTENTION_SPLITS"), "{error}");
         }
     }
 
