@@ -400,6 +400,20 @@ mod tests {
     use super::*;
     use crate::engine::backend::profile::{CPU, GpuFacts, profile};
 
+    #[derive(Debug, clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    /// The engine arguments of a command line for the dummy 135M model with `args` added.
+    fn engine_args(args: &[&str]) -> EngineArgs {
+        use clap::Parser;
+        let mut argv = vec!["x", "--model", "dummy:smollm2-135m"];
+        argv.extend_from_slice(args);
+        Wrapper::try_parse_from(argv).unwrap().engine
+    }
+
     #[test]
     fn bin_shares_parse_and_bad_ones_are_refused() {
         assert_eq!(
@@ -447,20 +461,7 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_hardware_profile() {
-        use clap::Parser;
-        #[derive(Debug, Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            engine: EngineArgs,
-        }
-        let config = |args: &[&str], profile: &HardwareProfile| {
-            let mut argv = vec!["x", "--model", "dummy:smollm2-135m"];
-            argv.extend_from_slice(args);
-            Wrapper::try_parse_from(argv)
-                .unwrap()
-                .engine
-                .config(profile)
-        };
+        let config = |args: &[&str], profile: &HardwareProfile| engine_args(args).config(profile);
         let h100 = profile(
             DeviceSpec::Cuda(0),
             Some(&GpuFacts {
@@ -500,16 +501,8 @@ mod tests {
 
     #[test]
     fn cuda_graphs_are_refused_by_name_off_a_single_gpu() {
-        use clap::Parser;
-        #[derive(Debug, Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            engine: EngineArgs,
-        }
         let config = |args: &[&str]| {
-            let mut argv = vec!["x", "--model", "dummy:smollm2-135m", "--cuda-graphs"];
-            argv.extend_from_slice(args);
-            let engine = Wrapper::try_parse_from(argv).unwrap().engine;
+            let engine = engine_args(&[&["--cuda-graphs"], args].concat());
             assert!(engine.backend().cuda_graphs);
             engine.config(&CPU).map(|_| ())
         };

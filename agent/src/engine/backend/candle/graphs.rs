@@ -6,6 +6,7 @@
 //! padding rows write no keys or values (their slot is [`PADDING_SLOT`]) and their logits are
 //! never read. The CUDA side (`cuda::graphs`) captures and replays; this module only lays out.
 
+use super::slot;
 use crate::engine::backend::{RowOutput, SeqInput};
 
 /// The largest decode step captured; larger ones run eagerly (their launches are a small share
@@ -45,6 +46,11 @@ pub fn table_width(longest: usize, max_width: usize) -> usize {
         .next_power_of_two()
         .min(max_width)
         .max(longest)
+}
+
+/// The most blocks a sequence of `context_length` positions takes: the widest table.
+pub fn max_width(context_length: usize, block_size: usize) -> usize {
+    context_length.div_ceil(block_size)
 }
 
 /// Words of the fixed input buffer for tables up to `max_width` wide.
@@ -102,11 +108,9 @@ impl DecodePlan {
         let (slots, tables) = rest.split_at_mut(MAX_GRAPH_BATCH);
         slots[rows..padded].fill(PADDING_SLOT);
         for (r, seq) in batch.iter().enumerate() {
-            let position = seq.start;
             ids[r] = seq.tokens[0];
-            positions[r] = position as u32;
-            slots[r] = seq.blocks[position / block_size] * block_size as u32
-                + (position % block_size) as u32;
+            positions[r] = seq.start as u32;
+            slots[r] = slot(seq.blocks, block_size, seq.start);
             tables[r * width..r * width + seq.blocks.len()].copy_from_slice(seq.blocks);
         }
         Some(Self {

@@ -481,12 +481,11 @@ impl CandleExecutor {
             Some(graphs) => graphs,
             None => {
                 let c = &self.model.config;
-                let max_width = c.context_length.div_ceil(self.block_size);
                 self.graphs.insert(cuda::graphs::DecodeGraphs::new(
                     &self.device,
                     c.vocab_size,
                     self.block_size,
-                    max_width,
+                    graphs::max_width(c.context_length, self.block_size),
                 )?)
             }
         };
@@ -684,7 +683,7 @@ impl Executor for CandleExecutor {
             let largest = graphs::MAX_GRAPH_BATCH;
             graphs::reserved_bytes(
                 c.vocab_size,
-                c.context_length.div_ceil(block_size),
+                graphs::max_width(c.context_length, block_size),
                 activation_estimate(c, largest, largest, self.dtype),
             )
         } else {

@@ -97,6 +97,25 @@ __device__ void rope_and_cache(
     }
 }
 
+// Partial attention results of one query head merged by their maxima (online softmax): result k
+// has maximum m[k * step], sum l[k * step] (0 where it saw no position, skipped) and weighted
+// values acc[k * step * DIM + e]; the merged maximum, and element e's weighted sum and total.
+struct Merged {
+    float top, num, den;
+};
+__device__ __forceinline__ Merged merge_partials(const float* m, const float* l, const float* acc,
+                                                 int n, int step, int e) {
+    Merged r = {neg_infinity(), 0.0f, 0.0f};
+    for (int k = 0; k < n; ++k) r.top = fmaxf(r.top, m[k * step]);
+    for (int k = 0; k < n; ++k) {
+        if (l[k * step] == 0.0f) continue;
+        const float c = __expf(m[k * step] - r.top);
+        r.num += acc[(u64)k * step * DIM + e] * c;
+        r.den += l[k * step] * c;
+    }
+    return r;
+}
+
 // grid (tokens, kv_heads, splits), block (32 * warps), warps <= WARPS. With splits > 1 the block
 // of split s takes the s-th of `splits` equal runs of the token's positions and writes its
 // unnormalized partial result (maximum, sum, weighted values) to `split_out` for
@@ -179,27 +198,20 @@ __device__ void paged_attention(
     __syncthreads();
     for (int idx = threadIdx.x; idx < GROUP * DIM; idx += blockDim.x) {
         const int h = idx / DIM, e = idx % DIM;
-        float top = neg_infinity();
-        for (int w = 0; w < warps; ++w) top = fmaxf(top, shared_m[w * GROUP + h]);
-        float num = 0.0f, den = 0.0f;
-        for (int w = 0; w < warps; ++w) {
-            const int at = w * GROUP + h;
-            if (shared_l[at] == 0.0f) continue;  // a warp that saw no position
-            const float c = __expf(shared_m[at] - top);
-            num += shared_acc[at * DIM + e] * c;
-            den += shared_l[at] * c;
-        }
+        // The warps' results (a warp that saw no position has sum 0).
+        const Merged r =
+            merge_partials(shared_m + h, shared_l + h, shared_acc + h * DIM, warps, GROUP, e);
         if (splits == 1) {
-            out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(num / den);
+            out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(r.num / r.den);
         } else {
             // A split past the token's last position saw nothing: sum 0, which the merge skips.
             const u64 count = (u64)gridDim.x * kv_heads * splits * GROUP;
             const u64 p = (((u64)t * kv_heads + g) * splits + split) * GROUP + h;
             if (e == 0) {
-                split_out[p] = top;
-                split_out[count + p] = den;
+                split_out[p] = r.top;
+                split_out[count + p] = r.den;
             }
-            split_out[2 * count + p * DIM + e] = num;
+            split_out[2 * count + p * DIM + e] = r.num;
         }
     }
 }
@@ -215,17 +227,9 @@ __device__ void paged_attention_merge(typename D::T* __restrict__ out,  // [toke
     for (int idx = threadIdx.x; idx < GROUP * DIM; idx += blockDim.x) {
         const int h = idx / DIM, e = idx % DIM;
         const u64 first = ((u64)t * kv_heads + g) * splits * GROUP + h;
-        float top = neg_infinity();
-        for (int s = 0; s < splits; ++s) top = fmaxf(top, partials[first + (u64)s * GROUP]);
-        float num = 0.0f, den = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const u64 p = first + (u64)s * GROUP;
-            if (partials[count + p] == 0.0f) continue;
-            const float c = __expf(partials[p] - top);
-            num += partials[2 * count + p * DIM + e] * c;
-            den += partials[count + p] * c;
-        }
-        out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(num / den);
+        const Merged r = merge_partials(partials + first, partials + count + first,
+                                        partials + 2 * count + first * DIM, splits, GROUP, e);
+        out[(u64)t * heads * DIM + (u64)(g * GROUP + h) * DIM + e] = D::store(r.num / r.den);
     }
 }
 
