@@ -1,6 +1,7 @@
 """Runs `parallax-agent check-config` on every pod of rendered pool manifests, as the pod would
 resolve its configuration: the ConfigMap's agent.json, with the pod's own environment
-(rank, group size, leader, model cache). A LeaderWorkerSet's leader and worker of its first
+(rank, group size, leader, model cache); and `parallax-agent route --check` with each router's
+arguments. A LeaderWorkerSet's leader and worker of its first
 group are checked with the labels and variables LWS gives them.
 
 Usage: check_rendered_configs.py AGENT_BINARY RENDERED.yaml...
@@ -51,9 +52,21 @@ def environment(pod, container, injected):
     return env
 
 
+def passes(name, command, env):
+    """Runs the agent's `command` with `env` added; says how it went. Whether it passed."""
+    result = subprocess.run(
+        command, env={**os.environ, **env, "RUST_BACKTRACE": "0"}, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        print(f"{name}: {' '.join(command[1:3])} failed:\n{result.stderr}", file=sys.stderr)
+        return False
+    print(f"{name}: {result.stdout.strip()}")
+    return True
+
+
 def main() -> int:
     agent, files = sys.argv[1], sys.argv[2:]
-    checked = 0
+    checked = routers = 0
     for path in files:
         docs = [d for d in yaml.safe_load_all(open(path)) if d]
         configs = {
@@ -71,20 +84,19 @@ def main() -> int:
             with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
                 file.write(config)
                 file.flush()
-                result = subprocess.run(
-                    [agent, "check-config", file.name],
-                    env={**os.environ, **env, "RUST_BACKTRACE": "0"},
-                    capture_output=True,
-                    text=True,
-                )
-            name = f"{path}: pod {pod['metadata']['name']}"
-            if result.returncode != 0:
-                print(f"{name}: check-config failed:\n{result.stderr}", file=sys.stderr)
-                return 1
-            print(f"{name}: {result.stdout.strip()}")
+                name = f"{path}: pod {pod['metadata']['name']}"
+                if not passes(name, [agent, "check-config", file.name], env):
+                    return 1
             checked += 1
-    if checked == 0:
-        print("no pods in the rendered manifests", file=sys.stderr)
+        # The router's arguments (the operator's and the pool's extraArgs) as `route` takes them.
+        for router in (d for d in docs if d["kind"] == "Deployment"):
+            container = router["spec"]["template"]["spec"]["containers"][0]
+            name = f"{path}: router {router['metadata']['name']}"
+            if not passes(name, [agent, *container["args"], "--check"], {}):
+                return 1
+            routers += 1
+    if checked == 0 or routers == 0:
+        print("no pods or no router in the rendered manifests", file=sys.stderr)
         return 1
     return 0
 

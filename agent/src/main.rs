@@ -1,4 +1,4 @@
-//! `parallax-agent`: serve, generate, bench, bench-serve, check-config.
+//! `parallax-agent`: serve, route, generate, bench, bench-serve, check-config.
 
 use clap::Parser;
 use parallax_agent::cli::{self, Cli, Command};
@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
     }
     match Cli::parse().command {
         Command::Serve(args) => cli::serve(&args),
+        Command::Route(args) => cli::route(&args),
         Command::Generate(args) => cli::generate(&args),
         Command::Bench(args) => cli::bench(&args),
         Command::BenchServe(args) => loadgen::run(&args),

@@ -119,6 +119,12 @@ pub struct InferencePoolSpec {
     /// The agent container.
     #[serde(default)]
     pub agent: AgentSpec,
+
+    /// The router in front of the groups: the pool's Service sends every request to it, and it
+    /// picks a group by live load, prompt prefix and priority, retries one that refuses, and
+    /// holds requests while no group is ready.
+    #[serde(default)]
+    pub router: RouterSpec,
 }
 
 /// The fields of the spec that say what the groups serve: a change of any is a new revision,
@@ -937,6 +943,36 @@ pub struct AgentSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('PARALLAX_') && !(e.name in ['POD_NAME', 'POD_NAMESPACE', 'HF_TOKEN']))").message("agent.env must not set PARALLAX_* (the agent's flags go in agent.extraArgs), POD_NAME, POD_NAMESPACE or HF_TOKEN (model.hubTokenSecret): the operator sets them"))]
     pub env: Vec<EnvVar>,
+}
+
+/// The pool's router Deployment (`parallax-agent route`, from the agent's image).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// Off, the pool's Service sends requests straight to the group leaders (round robin by
+    /// kube-proxy, no retries, nothing held while the pool has no ready group).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Router pods. Each polls every group: a few are plenty.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 16))]
+    pub replicas: i32,
+
+    /// Extra command-line arguments appended to `parallax-agent route` (`--queue-limit`,
+    /// `--affinity-slack`, `--hold-timeout`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            replicas: 1,
+            extra_args: Vec::new(),
+        }
+    }
 }
 
 /// A group's recreations after failures.

@@ -183,6 +183,11 @@ impl<'a> ChildBuilder<'a> {
         }
     }
 
+    /// The agent image the pods (and the router) run.
+    pub fn image(&self) -> &str {
+        &self.image
+    }
+
     /// Changes whenever a pod built now would differ from one built before.
     pub fn template_hash(&self) -> &str {
         &self.template_hash
@@ -241,10 +246,17 @@ impl<'a> ChildBuilder<'a> {
         }
     }
 
-    /// The OpenAI endpoint: group leaders only, the pods that serve HTTP for their group.
+    /// The OpenAI endpoint: the router's pods, or without a router the group leaders (the
+    /// pods that serve HTTP for their group).
     fn service(&self) -> Service {
-        let mut selector = BTreeMap::from([(POOL_LABEL.to_owned(), self.name.clone())]);
-        selector.insert(RANK_LABEL.into(), "0".into());
+        let selector = if self.pool.spec.router.enabled {
+            crate::router::router_labels(&self.name)
+        } else {
+            BTreeMap::from([
+                (POOL_LABEL.to_owned(), self.name.clone()),
+                (RANK_LABEL.to_owned(), "0".to_owned()),
+            ])
+        };
         Service {
             metadata: self.meta(service_name(&self.name)),
             spec: Some(ServiceSpec {
@@ -411,17 +423,6 @@ impl<'a> ChildBuilder<'a> {
             limits.insert("memory".into(), memory.clone());
         }
 
-        let probe = |path: &str, period: i32, failures: i32| Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some(path.into()),
-                port: IntOrString::String("http".into()),
-                ..HTTPGetAction::default()
-            }),
-            period_seconds: Some(period),
-            failure_threshold: Some(failures),
-            ..Probe::default()
-        };
-
         let (volumes, volume_mounts) = self.volumes();
         let container = Container {
             name: "agent".into(),
@@ -448,31 +449,14 @@ impl<'a> ChildBuilder<'a> {
                 requests: (!requests.is_empty()).then_some(requests),
                 ..ResourceRequirements::default()
             }),
-            readiness_probe: Some(probe("/ready", 5, 3)),
-            liveness_probe: Some(probe("/health", 10, 6)),
+            readiness_probe: Some(http_probe("/ready", 5, 3)),
+            liveness_probe: Some(http_probe("/health", 10, 6)),
             // Started means the model is downloaded and loaded (an hour at most); liveness
             // waits until then. A restart keeps the pod's cache, so a download resumes.
-            startup_probe: Some(probe("/ready", 10, 360)),
+            startup_probe: Some(http_probe("/ready", 10, 360)),
             // Endpoints drop the pod before the agent stops taking requests.
-            lifecycle: Some(Lifecycle {
-                pre_stop: Some(LifecycleHandler {
-                    sleep: Some(SleepAction {
-                        seconds: PRE_STOP_SECONDS,
-                    }),
-                    ..LifecycleHandler::default()
-                }),
-                ..Lifecycle::default()
-            }),
-            security_context: Some(SecurityContext {
-                allow_privilege_escalation: Some(false),
-                read_only_root_filesystem: Some(true),
-                run_as_non_root: Some(true),
-                capabilities: Some(Capabilities {
-                    drop: Some(vec!["ALL".into()]),
-                    ..Capabilities::default()
-                }),
-                ..SecurityContext::default()
-            }),
+            lifecycle: Some(pre_stop_pause()),
+            security_context: Some(restricted_container()),
             volume_mounts: Some(volume_mounts),
             ..Container::default()
         };
@@ -528,14 +512,7 @@ impl<'a> ChildBuilder<'a> {
                 )),
                 automount_service_account_token: Some(false),
                 enable_service_links: Some(false),
-                security_context: Some(PodSecurityContext {
-                    run_as_non_root: Some(true),
-                    seccomp_profile: Some(SeccompProfile {
-                        type_: "RuntimeDefault".into(),
-                        ..SeccompProfile::default()
-                    }),
-                    ..PodSecurityContext::default()
-                }),
+                security_context: Some(restricted_pod()),
                 volumes: Some(volumes),
                 ..PodSpec::default()
             }),
@@ -609,6 +586,59 @@ impl ChildBuilder<'_> {
 
 /// The preStop pause, in seconds: long enough for Services to stop sending to a pod.
 const PRE_STOP_SECONDS: i64 = 5;
+
+/// A GET of `path` on the container's `http` port.
+pub(crate) fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The preStop pause: endpoints drop the pod before it stops taking requests.
+pub(crate) fn pre_stop_pause() -> Lifecycle {
+    Lifecycle {
+        pre_stop: Some(LifecycleHandler {
+            sleep: Some(SleepAction {
+                seconds: PRE_STOP_SECONDS,
+            }),
+            ..LifecycleHandler::default()
+        }),
+        ..Lifecycle::default()
+    }
+}
+
+/// The restricted Pod Security Standard, container side.
+pub(crate) fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The restricted Pod Security Standard, pod side.
+pub(crate) fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
 
 /// Longer than the preStop pause and the agent's drain (`--shutdown-timeout`, 30 s unless the
 /// pool's arguments say), with ten seconds to exit.
@@ -697,8 +727,14 @@ pub(crate) mod tests {
         );
         let headless = children.headless_service.spec.unwrap();
         assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+        // The endpoint is the router's (crate::router's tests); the leaders have their own.
         let selector = children.service.spec.unwrap().selector.unwrap();
-        assert_eq!(selector.get(RANK_LABEL).map(String::as_str), Some("0"));
+        assert_eq!(
+            selector
+                .get(crate::router::ROUTER_LABEL)
+                .map(String::as_str),
+            Some("llama")
+        );
         assert_eq!(
             children.pdb.spec.unwrap().max_unavailable,
             Some(IntOrString::Int(1))

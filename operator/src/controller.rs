@@ -7,6 +7,7 @@ use crate::monitoring::{self, PodMonitorSettings, PodMonitors};
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::scaler::Scaler;
 use futures::{Future, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::{Recorder, Reporter};
@@ -122,7 +123,11 @@ pub async fn run(
     })
     .owns(Api::<Service>::all(client.clone()), children.clone())
     .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
-    .owns(Api::<PodDisruptionBudget>::all(client.clone()), children)
+    .owns(
+        Api::<PodDisruptionBudget>::all(client.clone()),
+        children.clone(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), children)
     .reconcile_all_on(monitors_changed)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)

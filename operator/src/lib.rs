@@ -1,6 +1,6 @@
 //! The Parallax operator: `InferencePool` → tensor-parallel pod groups, Services and status.
 //!
-//! Pure modules decide (`inventory`, `tp`, `children`, `groups`, `status`, `leader::decide`);
+//! Pure modules decide (`inventory`, `tp`, `children`, `router`, `groups`, `status`, `leader::decide`);
 //! `reconcile` reads the cluster and applies their results; `controller` wires the watches.
 
 pub mod agents;
@@ -20,6 +20,7 @@ pub mod placement;
 pub mod reconcile;
 pub mod render;
 pub mod revisions;
+pub mod router;
 pub mod scaler;
 pub mod status;
 pub mod tp;

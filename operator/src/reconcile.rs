@@ -16,10 +16,11 @@ use crate::metrics::Metrics;
 use crate::monitoring::{self, PodMonitors, Wanted};
 use crate::placement;
 use crate::revisions;
+use crate::router;
 use crate::status::{AgentView, compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::ControllerRevision;
+use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -235,6 +236,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             taken.extend(apply_owned(client, &namespace, &children.service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.headless_service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.pdb, pool).await?);
+            taken.extend(apply_router(client, &namespace, &builder, pool).await?);
             let monitors = monitoring::resource();
             match ctx.pod_monitors.wanted() {
                 Wanted::Yes(settings) => {
@@ -725,6 +727,7 @@ async fn cleanup(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         pool,
     )
     .await?;
+    delete_router(client, &namespace, pool).await?;
     let services = Api::<Service>::namespaced(client.clone(), &namespace);
     delete_if_owned(&services, &service_name(&name), pool).await?;
     delete_if_owned(&services, &headless_service_name(&name), pool).await?;
@@ -784,6 +787,41 @@ where
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The pool's router and its leaders' Service where the pool has a router (the names found
+/// taken), else removes the pool's own.
+async fn apply_router(
+    client: &Client,
+    namespace: &str,
+    builder: &ChildBuilder<'_>,
+    pool: &InferencePool,
+) -> Result<Vec<String>> {
+    let Some(router) = builder.router() else {
+        delete_router(client, namespace, pool).await?;
+        return Ok(Vec::new());
+    };
+    let mut taken = Vec::new();
+    taken.extend(apply_owned(client, namespace, &router.leaders, pool).await?);
+    taken.extend(apply_owned(client, namespace, &router.deployment, pool).await?);
+    Ok(taken)
+}
+
+/// Deletes the pool's router Deployment and its leaders' Service, where they are the pool's.
+async fn delete_router(client: &Client, namespace: &str, pool: &InferencePool) -> Result<()> {
+    let name = pool.name_any();
+    delete_if_owned(
+        &Api::<Deployment>::namespaced(client.clone(), namespace),
+        &router::deployment_name(&name),
+        pool,
+    )
+    .await?;
+    delete_if_owned(
+        &Api::<Service>::namespaced(client.clone(), namespace),
+        &router::leaders_service_name(&name),
+        pool,
+    )
+    .await
 }
 
 /// Server-side applies `object` unless an object of its name exists that the pool does not

@@ -51,6 +51,10 @@ pub fn render(pool_yaml: &str, nodes: AssumedNodes) -> Result<String, String> {
     push(&mut out, &children.service, "v1", "Service")?;
     push(&mut out, &children.headless_service, "v1", "Service")?;
     push(&mut out, &children.pdb, "policy/v1", "PodDisruptionBudget")?;
+    if let Some(router) = builder.router() {
+        push(&mut out, &router.leaders, "v1", "Service")?;
+        push(&mut out, &router.deployment, "apps/v1", "Deployment")?;
+    }
     let replicas = pool.spec.replicas.max(0) as u32;
     match pool.spec.group_workload {
         GroupWorkload::Pods => {

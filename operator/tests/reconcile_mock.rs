@@ -276,6 +276,34 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         )
         .await;
         assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+        // The router: its leaders' Service, then its Deployment; the pool's Service is its.
+        absent(&mut handle, "/api/v1/namespaces/ml/services/llama-leaders").await;
+        let leaders = next(
+            &mut handle,
+            apply("/api/v1/namespaces/ml/services/llama-leaders"),
+            echo,
+        )
+        .await;
+        assert_eq!(leaders["spec"]["selector"]["parallax.dev/rank"], "0");
+        absent(
+            &mut handle,
+            "/apis/apps/v1/namespaces/ml/deployments/llama-router",
+        )
+        .await;
+        let router = next(
+            &mut handle,
+            apply("/apis/apps/v1/namespaces/ml/deployments/llama-router"),
+            echo,
+        )
+        .await;
+        assert_eq!(
+            (router["apiVersion"].as_str(), router["kind"].as_str()),
+            (Some("apps/v1"), Some("Deployment"))
+        );
+        assert_eq!(
+            router["spec"]["template"]["metadata"]["labels"],
+            svc["spec"]["selector"]
+        );
         // Pods are created, never applied: one of the same name that is not the pool's fails
         // the create instead of being adopted.
         let create_pod = Expect {

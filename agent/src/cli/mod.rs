@@ -1,4 +1,4 @@
-//! The command line: `serve`, `generate`, `bench`, `bench-serve`, `info` and `check-config` —
+//! The command line: `serve`, `route`, `generate`, `bench`, `bench-serve`, `info` and `check-config` —
 //! arguments, the configuration they resolve to, and one module per command.
 
 mod bench;
@@ -7,6 +7,7 @@ mod engine;
 mod generate;
 mod gpu;
 mod info;
+mod route;
 mod serve;
 
 pub use bench::{BenchArgs, BenchMode, bench};
@@ -15,6 +16,7 @@ pub use engine::{BackendArg, DtypeArg, EngineArgs, SchedulerKind, StepWeights};
 pub use generate::{GenerateArgs, generate};
 pub use gpu::GpuArgs;
 pub use info::{InfoArgs, info};
+pub use route::{RouteArgs, route};
 pub use serve::{ServeArgs, check_config, serve};
 
 use clap::{Parser, Subcommand};
@@ -31,6 +33,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI-compatible API, health and metrics.
     Serve(Box<ServeArgs>),
+    /// Route a pool's requests to its groups by live load, prefix affinity and priority.
+    Route(RouteArgs),
     /// Generate a completion for one prompt and print it.
     Generate(GenerateArgs),
     /// Run a fixed offline workload and report throughput and latency.

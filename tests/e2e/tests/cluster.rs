@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -127,7 +128,7 @@ async fn a_pool_gets_children_and_status_on_a_real_cluster() {
     assert!(refused.to_string().contains("power of two"), "{refused}");
 
     wait_for(
-        "pod, Services and ConfigMap exist and status is written",
+        "pod, Services, router and ConfigMap exist and status is written",
         Duration::from_secs(120),
         || async {
             let pods = Api::<Pod>::namespaced(client.clone(), &namespace)
@@ -137,6 +138,13 @@ async fn a_pool_gets_children_and_status_on_a_real_cluster() {
                 .unwrap_or(0);
             let svc = Api::<Service>::namespaced(client.clone(), &namespace)
                 .get_opt("e2e")
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            // The router's Deployment, as the real API server's schema took it.
+            let router = Api::<Deployment>::namespaced(client.clone(), &namespace)
+                .get_opt("e2e-router")
                 .await
                 .ok()
                 .flatten()
@@ -151,7 +159,7 @@ async fn a_pool_gets_children_and_status_on_a_real_cluster() {
                 .ok()
                 .and_then(|p| p.status)
                 .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready"));
-            pods == 1 && svc && cm && status
+            pods == 1 && svc && router && cm && status
         },
     )
     .await;
