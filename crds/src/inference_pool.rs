@@ -36,7 +36,8 @@ use std::collections::BTreeMap;
 #[x_kube(
     validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas").field_path(".minReplicas"),
     validation = Rule::new("self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas").message("replicas must lie between minReplicas and maxReplicas").field_path(".replicas"),
-    validation = Rule::new("self.tensorParallelSize != 'auto' || has(self.model.shape)").message("tensorParallelSize auto needs model.shape (a preset or weightBytes, layers and hiddenSize) to size the group").field_path(".model")
+    validation = Rule::new("self.tensorParallelSize != 'auto' || has(self.model.shape)").message("tensorParallelSize auto needs model.shape (a preset or weightBytes, layers and hiddenSize) to size the group").field_path(".model"),
+    validation = Rule::new("!has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfterSeconds) || (self.minReplicas == 0 && (!has(self.router) || self.router.enabled))").message("autoscaling.scaleToZeroAfterSeconds needs minReplicas 0 and the router (router.enabled), which holds requests while the pool wakes").field_path(".autoscaling.scaleToZeroAfterSeconds")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct InferencePoolSpec {
@@ -429,6 +430,13 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_scale_down_window")]
     #[schemars(range(min = 0))]
     pub scale_down_cooldown_seconds: i32,
+    /// Scale to zero: with `minReplicas: 0`, after this many seconds in which no request
+    /// arrived, waited or ran, the pool goes to zero groups (low utilization alone never takes
+    /// it below one). The router holds the next request and the autoscaler wakes the pool for it
+    /// (to one group, or `minReplicas`). Unset: never to zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub scale_to_zero_after_seconds: Option<i32>,
     /// Where the leaders' metrics are read, for the autoscaler and the rollback judge: from
     /// each leader's `/metrics` at its pod IP (absent), or from a Prometheus that already
     /// scrapes the agents.
@@ -479,6 +487,7 @@ impl Default for AutoscalingSpec {
             emergency_error_rate: default_emergency_errors(),
             scale_up_cooldown_seconds: default_scale_up_cooldown(),
             scale_down_cooldown_seconds: default_scale_down_window(),
+            scale_to_zero_after_seconds: None,
             metrics_source: None,
         }
     }

@@ -76,6 +76,19 @@ fn the_agents_environment_may_not_set_the_operators_names() {
 }
 
 #[test]
+fn scale_to_zero_needs_a_floor_of_zero_and_the_router() {
+    let zero = |min: i32, router: bool| {
+        json!({"model": shaped(), "replicas": 1, "minReplicas": min,
+            "autoscaling": {"enabled": true, "scaleToZeroAfterSeconds": 600},
+            "router": {"enabled": router}})
+    };
+    assert_eq!(errors(zero(0, true)), Vec::<String>::new());
+    let message = "autoscaling.scaleToZeroAfterSeconds needs minReplicas 0 and the router";
+    assert_refused(zero(1, true), message);
+    assert_refused(zero(0, false), message);
+}
+
+#[test]
 fn replica_bounds_are_enforced() {
     assert_refused(
         json!({"model": shaped(), "minReplicas": 3, "maxReplicas": 2, "replicas": 2}),

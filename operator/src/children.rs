@@ -653,7 +653,7 @@ fn termination_grace_seconds(extra_args: &[String]) -> i64 {
 
 /// The last `name` among the agent's arguments and its value (`--name VALUE` or `--name=VALUE`;
 /// `Some(None)` when it ends the list).
-fn flag<'a>(args: &'a [String], name: &str) -> Option<Option<&'a str>> {
+pub(crate) fn flag<'a>(args: &'a [String], name: &str) -> Option<Option<&'a str>> {
     let mut found = None;
     for (i, arg) in args.iter().enumerate() {
         match arg.strip_prefix(name) {

@@ -3,7 +3,7 @@
 //! Service in their place. Pure functions of the pool, as the rest of the children.
 
 use crate::children::{
-    ChildBuilder, POOL_LABEL, RANK_LABEL, http_probe, pre_stop_pause, restricted_container,
+    ChildBuilder, POOL_LABEL, RANK_LABEL, flag, http_probe, pre_stop_pause, restricted_container,
     restricted_pod,
 };
 use k8s_openapi::api::apps::v1::{
@@ -44,6 +44,9 @@ pub fn router_labels(pool: &str) -> BTreeMap<String, String> {
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect()
 }
+
+/// How long the router of a pool that scales to zero holds a request while a group starts.
+pub const WAKE_HOLD_SECONDS: u32 = 300;
 
 /// How long a router pod may finish its streams after SIGTERM.
 const ROUTER_GRACE_SECONDS: i64 = 60;
@@ -101,6 +104,13 @@ impl ChildBuilder<'_> {
             "--port".to_owned(),
             AGENT_HTTP_PORT.to_string(),
         ];
+        // A pool that scales to zero wakes for the requests its router holds: they wait for a
+        // group to start (the model loaded), not the minute a running pool's would.
+        if spec.autoscaling.scale_to_zero_after_seconds.is_some()
+            && flag(&spec.router.extra_args, "--hold-timeout").is_none()
+        {
+            args.extend(["--hold-timeout".to_owned(), WAKE_HOLD_SECONDS.to_string()]);
+        }
         args.extend(spec.router.extra_args.iter().cloned());
         let container = Container {
             name: "router".into(),
@@ -254,5 +264,41 @@ mod tests {
             service["spec"]["selector"],
             json!({"parallax.dev/pool": "llama", "parallax.dev/rank": "0"})
         );
+    }
+
+    #[test]
+    fn a_router_that_wakes_its_pool_holds_requests_while_a_group_starts() {
+        let args = |spec: serde_json::Value| {
+            let pool = pool(spec);
+            let layout = layout(1, 1);
+            let router = ChildBuilder::new(&pool, &layout).router().unwrap();
+            serde_json::to_value(&router.deployment).unwrap()["spec"]["template"]["spec"]
+                ["containers"][0]["args"]
+                .clone()
+        };
+        let zero = json!({"model": {"source": "hf://org/model"}, "minReplicas": 0,
+            "autoscaling": {"enabled": true, "scaleToZeroAfterSeconds": 600}});
+        let held = args(zero.clone());
+        let held = held.as_array().unwrap();
+        assert_eq!(
+            held[held.len() - 2..],
+            [json!("--hold-timeout"), json!("300")]
+        );
+        // The pool's own value wins.
+        let mut own = zero;
+        own["router"] = json!({"extraArgs": ["--hold-timeout", "900"]});
+        let own = args(own);
+        assert_eq!(
+            own.as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| *a == "--hold-timeout")
+                .count(),
+            1
+        );
+        assert!(own.as_array().unwrap().contains(&json!("900")));
+        // A pool that never scales to zero keeps the router's default.
+        let plain = args(json!({"model": {"source": "hf://org/model"}}));
+        assert!(!plain.as_array().unwrap().contains(&json!("--hold-timeout")));
     }
 }

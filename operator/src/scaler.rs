@@ -15,12 +15,13 @@ use crate::agents::AgentProbe;
 use crate::autoscale::forecast::Predictor;
 use crate::autoscale::reactive::{self, Rules};
 use crate::autoscale::rollback::{self, Outcome, Thresholds, Window};
-use crate::autoscale::signals::{self, Scrape};
+use crate::autoscale::signals::{self, RouterReading, Scrape};
 use crate::autoscale::simulate::combine;
 use crate::autoscale::{Capacity, Decision};
 use crate::children::{REVISION_ANNOTATION, leader_selector};
 use crate::metrics::{CapacityLabel, DecisionLabel, Metrics, PoolLabel};
 use crate::placement::CapacityType;
+use crate::router::ROUTER_LABEL;
 use crate::status::{ConditionStatus, ConditionType, DesiredCondition, Reason, merge_conditions};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
@@ -58,6 +59,8 @@ struct PoolScaling {
     startup_s: f64,
     /// The last window of each revision the leaders run, for the rollback judge.
     windows: HashMap<String, Window>,
+    /// What the routers said at the last look while the pool had no groups.
+    routers: Option<RouterReading>,
 }
 
 /// A ready group leader.
@@ -80,6 +83,7 @@ impl Default for PoolScaling {
             scaling_up: None,
             startup_s: STARTUP_S,
             windows: HashMap::new(),
+            routers: None,
         }
     }
 }
@@ -110,6 +114,24 @@ impl std::fmt::Debug for Scaler {
     }
 }
 
+/// A pod that is not going away and is ready.
+fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// A ready pod's address.
+fn ready_ip(pod: &Pod) -> Option<String> {
+    is_ready(pod)
+        .then(|| pod.status.as_ref()?.pod_ip.clone())
+        .flatten()
+}
+
 /// The pool's rules from its spec.
 pub fn rules(pool: &InferencePool) -> Rules {
     let spec = &pool.spec.autoscaling;
@@ -125,6 +147,7 @@ pub fn rules(pool: &InferencePool) -> Rules {
         down_cooldown_seconds: f64::from(spec.scale_down_cooldown_seconds),
         min_replicas: pool.spec.min_replicas.max(0) as u32,
         max_replicas: pool.spec.max_replicas.max(0) as u32,
+        zero_after_seconds: spec.scale_to_zero_after_seconds.map(f64::from),
         ..Rules::default()
     }
 }
@@ -184,6 +207,9 @@ impl Scaler {
     }
 
     async fn look(&mut self, pool: &InferencePool, key: &(String, String)) -> kube::Result<()> {
+        if pool.spec.autoscaling.enabled && pool.spec.replicas == 0 {
+            return self.wake(pool, key).await;
+        }
         let (namespace, name) = key;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let leaders: Vec<Leader> = pods
@@ -191,15 +217,7 @@ impl Scaler {
             .await?
             .items
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .flatten()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            })
+            .filter(|p| is_ready(p))
             .map(|p| Leader {
                 pod: p.name_any(),
                 ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
@@ -289,6 +307,45 @@ impl Scaler {
         }
         self.pools.insert(key.clone(), state);
         result
+    }
+
+    /// A pool at zero groups: its routers' metrics say whether a request waits for one.
+    async fn wake(&mut self, pool: &InferencePool, key: &(String, String)) -> kube::Result<()> {
+        let (namespace, name) = key;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let routers = pods
+            .list(&ListParams::default().labels(&format!("{ROUTER_LABEL}={name}")))
+            .await?;
+        let mut reading = RouterReading::default();
+        let mut read = 0;
+        for ip in routers.items.iter().filter_map(ready_ip) {
+            match self.metrics(&ip).await {
+                Ok(text) => {
+                    reading.add(&text);
+                    read += 1;
+                }
+                Err(error) => debug!(pool = %name, %ip, %error, "no metrics from a router"),
+            }
+        }
+        let mut state = self.pools.remove(key).unwrap_or_default();
+        // Intervals start afresh once groups serve again.
+        state.last = None;
+        let decision = if read > 0 {
+            let before = state.routers.replace(reading);
+            rules(pool).wake(&reading, before.as_ref())
+        } else {
+            None
+        };
+        if let Some(decision) = &decision {
+            state.scaling_up = Some((self.origin.elapsed().as_secs_f64(), decision.replicas));
+            state.routers = None;
+        }
+        self.pools.insert(key.clone(), state);
+        let Some(decision) = decision else {
+            return Ok(());
+        };
+        self.record(pool, &AutoscalingStatus::default(), &decision);
+        self.scale(pool, 0, &decision).await
     }
 
     /// The built-in autoscaler's look at one pool, from the interval since the last scrape.

@@ -313,7 +313,14 @@ pub fn compute_status(
         }
         Ok(_) => {
             let ready_condition = if wanted == 0 {
-                DesiredCondition::new(Ready, True, Reason::ScaledToZero, "replicas is 0")
+                let waking = pool.spec.autoscaling.enabled
+                    && pool.spec.autoscaling.scale_to_zero_after_seconds.is_some();
+                let message = if waking {
+                    "replicas is 0: the router holds the next request and the autoscaler wakes the pool for it"
+                } else {
+                    "replicas is 0"
+                };
+                DesiredCondition::new(Ready, True, Reason::ScaledToZero, message)
             } else if ready as u32 >= wanted {
                 DesiredCondition::new(
                     Ready,

@@ -139,6 +139,15 @@ async fn pods(client: &Client) -> Vec<Pod> {
         .items
 }
 
+/// The pool's pods (its groups'), not the router's.
+async fn group_pods(client: &Client) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .list(&ListParams::default().labels("parallax.dev/pool=llama"))
+        .await
+        .unwrap()
+        .items
+}
+
 /// Plays the kubelet: every pod that is not ready yet becomes ready.
 async fn mark_pods_ready(client: &Client) {
     let api = Api::<Pod>::namespaced(client.clone(), "ml");
@@ -1204,6 +1213,78 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
     )
     .await;
     assert_eq!(current_pool(&client).await.unwrap().spec.replicas, 1);
+    controller.stop().await;
+    agent.abort();
+}
+
+#[tokio::test]
+async fn an_idle_pool_scales_to_zero_and_wakes_for_the_request_its_router_holds() {
+    let (server, client, mut changes) = cluster(&["gpu-a"]).await;
+    // One stand-in answers for the leader and for the router: each reads its own series.
+    let body = Arc::new(std::sync::Mutex::new(agent_metrics(0, 0.0)));
+    let (port, agent) = metrics_agent(body.clone()).await;
+    let controller = RunningController::scaling(&client, port, Duration::from_millis(100));
+    let pools = Api::<InferencePool>::namespaced(client.clone(), "ml");
+    let mut idle = pool();
+    idle.spec.replicas = 1;
+    idle.spec.min_replicas = 0;
+    idle.spec.autoscaling.enabled = true;
+    idle.spec.autoscaling.scale_to_zero_after_seconds = Some(0);
+    pools.create(&PostParams::default(), &idle).await.unwrap();
+    eventually("the first pod", &mut changes, TIMEOUT, || async {
+        pods(&client).await.len() == 1
+    })
+    .await;
+    ready_at(&client, "llama-0-0", "127.0.0.1").await;
+
+    // No request arrives, waits or runs: zero groups, and the group's pod goes.
+    eventually(
+        "a scale to zero with its event, and no pod",
+        &mut changes,
+        TIMEOUT,
+        || async {
+            current_pool(&client)
+                .await
+                .is_some_and(|p| p.spec.replicas == 0)
+                && recorded(
+                    &server,
+                    "ScaledDown",
+                    "from 1 to 0 groups: scale-to-zero (no requests for 0 s)",
+                )
+                && pods(&client).await.is_empty()
+        },
+    )
+    .await;
+
+    // The router (its pod ready at the stand-in) holds a request: the pool wakes.
+    let router: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "llama-router-abc", "namespace": "ml",
+            "labels": {"parallax.dev/router": "llama"}},
+        "spec": {"containers": [{"name": "router", "image": "agent"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &router)
+        .await
+        .unwrap();
+    ready_at(&client, "llama-router-abc", "127.0.0.1").await;
+    // Router pods are no group's: the pool still has none.
+    assert!(group_pods(&client).await.is_empty());
+    body.lock()
+        .unwrap()
+        .push_str("parallax_router_held_requests 1\n");
+    eventually("a wake to one group", &mut changes, TIMEOUT, || async {
+        current_pool(&client)
+            .await
+            .is_some_and(|p| p.spec.replicas == 1)
+            && recorded(
+                &server,
+                "ScaledUp",
+                "from 0 to 1 groups: wake (1 request held by the router)",
+            )
+            && group_pods(&client).await.len() == 1
+    })
+    .await;
     controller.stop().await;
     agent.abort();
 }

@@ -18,6 +18,8 @@ pub struct Signals {
     pub request_rate: f64,
     /// Requests waiting to start, summed over the groups.
     pub queue: f64,
+    /// Requests in the groups' batches now, summed over the groups.
+    pub running: f64,
     /// p95 end-to-end latency, when requests finished.
     pub p95_seconds: Option<f64>,
     /// Share of requests that failed.
@@ -33,7 +35,8 @@ pub struct Signals {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub replicas: u32,
-    /// The rule that decided (`scale-up`, `emergency`, `scale-down`, `predictive`, `hold`).
+    /// The rule that decided (`scale-up`, `emergency`, `scale-down`, `scale-to-zero`, `wake`,
+    /// `predictive`, `hold`).
     pub rule: &'static str,
     /// The signal and its value, in words (`queue 35 > 20`).
     pub why: String,

@@ -1,7 +1,9 @@
 //! The reactive rules: scale up on a queue or slow requests, an emergency step on a long queue
 //! or errors, scale down after utilization stays low; bounded steps, cooldowns and a
-//! stabilization window for scaling down, as the HPA's `behavior` has.
+//! stabilization window for scaling down, as the HPA's `behavior` has. Only a pool without a
+//! request for its idle period goes to zero groups: low utilization alone leaves one.
 
+use super::signals::RouterReading;
 use super::{Decision, Signals};
 
 /// The rules' thresholds and pacing (the pool's `autoscaling` spec).
@@ -32,6 +34,9 @@ pub struct Rules {
     pub down_cooldown_seconds: f64,
     pub min_replicas: u32,
     pub max_replicas: u32,
+    /// With `min_replicas` 0: no request (arriving, waiting or running) for this long takes the
+    /// pool to zero groups. None: never to zero.
+    pub zero_after_seconds: Option<f64>,
 }
 
 impl Default for Rules {
@@ -52,6 +57,7 @@ impl Default for Rules {
             down_cooldown_seconds: 300.0,
             min_replicas: 1,
             max_replicas: 10,
+            zero_after_seconds: None,
         }
     }
 }
@@ -63,6 +69,8 @@ pub struct State {
     last_change: Option<f64>,
     /// Since when utilization has been below the scale-down threshold.
     low_since: Option<f64>,
+    /// Since when no request has arrived, waited or run.
+    idle_since: Option<f64>,
 }
 
 impl Rules {
@@ -174,6 +182,17 @@ impl Rules {
             return self.changed(state, now, decision(wanted, "scale-up", why), current);
         }
 
+        let idle = signals.request_rate == 0.0 && signals.queue == 0.0 && signals.running == 0.0;
+        if !idle {
+            state.idle_since = None;
+        } else if let Some(after) = self.zero_after_seconds.filter(|_| self.min_replicas == 0) {
+            let idle_for = now - *state.idle_since.get_or_insert(now);
+            if current > 0 && idle_for >= after {
+                let why = format!("no requests for {idle_for:.0} s");
+                return self.changed(state, now, decision(0, "scale-to-zero", why), current);
+            }
+        }
+
         match signals.utilization {
             Some(utilization) if utilization < self.down_utilization => {
                 let since = *state.low_since.get_or_insert(now);
@@ -189,7 +208,8 @@ impl Rules {
                     // Down to what the load needs at the target, a step at most.
                     let fits =
                         (f64::from(current) * utilization / self.target_utilization).ceil() as u32;
-                    let wanted = fits.max(current.saturating_sub(step)).min(current);
+                    // Never below one group: only the idle rule empties a pool.
+                    let wanted = fits.max(current.saturating_sub(step)).max(1).min(current);
                     let why = format!(
                         "utilization {:.0} % < {:.0} % for {:.0} s",
                         utilization * 100.0,
@@ -202,6 +222,30 @@ impl Rules {
             _ => state.low_since = None,
         }
         decision(current, "hold", "within the rules".into())
+    }
+
+    /// A pool at zero groups wakes (to one, or `min_replicas`) when its routers hold a request
+    /// or turned one away since the last look (`before`, when there was one).
+    pub fn wake(&self, now: &RouterReading, before: Option<&RouterReading>) -> Option<Decision> {
+        let turned_away = before.map_or(0.0, |b| now.turned_away_since(b));
+        let requests = |n: f64| match n.round() as u64 {
+            1 => "1 request".to_owned(),
+            n => format!("{n} requests"),
+        };
+        let why = if now.held > 0.0 {
+            format!("{} held by the router", requests(now.held))
+        } else if turned_away > 0.0 {
+            format!("{} found no group", requests(turned_away))
+        } else {
+            return None;
+        };
+        let (replicas, limited) = self.clamp(self.min_replicas.max(1));
+        Some(Decision {
+            replicas,
+            rule: "wake",
+            why,
+            limited,
+        })
     }
 
     fn changed(&self, state: &mut State, now: f64, decision: Decision, current: u32) -> Decision {
@@ -225,6 +269,7 @@ mod tests {
             at,
             request_rate: 10.0,
             queue: 0.0,
+            running: 4.0,
             p95_seconds: Some(0.1),
             error_rate: 0.0,
             utilization: Some(0.7),
@@ -334,5 +379,100 @@ mod tests {
         one.decide(&mut state, &idle(0.0), 2, None);
         let d = one.decide(&mut state, &idle(400.0), 2, None);
         assert_eq!((d.replicas, d.limited), (2, true));
+    }
+
+    #[test]
+    fn only_a_pool_without_requests_for_its_idle_period_goes_to_zero() {
+        let rules = Rules {
+            min_replicas: 0,
+            zero_after_seconds: Some(600.0),
+            down_window_seconds: 0.0,
+            down_cooldown_seconds: 0.0,
+            ..Rules::default()
+        };
+        let mut state = State::default();
+        // Light traffic at low utilization: down to one group, never to zero.
+        let light = |at| Signals {
+            request_rate: 0.01,
+            running: 0.0,
+            utilization: Some(0.01),
+            ..look(at)
+        };
+        let d = rules.decide(&mut state, &light(0.0), 2, None);
+        assert_eq!((d.replicas, d.rule), (1, "scale-down"));
+        assert_eq!(
+            rules.decide(&mut state, &light(1000.0), 1, None).replicas,
+            1
+        );
+        // Nothing arrives, waits or runs: zero once the idle period has passed.
+        let idle = |at| Signals {
+            request_rate: 0.0,
+            running: 0.0,
+            utilization: Some(0.0),
+            ..look(at)
+        };
+        assert_eq!(rules.decide(&mut state, &idle(1100.0), 1, None).replicas, 1);
+        // A request still running (a long one) is not idle: the period starts over.
+        let running = Signals {
+            running: 1.0,
+            ..idle(1500.0)
+        };
+        assert_eq!(rules.decide(&mut state, &running, 1, None).replicas, 1);
+        assert_eq!(rules.decide(&mut state, &idle(1600.0), 1, None).replicas, 1);
+        let d = rules.decide(&mut state, &idle(2200.0), 1, None);
+        assert_eq!((d.replicas, d.rule), (0, "scale-to-zero"));
+        assert_eq!(d.why, "no requests for 600 s");
+        // Without the idle period, or with a floor, never.
+        for rules in [
+            Rules {
+                zero_after_seconds: None,
+                ..rules.clone()
+            },
+            Rules {
+                min_replicas: 1,
+                ..rules.clone()
+            },
+        ] {
+            let mut state = State::default();
+            rules.decide(&mut state, &idle(0.0), 1, None);
+            assert_eq!(rules.decide(&mut state, &idle(5000.0), 1, None).replicas, 1);
+        }
+    }
+
+    #[test]
+    fn a_pool_at_zero_wakes_for_a_held_or_turned_away_request() {
+        let rules = Rules {
+            min_replicas: 0,
+            ..Rules::default()
+        };
+        let quiet = RouterReading {
+            held: 0.0,
+            turned_away: 3.0,
+        };
+        assert_eq!(rules.wake(&quiet, None), None);
+        assert_eq!(rules.wake(&quiet, Some(&quiet)), None);
+        let held = RouterReading { held: 2.0, ..quiet };
+        let d = rules.wake(&held, Some(&quiet)).unwrap();
+        assert_eq!((d.replicas, d.rule), (1, "wake"));
+        assert_eq!(d.why, "2 requests held by the router");
+        let missed = RouterReading {
+            turned_away: 4.0,
+            ..quiet
+        };
+        assert_eq!(
+            rules.wake(&missed, Some(&quiet)).unwrap().why,
+            "1 request found no group"
+        );
+        // A restarted router counts from zero.
+        let restarted = RouterReading {
+            turned_away: 1.0,
+            ..quiet
+        };
+        assert!(rules.wake(&restarted, Some(&quiet)).is_some());
+        let floor = Rules {
+            min_replicas: 2,
+            ..rules
+        };
+        assert_eq!(floor.wake(&held, None).unwrap().replicas, 2);
     }
 }

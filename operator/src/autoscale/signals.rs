@@ -14,6 +14,7 @@ pub struct Reading {
     /// Output tokens generated.
     pub tokens: f64,
     pub waiting: f64,
+    pub running: f64,
     /// GPU utilization where reported, else batch utilization.
     pub utilization: f64,
     /// Cumulative count of requests at or below each bucket bound of
@@ -21,6 +22,41 @@ pub struct Reading {
     pub latency_buckets: BTreeMap<String, f64>,
     /// The signals the agent's `parallax_degraded` marks degraded against its own baseline.
     pub degraded: Vec<String>,
+}
+
+/// What a pool's routers say of requests no group could take (summed over the routers).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RouterReading {
+    /// `parallax_router_held_requests`: requests waiting now for a group to be ready.
+    pub held: f64,
+    /// `parallax_router_rejections_total{reason="no_group"}`: requests that waited in vain.
+    pub turned_away: f64,
+}
+
+impl RouterReading {
+    /// Adds one router's `/metrics` text.
+    pub fn add(&mut self, text: &str) {
+        for (name, labels, value) in samples(text) {
+            match name {
+                "parallax_router_held_requests" => self.held += value,
+                "parallax_router_rejections_total"
+                    if label(labels, "reason") == Some("no_group") =>
+                {
+                    self.turned_away += value
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Requests that found no group since `before` (a router restart counts from zero).
+    pub fn turned_away_since(&self, before: &RouterReading) -> f64 {
+        if self.turned_away >= before.turned_away {
+            self.turned_away - before.turned_away
+        } else {
+            self.turned_away
+        }
+    }
 }
 
 /// One scrape of a pool's group leaders: each one's reading, by pod.
@@ -43,6 +79,7 @@ pub struct Interval {
     /// (bucket bound, requests of the interval at or below it), by bound.
     pub latency: Vec<(f64, f64)>,
     pub waiting: f64,
+    pub running: f64,
     /// Mean over the leaders.
     pub utilization: f64,
     pub leaders: u32,
@@ -83,6 +120,7 @@ impl Reading {
                 "parallax_request_errors_total" => reading.errors += value,
                 "vllm:generation_tokens_total" => reading.tokens += value,
                 "vllm:num_requests_waiting" => reading.waiting += value,
+                "vllm:num_requests_running" => reading.running += value,
                 "parallax_gpu_utilization_ratio" => {
                     gpu += value;
                     gpus += 1;
@@ -141,6 +179,7 @@ impl Scrape {
             interval.errors += delta(now.errors, then.errors);
             interval.tokens += delta(now.tokens, then.tokens);
             interval.waiting += now.waiting;
+            interval.running += now.running;
             interval.utilization += now.utilization;
             for (le, count) in &now.latency_buckets {
                 let then = then.latency_buckets.get(le).copied().unwrap_or(0.0);
@@ -181,11 +220,12 @@ impl Scrape {
 }
 
 /// The series the autoscaler and the rollback judge read.
-pub const SERIES: [&str; 8] = [
+pub const SERIES: [&str; 9] = [
     "vllm:request_success_total",
     "parallax_request_errors_total",
     "vllm:generation_tokens_total",
     "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
     "parallax_gpu_utilization_ratio",
     "parallax_batch_utilization",
     "parallax_degraded",
@@ -306,6 +346,7 @@ impl Interval {
             at: self.at,
             request_rate: requests / self.seconds,
             queue: self.waiting,
+            running: self.running,
             p95_seconds: p95,
             error_rate: if requests > 0.0 {
                 self.errors / requests

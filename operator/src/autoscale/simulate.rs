@@ -272,6 +272,8 @@ pub fn run(trace: &Trace, setup: &Setup, policy: Policy) -> Report {
             at: t,
             request_rate: recent.iter().map(|r| r.0).sum::<f64>() / n,
             queue: backlog,
+            // The replay's load is its rate; nothing runs unseen in an idle window.
+            running: 0.0,
             p95_seconds: Some(recent.iter().map(|r| r.2).fold(0.0, f64::max)),
             error_rate: 0.0,
             utilization: Some(recent.iter().map(|r| r.1).sum::<f64>() / n),
