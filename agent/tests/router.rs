@@ -31,6 +31,17 @@ struct Group {
     served: AtomicUsize,
     /// A streamed answer sends its second event once this is notified.
     release: Notify,
+    /// Streamed answers not yet ended or dropped.
+    streams_open: AtomicUsize,
+}
+
+/// Counts a streamed answer open until dropped.
+struct OpenStream(Arc<Group>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams_open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn load_text(running: u32, waiting: u32, kv: f64) -> String {
@@ -68,10 +79,11 @@ async fn group_complete(State(group): State<Arc<Group>>, body: String) -> Respon
     group.served.fetch_add(1, Ordering::SeqCst);
     let request: Value = serde_json::from_str(&body).unwrap();
     if request["stream"] == json!(true) {
-        let group = group.clone();
+        group.streams_open.fetch_add(1, Ordering::SeqCst);
+        let open = OpenStream(group.clone());
         let events = futures::stream::once(async { "data: {\"n\":1}\n\n".to_owned() }).chain(
             futures::stream::once(async move {
-                group.release.notified().await;
+                open.0.release.notified().await;
                 "data: {\"n\":2}\n\ndata: [DONE]\n\n".to_owned()
             }),
         );
@@ -313,14 +325,38 @@ async fn a_stream_passes_through_event_by_event() {
         rest.extend_from_slice(&chunk.unwrap());
     }
     assert_eq!(rest, b"data: {\"n\":2}\n\ndata: [DONE]\n\n");
+    let freed = |m: &str| {
+        has(
+            m,
+            &format!("parallax_router_group_in_flight{{group=\"{url}\"}} 0"),
+        )
+    };
     router
-        .metrics_until("the stream's end to free its place", |m| {
-            has(
-                m,
-                &format!("parallax_router_group_in_flight{{group=\"{url}\"}} 0"),
-            )
-        })
+        .metrics_until("the stream's end to free its place", freed)
         .await;
+
+    // A client that goes away mid-stream frees its place, and the group sees it go.
+    let response = router
+        .client
+        .post(format!("{}/v1/completions", router.base))
+        .json(&json!({"prompt": "y", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    assert_eq!(group.streams_open.load(Ordering::SeqCst), 1);
+    drop(body);
+    router
+        .metrics_until("a dropped stream to free its place", freed)
+        .await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while group.streams_open.load(Ordering::SeqCst) > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the group's stream ends when the client goes away");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ pub struct RouteArgs {
     #[arg(long = "group", value_name = "URL")]
     pub groups: Vec<String>,
     /// A DNS name whose addresses are the group leaders (a headless Service's, as the operator
-    /// makes one), `HOST:PORT`; re-resolved at every poll. Instead of --group.
+    /// makes one), `HOST:PORT`; resolved again every 5 s. Instead of --group.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "groups")]
     pub discover: Option<String>,
     /// Address to listen on.

@@ -12,7 +12,7 @@ use std::time::Duration;
 pub enum Members {
     /// Base URLs, `http://host:port`.
     Fixed(Vec<String>),
-    /// Every address `host` resolves to, on `port`, re-resolved at each poll.
+    /// Every address `host` resolves to, on `port`, resolved again every few seconds.
     Dns { host: String, port: u16 },
 }
 
@@ -73,18 +73,21 @@ pub async fn read(client: &reqwest::Client, url: &str, timeout: Duration) -> Rea
     }
 }
 
-/// One poll: the members now, then every group's reading. Whether what the groups can take
-/// may have changed (members, or a group's readiness).
+/// One poll: the members now (when `members` is given), then every group's reading. Whether
+/// what the groups can take may have changed (members, or a group's readiness).
 pub async fn poll(
     groups: &Arc<Mutex<Groups>>,
-    members: &Members,
+    members: Option<&Members>,
     client: &reqwest::Client,
     timeout: Duration,
 ) -> bool {
-    let urls = members.resolve().await;
+    let urls = match members {
+        Some(members) => Some(members.resolve().await),
+        None => None,
+    };
     let (joined, asked): (bool, Vec<(String, u32)>) = {
         let mut groups = lock(groups);
-        let joined = groups.set_members(&urls);
+        let joined = urls.is_some_and(|urls| groups.set_members(&urls));
         let asked = groups
             .all()
             .iter()

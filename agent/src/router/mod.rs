@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// How often the members' name is resolved again.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How the router behaves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterConfig {
@@ -116,12 +119,17 @@ impl Router {
             .with_state(self.state.clone())
     }
 
-    /// Polls the groups once (the loop in [`Self::run`] does so every poll interval).
+    /// Resolves the members and polls the groups once (the loop in [`Self::run`] polls every
+    /// poll interval and resolves every few seconds).
     pub async fn poll(&self) {
+        self.poll_resolving(true).await;
+    }
+
+    async fn poll_resolving(&self, resolve: bool) {
         let state = &self.state;
         let changed = members::poll(
             &state.groups,
-            &state.config.members,
+            resolve.then_some(&state.config.members),
             &state.client,
             state.config.poll_timeout,
         )
@@ -140,11 +148,15 @@ impl Router {
     ) -> std::io::Result<()> {
         let poller = self.clone();
         let polling = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(poller.state.config.poll_interval);
+            let every = poller.state.config.poll_interval;
+            // Names are resolved less often than groups are read: DNS is asked every few
+            // seconds, not several times a second.
+            let resolve_every = (RESOLVE_INTERVAL.as_millis() / every.as_millis().max(1)).max(1);
+            let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for tick in 0u128.. {
                 ticks.tick().await;
-                poller.poll().await;
+                poller.poll_resolving(tick % resolve_every == 0).await;
                 // Breakers reopen to a trial by the clock alone: held requests look again.
                 poller.state.changed();
             }
