@@ -9,10 +9,11 @@
                                       substituted, one JSON object per line: {"dashboard",
                                       "panel", "expr", "source"} — "source" says what must be
                                       scraped for it to have data: "agent", "gpu" (an agent
-                                      that watches GPUs) or "operator"
+                                      that watches GPUs), "router" or "operator"
 
-Every series a panel reads carries the labels the chart's PodMonitor gives an agent's series —
-`namespace`, `pool` (from the pod label `parallax.dev/pool`), `pod` — or, for the operator's
+Every series a panel reads carries the labels the pool's PodMonitor gives an agent's and a
+router's series — `namespace`, `pool` (from the pod label `app.kubernetes.io/instance`), `pod` —
+or, for the operator's
 series, the `namespace` and `pool` labels it writes itself. Standard library only.
 """
 
@@ -60,6 +61,13 @@ DASHBOARD_SPECS = [
                 (f"sum(vllm:num_requests_running{{{S}}})", "running"),
             ]),
             panel("End-to-end latency p95", quantile(0.95, "vllm:e2e_request_latency_seconds"), "s", legend="p95"),
+            panel("Router: requests sent to groups, by answer", [(f"sum by (outcome) (rate(parallax_router_attempts_total{{{S}}}[{RATE}]))", "{{outcome}}")], "reqps", source="router"),
+            panel("Router: groups picked, by why", [(f"sum by (reason) (rate(parallax_router_picks_total{{{S}}}[{RATE}]))", "{{reason}}")], "reqps", source="router"),
+            panel("Router: held, and its own answers", [
+                (f"sum(parallax_router_held_requests{{{S}}})", "held for a group now"),
+                (f"sum by (reason) (rate(parallax_router_rejections_total{{{S}}}[{RATE}]))", "answered per second: {{reason}}"),
+            ], source="router"),
+            panel("Router: groups ready", f"sum(parallax_router_group_ready{{{S}}})", kind="stat", source="router"),
         ],
     },
     {
@@ -203,6 +211,14 @@ ALERTS = [
         "runbook": "More than 100 requests wait, or requests are refused with 429 (queue_full, queue_tokens). Add groups (raise maxReplicas if the autoscaler is limited: ScalingLimited), or raise --max-queue-requests if clients can wait.",
     },
     {
+        "alert": "ParallaxRequestsFindNoGroup",
+        "expr": 'sum by (namespace, pool) (rate(parallax_router_rejections_total{reason="no_group"}[5m])) > 0',
+        "for": "5m",
+        "severity": "critical",
+        "summary": "Requests to {{ $labels.namespace }}/{{ $labels.pool }} find no ready group",
+        "runbook": "The pool's router held requests for its hold time and no group became ready: they were answered 503. `kubectl describe ipool -n NAMESPACE POOL`: a pool that scales to zero should have woken (a ScaledUp event, rule wake) — look at its groups' pods (scheduling, image pulls, model download); a running pool has lost every group (GroupRecreated events, unhealthy GPUs). The router's /ready lists each group as it sees it.",
+    },
+    {
         "alert": "ParallaxKVCachePressure",
         "expr": "max by (namespace, pool, pod) (parallax_kv_pressure) == 1",
         "for": "5m",
@@ -272,6 +288,15 @@ ALERT_TESTS = {
             agent("vllm:num_requests_waiting", "bad", "150x120"),
             agent("vllm:num_requests_waiting", "good", "5x120"),
             agent("parallax_rejections_total", "good", "0x120", reason="queue_full"),
+        ],
+        "eval": "15m",
+        "labels": {"namespace": "ml", "pool": "bad"},
+    },
+    "ParallaxRequestsFindNoGroup": {
+        "series": [
+            agent("parallax_router_rejections_total", "bad", "0+3x120", reason="no_group"),
+            agent("parallax_router_rejections_total", "good", "0x120", reason="no_group"),
+            agent("parallax_router_rejections_total", "good", "0+3x120", reason="saturated"),
         ],
         "eval": "15m",
         "labels": {"namespace": "ml", "pool": "bad"},

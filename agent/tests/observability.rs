@@ -1,6 +1,7 @@
 //! The chart's dashboards and recording rules against a live agent: Prometheus scrapes an agent
-//! process (watching a scripted GPU) under a short load, with the labels the chart's PodMonitor
-//! gives, loads the committed rule file, and every panel query — the variables substituted — and
+//! process (watching a scripted GPU) and a router in front of it under a short load, with the
+//! labels the pool's PodMonitor gives, loads the committed rule file, and every panel query — the
+//! variables substituted — and
 //! every recording rule must return data. Queries of the operator's series are listed: the agent
 //! cannot give them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,6 +18,58 @@ const GPU_SCRIPT: &str = r#"{"gpus": [{"index": 0, "uuid": "GPU-sim-0", "name": 
 {"at": 0, "gpu": 0, "reading": {"utilization_gpu": 87, "utilization_memory": 40, "memory_used_bytes": 42949672960, "memory_free_bytes": 42949672960, "temperature_celsius": 61, "power_watts": 512.5, "power_limit_watts": 700, "sm_clock_mhz": 1980, "ecc_corrected": 2, "ecc_uncorrected": 0}}
 {"at": 0, "gpu": 0, "event": {"xid": 13}}
 "#;
+
+/// The router's body limit here, so that one request can exceed it.
+const ROUTER_BODY_LIMIT: usize = 4096;
+
+/// A router process in front of one agent, killed when dropped.
+struct Router {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Router {
+    fn spawn(agent: &str, port: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_parallax-agent"))
+            .args(["route", "--group", agent, "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--poll-interval-ms", "100"])
+            .args(["--max-body-bytes", &ROUTER_BODY_LIMIT.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the agent binary starts");
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Waits until the router has read its group ready.
+    async fn ready(&self, client: &reqwest::Client) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = client.get(format!("{}/ready", self.base)).send().await;
+            if let Ok(answer) = answer
+                && let Ok(body) = answer.json::<Value>().await
+                && body["available"] == true
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the router never saw its group ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// Every query of the dashboards and rules, as `scripts/observability.py --queries` prints it.
 fn queries() -> Vec<Value> {
@@ -53,12 +106,15 @@ async fn every_dashboard_query_and_recording_rule_has_data_from_a_live_agent() {
     let mut agent = Agent::spawn("observability", port, &args);
     let client = parallax_agent::http_client::client();
     agent.ready(&client, Duration::from_secs(60)).await;
+    let router_port = free_port();
+    let router = Router::spawn(&agent.base, router_port);
+    router.ready(&client).await;
 
     let rules = root().join("charts/parallax/rules/parallax.rules.yaml");
     let config = format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
          rule_files: ['{}']\n\
-         scrape_configs:\n  - job_name: parallax-agent\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n        labels: {{namespace: ml, pool: llama, pod: llama-0-0}}\n",
+         scrape_configs:\n  - job_name: parallax-agent\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n        labels: {{namespace: ml, pool: llama, pod: llama-0-0}}\n      - targets: ['127.0.0.1:{router_port}']\n        labels: {{namespace: ml, pool: llama, pod: llama-router-0}}\n",
         rules.display()
     );
     let prometheus = Prometheus::with_config(&binary, &config);
@@ -121,10 +177,20 @@ async fn every_dashboard_query_and_recording_rule_has_data_from_a_live_agent() {
         "the burst met the queue: {statuses:?}"
     );
 
-    // Traffic goes on while the queries are asked, so that a minute's rates have something to
-    // say (a histogram's quantile of no requests is NaN).
+    // The router answers one request itself: its body is over the router's limit.
+    let oversized = json!({"prompt": "x".repeat(2 * ROUTER_BODY_LIMIT)});
+    let refused = client
+        .post(format!("{}/v1/completions", router.base))
+        .json(&oversized)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+
+    // Traffic goes on, through the router, while the queries are asked, so that a minute's
+    // rates have something to say (a histogram's quantile of no requests is NaN).
     let steady = {
-        let (client, url) = (client.clone(), format!("{}/v1/completions", agent.base));
+        let (client, url) = (client.clone(), format!("{}/v1/completions", router.base));
         tokio::spawn(async move {
             loop {
                 let body = json!({"prompt": "The history of the printing press", "max_tokens": 4});

@@ -4,7 +4,7 @@
 //! restart; a change reconciles every pool. The chart turns the whole thing on or off
 //! (`monitoring.enabled`) and passes the labels a Prometheus selects its monitors by.
 
-use crate::children::{ChildBuilder, POOL_LABEL};
+use crate::children::ChildBuilder;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList;
 use kube::Client;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
@@ -107,26 +107,38 @@ fn is_duration(text: &str) -> bool {
     last.is_some()
 }
 
+/// Labels agent and router pods both carry: the pool's name, and which of the two they are.
+const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+const NAME_LABEL: &str = "app.kubernetes.io/name";
+
 /// The name of a pool's PodMonitor.
 pub fn name(pool: &str) -> String {
     format!("{pool}-agents")
 }
 
 impl ChildBuilder<'_> {
-    /// The PodMonitor that has Prometheus scrape every agent of the pool at `/metrics`, with
-    /// the pool's name as the `pool` label the chart's dashboards and rules select by (the
-    /// Prometheus Operator adds `namespace` and `pod`).
+    /// The PodMonitor that has Prometheus scrape every agent and router of the pool at
+    /// `/metrics`, with the pool's name as the `pool` label the chart's dashboards and rules
+    /// select by (the Prometheus Operator adds `namespace` and `pod`). Both carry the pool's name
+    /// as `app.kubernetes.io/instance`; routers carry no pool label (they are no group's).
     pub fn pod_monitor(&self, settings: &PodMonitorSettings) -> DynamicObject {
         let mut object = DynamicObject::new(&name(&self.name), &resource())
             .within(&self.namespace)
             .data(json!({"spec": {
-                "selector": {"matchLabels": {POOL_LABEL: self.name}},
+                "selector": {
+                    "matchLabels": {INSTANCE_LABEL: self.name},
+                    "matchExpressions": [{
+                        "key": NAME_LABEL,
+                        "operator": "In",
+                        "values": ["parallax-agent", "parallax-router"],
+                    }],
+                },
                 "podMetricsEndpoints": [{
                     "port": "http",
                     "path": "/metrics",
                     "interval": settings.interval,
                     "relabelings": [{
-                        "sourceLabels": ["__meta_kubernetes_pod_label_parallax_dev_pool"],
+                        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
                         "targetLabel": "pool",
                     }],
                 }],

@@ -939,27 +939,51 @@ async fn a_pool_gets_a_pod_monitor_once_the_cluster_serves_the_api_and_loses_it_
         (&json!("http"), &json!("/metrics"), &json!("30s"))
     );
     assert_eq!(endpoint["relabelings"][0]["targetLabel"], "pool");
-    // It selects every pod of the pool, by a label they carry, on a port they name.
-    let selector = monitor["spec"]["selector"]["matchLabels"]
-        .as_object()
+    // It selects every pod of the pool and the router's pods, by labels they carry, on a port
+    // they name; the `pool` label comes from one they all carry with the pool's name.
+    let selector = &monitor["spec"]["selector"];
+    let selects = |labels: &Value| {
+        let labels = labels.as_object().unwrap();
+        let matched = selector["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v));
+        matched
+            && selector["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| {
+                    e["operator"] == "In"
+                        && labels
+                            .get(e["key"].as_str().unwrap())
+                            .is_some_and(|v| e["values"].as_array().unwrap().contains(v))
+                })
+    };
+    let source = endpoint["relabelings"][0]["sourceLabels"][0]
+        .as_str()
         .unwrap();
-    assert!(!selector.is_empty());
-    for pod in pods(&client).await {
-        let labels = pod.labels();
-        assert!(
-            selector
-                .iter()
-                .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str()),
-            "{selector:?} does not select {}",
-            pod.name_any()
-        );
-        let ports = &pod.spec.unwrap().containers[0].ports;
-        assert!(
-            ports
-                .iter()
-                .flatten()
-                .any(|p| p.name.as_deref() == Some("http"))
-        );
+    let pool_label = source.trim_start_matches("__meta_kubernetes_pod_label_");
+    let mut templates: Vec<Value> = pods(&client)
+        .await
+        .into_iter()
+        .map(|pod| serde_json::to_value(pod).unwrap())
+        .collect();
+    let routers = server.objects("apis/apps/v1/deployments");
+    assert_eq!(routers.len(), 1, "the pool's router");
+    templates.extend(routers.into_iter().map(|d| d["spec"]["template"].clone()));
+    for pod in templates {
+        let labels = &pod["metadata"]["labels"];
+        assert!(selects(labels), "{selector} does not select {labels}");
+        let named = labels
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.replace(['.', '/', '-'], "_") == pool_label);
+        assert_eq!(named.map(|(_, v)| v), Some(&json!("llama")), "{labels}");
+        let ports = pod["spec"]["containers"][0]["ports"].as_array().unwrap();
+        assert!(ports.iter().any(|p| p["name"] == "http"));
     }
 
     // Monitors turned off: the pool's goes.
