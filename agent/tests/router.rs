@@ -168,6 +168,16 @@ impl TestRouter {
         (status, group, response.json().await.unwrap())
     }
 
+    /// POSTs `body` to the router's completions.
+    async fn post(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/completions", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn text(&self, path: &str) -> String {
         let response = self.client.get(format!("{}{path}", self.base)).send().await;
         response.unwrap().text().await.unwrap()
@@ -286,13 +296,7 @@ async fn a_group_that_went_away_or_refuses_is_skipped_and_its_breaker_opens() {
 
     // When every group refuses, the last refusal is what the client gets, Retry-After and all.
     good_group.refuse.store(429, Ordering::SeqCst);
-    let response = router
-        .client
-        .post(format!("{}/v1/completions", router.base))
-        .json(&json!({"prompt": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let response = router.post(&json!({"prompt": "x"})).await;
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "7");
 }
@@ -301,13 +305,7 @@ async fn a_group_that_went_away_or_refuses_is_skipped_and_its_breaker_opens() {
 async fn a_stream_passes_through_event_by_event() {
     let (url, group, _t) = spawn_group().await;
     let router = TestRouter::start(std::slice::from_ref(&url), |_| {}).await;
-    let response = router
-        .client
-        .post(format!("{}/v1/completions", router.base))
-        .json(&json!({"prompt": "x", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let response = router.post(&json!({"prompt": "x", "stream": true})).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.bytes_stream();
@@ -336,13 +334,7 @@ async fn a_stream_passes_through_event_by_event() {
         .await;
 
     // A client that goes away mid-stream frees its place, and the group sees it go.
-    let response = router
-        .client
-        .post(format!("{}/v1/completions", router.base))
-        .json(&json!({"prompt": "y", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let response = router.post(&json!({"prompt": "y", "stream": true})).await;
     let mut body = response.bytes_stream();
     body.next().await.unwrap().unwrap();
     assert_eq!(group.streams_open.load(Ordering::SeqCst), 1);
@@ -381,13 +373,7 @@ async fn requests_wait_for_a_waking_pool_and_give_up_when_it_stays_asleep() {
     // Nothing ready within the hold: 503 with Retry-After, in OpenAI's error shape.
     group.ready.store(false, Ordering::SeqCst);
     let asleep = TestRouter::start(&[url], |c| c.hold_timeout = Duration::from_millis(50)).await;
-    let response = asleep
-        .client
-        .post(format!("{}/v1/completions", asleep.base))
-        .json(&json!({"prompt": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let response = asleep.post(&json!({"prompt": "x"})).await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();

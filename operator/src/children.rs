@@ -225,7 +225,8 @@ impl<'a> ChildBuilder<'a> {
         }
     }
 
-    fn http_port() -> ServicePort {
+    /// The agent's HTTP port, by its container port's name.
+    pub(crate) fn http_port() -> ServicePort {
         ServicePort {
             name: Some("http".into()),
             port: i32::from(AGENT_HTTP_PORT),

@@ -10,8 +10,7 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServicePort,
-    ServiceSpec,
+    Container, ContainerPort, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -79,13 +78,7 @@ impl ChildBuilder<'_> {
                     (POOL_LABEL.to_owned(), self.name.clone()),
                     (RANK_LABEL.to_owned(), "0".to_owned()),
                 ])),
-                ports: Some(vec![ServicePort {
-                    name: Some("http".into()),
-                    port: i32::from(AGENT_HTTP_PORT),
-                    target_port: Some(IntOrString::String("http".into())),
-                    protocol: Some("TCP".into()),
-                    ..ServicePort::default()
-                }]),
+                ports: Some(vec![Self::http_port()]),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
