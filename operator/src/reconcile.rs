@@ -17,7 +17,7 @@ use crate::monitoring::{self, PodMonitors, Wanted};
 use crate::placement;
 use crate::revisions;
 use crate::router;
-use crate::status::{AgentView, compute_status, restarts_of};
+use crate::status::{AgentView, RouterPods, compute_status, restarts_of};
 use crate::tp::{self, GroupLayout, LayoutError};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
@@ -391,6 +391,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         gpu_faults: faults,
         avoided_nodes,
         spot_unavailable_since: spot_since,
+        router: router_pods(client, &namespace, pool).await?,
     };
     let status = compute_status(
         pool,
@@ -805,6 +806,33 @@ async fn apply_router(
     taken.extend(apply_owned(client, namespace, &router.leaders, pool).await?);
     taken.extend(apply_owned(client, namespace, &router.deployment, pool).await?);
     Ok(taken)
+}
+
+/// The router's pods as its Deployment's status counts them; none while the pool has no router
+/// or the Deployment has not said yet.
+async fn router_pods(
+    client: &Client,
+    namespace: &str,
+    pool: &InferencePool,
+) -> Result<Option<RouterPods>> {
+    if !pool.spec.router.enabled {
+        return Ok(None);
+    }
+    let api = Api::<Deployment>::namespaced(client.clone(), namespace);
+    let Some(deployment) = api
+        .get_opt(&router::deployment_name(&pool.name_any()))
+        .await?
+        .filter(|d| owned_by(d.meta(), pool))
+    else {
+        return Ok(None);
+    };
+    Ok(deployment.status.map(|status| RouterPods {
+        ready: status.ready_replicas.unwrap_or(0),
+        wanted: deployment
+            .spec
+            .and_then(|s| s.replicas)
+            .unwrap_or(status.replicas.unwrap_or(0)),
+    }))
 }
 
 /// Deletes the pool's router Deployment and its leaders' Service, where they are the pool's.

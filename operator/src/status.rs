@@ -45,6 +45,7 @@ pub enum Reason {
     GroupsReady,
     GroupsNotReady,
     ScaledToZero,
+    RouterNotReady,
     Creating,
     RollingUpdate,
     ScalingDown,
@@ -106,6 +107,7 @@ impl Reason {
             Self::GroupsReady => "GroupsReady",
             Self::GroupsNotReady => "GroupsNotReady",
             Self::ScaledToZero => "ScaledToZero",
+            Self::RouterNotReady => "RouterNotReady",
             Self::Creating => "Creating",
             Self::RollingUpdate => "RollingUpdate",
             Self::ScalingDown => "ScalingDown",
@@ -214,6 +216,16 @@ pub struct AgentView {
     pub avoided_nodes: Vec<AvoidedNode>,
     /// Since when spot capacity has been found wanting, while it counts.
     pub spot_unavailable_since: Option<Time>,
+    /// The router's pods as its Deployment reports them, where the pool has a router and the
+    /// Deployment has said.
+    pub router: Option<RouterPods>,
+}
+
+/// The router Deployment's pods: ready, of wanted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterPods {
+    pub ready: i32,
+    pub wanted: i32,
 }
 
 /// Computes the pool's status from its layout (or why there is none) and its groups.
@@ -335,6 +347,22 @@ pub fn compute_status(
                     Reason::GroupsNotReady,
                     format!("{ready} of {wanted} groups ready"),
                 )
+            };
+            // The pool's Service sends to the router: without a ready router pod nothing
+            // reaches the groups, ready or not.
+            let ready_condition = match agents.router {
+                Some(router) if router.ready == 0 && ready_condition.status == True => {
+                    DesiredCondition::new(
+                        Ready,
+                        False,
+                        Reason::RouterNotReady,
+                        format!(
+                            "no router pod is ready (0 of {}): requests to the pool's Service have nowhere to go; {}",
+                            router.wanted, ready_condition.message
+                        ),
+                    )
+                }
+                _ => ready_condition,
             };
             let extra = (live as u32).saturating_sub(wanted);
             let progressing = if extra > 0 && outdated == 0 {
@@ -1087,5 +1115,47 @@ mod tests {
             &time(3901),
         );
         assert_eq!(done.model_download, None);
+    }
+
+    #[test]
+    fn ready_groups_behind_a_router_with_no_ready_pod_are_not_ready() {
+        let p = pool(2);
+        let ready = groups(&[true, true], "h");
+        let with_router = |router| {
+            compute_status(
+                &p,
+                Ok(&layout()),
+                &ready,
+                Some("h"),
+                &GroupPlan::default(),
+                &AgentView {
+                    router,
+                    ..AgentView::default()
+                },
+                &time(0),
+            )
+        };
+        let unknown = with_router(None);
+        let ready = condition(&unknown, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "GroupsReady")
+        );
+        let serving = with_router(Some(RouterPods {
+            ready: 1,
+            wanted: 2,
+        }));
+        assert_eq!(condition(&serving, "Ready").status, "True");
+        let dark = with_router(Some(RouterPods {
+            ready: 0,
+            wanted: 1,
+        }));
+        let ready = condition(&dark, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "RouterNotReady")
+        );
+        assert!(ready.message.starts_with("no router pod is ready (0 of 1)"));
+        assert!(ready.message.ends_with("2 of 2 groups ready"));
     }
 }

@@ -1242,6 +1242,37 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
 }
 
 #[tokio::test]
+async fn a_pool_whose_router_has_no_ready_pod_is_not_ready() {
+    let (_server, client, mut changes) = cluster(&["gpu-a"]).await;
+    let controller = RunningController::start(&client);
+    one_group_pool(&client, &mut changes).await;
+    mark_pods_ready(&client).await;
+    until_condition(&client, &mut changes, "Ready", ("True", "GroupsReady")).await;
+    // The Deployment controller's word on the router's pods (the fake cluster runs none).
+    let routers = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), "ml");
+    let say = |ready: i32| json!({"status": {"replicas": 1, "readyReplicas": ready}});
+    routers
+        .patch_status(
+            "llama-router",
+            &PatchParams::default(),
+            &Patch::Merge(&say(0)),
+        )
+        .await
+        .unwrap();
+    until_condition(&client, &mut changes, "Ready", ("False", "RouterNotReady")).await;
+    routers
+        .patch_status(
+            "llama-router",
+            &PatchParams::default(),
+            &Patch::Merge(&say(1)),
+        )
+        .await
+        .unwrap();
+    until_condition(&client, &mut changes, "Ready", ("True", "GroupsReady")).await;
+    controller.stop().await;
+}
+
+#[tokio::test]
 async fn an_idle_pool_scales_to_zero_and_wakes_for_the_request_its_router_holds() {
     let (server, client, mut changes) = cluster(&["gpu-a"]).await;
     // One stand-in answers for the leader and for the router: each reads its own series.

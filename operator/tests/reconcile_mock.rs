@@ -326,6 +326,12 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
             content_type: None,
         };
         next(&mut handle, configs, empty_list).await;
+        // The router's Deployment is read for its pods' readiness (not made yet here).
+        absent(
+            &mut handle,
+            "/apis/apps/v1/namespaces/ml/deployments/llama-router",
+        )
+        .await;
         assert_eq!(pod["kind"], "Pod");
         assert_eq!(
             pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
@@ -391,6 +397,11 @@ async fn a_pool_without_gpu_nodes_writes_only_a_warning_and_its_status() {
             content_type: None,
         };
         next(&mut handle, pods, empty_list).await;
+        absent(
+            &mut handle,
+            "/apis/apps/v1/namespaces/ml/deployments/llama-router",
+        )
+        .await;
         let warning = next(&mut handle, event(), echo).await;
         assert_eq!(
             (warning["type"].as_str(), warning["reason"].as_str()),
