@@ -113,3 +113,25 @@ pub async fn poll(
 pub fn lock(groups: &Mutex<Groups>) -> std::sync::MutexGuard<'_, Groups> {
     groups.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn members_are_fixed_urls_or_every_address_of_a_name() {
+        let fixed = Members::Fixed(vec!["http://a:1".into()]);
+        assert_eq!(fixed.resolve().await, ["http://a:1"]);
+        // An address resolves to itself without a resolver; IPv6 in brackets.
+        let v4 = Members::Dns {
+            host: "127.0.0.1".into(),
+            port: 8000,
+        };
+        assert_eq!(v4.resolve().await, ["http://127.0.0.1:8000"]);
+        let v6 = Members::Dns {
+            host: "::1".into(),
+            port: 8000,
+        };
+        assert_eq!(v6.resolve().await, ["http://[::1]:8000"]);
+    }
+}
