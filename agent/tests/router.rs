@@ -302,6 +302,31 @@ async fn a_group_that_went_away_or_refuses_is_skipped_and_its_breaker_opens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_group_opens_its_breaker_and_a_busy_one_does_not() {
+    let (url, group, _t) = spawn_group().await;
+    let router = TestRouter::start(std::slice::from_ref(&url), |c| {
+        c.hold_timeout = Duration::from_millis(50)
+    })
+    .await;
+    let breaker =
+        |state: u8| format!("parallax_router_group_breaker_state{{group=\"{url}\"}} {state}");
+    // Requests that waited past their deadline in its queue: passed back, the breaker closed.
+    group.refuse.store(504, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(router.post(&json!({"prompt": "x"})).await.status(), 504);
+    }
+    assert!(has(&router.text("/metrics").await, &breaker(0)));
+    // Internal errors: passed back (the request may have started), and two open the breaker.
+    group.refuse.store(500, Ordering::SeqCst);
+    for _ in 0..2 {
+        assert_eq!(router.post(&json!({"prompt": "x"})).await.status(), 500);
+    }
+    assert!(has(&router.text("/metrics").await, &breaker(2)));
+    // Nothing else can take a request within its breaker's cooldown: held, then answered 503.
+    assert_eq!(router.post(&json!({"prompt": "x"})).await.status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_passes_through_event_by_event() {
     let (url, group, _t) = spawn_group().await;
     let router = TestRouter::start(std::slice::from_ref(&url), |_| {}).await;

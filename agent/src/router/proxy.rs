@@ -317,7 +317,14 @@ async fn attempt(
             Outcome::Answered
         },
     );
-    if lock(&state.groups).outcome(Instant::now(), &url, !failed) {
+    // Only a failing group counts against its breaker: a 504 (a request that waited past its
+    // deadline in a busy queue) or a 501 says nothing of its health, and a breaker opened on
+    // a busy group would pour its load onto the others.
+    let broken = matches!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR | StatusCode::BAD_GATEWAY
+    );
+    if lock(&state.groups).outcome(Instant::now(), &url, !broken) {
         tracing::warn!(group = %url, %status, "circuit breaker opened");
     }
     Attempt::Answer(streamed(response, guard))
