@@ -1,6 +1,7 @@
 //! Real clients of the server, installed by `scripts/install-tools`: the official `openai`
-//! Python client, `openapi-spec-validator` on `/openapi.json`, and Debian's Prometheus scraping
-//! `/metrics` and answering PromQL.
+//! Python client (straight, and through the router in front of the server),
+//! `openapi-spec-validator` on `/openapi.json`, and Debian's Prometheus scraping `/metrics` and
+//! answering PromQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -75,6 +76,26 @@ async fn the_official_openai_python_client_chats_streaming_and_not() {
     command
         .arg(root().join("agent/tests/clients/openai_client.py"))
         .arg(&server.base)
+        .arg(MODEL);
+    let printed = run(command, Duration::from_secs(300)).await;
+    assert!(printed.contains("ok"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_works_the_same_through_the_router() {
+    use parallax_agent::router::members::Members;
+    use parallax_agent::router::{Router, RouterConfig};
+    let (server, _engine) = TestServer::start().await;
+    let router = Router::new(RouterConfig::new(Members::Fixed(vec![server.base.clone()])));
+    // The group is read ready before the client's first request.
+    router.poll().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(router.run(listener, std::future::pending()));
+    let mut command = Command::new(python());
+    command
+        .arg(root().join("agent/tests/clients/openai_client.py"))
+        .arg(&base)
         .arg(MODEL);
     let printed = run(command, Duration::from_secs(300)).await;
     assert!(printed.contains("ok"), "{printed}");

@@ -348,7 +348,7 @@ impl Groups {
         }
     }
 
-    /// `url` answered; a 5xx or no answer is a failure. Whether its breaker opened.
+    /// `url` answered (`ok`), or failed (no answer, a 500, a 502). Whether its breaker opened.
     pub fn outcome(&mut self, now: Instant, url: &str, ok: bool) -> bool {
         let config = self.config.breaker;
         let Some(g) = self.get_mut(url) else {
