@@ -142,6 +142,8 @@ pub struct ChildBuilder<'a> {
     template_hash: String,
     /// The agent image the pods run.
     image: String,
+    /// A router pod is ready: the pool's Service sends to the router, not the leaders.
+    router_serving: bool,
 }
 
 /// The agent image of pools that pin none: the CUDA build of this operator's version.
@@ -180,7 +182,16 @@ impl<'a> ChildBuilder<'a> {
             namespace: pool.namespace().unwrap_or_default(),
             config,
             template_hash,
+            router_serving: false,
         }
+    }
+
+    /// Children for when the router has a ready pod (`serving`) or has none: until one is
+    /// ready the pool's Service keeps sending to the group leaders, so that a router being
+    /// created, rolled or failing never leaves the endpoint with nothing behind it.
+    pub fn with_router_serving(mut self, serving: bool) -> Self {
+        self.router_serving = serving;
+        self
     }
 
     /// The agent image the pods (and the router) run.
@@ -247,10 +258,10 @@ impl<'a> ChildBuilder<'a> {
         }
     }
 
-    /// The OpenAI endpoint: the router's pods, or without a router the group leaders (the
+    /// The OpenAI endpoint: the router's pods once one is ready, else the group leaders (the
     /// pods that serve HTTP for their group).
     fn service(&self) -> Service {
-        let selector = if self.pool.spec.router.enabled {
+        let selector = if self.pool.spec.router.enabled && self.router_serving {
             crate::router::router_labels(&self.name)
         } else {
             BTreeMap::from([
@@ -728,14 +739,9 @@ pub(crate) mod tests {
         );
         let headless = children.headless_service.spec.unwrap();
         assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
-        // The endpoint is the router's (crate::router's tests); the leaders have their own.
+        // The endpoint is the leaders until a router pod is ready (crate::router's tests).
         let selector = children.service.spec.unwrap().selector.unwrap();
-        assert_eq!(
-            selector
-                .get(crate::router::ROUTER_LABEL)
-                .map(String::as_str),
-            Some("llama")
-        );
+        assert_eq!(selector.get(RANK_LABEL).map(String::as_str), Some("0"));
         assert_eq!(
             children.pdb.spec.unwrap().max_unavailable,
             Some(IntOrString::Int(1))

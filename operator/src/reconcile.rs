@@ -226,9 +226,12 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
 
     let restarts = pool.status.as_ref().map(restarts_of).unwrap_or_default();
     let mut plan = GroupPlan::default();
+    // The pool's Service goes to the router only while one of its pods is ready.
+    let router = router_pods(client, &namespace, pool).await?;
     let template_hash = match &layout {
         Ok(layout) => {
-            let builder = ChildBuilder::with_agent_image(pool, layout, &ctx.agent_image);
+            let builder = ChildBuilder::with_agent_image(pool, layout, &ctx.agent_image)
+                .with_router_serving(router.is_some_and(|r| r.ready > 0));
             let children = builder.children();
             // Applied only where the name is free or the pool's: never taken over.
             let mut taken = Vec::new();
@@ -391,7 +394,7 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
         gpu_faults: faults,
         avoided_nodes,
         spot_unavailable_since: spot_since,
-        router: router_pods(client, &namespace, pool).await?,
+        router,
     };
     let status = compute_status(
         pool,

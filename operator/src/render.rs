@@ -44,7 +44,8 @@ pub fn render(pool_yaml: &str, nodes: AssumedNodes) -> Result<String, String> {
     let inventory = GpuInventory::from_nodes(&nodes, &pool.spec.resources);
     let layout =
         tp::resolve(&pool.spec, &inventory).map_err(|e| format!("{}: {e}", pool.name_any()))?;
-    let builder = ChildBuilder::new(&pool, &layout);
+    // As the pool runs once its router is ready (before that its Service selects the leaders).
+    let builder = ChildBuilder::new(&pool, &layout).with_router_serving(true);
     let children = builder.children();
     let mut out = format!("# {}: {}\n", pool.name_any(), layout.reason);
     push(&mut out, &children.config_map, "v1", "ConfigMap")?;

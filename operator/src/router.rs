@@ -187,7 +187,7 @@ mod tests {
             "router": {"replicas": 2, "extraArgs": ["--queue-limit", "8"]},
         }));
         let layout = layout(1, 1);
-        let builder = ChildBuilder::new(&pool, &layout);
+        let builder = ChildBuilder::new(&pool, &layout).with_router_serving(true);
         let children = builder.children();
         let router = builder.router().expect("a router by default");
 
@@ -238,9 +238,14 @@ mod tests {
             pod["metadata"]["labels"]
         );
 
-        // The pool's Service selects the router's pods.
+        // The pool's Service selects the router's pods once one is ready, the leaders before.
         let service = serde_json::to_value(&children.service).unwrap();
         assert_eq!(service["spec"]["selector"], pod["metadata"]["labels"]);
+        let starting = ChildBuilder::new(&pool, &layout).children().service;
+        assert_eq!(
+            serde_json::to_value(starting).unwrap()["spec"]["selector"],
+            json!({"parallax.dev/pool": "llama", "parallax.dev/rank": "0"})
+        );
     }
 
     #[test]
@@ -250,7 +255,7 @@ mod tests {
             "router": {"enabled": false},
         }));
         let layout = layout(1, 1);
-        let builder = ChildBuilder::new(&pool, &layout);
+        let builder = ChildBuilder::new(&pool, &layout).with_router_serving(true);
         assert!(builder.router().is_none());
         let service = serde_json::to_value(builder.children().service).unwrap();
         assert_eq!(

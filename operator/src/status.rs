@@ -348,22 +348,6 @@ pub fn compute_status(
                     format!("{ready} of {wanted} groups ready"),
                 )
             };
-            // The pool's Service sends to the router: without a ready router pod nothing
-            // reaches the groups, ready or not.
-            let ready_condition = match agents.router {
-                Some(router) if router.ready == 0 && ready_condition.status == True => {
-                    DesiredCondition::new(
-                        Ready,
-                        False,
-                        Reason::RouterNotReady,
-                        format!(
-                            "no router pod is ready (0 of {}): requests to the pool's Service have nowhere to go; {}",
-                            router.wanted, ready_condition.message
-                        ),
-                    )
-                }
-                _ => ready_condition,
-            };
             let extra = (live as u32).saturating_sub(wanted);
             let progressing = if extra > 0 && outdated == 0 {
                 DesiredCondition::new(
@@ -425,14 +409,7 @@ pub fn compute_status(
                     Reason::from(kind),
                     problems_message(&problems),
                 )
-            } else if failed.is_empty() {
-                DesiredCondition::new(
-                    Degraded,
-                    False,
-                    Reason::AsExpected,
-                    "no group has a failed member",
-                )
-            } else {
+            } else if !failed.is_empty() {
                 DesiredCondition::new(
                     Degraded,
                     True,
@@ -441,6 +418,23 @@ pub fn compute_status(
                         "groups {} have a failed member and are being recreated",
                         failed.join(", ")
                     ),
+                )
+            } else if let Some(router) = agents.router.filter(|r| r.ready == 0) {
+                DesiredCondition::new(
+                    Degraded,
+                    True,
+                    Reason::RouterNotReady,
+                    format!(
+                        "no router pod is ready (0 of {}): the pool's Service sends straight to the group leaders, without the router's load balancing, retries or holding, until one is",
+                        router.wanted
+                    ),
+                )
+            } else {
+                DesiredCondition::new(
+                    Degraded,
+                    False,
+                    Reason::AsExpected,
+                    "no group has a failed member",
                 )
             };
             match &plan.blocked {
@@ -1118,7 +1112,7 @@ mod tests {
     }
 
     #[test]
-    fn ready_groups_behind_a_router_with_no_ready_pod_are_not_ready() {
+    fn a_router_with_no_ready_pod_degrades_the_pool_but_leaves_it_ready() {
         let p = pool(2);
         let ready = groups(&[true, true], "h");
         let with_router = |router| {
@@ -1135,27 +1129,34 @@ mod tests {
                 &time(0),
             )
         };
-        let unknown = with_router(None);
-        let ready = condition(&unknown, "Ready");
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("True", "GroupsReady")
-        );
+        let reason = |s: &InferencePoolStatus, t: &str| {
+            let c = condition(s, t);
+            (c.status.clone(), c.reason.clone())
+        };
+        let as_expected = ("False".to_owned(), "AsExpected".to_owned());
+        assert_eq!(reason(&with_router(None), "Degraded"), as_expected);
         let serving = with_router(Some(RouterPods {
             ready: 1,
             wanted: 2,
         }));
-        assert_eq!(condition(&serving, "Ready").status, "True");
+        assert_eq!(reason(&serving, "Degraded"), as_expected);
         let dark = with_router(Some(RouterPods {
             ready: 0,
             wanted: 1,
         }));
-        let ready = condition(&dark, "Ready");
+        // The Service falls back to the leaders: the pool serves, without the router.
         assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("False", "RouterNotReady")
+            reason(&dark, "Ready"),
+            ("True".to_owned(), "GroupsReady".to_owned())
         );
-        assert!(ready.message.starts_with("no router pod is ready (0 of 1)"));
-        assert!(ready.message.ends_with("2 of 2 groups ready"));
+        assert_eq!(
+            reason(&dark, "Degraded"),
+            ("True".to_owned(), "RouterNotReady".to_owned())
+        );
+        let message = &condition(&dark, "Degraded").message;
+        assert!(
+            message.starts_with("no router pod is ready (0 of 1)"),
+            "{message}"
+        );
     }
 }

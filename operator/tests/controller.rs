@@ -1242,24 +1242,36 @@ async fn the_autoscaler_scales_on_the_agents_metrics_and_stands_aside_for_an_hpa
 }
 
 #[tokio::test]
-async fn a_pool_whose_router_has_no_ready_pod_is_not_ready() {
+async fn the_pools_service_goes_to_its_router_only_while_a_router_pod_is_ready() {
     let (_server, client, mut changes) = cluster(&["gpu-a"]).await;
     let controller = RunningController::start(&client);
     one_group_pool(&client, &mut changes).await;
     mark_pods_ready(&client).await;
     until_condition(&client, &mut changes, "Ready", ("True", "GroupsReady")).await;
+    let services = Api::<Service>::namespaced(client.clone(), "ml");
+    let selects = |router: bool| {
+        let services = services.clone();
+        async move {
+            let selector = services
+                .get("llama")
+                .await
+                .unwrap()
+                .spec
+                .unwrap()
+                .selector
+                .unwrap();
+            if router {
+                selector.get("parallax.dev/router").map(String::as_str) == Some("llama")
+            } else {
+                selector.get("parallax.dev/rank").map(String::as_str) == Some("0")
+            }
+        }
+    };
+    // The Deployment has said nothing yet: the leaders take the requests.
+    assert!(selects(false).await);
     // The Deployment controller's word on the router's pods (the fake cluster runs none).
     let routers = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), "ml");
     let say = |ready: i32| json!({"status": {"replicas": 1, "readyReplicas": ready}});
-    routers
-        .patch_status(
-            "llama-router",
-            &PatchParams::default(),
-            &Patch::Merge(&say(0)),
-        )
-        .await
-        .unwrap();
-    until_condition(&client, &mut changes, "Ready", ("False", "RouterNotReady")).await;
     routers
         .patch_status(
             "llama-router",
@@ -1268,7 +1280,42 @@ async fn a_pool_whose_router_has_no_ready_pod_is_not_ready() {
         )
         .await
         .unwrap();
-    until_condition(&client, &mut changes, "Ready", ("True", "GroupsReady")).await;
+    eventually(
+        "the Service selects the router",
+        &mut changes,
+        TIMEOUT,
+        || selects(true),
+    )
+    .await;
+    until_condition(&client, &mut changes, "Degraded", ("False", "AsExpected")).await;
+    // Its pod stops being ready: back to the leaders, the pool ready, and degraded.
+    routers
+        .patch_status(
+            "llama-router",
+            &PatchParams::default(),
+            &Patch::Merge(&say(0)),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the Service selects the leaders",
+        &mut changes,
+        TIMEOUT,
+        || selects(false),
+    )
+    .await;
+    until_condition(
+        &client,
+        &mut changes,
+        "Degraded",
+        ("True", "RouterNotReady"),
+    )
+    .await;
+    let pool = current_pool(&client).await.unwrap();
+    assert_eq!(
+        condition(&pool, "Ready"),
+        Some(("True".into(), "GroupsReady".into()))
+    );
     controller.stop().await;
 }
 

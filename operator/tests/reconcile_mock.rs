@@ -233,6 +233,13 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
             content_type: None,
         };
         next(&mut handle, pods, empty_list).await;
+        // The router's Deployment is read for its pods' readiness (not made yet here): the
+        // pool's Service goes to the leaders until a router pod is ready.
+        absent(
+            &mut handle,
+            "/apis/apps/v1/namespaces/ml/deployments/llama-router",
+        )
+        .await;
         // Each pod template has its configuration, named by its hash. Every child is looked up
         // first: a name held by something the pool does not own is never taken over.
         let cm_path: &'static str =
@@ -301,8 +308,12 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
             (Some("apps/v1"), Some("Deployment"))
         );
         assert_eq!(
-            router["spec"]["template"]["metadata"]["labels"],
-            svc["spec"]["selector"]
+            svc["spec"]["selector"],
+            json!({"parallax.dev/pool": "llama", "parallax.dev/rank": "0"})
+        );
+        assert_eq!(
+            router["spec"]["template"]["metadata"]["labels"]["parallax.dev/router"],
+            "llama"
         );
         // Pods are created, never applied: one of the same name that is not the pool's fails
         // the create instead of being adopted.
@@ -326,12 +337,6 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
             content_type: None,
         };
         next(&mut handle, configs, empty_list).await;
-        // The router's Deployment is read for its pods' readiness (not made yet here).
-        absent(
-            &mut handle,
-            "/apis/apps/v1/namespaces/ml/deployments/llama-router",
-        )
-        .await;
         assert_eq!(pod["kind"], "Pod");
         assert_eq!(
             pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
