@@ -1,5 +1,6 @@
 //! `--gpu-*`: where the agent's GPU readings come from and how their health is judged.
 
+use super::seconds;
 use crate::gpu::GpuSource;
 use crate::gpu::health::Policy;
 use crate::gpu::monitor::{GpuWatch, MonitorConfig};
@@ -37,13 +38,6 @@ pub struct GpuArgs {
 
 impl GpuArgs {
     fn config(&self) -> anyhow::Result<MonitorConfig> {
-        let seconds = |value: f64, flag: &str| {
-            if value.is_finite() && value >= 0.0 {
-                Ok(Duration::from_secs_f64(value))
-            } else {
-                bail!("{flag} must be seconds ≥ 0, not {value}")
-            }
-        };
         if !(self.gpu_probation_batch > 0.0 && self.gpu_probation_batch <= 1.0) {
             bail!(
                 "--gpu-probation-batch must be a share above 0 and at most 1, not {}",

@@ -52,3 +52,10 @@ pub enum Command {
     /// Write the last-position logits and greedy continuations of token-id prompts (GPU check).
     CheckModel(CheckModelArgs),
 }
+
+/// A flag given in seconds (`value`, from `flag`) as a duration; a negative, non-finite or
+/// overflowing one is refused by name.
+fn seconds(value: f64, flag: &str) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("{flag} must be seconds ≥ 0, not {value}"))
+}

@@ -1,5 +1,6 @@
 //! `route`: the router in front of a pool's groups.
 
+use super::seconds;
 use crate::router::members::Members;
 use crate::router::{Router, RouterConfig};
 use crate::server;
@@ -50,11 +51,6 @@ pub struct RouteArgs {
     pub check: bool,
 }
 
-fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| anyhow::anyhow!("--{name} must be a non-negative number of seconds"))
-}
-
 impl RouteArgs {
     pub fn config(&self) -> anyhow::Result<RouterConfig> {
         let members = match &self.discover {
@@ -95,13 +91,13 @@ impl RouteArgs {
         }
         let mut config = RouterConfig::new(members);
         config.poll_interval = Duration::from_millis(self.poll_interval_ms);
-        config.hold_timeout = seconds("hold-timeout", self.hold_timeout)?;
+        config.hold_timeout = seconds(self.hold_timeout, "--hold-timeout")?;
         config.max_attempts = self.max_attempts;
         config.max_body_bytes = self.max_body_bytes;
         config.policy.queue_limit = self.queue_limit;
         config.policy.affinity_slack = self.affinity_slack;
         config.policy.breaker.failures = self.breaker_failures.max(1);
-        config.policy.breaker.cooldown = seconds("breaker-cooldown", self.breaker_cooldown)?;
+        config.policy.breaker.cooldown = seconds(self.breaker_cooldown, "--breaker-cooldown")?;
         Ok(config)
     }
 }

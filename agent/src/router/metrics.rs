@@ -130,11 +130,7 @@ impl RouterMetrics {
 
     /// Prometheus text format 0.0.4, and its content type.
     pub fn encode(&self) -> (String, &'static str) {
-        use prometheus_client::encoding::prometheus_text;
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_text::encode(&mut out, &self.registry);
-        (out, prometheus_text::CONTENT_TYPE)
+        crate::server::metrics::encode(&self.registry, false)
     }
 }
 

@@ -7,8 +7,7 @@ use super::affinity::chunk_keys;
 use super::members::lock;
 use super::metrics::Outcome;
 use super::policy::{Pick, Priority, RequestKey};
-use crate::server::protocol::{ErrorBody, ErrorResponse};
-use axum::Json;
+use crate::server::error::{error_body, error_response};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -49,36 +48,13 @@ impl RouteError {
 
 impl IntoResponse for RouteError {
     fn into_response(self) -> Response {
-        let (status, kind, retry_after) = match self {
-            Self::BodyTooLarge { .. } => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None)
-            }
-            Self::Saturated => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_exceeded",
-                Some(1),
-            ),
-            Self::NoGroup { .. } | Self::Exhausted(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                Some(5),
-            ),
+        let (status, retry_after) = match self {
+            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, None),
+            Self::Saturated => (StatusCode::TOO_MANY_REQUESTS, Some(1)),
+            Self::NoGroup { .. } | Self::Exhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, Some(5)),
         };
-        let body = ErrorResponse {
-            error: ErrorBody {
-                message: self.to_string(),
-                kind: kind.into(),
-                param: None,
-                code: Some(self.code().into()),
-            },
-        };
-        let mut response = (status, Json(body)).into_response();
-        if let Some(seconds) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
+        let body = error_body(status, self.to_string(), None, self.code());
+        error_response(status, body, retry_after)
     }
 }
 

@@ -158,25 +158,49 @@ impl ApiError {
     }
 
     pub fn body(&self) -> ErrorResponse {
-        let status = self.status();
-        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
-            "rate_limit_exceeded"
-        } else if status.is_client_error() {
-            "invalid_request_error"
-        } else if status == StatusCode::SERVICE_UNAVAILABLE {
-            "service_unavailable"
-        } else {
-            "server_error"
-        };
-        ErrorResponse {
-            error: ErrorBody {
-                message: self.to_string(),
-                kind: kind.into(),
-                param: self.param(),
-                code: Some(self.code().into()),
-            },
-        }
+        error_body(self.status(), self.to_string(), self.param(), self.code())
     }
+}
+
+/// OpenAI's error body for an answer of `status`: its `type` follows the status.
+pub fn error_body(
+    status: StatusCode,
+    message: String,
+    param: Option<String>,
+    code: &str,
+) -> ErrorResponse {
+    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+        "rate_limit_exceeded"
+    } else if status.is_client_error() {
+        "invalid_request_error"
+    } else if status == StatusCode::SERVICE_UNAVAILABLE {
+        "service_unavailable"
+    } else {
+        "server_error"
+    };
+    ErrorResponse {
+        error: ErrorBody {
+            message,
+            kind: kind.into(),
+            param,
+            code: Some(code.into()),
+        },
+    }
+}
+
+/// An error answer: `status`, `body` as JSON, and `Retry-After` where the client may retry.
+pub fn error_response(
+    status: StatusCode,
+    body: ErrorResponse,
+    retry_after: Option<u64>,
+) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, seconds.into());
+    }
+    response
 }
 
 impl From<EngineError> for ApiError {
@@ -187,18 +211,12 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), Json(self.body())).into_response();
         let retry_after = match self {
             Self::Loading | Self::ShuttingDown | Self::NotLeader(_) => Some(5),
             Self::GpuUnhealthy(_) => Some(30),
             Self::Overloaded { retry_after, .. } => Some(retry_after),
             _ => None,
         };
-        if let Some(seconds) = retry_after {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, seconds.into());
-        }
-        response
+        error_response(self.status(), self.body(), retry_after)
     }
 }

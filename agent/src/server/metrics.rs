@@ -180,6 +180,24 @@ pub struct Metrics {
     gpus: Arc<OnceLock<Arc<GpuWatch>>>,
 }
 
+/// Every metric of `registry` as OpenMetrics text, or else the Prometheus text format 0.0.4;
+/// with its content type.
+pub fn encode(registry: &Registry, openmetrics: bool) -> (String, &'static str) {
+    use prometheus_client::encoding::{prometheus_text, text};
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    if openmetrics {
+        let _ = text::encode(&mut out, registry);
+        (
+            out,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        let _ = prometheus_text::encode(&mut out, registry);
+        (out, prometheus_text::CONTENT_TYPE)
+    }
+}
+
 impl Metrics {
     pub fn new(model_name: &str) -> Self {
         let mut registry = Registry::with_labels(
@@ -314,19 +332,7 @@ impl Metrics {
     /// Every metric as OpenMetrics text, or else the Prometheus text format 0.0.4 that older
     /// scrapers parse (Go's `expfmt`, as endpoint pickers and KEDA use); with its content type.
     pub fn encode(&self, openmetrics: bool) -> (String, &'static str) {
-        use prometheus_client::encoding::{prometheus_text, text};
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        if openmetrics {
-            let _ = text::encode(&mut out, &self.registry);
-            (
-                out,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-        } else {
-            let _ = prometheus_text::encode(&mut out, &self.registry);
-            (out, prometheus_text::CONTENT_TYPE)
-        }
+        encode(&self.registry, openmetrics)
     }
 
     pub fn record_error(&self, code: &'static str) {
