@@ -26,7 +26,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams,
+    PostParams,
 };
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -226,8 +227,10 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
 
     let restarts = pool.status.as_ref().map(restarts_of).unwrap_or_default();
     let mut plan = GroupPlan::default();
-    // The pool's Service goes to the router only while one of its pods is ready.
-    let router = router_pods(client, &namespace, pool).await?;
+    // The router's Deployment, read once a pass: the pool's Service goes to the router only
+    // while one of its pods is ready, and the apply below is checked against it.
+    let router_deployment = router_deployment(client, &namespace, pool).await?;
+    let router = router_pods(router_deployment.as_ref(), pool);
     let template_hash = match &layout {
         Ok(layout) => {
             let builder = ChildBuilder::with_agent_image(pool, layout, &ctx.agent_image)
@@ -239,7 +242,16 @@ async fn apply(pool: &InferencePool, ctx: &Context) -> Result<Action> {
             taken.extend(apply_owned(client, &namespace, &children.service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.headless_service, pool).await?);
             taken.extend(apply_owned(client, &namespace, &children.pdb, pool).await?);
-            taken.extend(apply_router(client, &namespace, &builder, pool).await?);
+            taken.extend(
+                apply_router(
+                    client,
+                    &namespace,
+                    &builder,
+                    pool,
+                    router_deployment.as_ref(),
+                )
+                .await?,
+            );
             let monitors = monitoring::resource();
             match ctx.pod_monitors.wanted() {
                 Wanted::Yes(settings) => {
@@ -795,11 +807,13 @@ where
 
 /// The pool's router and its leaders' Service where the pool has a router (the names found
 /// taken), else removes the pool's own.
+/// `existing`: the router Deployment as [`router_deployment`] read it this pass.
 async fn apply_router(
     client: &Client,
     namespace: &str,
     builder: &ChildBuilder<'_>,
     pool: &InferencePool,
+    existing: Option<&Deployment>,
 ) -> Result<Vec<String>> {
     let Some(router) = builder.router() else {
         delete_router(client, namespace, pool).await?;
@@ -807,35 +821,39 @@ async fn apply_router(
     };
     let mut taken = Vec::new();
     taken.extend(apply_owned(client, namespace, &router.leaders, pool).await?);
-    taken.extend(apply_owned(client, namespace, &router.deployment, pool).await?);
+    let existing = existing.map(Resource::meta);
+    taken.extend(apply_unless_taken(client, namespace, &router.deployment, pool, existing).await?);
     Ok(taken)
 }
 
-/// The router's pods as its Deployment's status counts them; none while the pool has no router
-/// or the Deployment has not said yet.
-async fn router_pods(
+/// The Deployment of the pool's router's name, where the pool has a router.
+async fn router_deployment(
     client: &Client,
     namespace: &str,
     pool: &InferencePool,
-) -> Result<Option<RouterPods>> {
+) -> Result<Option<Deployment>> {
     if !pool.spec.router.enabled {
         return Ok(None);
     }
     let api = Api::<Deployment>::namespaced(client.clone(), namespace);
-    let Some(deployment) = api
+    Ok(api
         .get_opt(&router::deployment_name(&pool.name_any()))
-        .await?
-        .filter(|d| owned_by(d.meta(), pool))
-    else {
-        return Ok(None);
-    };
-    Ok(deployment.status.map(|status| RouterPods {
+        .await?)
+}
+
+/// The router's pods as its Deployment's status counts them; none while the pool has no router
+/// (or one of that name it does not own) or the Deployment has not said yet.
+fn router_pods(deployment: Option<&Deployment>, pool: &InferencePool) -> Option<RouterPods> {
+    let deployment = deployment.filter(|d| owned_by(d.meta(), pool))?;
+    let status = deployment.status.as_ref()?;
+    Some(RouterPods {
         ready: status.ready_replicas.unwrap_or(0),
         wanted: deployment
             .spec
+            .as_ref()
             .and_then(|s| s.replicas)
             .unwrap_or(status.replicas.unwrap_or(0)),
-    }))
+    })
 }
 
 /// Deletes the pool's router Deployment and its leaders' Service, where they are the pool's.
@@ -868,13 +886,34 @@ where
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let name = object.name_any();
-    if let Some(existing) = api.get_opt(&name).await?
-        && !owned_by(existing.meta(), pool)
-    {
+    let existing = api.get_opt(&object.name_any()).await?;
+    apply_unless_taken(
+        client,
+        namespace,
+        object,
+        pool,
+        existing.as_ref().map(Resource::meta),
+    )
+    .await
+}
+
+/// [`apply_owned`] with the object of `object`'s name already read (`existing`).
+async fn apply_unless_taken<K>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+    pool: &InferencePool,
+    existing: Option<&ObjectMeta>,
+) -> Result<Option<String>>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + Debug + Serialize + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    if existing.is_some_and(|meta| !owned_by(meta, pool)) {
         return Ok(Some(format!(
-            "{}/{name}",
-            K::kind(&K::DynamicType::default())
+            "{}/{}",
+            K::kind(&K::DynamicType::default()),
+            object.name_any()
         )));
     }
     server_side_apply(client, namespace, object).await?;
