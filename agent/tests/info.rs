@@ -1,5 +1,5 @@
 //! `parallax-agent info`: what a user (or the device check) reads before serving — the device,
-//! the profile, the build, and how tensor-parallel ranks would sum.
+//! the profile, the build, how tensor-parallel ranks would sum, and the KV cache's type.
 
 use std::process::Command;
 
@@ -32,6 +32,27 @@ fn info_says_how_tensor_parallel_ranks_sum_and_refuses_nccl_on_the_cpu_by_name()
     let error = String::from_utf8_lossy(&out.stderr);
     assert!(
         error.contains("--collective nccl") && error.contains("--device cuda"),
+        "{error}"
+    );
+}
+
+#[test]
+fn info_shows_the_kv_cache_type_and_refuses_int8_where_it_is_not_built() {
+    let out = info(&["--json", "--kv-cache-dtype", "int8"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["defaults"]["kv_cache_dtype"], "int8");
+    assert_eq!(summary["backend"], "int8");
+
+    let out = info(&["--json", "--kv-cache-dtype", "int8", "--backend", "candle"]);
+    assert!(!out.status.success());
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        error.contains("--kv-cache-dtype int8") && error.contains("int8 backend"),
         "{error}"
     );
 }

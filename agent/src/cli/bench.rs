@@ -190,6 +190,8 @@ fn report(
         "ttft_ms": {"p50": ttft[0], "p95": ttft[1], "p99": ttft[2]},
         "tpot_ms": {"p50": tpot[0], "p95": tpot[1], "p99": tpot[2]},
         "e2e_ms": {"p50": e2e[0], "p95": e2e[1], "p99": e2e[2]},
+        "kv_blocks": engine.info.kv_blocks,
+        "kv_cache_dtype": engine.info.kv_dtype,
         "peak_kv_usage": peak_kv,
         "preemptions": engine.stats.preemptions_total(),
         "steps": engine.stats.steps.load(Ordering::Relaxed),
@@ -215,8 +217,10 @@ fn report(
             );
         }
         println!(
-            "peak KV usage    {:.1}%  preemptions {}",
+            "peak KV usage    {:.1}% of {} {} blocks  preemptions {}",
             peak_kv * 100.0,
+            engine.info.kv_blocks,
+            engine.info.kv_dtype,
             summary["preemptions"]
         );
     }

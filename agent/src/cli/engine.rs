@@ -6,7 +6,7 @@ use crate::engine::backend::profile::HardwareProfile;
 use crate::engine::scheduling::admission::{Bin, BinShare, Discipline, EVERY_STEP, QueuePolicy};
 use crate::engine::{
     self, BackendConfig, BackendKind, DeviceSpec, EngineConfig, EngineHandle, Executor,
-    KvCacheSize, ModelFiles, ModelSource, NoObserver, Precision, StepObserver,
+    KvCacheSize, KvCacheType, ModelFiles, ModelSource, NoObserver, Precision, StepObserver,
 };
 use crate::hub::{Hub, HubConfig, HubModel, Progress};
 use anyhow::{Context, bail};
@@ -76,6 +76,12 @@ pub struct EngineArgs {
     /// NCCL (the path checked on one GPU).
     #[arg(long, value_enum, default_value_t = CollectiveArg::Auto, env = "PARALLAX_COLLECTIVE")]
     pub collective: CollectiveArg,
+    /// The element type of cached keys and values (vLLM's flag): `auto`, the backend's own
+    /// (f32 on the CPU engine, --dtype on candle's), or `int8`, a scale per token and head — a
+    /// quarter of f32's memory, so four times the cached tokens, at near-equal quality (int8
+    /// backend only for now).
+    #[arg(long, value_enum, default_value_t = KvCacheDtypeArg::Auto)]
+    pub kv_cache_dtype: KvCacheDtypeArg,
     /// Replay decode steps from CUDA graphs: a step of up to 256 single-token rows costs the host
     /// one launch instead of one per kernel (each batch size and table width is captured on its
     /// first step). CUDA, whole models only; off by default until measured on a card.
@@ -124,6 +130,12 @@ pub enum BackendArg {
     Auto,
     Int8,
     Candle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheDtypeArg {
+    Auto,
+    Int8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -289,6 +301,10 @@ impl EngineArgs {
                 DtypeArg::Bf16 => Some(Precision::Bf16),
             },
             cuda_graphs: self.cuda_graphs,
+            kv_cache: match self.kv_cache_dtype {
+                KvCacheDtypeArg::Auto => KvCacheType::Auto,
+                KvCacheDtypeArg::Int8 => KvCacheType::Int8,
+            },
         }
     }
 

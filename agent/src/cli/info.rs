@@ -3,7 +3,7 @@
 //! (flags given alongside are applied, as `serve` would).
 
 use super::EngineArgs;
-use crate::engine::backend::{self, BackendKind};
+use crate::engine::backend::{self, BackendKind, KvCacheType};
 use clap::Args;
 use serde_json::json;
 
@@ -34,6 +34,7 @@ pub fn info(args: &InfoArgs) -> anyhow::Result<()> {
     let profile = backend::profile::profile(engine.device, gpu.as_ref());
     let config = engine.config(&profile)?;
     let backend = engine.backend();
+    backend.check_kv_cache()?;
     let kind = match backend.resolved_kind() {
         BackendKind::Int8 => "int8",
         _ => "candle",
@@ -60,6 +61,10 @@ pub fn info(args: &InfoArgs) -> anyhow::Result<()> {
             "step_weights": config.step_weights,
             "slow_prefill_chunk": config.slow_prefill_chunk,
             "kv_cache": format!("{:?}", config.kv_cache),
+            "kv_cache_dtype": match backend.kv_cache {
+                KvCacheType::Auto => "auto",
+                KvCacheType::Int8 => "int8",
+            },
             "prefix_caching": config.prefix_caching,
             "cuda_graphs": backend.cuda_graphs,
         },

@@ -5,7 +5,7 @@ use super::EngineArgs;
 use crate::engine::ModelFiles;
 use crate::engine::parallel::{group, link};
 use crate::engine::scheduling::admission::{Bin, BinShare};
-use crate::engine::{BackendKind, Precision};
+use crate::engine::{BackendKind, KvCacheType, Precision};
 use crate::hub::HubModel;
 use crate::server::prediction::{BinBounds, Binning};
 use crate::server::{self, Server, ServerConfig};
@@ -252,6 +252,7 @@ impl ServeArgs {
 fn kv_cache_dtype(dtype: KvCacheDtype, engine: &EngineArgs) -> anyhow::Result<()> {
     let backend = engine.backend();
     let engine_type = match (backend.resolved_kind(), backend.resolved_precision()) {
+        _ if backend.kv_cache == KvCacheType::Int8 => "int8",
         (BackendKind::Int8, _) | (_, Precision::F32) => "f32",
         (_, Precision::F16) => "f16",
         (_, Precision::Bf16) => "bf16",
@@ -263,7 +264,7 @@ fn kv_cache_dtype(dtype: KvCacheDtype, engine: &EngineArgs) -> anyhow::Result<()
     };
     if asked != engine_type {
         bail!(
-            "kvCache.dtype {asked} is not supported: this agent keeps the KV cache in the engine's own type ({engine_type} here, set by --dtype); use kvCache.dtype auto"
+            "kvCache.dtype {asked} is not supported: this agent keeps the KV cache in the engine's own type ({engine_type} here, set by --dtype and --kv-cache-dtype); use kvCache.dtype auto"
         );
     }
     Ok(())

@@ -17,7 +17,9 @@ pub mod runtime;
 pub mod sampling;
 pub mod scheduling;
 
-pub use backend::{BackendConfig, BackendKind, CollectiveKind, DeviceSpec, Executor, Precision};
+pub use backend::{
+    BackendConfig, BackendKind, CollectiveKind, DeviceSpec, Executor, KvCacheType, Precision,
+};
 pub use error::EngineError;
 pub use model::loader::{ModelFiles, ModelSource};
 pub use model::tokenizer::{Message, TextCodec};

@@ -176,6 +176,19 @@ pub struct BackendConfig {
     pub collective: CollectiveKind,
     /// Decode steps replay CUDA graphs (`--cuda-graphs`; one whole model on one GPU).
     pub cuda_graphs: bool,
+    /// The element type of the cached keys and values (`--kv-cache-dtype`).
+    pub kv_cache: KvCacheType,
+}
+
+/// The element type of the cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheType {
+    /// The backend's own activation type (f32 on the int8 backend, `--dtype` on candle's).
+    #[default]
+    Auto,
+    /// int8 with an f32 scale per token and KV head: a quarter of f32's bytes, a little over half
+    /// of f16's. The int8 backend's, for now.
+    Int8,
 }
 
 /// How tensor-parallel ranks add up their partial sums: in host memory (the CPU's threads and
@@ -237,6 +250,19 @@ impl BackendConfig {
         }
     }
 
+    /// Whether `--kv-cache-dtype` can be had here: int8 keys and values are the int8 backend's.
+    pub fn check_kv_cache(&self) -> Result<()> {
+        if self.kv_cache == KvCacheType::Int8 && self.resolved_kind() != BackendKind::Int8 {
+            return Err(EngineError::Unsupported(
+                "--kv-cache-dtype int8: int8 keys and values are the int8 backend's (the CPU \
+                 engine, --backend int8 or auto on the CPU); the candle backend, and so CUDA and \
+                 tensor parallelism, keeps them in --dtype: use --kv-cache-dtype auto there"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `--cuda-graphs` can be had here: on CUDA, for a whole model (a tensor-parallel
     /// rank's sums are not captured).
     pub fn check_cuda_graphs(&self) -> Result<()> {
@@ -265,11 +291,14 @@ impl BackendConfig {
 /// Builds the executor `backend` names from the model's files.
 pub fn load(files: &mut ModelFiles, backend: &BackendConfig) -> Result<Box<dyn Executor>> {
     backend.check_cuda_graphs()?;
+    backend.check_kv_cache()?;
     if backend.tensor_parallel_size > 1 || backend.collective == CollectiveKind::Nccl {
         return crate::engine::parallel::group::in_process(files, backend);
     }
     match (backend.resolved_kind(), backend.device) {
-        (BackendKind::Int8, DeviceSpec::Cpu) => Ok(Box::new(int8::Int8Executor::load(files)?)),
+        (BackendKind::Int8, DeviceSpec::Cpu) => {
+            Ok(Box::new(int8::Int8Executor::load(files, backend.kv_cache)?))
+        }
         (BackendKind::Int8, DeviceSpec::Cuda(_)) => Err(EngineError::Unsupported(
             "the int8 backend runs on the CPU only: use --backend candle (or auto) on CUDA".into(),
         )),

@@ -1,5 +1,6 @@
 //! The int8 backend: the CPU engine's own kernels. Weights stay in int8 blocks (Q4_1 or Q8_0),
-//! activations are quantized to int8 per 32-value block, and keys and values are cached in f32.
+//! activations are quantized to int8 per 32-value block, and keys and values are cached in f32
+//! or, with `--kv-cache-dtype int8`, in int8 with a scale per token and head.
 //! Each output is one weight row against one activation row in a fixed order, so a sequence's
 //! tokens do not depend on its batch.
 
@@ -8,7 +9,7 @@ mod kv;
 mod load;
 mod model;
 
-use super::{Executor, RowOutput, SeqInput, StepOutput, argmax};
+use super::{Executor, KvCacheType, RowOutput, SeqInput, StepOutput, argmax};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::model::LlamaConfig;
 use crate::engine::model::loader::ModelFiles;
@@ -21,14 +22,16 @@ use model::{Llama, Workspace};
 pub struct Int8Executor {
     model: Llama,
     kv: Option<KvStore>,
+    kv_type: KvCacheType,
     workspace: Workspace,
 }
 
 impl Int8Executor {
-    pub fn load(files: &mut ModelFiles) -> Result<Self> {
+    pub fn load(files: &mut ModelFiles, kv_type: KvCacheType) -> Result<Self> {
         Ok(Self {
             model: load::build(files)?,
             kv: None,
+            kv_type,
             workspace: Workspace::default(),
         })
     }
@@ -44,7 +47,10 @@ impl Executor for Int8Executor {
     }
 
     fn kv_dtype(&self) -> &'static str {
-        "float32"
+        match self.kv_type {
+            KvCacheType::Auto => "float32",
+            KvCacheType::Int8 => "int8",
+        }
     }
 
     fn weight_bytes(&self) -> usize {
@@ -53,7 +59,7 @@ impl Executor for Int8Executor {
 
     fn kv_block_bytes(&self, block_size: usize) -> usize {
         let c = &self.model.config;
-        KvStore::bytes_per_block(c.layers, block_size, c.kv_width())
+        KvStore::bytes_per_block(c.layers, block_size, c.kv_width(), c.head_dim, self.kv_type)
     }
 
     fn available_memory(&self) -> usize {
@@ -62,7 +68,14 @@ impl Executor for Int8Executor {
 
     fn allocate_kv(&mut self, blocks: usize, block_size: usize) -> Result<()> {
         let c = &self.model.config;
-        self.kv = Some(KvStore::new(c.layers, blocks, block_size, c.kv_width()));
+        self.kv = Some(KvStore::new(
+            c.layers,
+            blocks,
+            block_size,
+            c.kv_width(),
+            c.head_dim,
+            self.kv_type,
+        ));
         Ok(())
     }
 

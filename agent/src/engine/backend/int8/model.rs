@@ -6,7 +6,7 @@
 use super::kernels::{
     Linear, Q8Matrix, Q8Panels, Rope, dot, matmul, matmul_q8, pool, rms_norm, silu_mul,
 };
-use super::kv::KvStore;
+use super::kv::{CachedLayer, Int8Layer, KvStore};
 use crate::engine::backend::{RowOutput, SeqInput};
 use crate::engine::model::LlamaConfig;
 use std::sync::Arc;
@@ -48,6 +48,7 @@ pub struct Workspace {
     gate_up: Vec<f32>,
     act: Vec<f32>,
     scratch: Vec<f32>,
+    chunks: ChunkRows,
 }
 
 impl Llama {
@@ -106,10 +107,15 @@ impl Llama {
                 self.rope.apply(q, pos);
                 self.rope.apply(k, pos);
                 let at = kv.offset(batch[s].blocks, pos);
-                kv.keys[l][at..at + kv_width].copy_from_slice(k);
-                kv.values[l][at..at + kv_width].copy_from_slice(v);
+                kv.write(l, at, k, v);
             }
-            self.attention(batch, &where_, kv, l, &ws.qkv, &mut ws.attn);
+            let cache = Cache {
+                layer: kv.layer(l),
+                block_size: kv.block_size,
+                width: kv.width,
+            };
+            ws.chunks.dequantize(batch, &cache, c);
+            self.attention(batch, &where_, &cache, &ws.qkv, &ws.chunks, &mut ws.attn);
             ws.hq.quantize_into(&ws.attn, tokens, q_width);
             matmul(&ws.hq, &layer.out, &mut ws.proj, &mut ws.scratch);
             add_into(&mut ws.x, &ws.proj);
@@ -146,14 +152,16 @@ impl Llama {
 
     /// Causal attention of every token over its own sequence's cached positions `0..=pos`. The
     /// query heads that share a key-value head are done together, walking the sequence's
-    /// blocks, so each cached key and value is read once per token and group.
+    /// blocks, so each cached key and value is read once per token and group. An int8 cache is
+    /// dequantized once per token and group, a block at a time, or once per step for all the
+    /// tokens of a prefill chunk ([`ChunkRows`]).
     fn attention(
         &self,
         batch: &[SeqInput<'_>],
         where_: &[(usize, usize)],
-        kv: &KvStore,
-        layer: usize,
+        cache: &Cache<'_>,
         qkv: &[f32],
+        chunks: &ChunkRows,
         out: &mut Vec<f32>,
     ) {
         let c = &self.config;
@@ -161,62 +169,64 @@ impl Llama {
         let q_width = c.heads * hd;
         let qkv_width = q_width + 2 * c.kv_width();
         let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
-        let (block_size, width) = (kv.block_size, kv.width);
+        let (block_size, width) = (cache.block_size, cache.width);
         out.resize(where_.len() * q_width, 0.0);
         // One task per token and key-value group: its query heads' slice of the output row.
         let groups = c.kv_heads;
         let work = |task: usize, out_group: &mut [f32]| {
             let (t, g) = (task / groups, task % groups);
             let (s, pos) = where_[t];
-            let blocks = batch[s].blocks;
             let len = pos + 1;
             let q_row = &qkv[t * qkv_width..t * qkv_width + q_width];
-            // Offsets of positions 0..=pos in a layer's cache, block by block.
-            let starts = blocks.iter().enumerate().map(|(i, &block)| {
-                let first = i * block_size;
-                let count = block_size.min(len.saturating_sub(first));
-                (block as usize * block_size * width, first, count)
-            });
-            let mut scores = vec![0f32; group * len];
-            let kv_off = g * hd;
             let queries = &q_row[g * group * hd..(g + 1) * group * hd];
-            for (base, first, count) in starts.clone() {
-                for i in 0..count {
-                    let at = base + i * width + kv_off;
-                    let k = &keys[at..at + hd];
-                    for (h, q) in queries.chunks_exact(hd).enumerate() {
-                        scores[h * len + first + i] = dot(q, k) * scale;
-                    }
+            // Offsets of positions 0..=pos in a layer's cache, block by block.
+            let starts = batch[s]
+                .blocks
+                .iter()
+                .enumerate()
+                .map(|(i, &block)| {
+                    let first = i * block_size;
+                    let count = block_size.min(len.saturating_sub(first));
+                    (block as usize * block_size * width, first, count)
+                })
+                .take_while(|&(_, _, count)| count > 0);
+            let kv_off = g * hd;
+            match (&cache.layer, chunks.starts.get(s).copied().flatten()) {
+                (CachedLayer::F32 { keys, values }, _) => {
+                    let mut rows = F32Rows {
+                        keys,
+                        values,
+                        width,
+                        offset: kv_off,
+                    };
+                    attend(queries, hd, len, &mut rows, starts, out_group);
                 }
-            }
-            for head_scores in scores.chunks_exact_mut(len) {
-                let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-                let mut sum = 0.0;
-                for score in head_scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
+                (CachedLayer::Int8(_), Some(start)) => {
+                    let mut rows = F32Rows {
+                        keys: &chunks.keys[start..],
+                        values: &chunks.values[start..],
+                        width,
+                        offset: kv_off,
+                    };
+                    attend(
+                        queries,
+                        hd,
+                        len,
+                        &mut rows,
+                        std::iter::once((0, 0, len)),
+                        out_group,
+                    );
                 }
-                for score in head_scores.iter_mut() {
-                    *score /= sum;
-                }
-            }
-            for (h, out_head) in out_group.chunks_exact_mut(hd).enumerate() {
-                let weights = &scores[h * len..(h + 1) * len];
-                // 64 elements at a time: eight independent sums hide the adds' latency.
-                let mut parts = out_head.chunks_exact_mut(64);
-                for (part, out) in (&mut parts).enumerate() {
-                    let off = kv_off + 64 * part;
-                    let out: &mut [f32; 64] = out.try_into().expect("64 elements");
-                    *out = weighted_sum::<64>(weights, values, starts.clone(), width, off);
-                }
-                let rest = parts.into_remainder();
-                let off = kv_off + hd - rest.len();
-                for (e, out) in rest.iter_mut().enumerate() {
-                    let [sum] = weighted_sum::<1>(weights, values, starts.clone(), width, off + e);
-                    *out = sum;
-                }
+                (CachedLayer::Int8(layer), None) => DEQUANTIZED.with_borrow_mut(|buffer| {
+                    let mut rows = Int8Rows {
+                        layer,
+                        width,
+                        offset: kv_off,
+                        hd,
+                        buffer,
+                    };
+                    attend(queries, hd, len, &mut rows, starts, out_group);
+                }),
             }
         };
         let context: usize = where_.iter().map(|(_, p)| p + 1).sum();
@@ -230,29 +240,208 @@ impl Llama {
     }
 }
 
-/// `Σ weights[p] · values[p]` over a sequence's positions for `N` elements of each cached value
-/// row from `offset`, in position order; `blocks` gives each block's base offset, first position
-/// and positions held. `N` is fixed so that the sums stay in registers.
-#[inline(always)]
-fn weighted_sum<const N: usize>(
-    weights: &[f32],
-    values: &[f32],
-    blocks: impl Iterator<Item = (usize, usize, usize)>,
+/// One layer's cache as attention reads it.
+struct Cache<'a> {
+    layer: CachedLayer<'a>,
+    block_size: usize,
+    width: usize,
+}
+
+/// The most bytes [`ChunkRows`] holds; sequences past it are read a block at a time.
+const CHUNK_ROWS_BYTES: usize = 64 << 20;
+
+/// An int8 cache's keys and values for the sequences that run several tokens in a step (prefill
+/// chunks), dequantized once for all of their tokens rather than once per token: each such
+/// sequence's positions `0..start + tokens`, `[position][kv_head][head_dim]` from its start.
+/// Both ways give the same bits, so a token's output does not depend on which way it was read.
+#[derive(Debug, Default)]
+struct ChunkRows {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    /// Each sequence's first element, for those dequantized here.
+    starts: Vec<Option<usize>>,
+}
+
+impl ChunkRows {
+    fn dequantize(&mut self, batch: &[SeqInput<'_>], cache: &Cache<'_>, c: &LlamaConfig) {
+        self.keys.clear();
+        self.values.clear();
+        self.starts.clear();
+        let CachedLayer::Int8(layer) = &cache.layer else {
+            return;
+        };
+        let (block_size, width, hd) = (cache.block_size, cache.width, c.head_dim);
+        for seq in batch {
+            let len = seq.start + seq.tokens.len();
+            let fits = (self.keys.len() + len * width) * 2 * size_of::<f32>() <= CHUNK_ROWS_BYTES;
+            if seq.tokens.len() < 2 || !fits {
+                self.starts.push(None);
+                continue;
+            }
+            self.starts.push(Some(self.keys.len()));
+            let rows = (0..len).flat_map(|p| {
+                let block = seq.blocks[p / block_size] as usize;
+                let base = (block * block_size + p % block_size) * width;
+                (0..c.kv_heads).map(move |g| base + g * hd)
+            });
+            layer.dequantize(rows.clone(), true, &mut self.keys);
+            layer.dequantize(rows, false, &mut self.values);
+        }
+    }
+}
+
+thread_local! {
+    /// One block of one head's keys or values, dequantized from an int8 cache.
+    static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rows of f32 elements `width` apart; one head's from `offset` in each.
+struct Rows<'a> {
+    elements: &'a [f32],
     width: usize,
     offset: usize,
-) -> [f32; N] {
-    let mut acc = [0f32; N];
-    for (base, first, count) in blocks {
+}
+
+/// Where attention finds one head's cached keys and values, a block at a time.
+trait HeadRows {
+    /// The keys of the `count` positions of the block at `base`.
+    fn keys(&mut self, base: usize, count: usize) -> Rows<'_>;
+    /// Their values.
+    fn values(&mut self, base: usize, count: usize) -> Rows<'_>;
+}
+
+/// An f32 cache, read where it lies.
+struct F32Rows<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    width: usize,
+    offset: usize,
+}
+
+impl HeadRows for F32Rows<'_> {
+    fn keys(&mut self, base: usize, _: usize) -> Rows<'_> {
+        Rows {
+            elements: &self.keys[base..],
+            width: self.width,
+            offset: self.offset,
+        }
+    }
+
+    fn values(&mut self, base: usize, _: usize) -> Rows<'_> {
+        Rows {
+            elements: &self.values[base..],
+            width: self.width,
+            offset: self.offset,
+        }
+    }
+}
+
+/// An int8 cache, a block of one head dequantized at a time into a buffer that stays in L1.
+struct Int8Rows<'a, 'b> {
+    layer: &'a Int8Layer<'a>,
+    width: usize,
+    offset: usize,
+    hd: usize,
+    buffer: &'b mut Vec<f32>,
+}
+
+impl Int8Rows<'_, '_> {
+    fn rows(&mut self, base: usize, count: usize, keys: bool) -> Rows<'_> {
+        let at = (0..count).map(|i| base + i * self.width + self.offset);
+        self.buffer.clear();
+        self.layer.dequantize(at, keys, self.buffer);
+        Rows {
+            elements: self.buffer,
+            width: self.hd,
+            offset: 0,
+        }
+    }
+}
+
+impl HeadRows for Int8Rows<'_, '_> {
+    fn keys(&mut self, base: usize, count: usize) -> Rows<'_> {
+        self.rows(base, count, true)
+    }
+
+    fn values(&mut self, base: usize, count: usize) -> Rows<'_> {
+        self.rows(base, count, false)
+    }
+}
+
+/// The attention of `queries` (the query heads of one key-value head, `hd` each) over `len`
+/// positions of `rows`, into `out` (the same heads); `blocks` gives each block's base offset,
+/// first position and positions held. Each element's weighted sum runs over the positions in
+/// order whatever the blocks, so a sequence's output does not depend on where its blocks are.
+fn attend(
+    queries: &[f32],
+    hd: usize,
+    len: usize,
+    rows: &mut impl HeadRows,
+    blocks: impl Iterator<Item = (usize, usize, usize)> + Clone,
+    out: &mut [f32],
+) {
+    let group = queries.len() / hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0f32; group * len];
+    for (base, first, count) in blocks.clone() {
+        let keys = rows.keys(base, count);
         for i in 0..count {
-            let at = base + i * width + offset;
-            let v: &[f32; N] = values[at..at + N].try_into().expect("N elements");
-            let w = weights[first + i];
-            for (o, v) in acc.iter_mut().zip(v) {
-                *o += w * v;
+            let at = i * keys.width + keys.offset;
+            let k = &keys.elements[at..at + hd];
+            for (h, q) in queries.chunks_exact(hd).enumerate() {
+                scores[h * len + first + i] = dot(q, k) * scale;
             }
         }
     }
-    acc
+    for head_scores in scores.chunks_exact_mut(len) {
+        let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        let mut sum = 0.0;
+        for score in head_scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        for score in head_scores.iter_mut() {
+            *score /= sum;
+        }
+    }
+    out.fill(0.0);
+    for (base, first, count) in blocks {
+        let values = rows.values(base, count);
+        for (h, out_head) in out.chunks_exact_mut(hd).enumerate() {
+            let weights = &scores[h * len + first..h * len + first + count];
+            // 64 elements at a time: eight independent sums hide the adds' latency.
+            let mut parts = out_head.chunks_exact_mut(64);
+            for (part, out) in (&mut parts).enumerate() {
+                let out: &mut [f32; 64] = out.try_into().expect("64 elements");
+                weighted_sum(out, weights, &values, 64 * part);
+            }
+            let rest = parts.into_remainder();
+            let start = hd - rest.len();
+            for (e, out) in rest.iter_mut().enumerate() {
+                weighted_sum::<1>(std::array::from_mut(out), weights, &values, start + e);
+            }
+        }
+    }
+}
+
+/// `acc += Σ weights[i] · values[i]` for `N` elements of each value row from `element` of its
+/// head, in position order. `N` is fixed so that the sums stay in registers.
+#[inline(always)]
+fn weighted_sum<const N: usize>(
+    acc: &mut [f32; N],
+    weights: &[f32],
+    values: &Rows<'_>,
+    element: usize,
+) {
+    let mut sums = *acc;
+    for (i, w) in weights.iter().enumerate() {
+        let at = i * values.width + values.offset + element;
+        let v: &[f32; N] = values.elements[at..at + N].try_into().expect("N elements");
+        for (o, v) in sums.iter_mut().zip(v) {
+            *o += w * v;
+        }
+    }
+    *acc = sums;
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {
