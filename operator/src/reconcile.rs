@@ -805,7 +805,8 @@ where
     }
 }
 
-/// The pool's router and its leaders' Service where the pool has a router (the names found
+/// The pool's router, its leaders' Service and its disruption budget where the pool has a
+/// router (the names found
 /// taken), else removes the pool's own.
 /// `existing`: the router Deployment as [`router_deployment`] read it this pass.
 async fn apply_router(
@@ -823,6 +824,7 @@ async fn apply_router(
     taken.extend(apply_owned(client, namespace, &router.leaders, pool).await?);
     let existing = existing.map(Resource::meta);
     taken.extend(apply_unless_taken(client, namespace, &router.deployment, pool, existing).await?);
+    taken.extend(apply_owned(client, namespace, &router.pdb, pool).await?);
     Ok(taken)
 }
 
@@ -856,11 +858,18 @@ fn router_pods(deployment: Option<&Deployment>, pool: &InferencePool) -> Option<
     })
 }
 
-/// Deletes the pool's router Deployment and its leaders' Service, where they are the pool's.
+/// Deletes the pool's router Deployment, its disruption budget and its leaders' Service, where
+/// they are the pool's.
 async fn delete_router(client: &Client, namespace: &str, pool: &InferencePool) -> Result<()> {
     let name = pool.name_any();
     delete_if_owned(
         &Api::<Deployment>::namespaced(client.clone(), namespace),
+        &router::deployment_name(&name),
+        pool,
+    )
+    .await?;
+    delete_if_owned(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace),
         &router::deployment_name(&name),
         pool,
     )

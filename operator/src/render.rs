@@ -55,6 +55,7 @@ pub fn render(pool_yaml: &str, nodes: AssumedNodes) -> Result<String, String> {
     if let Some(router) = builder.router() {
         push(&mut out, &router.leaders, "v1", "Service")?;
         push(&mut out, &router.deployment, "apps/v1", "Deployment")?;
+        push(&mut out, &router.pdb, "policy/v1", "PodDisruptionBudget")?;
     }
     let replicas = pool.spec.replicas.max(0) as u32;
     match pool.spec.group_workload {

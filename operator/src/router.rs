@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServiceSpec,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -50,11 +51,13 @@ pub const WAKE_HOLD_SECONDS: u32 = 300;
 /// How long a router pod may finish its streams after SIGTERM.
 const ROUTER_GRACE_SECONDS: i64 = 60;
 
-/// The router's two children.
+/// The router's children.
 #[derive(Debug, Clone)]
 pub struct RouterChildren {
     pub leaders: Service,
     pub deployment: Deployment,
+    /// `<pool>-router`: a voluntary disruption (a node drain) takes one router pod at a time.
+    pub pdb: PodDisruptionBudget,
 }
 
 impl ChildBuilder<'_> {
@@ -63,7 +66,29 @@ impl ChildBuilder<'_> {
         self.pool.spec.router.enabled.then(|| RouterChildren {
             leaders: self.leaders_service(),
             deployment: self.router_deployment(),
+            pdb: self.router_pdb(),
         })
+    }
+
+    /// At most one router pod disrupted at a time: with two or more the pool keeps a router
+    /// through a drain; with one it changes nothing (its Service falls back to the leaders
+    /// while no router pod is ready).
+    fn router_pdb(&self) -> PodDisruptionBudget {
+        PodDisruptionBudget {
+            metadata: self.meta(deployment_name(&self.name)),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([(
+                        ROUTER_LABEL.to_owned(),
+                        self.name.clone(),
+                    )])),
+                    ..LabelSelector::default()
+                }),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            ..PodDisruptionBudget::default()
+        }
     }
 
     /// Every group leader, ready or not: the router reads each one's `/ready` itself, so it
@@ -237,6 +262,19 @@ mod tests {
             deployment["spec"]["selector"]["matchLabels"],
             pod["metadata"]["labels"]
         );
+
+        // One router pod at a time may be drained; the groups' budget does not count them.
+        let pdb = serde_json::to_value(&router.pdb).unwrap();
+        assert_eq!(pdb["metadata"]["name"], "llama-router");
+        assert_eq!(pdb["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+        let selected = pdb["spec"]["selector"]["matchLabels"].as_object().unwrap();
+        assert!(selected.iter().all(|(k, v)| labels.get(k) == Some(v)));
+        let groups = serde_json::to_value(&children.pdb).unwrap();
+        let group_selector = groups["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap();
+        assert!(!group_selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
 
         // The pool's Service selects the router's pods once one is ready, the leaders before.
         let service = serde_json::to_value(&children.service).unwrap();

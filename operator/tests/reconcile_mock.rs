@@ -283,7 +283,8 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         )
         .await;
         assert_eq!(pdb["spec"]["maxUnavailable"], 1);
-        // The router: its leaders' Service, then its Deployment; the pool's Service is its.
+        // The router: its leaders' Service, its Deployment, its disruption budget; the pool's
+        // Service is its.
         absent(&mut handle, "/api/v1/namespaces/ml/services/llama-leaders").await;
         let leaders = next(
             &mut handle,
@@ -302,6 +303,21 @@ async fn a_new_pool_gets_its_children_applied_then_its_status() {
         assert_eq!(
             (router["apiVersion"].as_str(), router["kind"].as_str()),
             (Some("apps/v1"), Some("Deployment"))
+        );
+        absent(
+            &mut handle,
+            "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama-router",
+        )
+        .await;
+        let router_pdb = next(
+            &mut handle,
+            apply("/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama-router"),
+            echo,
+        )
+        .await;
+        assert_eq!(
+            router_pdb["spec"]["selector"]["matchLabels"],
+            json!({"parallax.dev/router": "llama"})
         );
         assert_eq!(
             svc["spec"]["selector"],
