@@ -12,15 +12,20 @@ fn info(args: &[&str]) -> std::process::Output {
         .expect("the agent binary runs")
 }
 
-#[test]
-fn info_says_how_tensor_parallel_ranks_sum_and_refuses_nccl_on_the_cpu_by_name() {
-    let out = info(&["--json", "-t", "3"]);
+/// The JSON summary of a run that succeeded.
+fn summary(args: &[&str]) -> serde_json::Value {
+    let out = info(args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).expect("info --json prints JSON")
+}
+
+#[test]
+fn info_says_how_tensor_parallel_ranks_sum_and_refuses_nccl_on_the_cpu_by_name() {
+    let summary = summary(&["--json", "-t", "3"]);
     assert_eq!(summary["device"]["name"], "cpu");
     assert_eq!(
         summary["tensor_parallel"],
@@ -38,13 +43,7 @@ fn info_says_how_tensor_parallel_ranks_sum_and_refuses_nccl_on_the_cpu_by_name()
 
 #[test]
 fn info_shows_the_kv_cache_type_and_refuses_int8_where_it_is_not_built() {
-    let out = info(&["--json", "--kv-cache-dtype", "int8"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = summary(&["--json", "--kv-cache-dtype", "int8"]);
     assert_eq!(summary["defaults"]["kv_cache_dtype"], "int8");
     assert_eq!(summary["backend"], "int8");
 

@@ -12,7 +12,7 @@
 
 mod support;
 
-use parallax_agent::engine::backend::{RowOutput, SeqInput};
+use parallax_agent::engine::backend::{RowOutput, SeqInput, argmax};
 use parallax_agent::engine::{
     self, BackendConfig, BackendKind, Executor, KvCacheType, ModelSource,
 };
@@ -69,10 +69,6 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let total: f64 = logits.iter().map(|v| f64::from(v - max).exp()).sum();
     let log_total = total.ln() as f32;
     logits.iter().map(|v| v - max - log_total).collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
 }
 
 #[test]

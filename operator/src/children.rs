@@ -299,15 +299,27 @@ impl<'a> ChildBuilder<'a> {
 
     /// At most one group's worth of pods disrupted at a time.
     fn pdb(&self) -> PodDisruptionBudget {
+        self.disruption_budget(
+            pdb_name(&self.name),
+            self.layout.pods_per_group as i32,
+            POOL_LABEL,
+        )
+    }
+
+    /// The budget `name`: at most `max_unavailable` of the pods whose `label` is the pool's name
+    /// disrupted at a time.
+    pub(crate) fn disruption_budget(
+        &self,
+        name: String,
+        max_unavailable: i32,
+        label: &str,
+    ) -> PodDisruptionBudget {
         PodDisruptionBudget {
-            metadata: self.meta(pdb_name(&self.name)),
+            metadata: self.meta(name),
             spec: Some(PodDisruptionBudgetSpec {
-                max_unavailable: Some(IntOrString::Int(self.layout.pods_per_group as i32)),
+                max_unavailable: Some(IntOrString::Int(max_unavailable)),
                 selector: Some(LabelSelector {
-                    match_labels: Some(BTreeMap::from([(
-                        POOL_LABEL.to_owned(),
-                        self.name.clone(),
-                    )])),
+                    match_labels: Some(BTreeMap::from([(label.to_owned(), self.name.clone())])),
                     ..LabelSelector::default()
                 }),
                 ..PodDisruptionBudgetSpec::default()

@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServiceSpec,
 };
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -74,21 +74,7 @@ impl ChildBuilder<'_> {
     /// through a drain; with one it changes nothing (its Service falls back to the leaders
     /// while no router pod is ready).
     fn router_pdb(&self) -> PodDisruptionBudget {
-        PodDisruptionBudget {
-            metadata: self.meta(deployment_name(&self.name)),
-            spec: Some(PodDisruptionBudgetSpec {
-                max_unavailable: Some(IntOrString::Int(1)),
-                selector: Some(LabelSelector {
-                    match_labels: Some(BTreeMap::from([(
-                        ROUTER_LABEL.to_owned(),
-                        self.name.clone(),
-                    )])),
-                    ..LabelSelector::default()
-                }),
-                ..PodDisruptionBudgetSpec::default()
-            }),
-            ..PodDisruptionBudget::default()
-        }
+        self.disruption_budget(deployment_name(&self.name), 1, ROUTER_LABEL)
     }
 
     /// Every group leader, ready or not: the router reads each one's `/ready` itself, so it

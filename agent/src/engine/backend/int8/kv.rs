@@ -143,6 +143,11 @@ pub struct Int8Layer<'a> {
 }
 
 impl Int8Layer<'_> {
+    /// Elements of one head, each with its own scale.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     /// Dequantizes one head's keys (or values): `head_dim` elements from offset `at` of each row
     /// in `rows`, appended to `out` one row after another.
     pub fn dequantize(&self, rows: impl Iterator<Item = usize>, keys: bool, out: &mut Vec<f32>) {

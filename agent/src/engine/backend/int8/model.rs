@@ -109,13 +109,7 @@ impl Llama {
                 let at = kv.offset(batch[s].blocks, pos);
                 kv.write(l, at, k, v);
             }
-            let cache = Cache {
-                layer: kv.layer(l),
-                block_size: kv.block_size,
-                width: kv.width,
-            };
-            ws.chunks.dequantize(batch, &cache, c);
-            self.attention(batch, &where_, &cache, &ws.qkv, &ws.chunks, &mut ws.attn);
+            self.attention(batch, &where_, kv, l, ws);
             ws.hq.quantize_into(&ws.attn, tokens, q_width);
             matmul(&ws.hq, &layer.out, &mut ws.proj, &mut ws.scratch);
             add_into(&mut ws.x, &ws.proj);
@@ -150,7 +144,8 @@ impl Llama {
         logits
     }
 
-    /// Causal attention of every token over its own sequence's cached positions `0..=pos`. The
+    /// Causal attention of every token over its own sequence's cached positions `0..=pos`, from
+    /// `ws.qkv` into `ws.attn`. The
     /// query heads that share a key-value head are done together, walking the sequence's
     /// blocks, so each cached key and value is read once per token and group. An int8 cache is
     /// dequantized once per token and group, a block at a time, or once per step for all the
@@ -159,17 +154,25 @@ impl Llama {
         &self,
         batch: &[SeqInput<'_>],
         where_: &[(usize, usize)],
-        cache: &Cache<'_>,
-        qkv: &[f32],
-        chunks: &ChunkRows,
-        out: &mut Vec<f32>,
+        kv: &KvStore,
+        layer: usize,
+        ws: &mut Workspace,
     ) {
         let c = &self.config;
         let hd = c.head_dim;
         let q_width = c.heads * hd;
         let qkv_width = q_width + 2 * c.kv_width();
         let group = c.heads / c.kv_heads;
-        let (block_size, width) = (cache.block_size, cache.width);
+        let Workspace {
+            qkv,
+            chunks,
+            attn: out,
+            ..
+        } = ws;
+        chunks.dequantize(batch, kv, layer, c.kv_heads);
+        let (qkv, chunks) = (&*qkv, &*chunks);
+        let cache = kv.layer(layer);
+        let (block_size, width) = (kv.block_size, kv.width);
         out.resize(where_.len() * q_width, 0.0);
         // One task per token and key-value group: its query heads' slice of the output row.
         let groups = c.kv_heads;
@@ -191,7 +194,7 @@ impl Llama {
                 })
                 .take_while(|&(_, _, count)| count > 0);
             let kv_off = g * hd;
-            match (&cache.layer, chunks.starts.get(s).copied().flatten()) {
+            match (&cache, chunks.starts.get(s).copied().flatten()) {
                 (CachedLayer::F32 { keys, values }, _) => {
                     let mut rows = F32Rows {
                         keys,
@@ -222,7 +225,6 @@ impl Llama {
                         layer,
                         width,
                         offset: kv_off,
-                        hd,
                         buffer,
                     };
                     attend(queries, hd, len, &mut rows, starts, out_group);
@@ -238,13 +240,6 @@ impl Llama {
                 .for_each(|(task, out_group)| work(task, out_group));
         }
     }
-}
-
-/// One layer's cache as attention reads it.
-struct Cache<'a> {
-    layer: CachedLayer<'a>,
-    block_size: usize,
-    width: usize,
 }
 
 /// The most bytes [`ChunkRows`] holds; sequences past it are read a block at a time.
@@ -263,14 +258,16 @@ struct ChunkRows {
 }
 
 impl ChunkRows {
-    fn dequantize(&mut self, batch: &[SeqInput<'_>], cache: &Cache<'_>, c: &LlamaConfig) {
+    /// Dequantizes `layer` of `kv` for the batch's prefill chunks, where it is int8 (`kv_heads`
+    /// heads a row).
+    fn dequantize(&mut self, batch: &[SeqInput<'_>], kv: &KvStore, layer: usize, kv_heads: usize) {
         self.keys.clear();
         self.values.clear();
         self.starts.clear();
-        let CachedLayer::Int8(layer) = &cache.layer else {
+        let CachedLayer::Int8(int8) = kv.layer(layer) else {
             return;
         };
-        let (block_size, width, hd) = (cache.block_size, cache.width, c.head_dim);
+        let (width, hd) = (kv.width, int8.head_dim());
         for seq in batch {
             let len = seq.start + seq.tokens.len();
             let fits = (self.keys.len() + len * width) * 2 * size_of::<f32>() <= CHUNK_ROWS_BYTES;
@@ -280,12 +277,11 @@ impl ChunkRows {
             }
             self.starts.push(Some(self.keys.len()));
             let rows = (0..len).flat_map(|p| {
-                let block = seq.blocks[p / block_size] as usize;
-                let base = (block * block_size + p % block_size) * width;
-                (0..c.kv_heads).map(move |g| base + g * hd)
+                let base = kv.offset(seq.blocks, p);
+                (0..kv_heads).map(move |g| base + g * hd)
             });
-            layer.dequantize(rows.clone(), true, &mut self.keys);
-            layer.dequantize(rows, false, &mut self.values);
+            int8.dequantize(rows.clone(), true, &mut self.keys);
+            int8.dequantize(rows, false, &mut self.values);
         }
     }
 }
@@ -341,7 +337,6 @@ struct Int8Rows<'a, 'b> {
     layer: &'a Int8Layer<'a>,
     width: usize,
     offset: usize,
-    hd: usize,
     buffer: &'b mut Vec<f32>,
 }
 
@@ -352,7 +347,7 @@ impl Int8Rows<'_, '_> {
         self.layer.dequantize(at, keys, self.buffer);
         Rows {
             elements: self.buffer,
-            width: self.hd,
+            width: self.layer.head_dim(),
             offset: 0,
         }
     }
